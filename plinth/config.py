@@ -1,0 +1,103 @@
+"""Model configuration: one flat dataclass for every architecture plinth runs, plus named presets.
+
+Architecture differences are fields named for what they do (``mlp``, ``qk_norm``, ``embed_scale``,
+``sliding_window``), never subclasses or checks on a model's name, so that a new model family is
+new data, not new code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from plinth.errors import PlinthError
+
+MLP_KINDS = ("swiglu", "geglu")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    dim: int = 64                        # width of the residual stream
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None        # grouped-query attention; None = n_heads (plain MHA)
+    head_dim: int | None = None          # None = dim // n_heads
+    ffn_dim: int | None = None           # None = 4 * dim
+    max_seq_len: int = 2048              # context window
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_local_theta: float | None = None  # theta of sliding-window layers; None = rope_theta
+    tie_embeddings: bool = True          # output projection shares the token embedding
+    mlp: str = "swiglu"                  # "swiglu" (SiLU gate) or "geglu" (tanh-GELU gate)
+    qk_norm: bool = False                # RMSNorm on each query/key head before RoPE
+    sandwich_norm: bool = False          # extra RMSNorm on the attention and MLP outputs
+    embed_scale: bool = False            # multiply token embeddings by sqrt(dim)
+    attn_scale: float | None = None      # softmax scale; None = 1/sqrt(head_dim)
+    sliding_window: int | None = None    # local attention span of sliding-window layers
+    global_every: int = 1                # with sliding_window: every Nth layer attends globally
+    causal: bool = True                  # False: bidirectional (encoders, ViT)
+    final_softcap: float | None = None   # tanh soft-capping of the output logits
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.ffn_dim is None:
+            self.ffn_dim = 4 * self.dim
+        self.validate()
+
+    def validate(self):
+        def bad(message):
+            raise PlinthError(f"invalid model config: {message}")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_dim", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                bad(f"{name}={value!r}; it must be a positive integer")
+        if self.n_heads % self.n_kv_heads:
+            bad(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
+                "each key/value head must serve the same number of query heads")
+        if self.head_dim % 2:
+            bad(f"head_dim={self.head_dim} is odd; rotary embeddings need an even head_dim")
+        if self.mlp not in MLP_KINDS:
+            bad(f"mlp={self.mlp!r}; choose one of {', '.join(MLP_KINDS)}")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` uses local (sliding-window) attention."""
+        return self.sliding_window is not None and (layer + 1) % self.global_every != 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise PlinthError(f"unknown model config field(s): {', '.join(unknown)}; "
+                              f"known fields are: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+PRESETS: dict[str, dict] = {
+    # Unit tests: small enough that a forward pass takes milliseconds.
+    "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                 max_seq_len=256),
+    # SmolLM2-135M (llama architecture), as shipped in the default GGUF.
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         ffn_dim=1536, max_seq_len=8192, rope_theta=100000.0),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise PlinthError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides})
+
+
+__all__ = ["ModelConfig", "PRESETS", "preset"]

@@ -1,0 +1,255 @@
+"""Text generation: sampling parameters, the per-sequence sampler, stop handling and streaming.
+
+A `Sequence` holds everything one request needs between steps (its sampler, its text so far,
+why it finished); `generate_stream` runs one sequence on a model with a KV cache. The serving
+engine drives many `Sequence`s through one batched model call per step.
+
+    for step in generate_stream(model, tokenizer, tokenizer.encode("Once"), SamplingParams(max_tokens=20)):
+        print(step.text, end="", flush=True)
+"""
+from __future__ import annotations
+
+import codecs
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from plinth.errors import PlinthError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # nucleus: smallest set of tokens whose probability reaches top_p
+    min_p: float = 0.0                # drop tokens below min_p × the top token's probability
+    repetition_penalty: float = 1.0   # divide logits of tokens already seen (prompt or output); 1 = off
+    frequency_penalty: float = 0.0    # subtract count × this from logits of generated tokens
+    presence_penalty: float = 0.0     # subtract this once from logits of generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None       # None: none; 0: the chosen token's; k: plus the k most likely
+    ignore_eos: bool = False
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        def bad(name, rule):
+            raise PlinthError(f"invalid {name}={getattr(self, name)!r}: {rule}")
+
+        def number(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(name, "it must be a finite number")
+            return value
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "it must be a whole number ≥ 1")
+        if number("temperature") < 0:
+            bad("temperature", "it must be ≥ 0 (0 means greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "it must be a whole number ≥ 0 (0 turns it off)")
+        if not 0 < number("top_p") <= 1:
+            bad("top_p", "it must be in (0, 1]")
+        if not 0 <= number("min_p") <= 1:
+            bad("min_p", "it must be in [0, 1]")
+        if number("repetition_penalty") <= 0:
+            bad("repetition_penalty", "it must be > 0 (1 turns it off)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= number(name) <= 2:
+                bad(name, "it must be between -2 and 2")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            bad("logprobs", "it must be a whole number from 0 to 20")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "it must be a list of non-empty strings")
+        for token, bias in self.logit_bias.items():
+            if vocab_size is not None and not 0 <= int(token) < vocab_size:
+                raise PlinthError(f"invalid logit_bias token id {token}: ids run from 0 to {vocab_size - 1}")
+            if not -100 <= bias <= 100:
+                raise PlinthError(f"invalid logit_bias value {bias} for token {token}: it must be in [-100, 100]")
+        return self
+
+
+@dataclass
+class TokenChoice:
+    token: int
+    logprob: float | None = None                # log-probability under the model (before sampling filters)
+    top: list[tuple[int, float]] | None = None  # the `logprobs` most likely (token, logprob) pairs
+
+
+class Sampler:
+    """Chooses each next token of one sequence. Seeded per sequence, so a request's output does not
+    depend on what else runs in the same batch."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int):
+        self.params = params
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts = torch.zeros(vocab_size)        # times each token was generated
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+        if prompt:
+            self.seen[torch.tensor(prompt).clamp(0, vocab_size - 1)] = True
+        self.bias = None
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size)
+            for token, value in params.logit_bias.items():
+                self.bias[int(token)] = value
+
+    def observe(self, token: int):
+        self.counts[token] += 1
+        self.seen[token] = True
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """Bias and penalties, applied to raw logits (V,) before temperature and filtering."""
+        p = self.params
+        if self.bias is not None:
+            logits = logits + self.bias
+        if p.repetition_penalty != 1.0:
+            penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(self.seen, penalised, logits)
+        if p.frequency_penalty or p.presence_penalty:
+            logits = logits - self.counts * p.frequency_penalty - (self.counts > 0) * p.presence_penalty
+        return logits
+
+    def choose(self, logits: torch.Tensor) -> TokenChoice:
+        p = self.params
+        raw = logits.float()
+        logits = self.adjust(raw)
+        if p.temperature == 0:
+            token = int(logits.argmax())
+        else:
+            probs = filter_probs(torch.softmax(logits / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
+            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        choice = TokenChoice(token)
+        if p.logprobs is not None:
+            logprobs = torch.log_softmax(raw, dim=-1)
+            choice.logprob = float(logprobs[token])
+            if p.logprobs:
+                values, ids = logprobs.topk(p.logprobs)
+                choice.top = list(zip(ids.tolist(), values.tolist()))
+        self.observe(token)
+        return choice
+
+
+def filter_probs(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Zero out tokens outside top-k, outside the top-p nucleus, or below min_p × max (V,)."""
+    if min_p > 0:
+        probs = torch.where(probs >= min_p * probs.max(), probs, 0.0)
+    if top_k > 0 or top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+        if top_k > 0:
+            keep[top_k:] = False
+        if top_p < 1:
+            before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
+            keep &= before < top_p * sorted_probs.sum()
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs * keep)
+    return probs
+
+
+class TextStream:
+    """Generated tokens → text increments. Never emits half a UTF-8 character, stops at any stop
+    string even when it arrives split across tokens, and never emits the stop string itself."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""     # decoded so far (cut at a stop string once one is found)
+        self.sent = 0      # characters of `text` already emitted
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Returns (text to emit now, whether a stop string was reached)."""
+        self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return self._emit(len(self.text)), True
+        return self._emit(len(self.text) - self._held_back()), False
+
+    def finish(self) -> str:
+        """Everything not yet emitted, at the end of generation (no stop string came)."""
+        self.text += self.decoder.decode(b"", final=True)
+        return self._emit(len(self.text))
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that could still grow into a stop string."""
+        tail = self.text[self.sent:]
+        for n in range(min(len(tail), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            if any(s.startswith(tail[-n:]) for s in self.stop):
+                return n
+        return 0
+
+    def _emit(self, end: int) -> str:
+        out = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return out
+
+
+@dataclass
+class Step:
+    """One generated token as the caller sees it."""
+    text: str                        # text this token completes (may be "" while a character or stop is pending)
+    choice: TokenChoice | None
+    finish_reason: str | None = None  # None while running; then "stop" (end token or stop string) or "length"
+
+
+class Sequence:
+    """The state of one generation request between model steps."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, tokenizer, max_new: int | None = None):
+        self.prompt = list(prompt)
+        self.params = params
+        self.tokenizer = tokenizer
+        self.sampler = Sampler(params, self.prompt, tokenizer.vocab_size)
+        self.stream = TextStream(tokenizer, params.stop)
+        self.output: list[int] = []
+        self.max_new = min(params.max_tokens, max_new) if max_new is not None else params.max_tokens
+        self.finish_reason: str | None = None
+
+    def step(self, logits: torch.Tensor) -> Step:
+        """Choose the next token from the model's logits (V,) and advance."""
+        choice = self.sampler.choose(logits)
+        self.output.append(choice.token)
+        if choice.token in self.tokenizer.stop_ids and not self.params.ignore_eos:
+            self.finish_reason = "stop"
+            return Step(self.stream.finish(), choice, "stop")
+        text, stopped = self.stream.add(choice.token)
+        if stopped:
+            self.finish_reason = "stop"
+        elif len(self.output) >= self.max_new:
+            self.finish_reason = "length"
+            text += self.stream.finish()
+        return Step(text, choice, self.finish_reason)
+
+
+def check_prompt(prompt_len: int, context: int):
+    if prompt_len == 0:
+        raise PlinthError("the prompt is empty; give at least one token of text")
+    if prompt_len >= context:
+        raise PlinthError(f"the prompt has {prompt_len} tokens but the model's context window is {context}; "
+                          "shorten the prompt so there is room for at least one new token")
+
+
+@torch.inference_mode()
+def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
+    """Generate for one prompt, yielding a `Step` per token until a stop or the token limit."""
+    params.validate(tokenizer.vocab_size)
+    context = model.config.max_seq_len
+    check_prompt(len(prompt), context)
+    seq = Sequence(prompt, params, tokenizer, max_new=context - len(prompt))
+    cache = model.new_cache(1, len(prompt) + seq.max_new)
+    logits = model(torch.tensor([prompt]), cache=cache, last=torch.tensor([len(prompt) - 1]))
+    position = len(prompt)
+    while True:
+        step = seq.step(logits[0])
+        yield step
+        if step.finish_reason:
+            return
+        logits = model(torch.tensor([[step.choice.token]]), cache=cache, start_pos=position, last=torch.tensor([0]))
+        position += 1

@@ -1,0 +1,299 @@
+"""The Transformer: one model definition for pretraining, fine-tuning, loading real weights and serving.
+
+Read top to bottom: RMSNorm, rotary embeddings, the attention mask, the KV cache, attention, MLP,
+block, model. Every architecture difference is a `ModelConfig` field (see plinth/config.py).
+Shapes in comments: B batch, T new tokens, L keys (past + new), H query heads, K key/value heads,
+D head dim, C model width, V vocabulary.
+
+    model = Transformer(config)                      # built on the meta device: no memory yet
+    model.to_empty(device="cpu"); model.init_weights()   # or model.load_weights(state_dict)
+    logits = model(tokens)                           # (B, T, V)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from plinth.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device="meta"))
+
+    def forward(self, x):
+        # Normalise in float32: bf16 activations lose too much precision in the mean of squares.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(head_dim: int, theta: float, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, frequency) pair: two (length, head_dim/2) float32 tables."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (x1, x2) halves of each head (the "rotate_half" layout of Hugging Face checkpoints).
+
+    x: (B, heads, T, D); cos, sin: (B, 1, T, D/2).
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def attention_mask(q_pos, key_len: int, causal: bool, window: int | None):
+    """Which keys each query may see: (B, 1, T, L) booleans, True = attend.
+
+    q_pos: (B, T) absolute positions of the queries; keys sit at positions 0..key_len-1.
+    """
+    k_pos = torch.arange(key_len, device=q_pos.device)
+    distance = q_pos[:, :, None] - k_pos[None, None, :]  # (B, T, L)
+    allowed = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
+    if window is not None:
+        allowed &= distance < window
+    return allowed[:, None]
+
+
+class KVCache:
+    """Keys and values of past tokens for up to `slots` sequences.
+
+    k, v: (layers, slots, K, max_len, D). A forward pass writes the new tokens' keys at their
+    absolute positions and attends over positions 0..start+T-1 of its rows.
+    """
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (config.n_layers, slots, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, k, v, where: "Positions"):
+        """Store k, v (B, K, T, D) and return all keys and values of those rows: (B, K, L, D)."""
+        keys, values = self.k[layer], self.v[layer]
+        if where.slots is None and isinstance(where.start, int):
+            # One contiguous block of rows at one offset: plain slicing, no copies.
+            B, T, end = k.shape[0], k.shape[2], where.start + k.shape[2]
+            keys[:B, :, where.start:end] = k
+            values[:B, :, where.start:end] = v
+            return keys[:B, :, :end], values[:B, :, :end]
+        slots = where.slot_index(k.shape[0])
+        keys[slots[:, None], :, where.q_pos] = k.transpose(1, 2)  # indexed view is (B, T, K, D)
+        values[slots[:, None], :, where.q_pos] = v.transpose(1, 2)
+        end = where.key_len
+        return keys[slots, :, :end], values[slots, :, :end]
+
+
+class Positions:
+    """Where a forward pass's tokens sit: absolute positions, cache rows, and which keys to see."""
+
+    def __init__(self, B: int, T: int, start, slots, device):
+        self.start, self.slots, self.T = start, slots, T
+        start_t = torch.as_tensor(start, device=device).reshape(-1).expand(B)
+        self.q_pos = start_t[:, None] + torch.arange(T, device=device)  # (B, T)
+        self.key_len = int(start_t.max()) + T if isinstance(start, torch.Tensor) else start + T
+
+    def slot_index(self, B: int):
+        return torch.arange(B, device=self.q_pos.device) if self.slots is None else self.slots
+
+    def mask(self, causal: bool, window: int | None):
+        """None when every query sees every key up to itself in the simple way SDPA understands."""
+        uniform = isinstance(self.start, int)
+        if uniform and window is None and (self.T == 1 or not causal):
+            return None  # a single new token (or bidirectional) attends to all keys so far
+        return attention_mask(self.q_pos, self.key_len, causal, window)
+
+    def plain_causal(self, causal: bool, window: int | None) -> bool:
+        """True for a causal pass over a whole sequence from position 0 (training, first prefill)."""
+        return causal and window is None and isinstance(self.start, int) and self.start == 0 and self.T > 1
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        C, H, K, D = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim, self.layer = H, K, D, layer
+        self.wq = nn.Linear(C, H * D, bias=False)
+        self.wk = nn.Linear(C, K * D, bias=False)
+        self.wv = nn.Linear(C, K * D, bias=False)
+        self.wo = nn.Linear(H * D, C, bias=False)
+        self.q_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
+        self.scale = config.attn_scale if config.attn_scale is not None else 1 / math.sqrt(D)
+        self.causal = config.causal
+        self.window = config.sliding_window if config.is_sliding(layer) else None
+
+    def forward(self, x, rope, where: Positions, cache: KVCache | None):
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = self.wv(x).view(B, T, K, D).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, where)  # (B, K, L, D)
+        if where.plain_causal(self.causal, self.window):
+            out = F.scaled_dot_product_attention(
+                q, k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1),
+                is_causal=True, scale=self.scale)
+        else:
+            out = self._grouped(q, k, v, where.mask(self.causal, self.window))
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
+
+    def _grouped(self, q, k, v, mask):
+        """Attention where the H/K query heads sharing a key head are folded into the query axis,
+        so keys and values are never copied H/K times (what matters when decoding)."""
+        B, H, T, D = q.shape
+        K, group = self.n_kv_heads, self.n_heads // self.n_kv_heads
+        q = q.reshape(B, K, group * T, D)
+        if mask is not None:  # (B, 1, T, L) -> (B, 1, group*T, L), same rows for each head of a group
+            mask = mask.repeat(1, 1, group, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return out.view(B, H, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w_up = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.geglu = config.mlp == "geglu"
+
+    def forward(self, x):
+        gate = self.w_gate(x)
+        gate = F.gelu(gate, approximate="tanh") if self.geglu else F.silu(gate)
+        return self.w_down(gate * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        eps = config.norm_eps
+        self.attn_norm = RMSNorm(config.dim, eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.dim, eps)
+        self.mlp = MLP(config)
+        # Gemma-style "sandwich": the sublayer outputs are normalised again before the residual add.
+        self.post_attn_norm = RMSNorm(config.dim, eps) if config.sandwich_norm else None
+        self.post_mlp_norm = RMSNorm(config.dim, eps) if config.sandwich_norm else None
+
+    def forward(self, x, rope, where, cache):
+        h = self.attn(self.attn_norm(x), rope, where, cache)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        with torch.device("meta"):
+            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+            self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+            self.norm = RMSNorm(config.dim, config.norm_eps)
+            self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._tie()
+
+    def _tie(self):
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    # ---- weights -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self):
+        """Fresh weights for training from scratch:
+        - token embeddings and every linear layer: normal(0, 0.02);
+        - the last projection of each sublayer (attention `wo`, MLP `w_down`): normal(0, 0.02/sqrt(2 n_layers)),
+          so the residual stream's variance does not grow with depth (GPT-2);
+        - every RMSNorm weight: 1;
+        - rotary tables: recomputed (see `init_buffers`).
+        """
+        std, depth_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                last = name.endswith(("attn.wo", "mlp.w_down"))
+                nn.init.normal_(module.weight, 0.0, depth_std if last else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self._tie()
+        self.init_buffers()
+
+    def init_buffers(self):
+        """Rotary tables are derived data, not weights: rebuilt after loading, never saved."""
+        c, device = self.config, self.tok_embeddings.weight.device
+        global_rope = rope_tables(c.head_dim, c.rope_theta, c.max_seq_len)
+        local_theta = c.rope_local_theta or c.rope_theta
+        local_rope = global_rope if local_theta == c.rope_theta else rope_tables(c.head_dim, local_theta, c.max_seq_len)
+        self.rope = {False: tuple(t.to(device) for t in global_rope), True: tuple(t.to(device) for t in local_rope)}
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]):
+        """Load a full state dict (strict: a missing or unexpected key is an error naming it)."""
+        if self.config.tie_embeddings and "output.weight" not in state_dict:
+            state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
+        if self.tok_embeddings.weight.is_meta:
+            self.to_empty(device="cpu")
+        result = self.load_state_dict(state_dict, strict=False, assign=True)
+        problems = [f"missing: {', '.join(result.missing_keys)}" if result.missing_keys else "",
+                    f"unexpected: {', '.join(result.unexpected_keys)}" if result.unexpected_keys else ""]
+        if any(problems):
+            raise KeyError("weights do not fit the model config; " + "; ".join(p for p in problems if p))
+        self._tie()
+        self.init_buffers()
+
+    # ---- running -------------------------------------------------------------------------------
+    def new_cache(self, slots: int, max_len: int | None = None) -> KVCache:
+        dtype = self.tok_embeddings.weight.dtype
+        return KVCache(self.config, slots, max_len or self.config.max_seq_len, dtype, self.tok_embeddings.weight.device)
+
+    def features(self, tokens=None, *, embeds=None, cache: KVCache | None = None, start_pos=0, slots=None):
+        """Final normalised hidden states (B, T, C).
+
+        tokens: (B, T) ids, or embeds: (B, T, C) input vectors (image patches, soft prompts);
+        start_pos: absolute position of the first token, an int or a (B,) tensor;
+        slots: (B,) rows of `cache` these sequences use (default: rows 0..B-1).
+        """
+        if embeds is None:
+            embeds = self.tok_embeddings(tokens)
+        x = embeds.to(self.tok_embeddings.weight.dtype)
+        if self.config.embed_scale:
+            x = x * torch.tensor(math.sqrt(self.config.dim), dtype=x.dtype)
+        B, T, _ = x.shape
+        where = Positions(B, T, start_pos, slots, x.device)
+        if int(where.q_pos.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(where.q_pos.max())} is past the context window "
+                             f"({self.config.max_seq_len} tokens)")
+        ropes = {local: (cos[where.q_pos][:, None], sin[where.q_pos][:, None])  # (B, 1, T, D/2)
+                 for local, (cos, sin) in self.rope.items()}
+        for block in self.layers:
+            x = block(x, ropes[block.attn.window is not None], where, cache)
+        return self.norm(x)
+
+    def forward(self, tokens=None, *, embeds=None, cache=None, start_pos=0, slots=None, last=None):
+        """Logits (B, T, V); with `last` (B,) indices, only at those positions: (B, V).
+
+        Computing the output layer only where a next token is sampled saves most of the work of a
+        long prompt (the vocabulary projection is the largest matrix in a small model).
+        """
+        h = self.features(tokens, embeds=embeds, cache=cache, start_pos=start_pos, slots=slots)
+        if last is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), last]
+        logits = self.output(h)
+        if self.config.final_softcap is not None:
+            cap = self.config.final_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,102 @@
+"""Compact weights for fast CPU inference: int8 and int4 weight-only linear layers.
+
+Decoding one token reads every weight once, so its speed is bound by the bytes of weight in
+memory: int8 reads a quarter of float32, int4 an eighth. PyTorch ships the matching CPU kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); activations run in bfloat16.
+
+    compact_(model, "int8")    # swap every nn.Linear of a loaded model, in place
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from plinth.errors import PlinthError
+
+DTYPES = ("float32", "bfloat16", "int8", "int4")
+
+
+class Int8Linear(nn.Module):
+    """y = x · (q · scale)ᵀ with q int8 per output row (symmetric, one bf16 scale per row)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
+        self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        return torch._weight_int8pack_mm(flat, self.q, self.scale).view(*x.shape[:-1], self.out_features)
+
+
+class Int8Head(Int8Linear):
+    """The vocabulary projection in int8, returning float32 logits.
+
+    The kernel rounds its output to bfloat16, whose step near a logit of 25 is 0.125: close
+    candidates tie or swap, which changes greedy output. The `refine` highest logits of each row are
+    therefore recomputed in float32 from the same int8 rows (a few thousand multiply-adds).
+    """
+
+    refine = 16
+
+    def forward(self, x):
+        logits = super().forward(x).float()
+        flat, hidden = logits.view(-1, self.out_features), x.reshape(-1, self.in_features).float()
+        top = flat.topk(min(self.refine, self.out_features), dim=-1).indices  # (M, k)
+        rows = self.q[top].float() * self.scale[top].float()[..., None]     # (M, k, K)
+        flat.scatter_(1, top, torch.einsum("mk,mjk->mj", hidden, rows))
+        return logits
+
+
+class Int4Linear(nn.Module):
+    """y = x · wᵀ with w stored as 4-bit codes in groups of `group` inputs, each group with its own
+    scale and offset (w = q·scale + min). This is the layout of GGUF's Q4_1, so Q4_1 weights keep
+    their exact codes."""
+
+    def __init__(self, weight: torch.Tensor, group: int = 32):
+        super().__init__()
+        w = weight.detach().float()
+        N, K = w.shape
+        if K % group:
+            raise PlinthError(f"int4 needs input width divisible by {group}, got {K}; use dtype='int8'")
+        g = w.reshape(N, K // group, group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)  # (N, K/group)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
+        # The kernel computes (q - 8)·scale + zero, so zero = min + 8·scale; layout (K/group, N, 2).
+        zero = lo + 8 * scale
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous())
+        self.group, self.in_features, self.out_features = group, K, N
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def compact_(model: nn.Module, dtype: str) -> nn.Module:
+    """Convert a loaded model in place to `dtype` (one of DTYPES) for inference.
+
+    int4 applies to the blocks' layers; the output layer is always an `Int8Head`, because 4-bit
+    vocabulary logits visibly hurt quality for little gain.
+    """
+    if dtype not in DTYPES:
+        raise PlinthError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype == "float32":
+        return model.float()
+    model.to(torch.bfloat16)
+    if dtype == "bfloat16":
+        return model
+    if next(model.parameters()).device.type != "cpu":
+        raise PlinthError(f"dtype={dtype} uses CPU kernels; on an accelerator use dtype='bfloat16'")
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                head = f"{name}.{child_name}".lstrip(".") == "output"
+                kind = Int8Head if head else Int8Linear if dtype == "int8" else Int4Linear
+                setattr(module, child_name, kind(child.weight))
+    return model

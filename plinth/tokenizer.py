@@ -1,0 +1,208 @@
+"""Tokenizer: a Hugging Face `tokenizers` tokenizer plus the model's special tokens and chat template.
+
+Built from a GGUF's vocabulary (`Tokenizer.from_gguf`) or from a `tokenizer.json`
+(`Tokenizer.from_file`). Text is encoded by `tokenizers` (never a hand-written BPE); decoding goes
+through each token's raw bytes so that streamed text never splits a UTF-8 character.
+
+    tok = Tokenizer.from_file("tokenizer.json")
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi"}]))
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from plinth.errors import PlinthError
+
+# GGUF token types (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Tokens that end an assistant turn in common chat formats; any present as special tokens stop generation.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>", "<|eom_id|>")
+
+# Used when a model ships no chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (byte-level BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+BYTE_CHARS = bytes_to_unicode()
+CHAR_BYTES = {c: b for b, c in BYTE_CHARS.items()}
+
+# Pre-tokenizer splits keyed by GGUF `tokenizer.ggml.pre`: the regex the vocabulary was trained with.
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level(*splits: str):
+    steps = [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
+    return pre_tokenizers.Sequence(steps + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+PRE_TOKENIZERS = {
+    "default": lambda: _byte_level(GPT2_SPLIT),
+    "gpt2": lambda: _byte_level(GPT2_SPLIT),
+    "smollm": lambda: _byte_level(r"\p{N}", GPT2_SPLIT),  # every digit its own piece, then GPT-2's split
+    "llama-bpe": lambda: _byte_level(LLAMA3_SPLIT),
+    "llama3": lambda: _byte_level(LLAMA3_SPLIT),
+    "qwen2": lambda: _byte_level(QWEN2_SPLIT),
+}
+
+
+class Tokenizer:
+    """Encode/decode text and render chat prompts for one model."""
+
+    def __init__(self, backend: HFTokenizer, *, bos_id: int | None, eos_id: int | None,
+                 chat_template: str | None = None, add_bos: bool = False, byte_level: bool = True):
+        self.backend = backend
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.add_bos = add_bos
+        self.byte_level = byte_level
+        self.chat_template = chat_template or CHATML_TEMPLATE
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_gguf(cls, meta: dict) -> "Tokenizer":
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise PlinthError(f"unsupported GGUF tokenizer model {kind!r}; plinth reads byte-level BPE "
+                              "vocabularies ('gpt2'). Convert the model with a byte-level BPE tokenizer, "
+                              "or load its Hugging Face folder (tokenizer.json) instead")
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZERS:
+            raise PlinthError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(PRE_TOKENIZERS)}")
+        tokens = list(meta["tokenizer.ggml.tokens"])
+        types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+        alphabet = set(CHAR_BYTES)
+        # A token written outside the byte alphabet is plain text; spell it in the alphabet.
+        spelled = [t if set(t) <= alphabet else "".join(BYTE_CHARS[b] for b in t.encode()) for t in tokens]
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merges))
+        backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(tokens, types) if ty == CONTROL])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+        return cls(backend, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+                   eos_id=meta.get("tokenizer.ggml.eos_token_id"),
+                   chat_template=meta.get("tokenizer.chat_template"),
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+
+    @classmethod
+    def from_file(cls, path, config: dict | None = None) -> "Tokenizer":
+        """A `tokenizer.json`, with special ids and chat template from a `tokenizer_config.json`-like dict."""
+        backend = HFTokenizer.from_file(str(path))
+        config = config or {}
+
+        def token_id(key):
+            token = config.get(key)
+            if isinstance(token, dict):
+                token = token.get("content")
+            return backend.token_to_id(token) if token else None
+
+        return cls(backend, bos_id=token_id("bos_token"), eos_id=token_id("eos_token"),
+                   chat_template=config.get("chat_template"), add_bos=bool(config.get("add_bos_token", False)),
+                   byte_level=isinstance(backend.decoder, decoders.ByteLevel))
+
+    # ---- vocabulary ----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
+    def special_ids(self) -> set[int]:
+        return {i for i, tok in self.backend.get_added_tokens_decoder().items() if tok.special}
+
+    @cached_property
+    def stop_ids(self) -> set[int]:
+        """Token ids that end generation: EOS and the end-of-turn tokens of chat formats."""
+        ids = {self.backend.token_to_id(t) for t in END_OF_TURN} & self.special_ids
+        return ids | ({self.eos_id} if self.eos_id is not None else set())
+
+    @cached_property
+    def _bytes(self) -> list[bytes]:
+        """Raw bytes of every token; special tokens decode to nothing (they are markup, not text)."""
+        out = []
+        for i in range(self.vocab_size):
+            piece = self.backend.id_to_token(i) or ""
+            if i in self.special_ids:
+                out.append(b"")
+            elif self.byte_level and set(piece) <= CHAR_BYTES.keys():
+                out.append(bytes(CHAR_BYTES[c] for c in piece))
+            else:
+                out.append(self.backend.decode([i], skip_special_tokens=False).encode())
+        return out
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+
+    # ---- text ----------------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids) -> str:
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+    def token_text(self, token_id: int) -> str:
+        """How one token reads on its own (for logprobs tables); special tokens keep their markup."""
+        if token_id in self.special_ids:
+            return self.backend.id_to_token(token_id)
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    # ---- chat ----------------------------------------------------------------------------------
+    @cached_property
+    def _template(self):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = _raise_template_error
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template)
+        except jinja2.TemplateError as e:
+            raise PlinthError(f"the model's chat template does not parse ({e}); "
+                              "pass a working template with chat_template=...") from e
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """Render a conversation into the prompt text the model was trained on."""
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise PlinthError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        def token(i):
+            return self.backend.id_to_token(i) if i is not None else ""
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=token(self.bos_id), eos_token=token(self.eos_id), **extra)
+        except jinja2.TemplateError as e:
+            raise PlinthError(f"the chat template rejected the conversation: {e}") from e
+
+
+def _raise_template_error(message):
+    raise jinja2.TemplateError(message)
