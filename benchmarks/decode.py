@@ -1,0 +1,260 @@
+"""Decode benchmark: plinth against Hugging Face transformers and llama.cpp on the same GGUF file.
+
+    .venv/bin/python benchmarks/decode.py                    # all engines, prints a table
+    .venv/bin/python benchmarks/decode.py --dtype float32    # plinth without its compact weights
+
+Model: SmolLM2-135M-Instruct Q4_1 (`plinth.hub.resolve("smollm2-135m-instruct")`). Every engine
+runs in its own subprocess with 2 threads, so its peak RSS is its own and one engine's allocations
+do not disturb the next. Each child prints one JSON line; the parent prints a table, the ratios
+plinth/anchor, and writes everything to benchmarks/results/decode.json (or --out).
+
+How each figure is measured (all engines get the same token ids, made with plinth's tokenizer):
+  load s      wall time of the load call alone (imports excluded): `plinth.load`,
+              `AutoModelForCausalLM.from_pretrained(folder, gguf_file=..., dtype=float32)`
+              (transformers dequantises the file to float32), `llama_cpp.Llama(...)`.
+  prefill     --prompt-tokens (512) tokens of this repository's source text through one forward,
+              logits at the last position only (plinth `last=`, transformers `logits_to_keep=1`,
+              llama.cpp's default); one warm-up, then the median of --repeats runs.
+  decode      greedy, EOS ignored, from a short --decode-prompt (16 tokens, so the rate is not
+              dominated by attention over a long prompt): generate 1 + --new-tokens (128) tokens and
+              time from the first token (which only needs the prefill) to the last, so the figure
+              covers exactly 128 single-token forwards plus sampling. One short warm-up, then the
+              median of --repeats runs. transformers uses its own `generate` (a streamer stamps
+              each token); llama.cpp its `Llama.generate` with temp=0.
+  peak RSS    `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the child at the end (MB = 2**20 bytes).
+llama-cpp-python is used when importable and skipped with the reason otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ENGINES = ("plinth", "transformers", "llama_cpp")
+THREADS = 2
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m-instruct"
+
+
+# ---- shared helpers ----------------------------------------------------------------------------
+def prompt_ids(n: int) -> list[int]:
+    """n tokens of natural code/English text (plinth's model source, repeated as needed), made
+    with plinth's tokenizer read from the GGUF metadata alone, without loading the weights."""
+    from plinth.hub import resolve
+    from plinth.tokenizer import Tokenizer
+    from plinth.weights.gguf import metadata, open_gguf
+
+    tokenizer = Tokenizer.from_gguf(metadata(open_gguf(resolve(MODEL))))
+    text = (ROOT / "plinth" / "model.py").read_text()
+    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text * (n // len(ids) + 1))  # one encode, so a BOS appears only at the start
+    return ids[:n]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---- per engine: load it, return (load s, prefill(), decode(n) → (stamps, tokens), info) ---------
+def run_plinth(args, long_ids, short_ids):
+    import plinth
+    from plinth.generate import SamplingParams, generate_stream
+
+    start = time.perf_counter()
+    m = plinth.load(MODEL, dtype=args.dtype)
+    load = time.perf_counter() - start
+    last = torch.tensor([len(long_ids) - 1])
+
+    def prefill():
+        with torch.inference_mode():
+            m.model(torch.tensor([long_ids]), last=last)
+
+    def decode(n):
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        stamps, tokens = [], []
+        for step in generate_stream(m.model, m.tokenizer, short_ids, params):
+            stamps.append(time.perf_counter())
+            tokens.append(step.choice.token)
+        return stamps, tokens
+
+    info = {"dtype": args.dtype or "default", "weight_dtypes": sorted({str(p.dtype) for p in m.model.parameters()})}
+    return load, prefill, decode, info
+
+
+def run_transformers(args, long_ids, short_ids):
+    import transformers
+    from plinth.hub import resolve
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    path = resolve(MODEL)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    load = time.perf_counter() - start
+
+    def prefill():
+        with torch.inference_mode():
+            model(torch.tensor([long_ids]), logits_to_keep=1)
+
+    class Stamps(BaseStreamer):
+        """Records when each new token appears; generate first puts the prompt, which we skip."""
+        def __init__(self):
+            self.stamps, self.tokens, self.prompt_seen = [], [], False
+
+        def put(self, value):
+            if self.prompt_seen:
+                self.stamps.append(time.perf_counter())
+                self.tokens.extend(value.flatten().tolist())
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    def decode(n):
+        streamer = Stamps()
+        ids = torch.tensor([short_ids])
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=n,
+                           max_new_tokens=n, streamer=streamer, pad_token_id=model.config.eos_token_id)
+        return streamer.stamps, streamer.tokens
+
+    return load, prefill, decode, {"version": transformers.__version__, "dtype": "float32"}
+
+
+def run_llama_cpp(args, long_ids, short_ids):
+    import llama_cpp
+    from plinth.hub import resolve
+
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(str(resolve(MODEL)), n_ctx=1024, n_threads=THREADS,
+                          n_threads_batch=THREADS, verbose=False)
+    load = time.perf_counter() - start
+
+    def prefill():
+        llm.reset()  # forget the KV cache so the whole prompt is evaluated again
+        llm.eval(long_ids)
+
+    def decode(n):
+        llm.reset()  # generate() would otherwise reuse the cached prefix of the previous run
+        stamps, tokens = [], []
+        for token in llm.generate(short_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+            if len(tokens) == n:
+                break
+        return stamps, tokens
+
+    return load, prefill, decode, {"version": llama_cpp.__version__}
+
+
+def child(args) -> dict:
+    """Benchmark one engine in this process; returns its JSON-able result."""
+    torch.set_num_threads(THREADS)
+    if args.engine == "llama_cpp":
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as error:
+            return {"engine": args.engine, "skipped": f"llama_cpp is not importable ({error})"}
+    ids = json.loads(sys.stdin.read())  # the parent's token ids, so every engine sees the same prompt
+    runner = {"plinth": run_plinth, "transformers": run_transformers, "llama_cpp": run_llama_cpp}[args.engine]
+    load, prefill, decode, info = runner(args, ids["long"], ids["short"])
+
+    prefill()  # warm-up: first-call allocations and kernel selection are not part of the rate
+    prefill_s = [timed(prefill) for _ in range(args.repeats)]
+    decode(8)
+    runs = [decode(args.new_tokens + 1) for _ in range(args.repeats)]
+    if any(len(tokens) != args.new_tokens + 1 for _, tokens in runs):
+        raise RuntimeError(f"{args.engine} did not produce {args.new_tokens + 1} tokens")
+    decode_s = [stamps[-1] - stamps[0] for stamps, _ in runs]  # first token → last: new_tokens forwards
+    return {"engine": args.engine, "load_s": load,
+            "prefill_tok_s": len(ids["long"]) / statistics.median(prefill_s), "prefill_runs_s": prefill_s,
+            "decode_tok_s": args.new_tokens / statistics.median(decode_s), "decode_runs_s": decode_s,
+            "peak_rss_mb": peak_rss_mb(), "tokens": runs[0][1], **info}
+
+
+# ---- the parent: one child per engine, then the table ------------------------------------------
+def run_child(engine: str, args, ids: dict) -> dict:
+    cmd = [sys.executable, __file__, "--engine", engine, "--prompt-tokens", str(args.prompt_tokens),
+           "--new-tokens", str(args.new_tokens), "--decode-prompt", str(args.decode_prompt),
+           "--repeats", str(args.repeats)] + (["--dtype", args.dtype] if args.dtype else [])
+    print(f"running {engine} …", file=sys.stderr, flush=True)
+    # stderr passes through (library warnings, progress bars); stdout's last line is the result.
+    done = subprocess.run(cmd, input=json.dumps(ids), stdout=subprocess.PIPE, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"engine": engine, "error": f"child exited with status {done.returncode}"}
+    return json.loads(lines[-1])
+
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def report(results: list[dict]):
+    print(f"\n{'engine':<14}{'load s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
+    for r in results:
+        if "load_s" in r:
+            print(f"{r['engine']:<14}{r['load_s']:>9.2f}{r['prefill_tok_s']:>15.1f}"
+                  f"{r['decode_tok_s']:>14.1f}{r['peak_rss_mb']:>13.0f}")
+        else:
+            print(f"{r['engine']:<14}  {r.get('skipped') or r.get('error')}")
+    ours = next((r for r in results if r["engine"] == "plinth" and "load_s" in r), None)
+    if ours is None:
+        return
+    print("\nplinth vs anchor (×, above 1 = plinth better; load = anchor s / plinth s):")
+    for r in results:
+        if r is ours or "load_s" not in r:
+            continue
+        r["vs_plinth"] = {"decode": ours["decode_tok_s"] / r["decode_tok_s"],
+                          "prefill": ours["prefill_tok_s"] / r["prefill_tok_s"],
+                          "load": r["load_s"] / ours["load_s"],
+                          "greedy_tokens_agreeing": same_prefix(ours["tokens"], r["tokens"])}
+        v = r["vs_plinth"]
+        print(f"  vs {r['engine']:<13} decode {v['decode']:.2f}×  prefill {v['prefill']:.2f}×  load {v['load']:.2f}×"
+              f"  (greedy outputs agree for the first {v['greedy_tokens_agreeing']}/{len(ours['tokens'])} tokens)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default=None, help="plinth weight dtype (default: plinth's own default)")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the prefill rate")
+    parser.add_argument("--new-tokens", type=int, default=128, help="decode steps timed")
+    parser.add_argument("--decode-prompt", type=int, default=16, help="prompt length for the decode rate")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median taken)")
+    parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # internal: run as a child
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode.json")
+    args = parser.parse_args()
+    if args.engine:
+        print(json.dumps(child(args)))
+        return
+
+    ids = {"long": prompt_ids(args.prompt_tokens), "short": prompt_ids(args.decode_prompt)}
+    results = [run_child(engine, args, ids) for engine in ENGINES]
+    report(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("engine", "out")}
+    args.out.write_text(json.dumps({"settings": {**settings, "threads": THREADS, "torch": torch.__version__,
+                                                 "machine": platform.platform(), "python": platform.python_version()},
+                                    "results": results}, indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

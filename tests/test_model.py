@@ -1,0 +1,118 @@
+"""The Transformer on tiny random configs: cached decoding, batching and masks agree with full recompute."""
+import pytest
+import torch
+
+from plinth.config import ModelConfig, preset
+from plinth.errors import PlinthError
+from plinth.model import Transformer, attention_mask
+from tests.conftest import tiny_model
+
+torch.set_grad_enabled(False)
+
+
+def tokens(n, seed=1, batch=1):
+    return torch.randint(0, 259, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(sliding_window=4, global_every=2, rope_local_theta=100.0),
+                                       dict(qk_norm=True, sandwich_norm=True, embed_scale=True, mlp="geglu")])
+def test_kv_cache_decode_equals_full_recompute(overrides):
+    model = tiny_model(**overrides)
+    ids = tokens(20)
+    full = model(ids)
+    cache = model.new_cache(1, 32)
+    pieces = [model(ids[:, :8], cache=cache)]  # prefill 8, then one token at a time
+    for i in range(8, 20):
+        pieces.append(model(ids[:, i:i + 1], cache=cache, start_pos=i))
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_equals_full():
+    model = tiny_model(sliding_window=5, global_every=2)
+    ids = tokens(24)
+    cache = model.new_cache(1, 24)
+    chunks = [model(ids[:, i:i + 6], cache=cache, start_pos=i) for i in range(0, 24, 6)]
+    torch.testing.assert_close(torch.cat(chunks, 1), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_batched_rows_at_different_positions_match_single_runs():
+    """The serving path: rows in arbitrary cache slots, each at its own position, padded to one length."""
+    model = tiny_model()
+    a, b = tokens(10, seed=2), tokens(6, seed=3)
+    cache = model.new_cache(4, 16)
+    slots = torch.tensor([3, 1])
+    padded = torch.zeros(2, 10, dtype=torch.long)
+    padded[0], padded[1, :6] = a[0], b[0]
+    out = model(padded, cache=cache, slots=slots, last=torch.tensor([9, 5]))  # prefill both
+    torch.testing.assert_close(out[0], model(a)[0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], model(b)[0, -1], atol=1e-5, rtol=1e-5)
+    step = torch.tensor([[7], [9]])  # one decode step, each row at its own position
+    out = model(step, cache=cache, slots=slots, start_pos=torch.tensor([10, 6]))
+    torch.testing.assert_close(out[0, 0], model(torch.cat([a, step[:1]], 1))[0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, 0], model(torch.cat([b, step[1:]], 1))[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_mask_against_loops():
+    q_pos = torch.tensor([[3, 4, 5]])
+    mask = attention_mask(q_pos, key_len=6, causal=True, window=2)[0, 0]
+    expected = [[int(k <= q and q - k < 2) for k in range(6)] for q in (3, 4, 5)]
+    assert mask.int().tolist() == expected
+    assert attention_mask(q_pos, 6, causal=False, window=None).all()
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    """A change to a token outside every layer's window must not change the last logits."""
+    model = tiny_model(sliding_window=3, global_every=100)  # every layer local
+    ids = tokens(12)
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 1) % 259
+    # 2 layers × window 3: position 11 depends on positions ≥ 11 - 2*(3-1) = 7
+    torch.testing.assert_close(model(ids)[0, -1], model(changed)[0, -1])
+    assert not torch.allclose(model(ids)[0, 1], model(changed)[0, 1])
+
+
+def test_embeds_input_equals_token_input():
+    model = tiny_model()
+    ids = tokens(7)
+    torch.testing.assert_close(model(embeds=model.tok_embeddings(ids)), model(ids))
+
+
+def test_bidirectional_sees_the_future():
+    model = tiny_model(causal=False)
+    ids = tokens(6)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 259
+    assert not torch.allclose(model(ids)[0, 0], model(changed)[0, 0])
+
+
+def test_init_weights_and_tying():
+    model = Transformer(preset("tiny"))
+    assert model.tok_embeddings.weight.is_meta  # nothing allocated until asked
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    assert model.output.weight is model.tok_embeddings.weight
+    assert abs(float(model.layers[0].attn.wq.weight.std()) - 0.02) < 0.005
+    assert float(model.layers[0].attn_norm.weight.mean()) == 1.0
+
+
+def test_load_weights_names_missing_and_unexpected_keys():
+    model = tiny_model()
+    state = {k: v for k, v in model.state_dict().items() if k != "norm.weight"}
+    state["bogus.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="missing: norm.weight.*unexpected: bogus.weight"):
+        Transformer(model.config).load_weights(state)
+
+
+def test_position_past_context_is_an_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="context window"):
+        model(tokens(4), start_pos=254)
+
+
+@pytest.mark.parametrize("bad, message", [(dict(n_heads=3, n_kv_heads=2), "multiple of n_kv_heads"),
+                                          (dict(mlp="relu"), "swiglu"), (dict(dim=0), "positive"),
+                                          (dict(colour="red"), "unknown model config field")])
+def test_bad_config_is_a_clear_error(bad, message):
+    with pytest.raises(PlinthError, match=message):
+        ModelConfig.from_dict({**dict(dim=64, n_heads=4), **bad})
