@@ -78,17 +78,17 @@ class KVCache:
     def update(self, layer: int, k, v, where: "Positions"):
         """Store k, v (B, K, T, D) and return all keys and values of those rows: (B, K, L, D)."""
         keys, values = self.k[layer], self.v[layer]
-        if where.slots is None and isinstance(where.start, int):
-            # One contiguous block of rows at one offset: plain slicing, no copies.
-            B, T, end = k.shape[0], k.shape[2], where.start + k.shape[2]
+        B, T, end = k.shape[0], k.shape[2], where.key_len
+        if where.slots is None and isinstance(where.start, int):  # rows 0..B-1 at one offset: slicing
             keys[:B, :, where.start:end] = k
             values[:B, :, where.start:end] = v
+        else:  # each row at its own position (and maybe its own slot)
+            slots = where.slot_index(B)
+            keys[slots[:, None], :, where.q_pos] = k.transpose(1, 2)  # indexed view is (B, T, K, D)
+            values[slots[:, None], :, where.q_pos] = v.transpose(1, 2)
+        if where.slots is None:  # rows 0..B-1: views, no copies
             return keys[:B, :, :end], values[:B, :, :end]
-        slots = where.slot_index(k.shape[0])
-        keys[slots[:, None], :, where.q_pos] = k.transpose(1, 2)  # indexed view is (B, T, K, D)
-        values[slots[:, None], :, where.q_pos] = v.transpose(1, 2)
-        end = where.key_len
-        return keys[slots, :, :end], values[slots, :, :end]
+        return keys[where.slots, :, :end], values[where.slots, :, :end]
 
 
 class Positions:

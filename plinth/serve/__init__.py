@@ -1,0 +1,1 @@
+"""Serving: the continuous-batching engine (and, next, the OpenAI-compatible HTTP layer)."""

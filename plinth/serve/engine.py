@@ -1,0 +1,203 @@
+"""The continuous-batching engine: many generation requests share one model, one step at a time.
+
+Each request's state is two counters: `computed` (tokens whose keys/values are in the KV cache) and
+`len(tokens)` (prompt + generated so far). Every step feeds each running request its next
+`min(len(tokens) - computed, chunk)` tokens, so a long prompt is prefilled in chunks while the
+others decode, and a request joins or leaves the batch at any step. All requests that feed one
+token share a single batched forward pass (the weights are read once for all of them).
+
+One thread owns the model (see DESIGN.md: several threads calling into PyTorch oversubscribe the
+cores); other threads only `submit()` and `cancel()`, and receive `Step`s through a callback.
+
+    engine = Engine(model, tokenizer, max_batch=16)
+    engine.start()
+    engine.submit(prompt_ids, SamplingParams(max_tokens=32), emit=print)
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from plinth.errors import PlinthError
+from plinth.generate import SamplingParams, Sequence, Step, check_prompt
+
+
+@dataclass
+class Request:
+    id: int
+    seq: Sequence
+    emit: Callable[[Step | Exception], None]  # called on the engine thread; must not block
+    tokens: list[int]                         # prompt + generated tokens
+    computed: int = 0                         # tokens already in the KV cache
+    slot: int | None = None
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.computed
+
+
+@dataclass
+class Stats:
+    """What /metrics reports; updated on the engine thread only."""
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    last_batch: int = 0
+    heartbeat: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None, chunk: int = 256,
+                 max_queue: int = 256):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.chunk, self.max_queue = chunk, max_queue
+        self.cache = model.new_cache(max_batch, self.max_len)
+        self.free_slots = list(range(max_batch))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stats = Stats()
+        self._ids = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- called from any thread ----------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, emit) -> Request:
+        params.validate(self.tokenizer.vocab_size)
+        check_prompt(len(prompt), self.max_len)
+        seq = Sequence(prompt, params, self.tokenizer, max_new=self.max_len - len(prompt))
+        request = Request(next(self._ids), seq, emit, list(prompt))
+        with self._wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry shortly")
+            self.waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request):
+        """Stop a request wherever it is (queued, prefilling or decoding); its slot frees next step."""
+        request.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name="plinth-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0):
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def alive(self, stall_seconds: float = 30.0) -> bool:
+        """The engine thread runs and has not been stuck in one step for `stall_seconds`."""
+        return bool(self._thread and self._thread.is_alive()
+                    and time.monotonic() - self.stats.heartbeat < stall_seconds)
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _loop(self):
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not self._stopping and not self.waiting and not self.running:
+                    self.stats.heartbeat = time.monotonic()
+                    self._wake.wait(timeout=1.0)
+                if self._stopping:
+                    return
+            self.step()
+
+    def step(self):
+        """schedule → run → postprocess."""
+        self.stats.heartbeat = time.monotonic()
+        self._schedule()
+        groups = [[r for r in self.running if r.pending == 1]] + [[r] for r in self.running if r.pending > 1]
+        for group in filter(None, groups):
+            try:
+                logits = self._run(group)
+            except Exception as e:  # a failure must not kill the engine: fail this group, go on
+                for request in group:
+                    self._finish(request, e)
+                self.stats.failed += len(group)
+                continue
+            self._postprocess(group, logits)
+        self.stats.steps += 1
+
+    def _schedule(self):
+        for request in [r for r in self.running if r.cancelled]:
+            self._finish(request, None)
+        with self._wake:
+            for request in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(request)
+                self.stats.cancelled += 1
+            while self.waiting and self.free_slots:
+                request = self.waiting.popleft()
+                self.free_slots.sort()  # lowest slots first keeps the batch in rows 0..B-1 (no KV copies)
+                request.slot = self.free_slots.pop(0)
+                self.running.append(request)
+                self.stats.prompt_tokens += len(request.tokens)
+
+    @torch.inference_mode()
+    def _run(self, group: list[Request]) -> torch.Tensor:
+        """One forward pass for a group of requests; returns the logits of each one's last fed token."""
+        group.sort(key=lambda r: r.slot)
+        counts = [min(r.pending, self.chunk) for r in group]
+        width = max(counts)
+        tokens = torch.zeros(len(group), width, dtype=torch.long)
+        for row, (r, n) in enumerate(zip(group, counts)):
+            tokens[row, :n] = torch.tensor(r.tokens[r.computed:r.computed + n])
+        slots = [r.slot for r in group]
+        in_order = slots == list(range(len(group)))
+        start = group[0].computed if len(group) == 1 and in_order else torch.tensor([r.computed for r in group])
+        logits = self.model(tokens, cache=self.cache, start_pos=start,
+                            slots=None if in_order else torch.tensor(slots),
+                            last=torch.tensor(counts) - 1)
+        for r, n in zip(group, counts):
+            r.computed += n
+        self.stats.last_batch = len(group)
+        return logits.float()
+
+    def _postprocess(self, group: list[Request], logits: torch.Tensor):
+        for request, row in zip(group, logits):
+            if request.pending or request.cancelled:  # still prefilling, or gone
+                continue
+            step = request.seq.step(row)
+            request.tokens.append(step.choice.token)
+            request.first_token = request.first_token or time.monotonic()
+            self.stats.generated_tokens += 1
+            request.emit(step)
+            if step.finish_reason:
+                self._finish(request, None)
+
+    def _finish(self, request: Request, error: Exception | None):
+        if request in self.running:
+            self.running.remove(request)
+            self.free_slots.append(request.slot)
+        if error is not None:
+            request.emit(error)
+        elif request.cancelled:
+            self.stats.cancelled += 1
+        else:
+            self.stats.finished += 1
+
+
+class QueueFull(PlinthError):
+    """Too many requests waiting; the caller should retry later (HTTP 429/503)."""

@@ -1,0 +1,112 @@
+"""The continuous-batching engine on a tiny model: batching never changes what a request gets."""
+import threading
+
+import torch
+
+from plinth.generate import SamplingParams, generate_stream
+from plinth.serve.engine import Engine
+
+torch.set_grad_enabled(False)
+
+
+def alone(model, tokenizer, prompt, params):
+    return [s.choice.token for s in generate_stream(model, tokenizer, prompt, params)]
+
+
+def collect(engine, prompt, params, out):
+    out[len(out)] = record = []
+    return engine.submit(prompt, params, lambda step: record.append(step)), record
+
+
+def drain(engine, limit=500):
+    for _ in range(limit):
+        if not engine.running and not engine.waiting:
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")
+
+
+PROMPTS = [list(b"Hello there"), list(b"a"), list(b"The quick brown fox jumps over the lazy dog" * 2), list(b"xyz")]
+PARAMS = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+          SamplingParams(max_tokens=7, temperature=0.9, seed=5, ignore_eos=True),
+          SamplingParams(max_tokens=9, temperature=0, stop=["e"]),
+          SamplingParams(max_tokens=15, top_k=3, seed=11, ignore_eos=True)]
+
+
+def test_batched_results_equal_running_each_alone(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=4, max_len=128, chunk=16)  # the long prompt prefills in chunks
+    out = {}
+    for prompt, params in zip(PROMPTS, PARAMS):
+        collect(engine, prompt, params, out)
+    drain(engine)
+    for (prompt, params), record in zip(zip(PROMPTS, PARAMS), out.values()):
+        assert [s.choice.token for s in record] == alone(model, tokenizer, prompt, params)
+        assert record[-1].finish_reason in ("stop", "length")
+
+
+def test_requests_join_and_leave_while_others_decode(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, max_len=128, chunk=8)
+    out = {}
+    collect(engine, PROMPTS[0], PARAMS[0], out)
+    for _ in range(3):
+        engine.step()
+    for prompt, params in zip(PROMPTS[1:], PARAMS[1:]):  # more requests than slots: they queue
+        collect(engine, prompt, params, out)
+    assert len(engine.running) == 1 and len(engine.waiting) == 3
+    drain(engine)
+    for (prompt, params), record in zip(zip(PROMPTS, PARAMS), out.values()):
+        assert [s.choice.token for s in record] == alone(model, tokenizer, prompt, params)
+    assert sorted(engine.free_slots) == [0, 1]
+
+
+def test_cancel_frees_the_slot_at_the_next_step(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_len=128)
+    out = {}
+    first, _ = collect(engine, PROMPTS[0], SamplingParams(max_tokens=100, ignore_eos=True), out)
+    second, record = collect(engine, PROMPTS[1], PARAMS[0], out)
+    engine.step()
+    engine.step()
+    engine.cancel(first)
+    engine.step()
+    assert first not in engine.running and second in engine.running
+    drain(engine)
+    assert len(record) == 12 and engine.stats.cancelled == 1
+
+
+def test_a_failing_step_fails_its_requests_not_the_engine(model, tokenizer, monkeypatch):
+    engine = Engine(model, tokenizer, max_batch=2, max_len=128)
+    out = {}
+    collect(engine, PROMPTS[0], PARAMS[0], out)
+    original = engine._run
+    monkeypatch.setattr(engine, "_run", lambda group: (_ for _ in ()).throw(RuntimeError("boom")))
+    engine.step()
+    assert isinstance(out[0][-1], RuntimeError) and not engine.running
+    monkeypatch.setattr(engine, "_run", original)
+    collect(engine, PROMPTS[1], PARAMS[0], out)
+    drain(engine)
+    assert [s.choice.token for s in out[1]] == alone(model, tokenizer, PROMPTS[1], PARAMS[0])
+
+
+def test_engine_thread_serves_concurrent_submitters(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=4, max_len=128)
+    engine.start()
+    finished, results = threading.Semaphore(0), {i: [] for i in range(len(PROMPTS))}
+
+    def emit_for(i):
+        def emit(step):
+            results[i].append(step.choice.token)
+            if step.finish_reason:
+                finished.release()
+        return emit
+
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    threads = [threading.Thread(target=engine.submit, args=(p, params, emit_for(i))) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    try:
+        assert all(finished.acquire(timeout=30) for _ in PROMPTS)
+        assert engine.alive()
+    finally:
+        engine.stop()
+    for i, prompt in enumerate(PROMPTS):
+        assert results[i] == alone(model, tokenizer, prompt, params)
