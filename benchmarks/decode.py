@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -183,7 +184,8 @@ def child(args) -> dict:
     return {"engine": args.engine, "load_s": load,
             "prefill_tok_s": len(ids["long"]) / statistics.median(prefill_s), "prefill_runs_s": prefill_s,
             "decode_tok_s": args.new_tokens / statistics.median(decode_s), "decode_runs_s": decode_s,
-            "peak_rss_mb": peak_rss_mb(), "tokens": runs[0][1], **info}
+            "peak_rss_mb": peak_rss_mb(), "tokens": runs[0][1],
+            "loadavg_1min": os.getloadavg()[0], **info}  # well above 2 means other work shared the CPUs
 
 
 # ---- the parent: one child per engine, then the table ------------------------------------------

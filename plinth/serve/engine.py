@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from concurrent.futures import Future
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class Engine:
         self.free_slots = list(range(max_batch))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.tasks: deque[tuple[Callable, Future]] = deque()  # other model work, run between steps
         self.stats = Stats()
         self._ids = itertools.count()
         self._wake = threading.Condition()
@@ -92,6 +94,15 @@ class Engine:
         request.cancelled = True
         with self._wake:
             self._wake.notify()
+
+    def call(self, fn: Callable, *args) -> Future:
+        """Run `fn(*args)` on the engine thread between steps (e.g. an embedding model), so that all
+        model compute stays on one thread."""
+        future: Future = Future()
+        with self._wake:
+            self.tasks.append((lambda: fn(*args), future))
+            self._wake.notify()
+        return future
 
     @property
     def queue_depth(self) -> int:
@@ -118,12 +129,20 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while not self._stopping and not self.waiting and not self.running:
+                while not self._stopping and not self.waiting and not self.running and not self.tasks:
                     self.stats.heartbeat = time.monotonic()
                     self._wake.wait(timeout=1.0)
                 if self._stopping:
                     return
-            self.step()
+                tasks, self.tasks = list(self.tasks), deque()
+            for fn, future in tasks:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as e:  # the caller gets the error; the engine goes on
+                        future.set_exception(e)
+            if self.waiting or self.running:
+                self.step()
 
     def step(self):
         """schedule → run → postprocess."""

@@ -1,0 +1,248 @@
+"""The HTTP server: FastAPI app around the engine, with auth, limits, metrics, health and a chat page.
+
+    plinth serve                                  # default model on http://127.0.0.1:8000
+    plinth serve --api-key secret --port 9000
+
+HTTP handlers only queue work and await the engine's output; the engine thread owns the model.
+Every error is OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status for
+anything the client did, so the official client does not retry a bad request as if it were a fault.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from plinth import hub
+from plinth.errors import PlinthError
+from plinth.serve.engine import Engine, QueueFull
+from plinth.serve.metrics import Metrics
+from plinth.serve.openai_api import APIError, router
+from plinth.serve.schemas import error_body
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class ServerState:
+    """What the handlers share: the engine, the names served, and the server's options."""
+
+    def __init__(self, engine: Engine, tokenizer, name: str, strict_models: bool = False,
+                 api_key: str | None = None, embedder=None):
+        self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        self.strict_models, self.api_key, self.embedder = strict_models, api_key, embedder
+        self.started = int(time.time())
+        self.sampling_defaults = hub.sampling_defaults(name)
+        self.metrics = Metrics(engine)
+        self.draining = False
+        self.in_flight = 0
+
+    def model_names(self) -> list[str]:
+        return [self.name] + ([self.embedder.name] if self.embedder else [])
+
+    def resolve_model(self, requested: str) -> str:
+        """The model that answers: the requested one, or (unless --strict-models) the served one."""
+        if requested == self.name or not self.strict_models:
+            return self.name
+        raise APIError(404, f"The model '{requested}' does not exist; this server has: {', '.join(self.model_names())}",
+                       param="model", code="model_not_found")
+
+    def check_length(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The completion's token limit, or a 400 naming both numbers when it cannot fit."""
+        window = self.engine.max_len
+        wanted = prompt_tokens + (max_tokens or 1)
+        if wanted > window:
+            raise APIError(400, f"This model's maximum context length is {window} tokens. However, you requested "
+                                f"{wanted} tokens ({prompt_tokens} in the prompt, {max_tokens or 1} for the completion). "
+                                "Please reduce the prompt or max_tokens.", param="max_tokens",
+                           code="context_length_exceeded")
+        return max_tokens or window - prompt_tokens
+
+    def run(self, jobs, http_request: Request | None = None):
+        """Submit one engine request per job now (so errors come before any response), and return an
+        async iterator of (choice index, Step) that cancels whatever is unfinished when it ends."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        submitted = []
+        try:
+            for index, prompt, params in jobs:
+                emit = (lambda i: lambda event: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))(index)
+                submitted.append(self.engine.submit(prompt, params, emit))
+        except QueueFull as e:
+            self._cancel(submitted)
+            raise APIError(429, f"server busy: {e}", type_="rate_limit_error", headers={"Retry-After": "1"}) from e
+        except PlinthError as e:
+            self._cancel(submitted)
+            raise APIError(400, str(e)) from e
+        return self._events(queue, submitted, http_request)
+
+    async def _events(self, queue: asyncio.Queue, requests, http_request):
+        remaining, started, last = len(requests), time.monotonic(), {}
+        checked = started
+        try:
+            while remaining:
+                try:
+                    index, event = await asyncio.wait_for(queue.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    index = event = None
+                now = time.monotonic()
+                if http_request is not None and now - checked > 0.25:  # non-streamed: watch for a hang-up
+                    checked = now
+                    if await http_request.is_disconnected():
+                        return
+                if event is None:
+                    continue
+                if isinstance(event, Exception):
+                    raise event
+                self.metrics.token_latency(now - last.get(index, started), first=index not in last)
+                last[index] = now
+                if event.finish_reason:
+                    remaining -= 1
+                yield index, event
+        finally:
+            self._cancel(requests)
+
+    def _cancel(self, requests):
+        for r in requests:
+            if r.seq.finish_reason is None:
+                self.engine.cancel(r)
+
+
+class Gate:
+    """ASGI middleware in front of every route: draining, API key, body size, request metrics."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        s, path = self.state, scope["path"]
+        headers = {k.decode().lower(): v.decode(errors="replace") for k, v in scope["headers"]}
+        if s.draining:
+            return await reply(send, 503, error_body("the server is shutting down; retry on another instance",
+                                                     "server_error"), {"Retry-After": "5"})
+        if path.startswith("/v1/") and s.api_key and headers.get("authorization") != f"Bearer {s.api_key}":
+            return await reply(send, 401, error_body("Incorrect or missing API key: send 'Authorization: Bearer KEY'",
+                                                     code="invalid_api_key"))
+        if int(headers.get("content-length", "0") or 0) > MAX_BODY_BYTES:
+            return await reply(send, 413, error_body(f"request body is over {MAX_BODY_BYTES} bytes"))
+        status = {}
+
+        async def send_and_count(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        s.in_flight += 1
+        try:
+            await self.app(scope, receive, send_and_count)
+        finally:
+            s.in_flight -= 1
+            s.metrics.request(path, status.get("code", 499))
+
+
+async def reply(send, status: int, body: dict, headers: dict | None = None):
+    response = JSONResponse(body, status_code=status, headers=headers)
+    await response({"type": "http"}, None, send)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    error = exc.errors()[0]
+    if error.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    return (f"invalid value for '{param}': {error.get('msg')}" if param else f"invalid request: {error.get('msg')}"), param
+
+
+def create_app(state: ServerState) -> "Gate":
+    app = FastAPI(title="plinth", docs_url=None, redoc_url=None)
+    app.state.plinth = state
+    app.include_router(router)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, exc: APIError):
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc: RequestValidationError):
+        message, param = validation_message(exc)
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(error_body(str(exc.detail), param=None, code=code), status_code=exc.status_code)
+
+    @app.exception_handler(PlinthError)
+    async def plinth_error(_, exc: PlinthError):
+        return JSONResponse(error_body(str(exc)), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def fault(_, exc: Exception):
+        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        if state.engine.alive():
+            return {"status": "ok", "running": len(state.engine.running), "waiting": state.engine.queue_depth}
+        return JSONResponse({"status": "error", "message": "the engine thread is stalled or has stopped"},
+                            status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def chat_page():
+        return FileResponse(STATIC / "index.html")
+
+    return Gate(app, state)
+
+
+class GracefulServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: refuse new requests with 503, let in-flight ones finish for up to `grace`
+    seconds, then stop. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace: float):
+        super().__init__(config)
+        self.state, self.grace = state, grace
+
+    def handle_exit(self, sig, frame):
+        if self.state.draining:
+            return super().handle_exit(sig, frame)
+        self.state.draining = True
+        threading.Thread(target=self._drain, args=(sig, frame), daemon=True).start()
+
+    def _drain(self, sig, frame):
+        deadline = time.monotonic() + self.grace
+        while self.state.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        super().handle_exit(sig, frame)
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          strict_models: bool = False, max_batch: int = 16, max_len: int = 2048, grace: float = 30.0,
+          embedder=None, dtype: str | None = None):
+    import plinth
+    loaded = plinth.load(model, dtype=dtype)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len)
+    engine.start()
+    state = ServerState(engine, loaded.tokenizer, model, strict_models, api_key or os.environ.get("PLINTH_API_KEY"),
+                        embedder)
+    base = f"http://{host}:{port}"
+    print(f"plinth: serving {model} — chat page {base}/  ·  OpenAI API {base}/v1", flush=True)
+    server = GracefulServer(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"), state, grace)
+    try:
+        server.run()
+    finally:
+        engine.stop()

@@ -1,0 +1,206 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+
+Handlers turn a request into token ids and `SamplingParams`, submit one engine request per choice,
+and relay the engine's `Step`s as a JSON response or as server-sent events. They never touch the
+model: the engine thread owns it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from plinth.errors import PlinthError
+from plinth.generate import Step
+from plinth.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
+
+router = APIRouter()
+
+
+class APIError(Exception):
+    """An error with an HTTP status, rendered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
+
+
+@dataclass
+class Choice:
+    """What one choice has produced so far."""
+    index: int
+    text: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def state(request: Request):
+    return request.app.state.plinth
+
+
+# ---- models ----------------------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(request: Request):
+    s = state(request)
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": s.started, "owned_by": "plinth"}
+                                       for name in s.model_names()]}
+
+
+# ---- generation ------------------------------------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    s = state(request)
+    model = s.resolve_model(body.model)
+    try:
+        text = s.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
+    except PlinthError as e:
+        raise APIError(400, str(e), param="messages") from e
+    prompt = s.tokenizer.encode(text, add_bos=False)
+    return await respond(s, request, body, model, [prompt], chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    s = state(request)
+    model = s.resolve_model(body.model)
+    if body.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model", param="suffix")
+    if body.echo:
+        raise APIError(400, "echo is not supported yet; request without it", param="echo")
+    prompts = [s.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
+    for ids in prompts:
+        if any(not 0 <= t < s.tokenizer.vocab_size for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {s.tokenizer.vocab_size})", param="prompt")
+    return await respond(s, request, body, model, prompts, chat=False)
+
+
+async def respond(s, request: Request, body, model: str, prompts: list[list[int]], chat: bool):
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    jobs = []  # (choice index, prompt, params)
+    for p, prompt in enumerate(prompts):
+        limit = s.check_length(len(prompt), body.token_limit())
+        for i in range(body.n):
+            jobs.append((p * body.n + i, prompt, body.sampling(limit, body.logprob_count(), i, s.sampling_defaults)))
+    kind = "chat.completion" if chat else "text_completion"
+    response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    events = s.run(jobs, request)
+    prompt_tokens = sum(len(p) for p in prompts)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream(events, s, model, kind, response_id, created, chat, prompt_tokens,
+                                        include_usage, len(jobs)), media_type="text/event-stream")
+    choices = {index: Choice(index) for index, _, _ in jobs}
+    async for index, step in events:
+        add_step(choices[index], step, s.tokenizer)
+    return {"id": response_id, "object": kind, "created": created, "model": model, "system_fingerprint": None,
+            "choices": [choice_body(c, chat) for c in choices.values()], "usage": usage(prompt_tokens, choices.values())}
+
+
+def add_step(choice: Choice, step: Step, tokenizer):
+    choice.text.append(step.text)
+    choice.tokens.append(step.choice.token)
+    choice.finish_reason = step.finish_reason
+    if step.choice.logprob is not None:
+        choice.logprobs.append(logprob_entry(step, tokenizer))
+
+
+def logprob_entry(step: Step, tokenizer) -> dict:
+    def entry(token, logprob):
+        return {"token": tokenizer.token_text(token), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
+    return {**entry(step.choice.token, step.choice.logprob),
+            "top_logprobs": [entry(t, lp) for t, lp in step.choice.top or []]}
+
+
+def completion_logprobs(entries: list[dict]) -> dict:
+    """The legacy completions shape: parallel lists instead of one list of entries."""
+    offsets, offset = [], 0
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
+def choice_body(c: Choice, chat: bool) -> dict:
+    text = "".join(c.text)
+    if chat:
+        logprobs = {"content": c.logprobs} if c.logprobs else None
+        return {"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": c.finish_reason}
+    logprobs = completion_logprobs(c.logprobs) if c.logprobs else None
+    return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+
+def usage(prompt_tokens: int, choices) -> dict:
+    completion = sum(len(c.tokens) for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def stream(events, s, model, kind, response_id, created, chat, prompt_tokens, include_usage, n_choices):
+    kind += ".chunk" if chat else ""
+    choices: dict[int, Choice] = {}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(choice_list):
+        return sse({"id": response_id, "object": kind, "created": created, "model": model,
+                    "system_fingerprint": None, "choices": choice_list, **extra})
+
+    try:
+        if chat:  # OpenAI opens every choice with the role
+            for index in range(n_choices):
+                yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+        async for index, step in events:
+            c = choices.setdefault(index, Choice(index))
+            add_step(c, step, s.tokenizer)
+            if not step.text and not step.finish_reason and step.choice.logprob is None:
+                continue  # nothing to show yet (half a character, or text that may be a stop string)
+            entry = [c.logprobs[-1]] if step.choice.logprob is not None else None
+            if chat:
+                delta = {"content": step.text} if step.text else {}
+                body = {"index": index, "delta": delta, "logprobs": {"content": entry} if entry else None}
+            else:
+                body = {"index": index, "text": step.text, "logprobs": completion_logprobs(entry) if entry else None}
+            yield chunk([{**body, "finish_reason": step.finish_reason}])
+        if include_usage:
+            extra = {"usage": usage(prompt_tokens, choices.values())}
+            yield chunk([])
+        yield sse("[DONE]")
+    except APIError as e:  # the response has started: the error goes in the stream
+        yield sse(e.body)
+    except Exception as e:  # noqa: BLE001 - a fault mid-stream is reported in-band, then the stream ends
+        yield sse(error_body(f"generation failed: {e}", "server_error"))
+
+
+# ---- embeddings ------------------------------------------------------------------------------------
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request):
+    s = state(request)
+    if s.embedder is None:
+        raise APIError(404, "this server has no embedding model; start it with --embedding-model", param="model",
+                       code="model_not_found")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise APIError(400, "input must be a non-empty string or list of strings", param="input")
+    if body.encoding_format == "base64":
+        raise APIError(400, "encoding_format 'base64' is not supported; use 'float'", param="encoding_format")
+    vectors, tokens = await asyncio.wrap_future(s.engine.call(s.embedder.embed_with_counts, texts))
+    if body.dimensions is not None and body.dimensions != vectors.shape[1]:
+        raise APIError(400, f"this model's embeddings have {vectors.shape[1]} dimensions", param="dimensions")
+    return JSONResponse({"object": "list", "model": s.embedder.name,
+                         "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors.tolist())],
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})

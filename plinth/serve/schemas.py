@@ -1,0 +1,134 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), and their mapping to `SamplingParams`.
+
+Field names and ranges follow OpenAI's API reference, so the official client's requests validate
+unchanged; a few common extensions (top_k, min_p, repetition_penalty) are accepted as vLLM does.
+Unknown fields are ignored, as OpenAI-compatible servers do.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from plinth.generate import SamplingParams
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+
+    def as_template_input(self) -> dict:
+        """The message as a chat template expects it: text content, `developer` read as `system`."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text or "" for part in content if part.type == "text")
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class SamplingFields(BaseModel):
+    """What chat and text completions share."""
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4 or not all(stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for token, bias in (value or {}).items():
+            if not token.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        return value
+
+    def sampling(self, max_tokens: int, logprobs: int | None, choice: int = 0,
+                 defaults: dict | None = None) -> SamplingParams:
+        """Parameters for choice number `choice` (with a seed, each of n choices gets its own).
+        Fields the request leaves unset take the model's recommended `defaults`, then OpenAI's."""
+        set_fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                          repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                          frequency_penalty=self.frequency_penalty)
+        return SamplingParams(max_tokens=max_tokens, stop=list(self.stop or []), logprobs=logprobs,
+                              seed=None if self.seed is None else self.seed + choice, ignore_eos=self.ignore_eos,
+                              logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+                              **{**(defaults or {}), **{k: v for k, v in set_fields.items() if v is not None}})
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
