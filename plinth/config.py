@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from plinth.errors import PlinthError
 
-MLP_KINDS = ("swiglu", "geglu")
+MLP_KINDS = ("swiglu", "geglu", "gelu")
+NORM_KINDS = ("rms", "layer")
+POSITION_KINDS = ("rope", "learned")
 
 
 @dataclass
@@ -29,7 +31,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_local_theta: float | None = None  # theta of sliding-window layers; None = rope_theta
     tie_embeddings: bool = True          # output projection shares the token embedding
-    mlp: str = "swiglu"                  # "swiglu" (SiLU gate) or "geglu" (tanh-GELU gate)
+    mlp: str = "swiglu"                  # "swiglu" (SiLU gate), "geglu" (tanh-GELU gate), "gelu" (no gate, BERT)
+    norm: str = "rms"                    # "rms" (RMSNorm) or "layer" (LayerNorm with bias, BERT)
+    bias: bool = False                   # biases in the attention and MLP linear layers
+    position: str = "rope"               # "rope" (rotary) or "learned" (absolute position embeddings)
+    post_norm: bool = False              # normalise after each residual add (BERT) instead of before
+    embed_norm: bool = False             # normalise the embeddings before the first block
     qk_norm: bool = False                # RMSNorm on each query/key head before RoPE
     sandwich_norm: bool = False          # extra RMSNorm on the attention and MLP outputs
     embed_scale: bool = False            # multiply token embeddings by sqrt(dim)
@@ -61,8 +68,9 @@ class ModelConfig:
                 "each key/value head must serve the same number of query heads")
         if self.head_dim % 2:
             bad(f"head_dim={self.head_dim} is odd; rotary embeddings need an even head_dim")
-        if self.mlp not in MLP_KINDS:
-            bad(f"mlp={self.mlp!r}; choose one of {', '.join(MLP_KINDS)}")
+        for name, kinds in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("position", POSITION_KINDS)):
+            if getattr(self, name) not in kinds:
+                bad(f"{name}={getattr(self, name)!r}; choose one of {', '.join(kinds)}")
 
     def is_sliding(self, layer: int) -> bool:
         """Whether `layer` uses local (sliding-window) attention."""

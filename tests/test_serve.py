@@ -75,7 +75,7 @@ def test_the_issue_example_prints_a_sentiment_label(client):
 
 
 def test_models_and_usage(client):
-    assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct", "all-minilm-l6-v2"]
     r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "What is the capital of France?"}],
                                        temperature=0, max_tokens=40)
     assert "Paris" in r.choices[0].message.content
@@ -230,3 +230,23 @@ def test_strict_models_and_sigterm_drain():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_embeddings_match_sentence_transformers(client):
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from plinth import hub
+    texts = ["A man is eating food.", "The weather is lovely today.", "Ünïcödé 😀 " * 200]
+    r = client.embeddings.create(model="text-embedding-3-small", input=texts)
+    assert r.model == "all-minilm-l6-v2" and len(r.data) == 3 and r.usage.prompt_tokens > 0
+    reference = sentence_transformers.SentenceTransformer(str(hub.resolve("all-minilm-l6-v2")), device="cpu")
+    expected = reference.encode(texts, normalize_embeddings=True)
+    for item, vector in zip(r.data, expected):
+        cosine = sum(a * b for a, b in zip(item.embedding, vector.tolist()))
+        assert cosine >= 0.999
+
+
+def test_embeddings_as_float_lists(server):
+    r = post(server, "/v1/embeddings", {"model": "m", "input": "hello", "encoding_format": "float"})
+    vector = r.json()["data"][0]["embedding"]
+    assert len(vector) == 384 and abs(sum(x * x for x in vector) - 1) < 1e-4
+    assert post(server, "/v1/embeddings", {"model": "m", "input": []}).status_code == 400

@@ -7,6 +7,7 @@ model: the engine thread owns it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -193,14 +194,19 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     if s.embedder is None:
         raise APIError(404, "this server has no embedding model; start it with --embedding-model", param="model",
                        code="model_not_found")
+    if s.strict_models and body.model != s.embedder.name:
+        raise APIError(404, f"The model '{body.model}' does not exist; embeddings come from '{s.embedder.name}'",
+                       param="model", code="model_not_found")
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or not all(isinstance(t, str) for t in texts):
         raise APIError(400, "input must be a non-empty string or list of strings", param="input")
-    if body.encoding_format == "base64":
-        raise APIError(400, "encoding_format 'base64' is not supported; use 'float'", param="encoding_format")
     vectors, tokens = await asyncio.wrap_future(s.engine.call(s.embedder.embed_with_counts, texts))
     if body.dimensions is not None and body.dimensions != vectors.shape[1]:
         raise APIError(400, f"this model's embeddings have {vectors.shape[1]} dimensions", param="dimensions")
+    if body.encoding_format == "base64":  # what the official client asks for: little-endian float32 bytes
+        encoded = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
+    else:
+        encoded = vectors.tolist()
     return JSONResponse({"object": "list", "model": s.embedder.name,
-                         "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors.tolist())],
+                         "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(encoded)],
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
