@@ -22,7 +22,8 @@ How each figure is measured (all engines get the same token ids, made with plint
               median of --repeats runs. transformers uses its own `generate` (a streamer stamps
               each token); llama.cpp its `Llama.generate` with temp=0.
   peak RSS    `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the child at the end (MB = 2**20 bytes).
-llama-cpp-python is used when importable and skipped with the reason otherwise.
+llama-cpp-python is used when importable and skipped with the reason otherwise. Run on an otherwise
+idle machine: each result records the 1-minute load average, which should stay near 2.
 """
 from __future__ import annotations
 
@@ -35,9 +36,8 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
-
-import torch
 
 ENGINES = ("plinth", "transformers", "llama_cpp")
 THREADS = 2
@@ -46,14 +46,13 @@ MODEL = "smollm2-135m-instruct"
 
 
 # ---- shared helpers ----------------------------------------------------------------------------
-def prompt_ids(n: int) -> list[int]:
+def prompt_ids(path: str, n: int) -> list[int]:
     """n tokens of natural code/English text (plinth's model source, repeated as needed), made
     with plinth's tokenizer read from the GGUF metadata alone, without loading the weights."""
-    from plinth.hub import resolve
     from plinth.tokenizer import Tokenizer
     from plinth.weights.gguf import metadata, open_gguf
 
-    tokenizer = Tokenizer.from_gguf(metadata(open_gguf(resolve(MODEL))))
+    tokenizer = Tokenizer.from_gguf(metadata(open_gguf(path)))
     text = (ROOT / "plinth" / "model.py").read_text()
     ids = tokenizer.encode(text)
     ids = tokenizer.encode(text * (n // len(ids) + 1))  # one encode, so a BOS appears only at the start
@@ -71,23 +70,25 @@ def peak_rss_mb() -> float:
 
 
 # ---- per engine: load it, return (load s, prefill(), decode(n) → (stamps, tokens), info) ---------
-def run_plinth(args, long_ids, short_ids):
+def run_plinth(args, job):
+    import torch
+    torch.set_num_threads(THREADS)
     import plinth
     from plinth.generate import SamplingParams, generate_stream
 
     start = time.perf_counter()
     m = plinth.load(MODEL, dtype=args.dtype)
     load = time.perf_counter() - start
-    last = torch.tensor([len(long_ids) - 1])
+    last = torch.tensor([len(job["long"]) - 1])
 
     def prefill():
         with torch.inference_mode():
-            m.model(torch.tensor([long_ids]), last=last)
+            m.model(torch.tensor([job["long"]]), last=last)
 
     def decode(n):
         params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         stamps, tokens = [], []
-        for step in generate_stream(m.model, m.tokenizer, short_ids, params):
+        for step in generate_stream(m.model, m.tokenizer, job["short"], params):
             stamps.append(time.perf_counter())
             tokens.append(step.choice.token)
         return stamps, tokens
@@ -96,20 +97,21 @@ def run_plinth(args, long_ids, short_ids):
     return load, prefill, decode, info
 
 
-def run_transformers(args, long_ids, short_ids):
+def run_transformers(args, job):
+    import torch
+    torch.set_num_threads(THREADS)
     import transformers
-    from plinth.hub import resolve
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    path = resolve(MODEL)
+    path = Path(job["path"])
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     load = time.perf_counter() - start
 
     def prefill():
         with torch.inference_mode():
-            model(torch.tensor([long_ids]), logits_to_keep=1)
+            model(torch.tensor([job["long"]]), logits_to_keep=1)
 
     class Stamps(BaseStreamer):
         """Records when each new token appears; generate first puts the prompt, which we skip."""
@@ -127,7 +129,7 @@ def run_transformers(args, long_ids, short_ids):
 
     def decode(n):
         streamer = Stamps()
-        ids = torch.tensor([short_ids])
+        ids = torch.tensor([job["short"]])
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=n,
                            max_new_tokens=n, streamer=streamer, pad_token_id=model.config.eos_token_id)
@@ -136,23 +138,22 @@ def run_transformers(args, long_ids, short_ids):
     return load, prefill, decode, {"version": transformers.__version__, "dtype": "float32"}
 
 
-def run_llama_cpp(args, long_ids, short_ids):
-    import llama_cpp
-    from plinth.hub import resolve
+def run_llama_cpp(args, job):
+    import llama_cpp  # plinth is not imported here: importing it would bring torch into this process
 
     start = time.perf_counter()
-    llm = llama_cpp.Llama(str(resolve(MODEL)), n_ctx=1024, n_threads=THREADS,
+    llm = llama_cpp.Llama(job["path"], n_ctx=1024, n_threads=THREADS,
                           n_threads_batch=THREADS, verbose=False)
     load = time.perf_counter() - start
 
     def prefill():
         llm.reset()  # forget the KV cache so the whole prompt is evaluated again
-        llm.eval(long_ids)
+        llm.eval(job["long"])
 
     def decode(n):
         llm.reset()  # generate() would otherwise reuse the cached prefix of the previous run
         stamps, tokens = [], []
-        for token in llm.generate(short_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        for token in llm.generate(job["short"], top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
             stamps.append(time.perf_counter())
             tokens.append(token)
             if len(tokens) == n:
@@ -163,16 +164,16 @@ def run_llama_cpp(args, long_ids, short_ids):
 
 
 def child(args) -> dict:
-    """Benchmark one engine in this process; returns its JSON-able result."""
-    torch.set_num_threads(THREADS)
+    """Benchmark one engine in this process; returns its JSON-able result. torch is imported only by
+    the engines that use it, so the llama.cpp figure does not carry torch's ~200 MB."""
     if args.engine == "llama_cpp":
         try:
             import llama_cpp  # noqa: F401
         except ImportError as error:
             return {"engine": args.engine, "skipped": f"llama_cpp is not importable ({error})"}
-    ids = json.loads(sys.stdin.read())  # the parent's token ids, so every engine sees the same prompt
+    job = json.loads(sys.stdin.read())  # from the parent: the same token ids and file for every engine
     runner = {"plinth": run_plinth, "transformers": run_transformers, "llama_cpp": run_llama_cpp}[args.engine]
-    load, prefill, decode, info = runner(args, ids["long"], ids["short"])
+    load, prefill, decode, info = runner(args, job)
 
     prefill()  # warm-up: first-call allocations and kernel selection are not part of the rate
     prefill_s = [timed(prefill) for _ in range(args.repeats)]
@@ -182,20 +183,20 @@ def child(args) -> dict:
         raise RuntimeError(f"{args.engine} did not produce {args.new_tokens + 1} tokens")
     decode_s = [stamps[-1] - stamps[0] for stamps, _ in runs]  # first token → last: new_tokens forwards
     return {"engine": args.engine, "load_s": load,
-            "prefill_tok_s": len(ids["long"]) / statistics.median(prefill_s), "prefill_runs_s": prefill_s,
+            "prefill_tok_s": len(job["long"]) / statistics.median(prefill_s), "prefill_runs_s": prefill_s,
             "decode_tok_s": args.new_tokens / statistics.median(decode_s), "decode_runs_s": decode_s,
             "peak_rss_mb": peak_rss_mb(), "tokens": runs[0][1],
             "loadavg_1min": os.getloadavg()[0], **info}  # well above 2 means other work shared the CPUs
 
 
 # ---- the parent: one child per engine, then the table ------------------------------------------
-def run_child(engine: str, args, ids: dict) -> dict:
+def run_child(engine: str, args, job: dict) -> dict:
     cmd = [sys.executable, __file__, "--engine", engine, "--prompt-tokens", str(args.prompt_tokens),
            "--new-tokens", str(args.new_tokens), "--decode-prompt", str(args.decode_prompt),
            "--repeats", str(args.repeats)] + (["--dtype", args.dtype] if args.dtype else [])
     print(f"running {engine} …", file=sys.stderr, flush=True)
     # stderr passes through (library warnings, progress bars); stdout's last line is the result.
-    done = subprocess.run(cmd, input=json.dumps(ids), stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, input=json.dumps(job), stdout=subprocess.PIPE, text=True)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         return {"engine": engine, "error": f"child exited with status {done.returncode}"}
@@ -247,14 +248,21 @@ def main():
         print(json.dumps(child(args)))
         return
 
-    ids = {"long": prompt_ids(args.prompt_tokens), "short": prompt_ids(args.decode_prompt)}
-    results = [run_child(engine, args, ids) for engine in ENGINES]
+    from plinth.hub import resolve
+    path = str(resolve(MODEL))
+    long = prompt_ids(path, args.prompt_tokens)
+    job = {"path": path, "long": long, "short": long[:args.decode_prompt]}  # decode prompt: its first tokens
+    results = [run_child(engine, args, job) for engine in ENGINES]
     report(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write(args, results)
+
+
+def write(args, results: list[dict]):
     settings = {k: v for k, v in vars(args).items() if k not in ("engine", "out")}
-    args.out.write_text(json.dumps({"settings": {**settings, "threads": THREADS, "torch": torch.__version__,
-                                                 "machine": platform.platform(), "python": platform.python_version()},
-                                    "results": results}, indent=1))
+    settings.update(threads=THREADS, torch=version("torch"), machine=platform.platform(),
+                    python=platform.python_version())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
     print(f"\nwrote {args.out}")
 
 

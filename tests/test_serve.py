@@ -250,3 +250,39 @@ def test_embeddings_as_float_lists(server):
     vector = r.json()["data"][0]["embedding"]
     assert len(vector) == 384 and abs(sum(x * x for x in vector) - 1) < 1e-4
     assert post(server, "/v1/embeddings", {"model": "m", "input": []}).status_code == 400
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_chat_page_streams_an_answer_in_chromium(server):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed here (.ci/run installs it: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+        try:
+            page = browser.new_page()
+            page.goto(server + "/")
+            assert page.text_content("#model") == "(enter the API key)"  # the page asks for the key
+            page.fill("#api-key", API_KEY)
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_function("document.getElementById('model').textContent === 'smollm2-135m-instruct'")
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "40")
+            page.fill("#prompt", "What is the capital of France?")
+            page.press("#prompt", "Enter")
+            page.wait_for_function("[...document.querySelectorAll('.assistant')].some(m => m.textContent.includes('Paris'))",
+                                   timeout=60_000)
+            page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
+            status = page.text_content("#status")
+            assert "tokens/s" in status and int(status.split()[0]) > 1  # it streamed, token by token
+            page.fill("#prompt", "And of Germany?")  # the conversation is kept: a second turn
+            page.click("#send")
+            page.wait_for_function("document.querySelectorAll('.msg').length === 4 && !document.getElementById('send').disabled",
+                                   timeout=60_000)
+            assert page.locator(".error").count() == 0
+        finally:
+            browser.close()
