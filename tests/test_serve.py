@@ -50,7 +50,7 @@ def stop(proc):
 
 @pytest.fixture(scope="module")
 def server():
-    proc, base = start_server("--api-key", API_KEY, "--max-batch", "16")
+    proc, base = start_server("--api-key", API_KEY, "--max-batch", "16", "--seed", "0")  # reproducible sampling
     yield base
     stop(proc)
 
@@ -72,6 +72,8 @@ def test_the_issue_example_prints_a_sentiment_label(client):
     assert "positive" in response.choices[0].message.content.lower()
     assert response.model == "smollm2-135m-instruct"  # says which model really answered
     assert response.choices[0].finish_reason in ("stop", "length")
+    again = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}])
+    assert again.choices[0].message.content == response.choices[0].message.content  # --seed: reproducible
 
 
 def test_models_and_usage(client):

@@ -10,9 +10,11 @@ anything the client did, so the official client does not retry a bad request as 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import uvicorn
@@ -36,8 +38,8 @@ class ServerState:
     """What the handlers share: the engine, the names served, and the server's options."""
 
     def __init__(self, engine: Engine, tokenizer, name: str, strict_models: bool = False,
-                 api_key: str | None = None, embedder=None):
-        self.engine, self.tokenizer, self.name = engine, tokenizer, name
+                 api_key: str | None = None, embedder=None, seed: int | None = None):
+        self.engine, self.tokenizer, self.name, self.seed = engine, tokenizer, name, seed
         self.strict_models, self.api_key, self.embedder = strict_models, api_key, embedder
         self.started = int(time.time())
         self.sampling_defaults = hub.sampling_defaults(name)
@@ -54,6 +56,13 @@ class ServerState:
             return self.name
         raise APIError(404, f"The model '{requested}' does not exist; this server has: {', '.join(self.model_names())}",
                        param="model", code="model_not_found")
+
+    def default_seed(self, prompt: list[int]) -> int | None:
+        """With --seed, a request that sets no seed is seeded from the server's seed and its prompt,
+        so the same request always gets the same answer (reproducible deployments and tests)."""
+        if self.seed is None:
+            return None
+        return (self.seed + zlib.crc32(json.dumps(prompt).encode())) % 2**31
 
     def check_length(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """The completion's token limit, or a 400 naming both numbers when it cannot fit."""
@@ -232,7 +241,7 @@ class GracefulServer(uvicorn.Server):
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           strict_models: bool = False, max_batch: int = 16, max_len: int = 2048, grace: float = 30.0,
-          embedding_model: str = "auto", dtype: str | None = None):
+          embedding_model: str = "auto", dtype: str | None = None, seed: int | None = None):
     import plinth
     from plinth.embed import Embedder
     loaded = plinth.load(model, dtype=dtype)
@@ -242,7 +251,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len)
     engine.start()
     state = ServerState(engine, loaded.tokenizer, model, strict_models, api_key or os.environ.get("PLINTH_API_KEY"),
-                        embedder)
+                        embedder, seed)
     base = f"http://{host}:{port}"
     print(f"plinth: serving {model} — chat page {base}/  ·  OpenAI API {base}/v1", flush=True)
     server = GracefulServer(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"), state, grace)

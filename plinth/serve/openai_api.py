@@ -89,7 +89,8 @@ async def respond(s, request: Request, body, model: str, prompts: list[list[int]
     for p, prompt in enumerate(prompts):
         limit = s.check_length(len(prompt), body.token_limit())
         for i in range(body.n):
-            jobs.append((p * body.n + i, prompt, body.sampling(limit, body.logprob_count(), i, s.sampling_defaults)))
+            params = body.sampling(limit, body.logprob_count(), i, s.sampling_defaults, s.default_seed(prompt))
+            jobs.append((p * body.n + i, prompt, params))
     kind = "chat.completion" if chat else "text_completion"
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())

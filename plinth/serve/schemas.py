@@ -75,14 +75,16 @@ class SamplingFields(BaseModel):
         return value
 
     def sampling(self, max_tokens: int, logprobs: int | None, choice: int = 0,
-                 defaults: dict | None = None) -> SamplingParams:
+                 defaults: dict | None = None, seed: int | None = None) -> SamplingParams:
         """Parameters for choice number `choice` (with a seed, each of n choices gets its own).
-        Fields the request leaves unset take the model's recommended `defaults`, then OpenAI's."""
+        Fields the request leaves unset take the model's recommended `defaults`, then OpenAI's;
+        `seed` stands in for a seed the request does not give."""
+        seed = self.seed if self.seed is not None else seed
         set_fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                           repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                           frequency_penalty=self.frequency_penalty)
         return SamplingParams(max_tokens=max_tokens, stop=list(self.stop or []), logprobs=logprobs,
-                              seed=None if self.seed is None else self.seed + choice, ignore_eos=self.ignore_eos,
+                              seed=None if seed is None else seed + choice, ignore_eos=self.ignore_eos,
                               logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
                               **{**(defaults or {}), **{k: v for k, v in set_fields.items() if v is not None}})
 

@@ -1,0 +1,150 @@
+"""Serving throughput and latency: N concurrent streaming clients against `plinth serve`, and in the
+same run against llama-cpp-python's OpenAI server when it is installed.
+
+    .venv/bin/python benchmarks/serve.py                     # clients 1, 4, 16, 64; max_tokens 128
+    .venv/bin/python benchmarks/serve.py --clients 1 16 --max-tokens 64
+
+Each client sends one streamed chat completion (fixed prompts, greedy, max_tokens). Reported per
+server and concurrency: aggregate output tokens/s (all tokens / wall time), median and p99 time to
+first token and inter-token latency (gaps between streamed chunks), and the server's peak RSS.
+Results go to benchmarks/results/serve.json.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from plinth import hub
+
+PROMPTS = ["Write a story about a robot who learns to paint.", "Explain how a bicycle works.",
+           "Describe the water cycle in detail.", "Write a letter to a friend about your holiday.",
+           "List ten facts about the moon and explain each.", "Tell me about the history of Rome."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc, url: str, limit: float = 600):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {limit} s")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one_client(base: str, i: int, max_tokens: int) -> dict:
+    body = {"model": "m", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "stream": True,
+            "max_tokens": max_tokens, "temperature": 0}
+    start, stamps = time.perf_counter(), []
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=900) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                stamps.append(time.perf_counter())
+    return {"ttft": stamps[0] - start if stamps else float("nan"), "tokens": len(stamps),
+            "gaps": [b - a for a, b in zip(stamps, stamps[1:])]}
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def measure(base: str, clients: int, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: one_client(base, i, max_tokens), range(clients)))
+    wall = time.perf_counter() - start
+    gaps = [g for r in results for g in r["gaps"]]
+    ttfts = [r["ttft"] for r in results]
+    return {"clients": clients, "tokens": sum(r["tokens"] for r in results), "wall_s": wall,
+            "tok_s": sum(r["tokens"] for r in results) / wall,
+            "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": percentile(ttfts, 0.99),
+            "itl_p50_s": statistics.median(gaps) if gaps else float("nan"), "itl_p99_s": percentile(gaps, 0.99)}
+
+
+def bench_server(name: str, command: list[str], port: int, health: str, args) -> list[dict]:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base + health)
+        one_client(base, 0, 8)  # warm-up
+        rows = []
+        for clients in args.clients:
+            row = {"server": name, **measure(base, clients, args.max_tokens), "peak_rss_mb": peak_rss_mb(proc.pid)}
+            print(f"{name:12} {clients:4d} clients  {row['tok_s']:7.1f} tok/s  ttft p50 {row['ttft_p50_s']:.2f}s "
+                  f"p99 {row['ttft_p99_s']:.2f}s  itl p50 {row['itl_p50_s'] * 1000:.0f}ms "
+                  f"p99 {row['itl_p99_s'] * 1000:.0f}ms  rss {row['peak_rss_mb']:.0f} MB", flush=True)
+            rows.append(row)
+        return rows
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--out", default="benchmarks/results/serve.json")
+    args = parser.parse_args()
+    model = str(hub.resolve(hub.DEFAULT_MODEL))
+    port = free_port()
+    rows = bench_server("plinth", [sys.executable, "-m", "plinth", "serve", model, "--port", str(port),
+                                   "--max-batch", str(max(args.clients)), "--embedding-model", "none"],
+                        port, "/health", args)
+    try:
+        import llama_cpp.server  # noqa: F401 - only to know whether the anchor is installed
+        port = free_port()
+        rows += bench_server("llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port",
+                                           str(port), "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "4096"],
+                             port, "/v1/models", args)
+    except ImportError:
+        print("llama-cpp-python[server] is not installed: skipping the llama.cpp server")
+
+    by = {(r["server"], r["clients"]): r for r in rows}
+    single = by.get(("plinth", 1))
+    print("\nratios")
+    for clients in args.clients:
+        ours = by[("plinth", clients)]
+        line = f"  {clients:3d} clients: plinth {ours['tok_s'] / single['tok_s']:.2f}× its single-client rate" if single else ""
+        if ("llama.cpp", clients) in by:
+            line += f", {ours['tok_s'] / by[('llama.cpp', clients)]['tok_s']:.2f}× llama.cpp's server"
+        print(line)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"max_tokens": args.max_tokens, "results": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
