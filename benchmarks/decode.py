@@ -23,7 +23,7 @@ How each figure is measured (all engines get the same token ids, made with plint
               each token); llama.cpp its `Llama.generate` with temp=0.
   peak RSS    `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the child at the end (MB = 2**20 bytes).
 llama-cpp-python is used when importable and skipped with the reason otherwise. Run on an otherwise
-idle machine: each result records the 1-minute load average, which should stay near 2.
+idle machine: each result records the 1-minute load average; well above 2 means it was shared.
 """
 from __future__ import annotations
 
@@ -46,17 +46,20 @@ MODEL = "smollm2-135m-instruct"
 
 
 # ---- shared helpers ----------------------------------------------------------------------------
-def prompt_ids(path: str, n: int) -> list[int]:
-    """n tokens of natural code/English text (plinth's model source, repeated as needed), made
-    with plinth's tokenizer read from the GGUF metadata alone, without loading the weights."""
+def make_job(args) -> dict:
+    """The model file and the prompts: --prompt-tokens of natural code/English text (plinth's model
+    source, repeated as needed) in plinth's tokenizer, read from the GGUF metadata alone; the decode
+    prompt is its first --decode-prompt tokens."""
+    from plinth.hub import resolve
     from plinth.tokenizer import Tokenizer
     from plinth.weights.gguf import metadata, open_gguf
 
+    path = resolve(MODEL)
     tokenizer = Tokenizer.from_gguf(metadata(open_gguf(path)))
     text = (ROOT / "plinth" / "model.py").read_text()
-    ids = tokenizer.encode(text)
-    ids = tokenizer.encode(text * (n // len(ids) + 1))  # one encode, so a BOS appears only at the start
-    return ids[:n]
+    repeats = args.prompt_tokens // len(tokenizer.encode(text)) + 1
+    ids = tokenizer.encode(text * repeats)[:args.prompt_tokens]  # one encode: a BOS only at the start
+    return {"path": str(path), "long": ids, "short": ids[:args.decode_prompt]}
 
 
 def timed(fn) -> float:
@@ -93,7 +96,8 @@ def run_plinth(args, job):
             tokens.append(step.choice.token)
         return stamps, tokens
 
-    info = {"dtype": args.dtype or "default", "weight_dtypes": sorted({str(p.dtype) for p in m.model.parameters()})}
+    tensors = [*m.model.parameters(), *m.model.buffers()]  # int4/int8 weights are buffers
+    info = {"dtype": args.dtype or "default", "weight_dtypes": sorted({str(t.dtype) for t in tensors})}
     return load, prefill, decode, info
 
 
@@ -241,17 +245,16 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128, help="decode steps timed")
     parser.add_argument("--decode-prompt", type=int, default=16, help="prompt length for the decode rate")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median taken)")
-    parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # internal: run as a child
+    parser.add_argument("--engine", choices=ENGINES + ("job",), help=argparse.SUPPRESS)  # internal: a child
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode.json")
     args = parser.parse_args()
     if args.engine:
-        print(json.dumps(child(args)))
+        print(json.dumps(make_job(args) if args.engine == "job" else child(args)))
         return
 
-    from plinth.hub import resolve
-    path = str(resolve(MODEL))
-    long = prompt_ids(path, args.prompt_tokens)
-    job = {"path": path, "long": long, "short": long[:args.decode_prompt]}  # decode prompt: its first tokens
+    # The parent imports neither torch nor plinth, even to tokenize: Linux carries a parent's peak
+    # RSS into ru_maxrss of the children it spawns, which would put a floor under every figure.
+    job = run_child("job", args, {})
     results = [run_child(engine, args, job) for engine in ENGINES]
     report(results)
     write(args, results)

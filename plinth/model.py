@@ -28,9 +28,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in float32: bf16 activations lose too much precision in the mean of squares.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -47,7 +45,7 @@ def rope_tables(head_dim: int, theta: float, length: int) -> tuple[torch.Tensor,
 def apply_rope(x, cos, sin):
     """Rotate (x1, x2) halves of each head (the "rotate_half" layout of Hugging Face checkpoints).
 
-    x: (B, heads, T, D); cos, sin: (B, 1, T, D/2).
+    x: (B, T, heads, D); cos, sin: (B, T, 1, D/2).
     """
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
@@ -103,6 +101,8 @@ class Positions:
         start_t = torch.as_tensor(start, device=device).reshape(-1).expand(B)
         self.q_pos = start_t[:, None] + torch.arange(T, device=device)  # (B, T)
         self.key_len = int(start_t.max()) + T if isinstance(start, torch.Tensor) else start + T
+        # Key count of each row when it feeds one token (decoding), computed once for all layers.
+        self.ends = (start_t + 1).tolist() if T == 1 else None
 
     def slot_index(self, B: int):
         return torch.arange(B, device=self.q_pos.device) if self.slots is None else self.slots
@@ -128,6 +128,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(C, H * D, bias=bias)
         self.wk = nn.Linear(C, K * D, bias=bias)
         self.wv = nn.Linear(C, K * D, bias=bias)
+        self.wqkv = None  # set by `fuse()` for inference: one matmul instead of three
         self.wo = nn.Linear(H * D, C, bias=bias)
         self.q_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
@@ -135,16 +136,26 @@ class Attention(nn.Module):
         self.causal = config.causal
         self.window = config.sliding_window if config.is_sliding(layer) else None
 
+    @torch.no_grad()
+    def fuse(self):
+        """Inference only: concatenate the q, k, v projections into one layer (fewer, larger matmuls)."""
+        self.wqkv = fuse_linears(self.wq, self.wk, self.wv)
+        self.wq = self.wk = self.wv = None
+
     def forward(self, x, rope, where: Positions, cache: KVCache | None):
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = self.wv(x).view(B, T, K, D).transpose(1, 2)
+        if self.wqkv is not None:
+            qkv = self.wqkv(x)
+        else:
+            qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
+        qkv = qkv.view(B, T, H + 2 * K, D)
+        qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+        if rope is not None:  # queries and keys rotate together: one pass over (B, T, H+K, D)
+            qk = apply_rope(qk, *rope)
+        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, where)  # (B, K, L, D)
         if T == 1 and self.causal:
@@ -162,7 +173,7 @@ class Attention(nn.Module):
         its own. Attention kernels sum in an order that depends on the key length, so padding rows
         to a common length would make a sequence's output depend on what else is in the batch."""
         rows = []
-        for b, end in enumerate((where.q_pos[:, 0] + 1).tolist()):
+        for b, end in enumerate(where.ends):
             begin = max(0, end - self.window) if self.window is not None else 0
             rows.append(self._grouped(q[b:b + 1], k[b:b + 1, :, begin:end], v[b:b + 1, :, begin:end], None))
         return torch.cat(rows) if len(rows) > 1 else rows[0]
@@ -186,14 +197,36 @@ class MLP(nn.Module):
         self.kind = config.mlp
         self.w_gate = nn.Linear(C, F_, bias=bias) if self.kind != "gelu" else None
         self.w_up = nn.Linear(C, F_, bias=bias)
+        self.w_gate_up = None  # set by `fuse()` for inference
         self.w_down = nn.Linear(F_, C, bias=bias)
+
+    @torch.no_grad()
+    def fuse(self):
+        """Inference only: one matmul for the gate and up projections."""
+        if self.w_gate is not None:
+            self.w_gate_up = fuse_linears(self.w_gate, self.w_up)
+            self.w_gate = self.w_up = None
 
     def forward(self, x):
         if self.kind == "gelu":
             return self.w_down(F.gelu(self.w_up(x)))
-        gate = self.w_gate(x)
+        if self.w_gate_up is not None:
+            gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w_gate(x), self.w_up(x)
         gate = F.gelu(gate, approximate="tanh") if self.kind == "geglu" else F.silu(gate)
-        return self.w_down(gate * self.w_up(x))
+        return self.w_down(gate * up)
+
+
+def fuse_linears(*layers: nn.Linear) -> nn.Linear:
+    """One linear layer computing the given layers' outputs side by side."""
+    weight = torch.cat([layer.weight for layer in layers])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=layers[0].bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    fused.weight.copy_(weight)
+    if fused.bias is not None:
+        fused.bias.copy_(torch.cat([layer.bias for layer in layers]))
+    return fused
 
 
 class Block(nn.Module):
@@ -287,6 +320,14 @@ class Transformer(nn.Module):
         self._tie()
         self.init_buffers()
 
+    def fuse(self) -> "Transformer":
+        """For inference: fuse q/k/v and gate/up projections (fewer kernel calls per token). The
+        state dict changes names, so fuse after loading and never before training or saving."""
+        for block in self.layers:
+            block.attn.fuse()
+            block.mlp.fuse()
+        return self
+
     # ---- running -------------------------------------------------------------------------------
     def new_cache(self, slots: int, max_len: int | None = None) -> KVCache:
         dtype = self.tok_embeddings.weight.dtype
@@ -306,15 +347,16 @@ class Transformer(nn.Module):
             x = x * torch.tensor(math.sqrt(self.config.dim), dtype=x.dtype)
         B, T, _ = x.shape
         where = Positions(B, T, start_pos, slots, x.device)
-        if int(where.q_pos.max()) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(where.q_pos.max())} is past the context window "
+        if where.key_len > self.config.max_seq_len:
+            raise ValueError(f"position {where.key_len - 1} is past the context window "
                              f"({self.config.max_seq_len} tokens)")
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(where.q_pos)
             ropes = {False: None, True: None}
         else:
-            ropes = {local: (cos[where.q_pos][:, None], sin[where.q_pos][:, None])  # (B, 1, T, D/2)
-                     for local, (cos, sin) in self.rope.items()}
+            tables = {id(t): (t[0][where.q_pos][:, :, None], t[1][where.q_pos][:, :, None])  # (B, T, 1, D/2)
+                      for t in self.rope.values()}
+            ropes = {local: tables[id(t)] for local, t in self.rope.items()}
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         for block in self.layers:

@@ -86,6 +86,7 @@ def compact_(model: nn.Module, dtype: str) -> nn.Module:
     """
     if dtype not in DTYPES:
         raise PlinthError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    model.fuse()
     if dtype == "float32":
         return model.float()
     model.to(torch.bfloat16)

@@ -152,6 +152,9 @@ def test_malformed_json_unknown_route_and_huge_body(server):
     r = httpx.get(f"{server}/v1/nope", headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 404 and "error" in r.json()
     assert post(server, "/v1/completions", b"x" * (9 * 1024 * 1024)).status_code == 413
+    chunked = (b"x" * 1024 * 1024 for _ in range(9))  # no content-length: counted as it arrives
+    assert httpx.post(f"{server}/v1/completions", content=chunked, headers={"Authorization": f"Bearer {API_KEY}"},
+                      timeout=60).status_code == 413
 
 
 def test_garbage_never_kills_the_engine(server, client):

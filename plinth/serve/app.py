@@ -144,16 +144,27 @@ class Gate:
                                                      code="invalid_api_key"))
         if int(headers.get("content-length", "0") or 0) > MAX_BODY_BYTES:
             return await reply(send, 413, error_body(f"request body is over {MAX_BODY_BYTES} bytes"))
-        status = {}
+        status, received = {}, [0]
 
         async def send_and_count(message):
+            if status.get("code") == 413:  # already answered from receive_within_limit
+                return
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
 
+        async def receive_within_limit():  # a chunked body has no content-length to check up front
+            message = await receive()
+            received[0] += len(message.get("body", b""))
+            if received[0] > MAX_BODY_BYTES and "code" not in status:
+                await reply(send, 413, error_body(f"request body is over {MAX_BODY_BYTES} bytes"))
+                status["code"] = 413
+                return {"type": "http.disconnect"}  # the route stops reading and its reply is dropped
+            return message
+
         s.in_flight += 1
         try:
-            await self.app(scope, receive, send_and_count)
+            await self.app(scope, receive_within_limit, send_and_count)
         finally:
             s.in_flight -= 1
             s.metrics.request(path, status.get("code", 499))
