@@ -117,17 +117,23 @@ def main():
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results/serve.json")
+    parser.add_argument("--dtype", help="plinth's weights in memory (default: the model's default)")
+    parser.add_argument("--skip-anchor", action="store_true", help="measure plinth only")
     args = parser.parse_args()
     model = str(hub.resolve(hub.DEFAULT_MODEL))
     port = free_port()
     rows = bench_server("plinth", [sys.executable, "-m", "plinth", "serve", model, "--port", str(port),
-                                   "--max-batch", str(max(args.clients)), "--embedding-model", "none"],
+                                   "--max-batch", str(max(args.clients)), "--embedding-model", "none",
+                                   *(["--dtype", args.dtype] if args.dtype else [])],
                         port, "/health", args)
     try:
+        if args.skip_anchor:
+            raise ImportError("--skip-anchor")
         import llama_cpp.server  # noqa: F401 - only to know whether the anchor is installed
         port = free_port()
         rows += bench_server("llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port",
-                                           str(port), "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "4096"],
+                                           str(port), "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "4096",
+                                           "--interrupt_requests", "False"],  # default: a new request aborts the running one
                              port, "/v1/models", args)
     except ImportError:
         print("llama-cpp-python[server] is not installed: skipping the llama.cpp server")

@@ -109,7 +109,7 @@ def cmd_serve(args):
     from plinth.serve.app import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
           max_batch=args.max_batch, max_len=args.max_model_len, grace=args.grace, dtype=args.dtype,
-          embedding_model=args.embedding_model, seed=args.seed)
+          embedding_model=args.embedding_model, seed=args.seed, threads=args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context tokens per sequence")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--threads", type=int, help="model compute threads (default: all cores but one, "
+                   "which the HTTP layer keeps)")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "
                    "so that the same request always gets the same answer")
     p.add_argument("--embedding-model", default="auto", help=f"model for /v1/embeddings: a name, a folder, "

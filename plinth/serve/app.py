@@ -252,14 +252,15 @@ class GracefulServer(uvicorn.Server):
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           strict_models: bool = False, max_batch: int = 16, max_len: int = 2048, grace: float = 30.0,
-          embedding_model: str = "auto", dtype: str | None = None, seed: int | None = None):
+          embedding_model: str = "auto", dtype: str | None = None, seed: int | None = None,
+          threads: int | None = None):
     import plinth
     from plinth.embed import Embedder
     loaded = plinth.load(model, dtype=dtype)
     if embedding_model == "auto":
         embedding_model = hub.DEFAULT_EMBEDDER if hub.known_path(hub.DEFAULT_EMBEDDER) else "none"
     embedder = Embedder.load(embedding_model) if embedding_model != "none" else None
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads)
     engine.start()
     state = ServerState(engine, loaded.tokenizer, model, strict_models, api_key or os.environ.get("PLINTH_API_KEY"),
                         embedder, seed)

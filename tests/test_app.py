@@ -1,0 +1,54 @@
+"""The HTTP layer in-process on a tiny model: health follows the engine, and faults mid-stream
+arrive as a final error event (the real-model server is in test_serve.py)."""
+import json
+
+import httpx
+import pytest
+
+from plinth.serve.app import ServerState, create_app
+from plinth.serve.engine import Engine
+
+
+@pytest.fixture
+def served(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, max_len=128, max_queue=1)
+    engine.start()
+    state = ServerState(engine, tokenizer, "tiny")
+    yield state, httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(state)), base_url="http://test")
+    engine.stop()
+
+
+async def test_health_fails_when_the_engine_thread_is_gone(served):
+    state, client = served
+    assert (await client.get("/health")).status_code == 200
+    state.engine.stop()
+    r = await client.get("/health")
+    assert r.status_code == 503 and "engine" in r.json()["message"]
+
+
+async def test_a_fault_after_streaming_began_is_a_final_error_event(served, monkeypatch):
+    state, client = served
+    original, calls = state.engine._run, []
+
+    def fail_on_second_step(group):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("simulated fault")
+        return original(group)
+
+    monkeypatch.setattr(state.engine, "_run", fail_on_second_step)
+    async with client.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 20,
+                                                               "stream": True, "ignore_eos": True}) as r:
+        assert r.status_code == 200
+        events = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["text"] is not None  # one token arrived first
+    assert "simulated fault" in json.loads(events[-1])["error"]["message"]
+
+
+async def test_a_full_queue_is_429_with_retry_after(served):
+    state, client = served
+    with state.engine._wake:  # hold the engine so the queue cannot drain
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 5, "n": 2}
+        r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["type"] == "rate_limit_error"
