@@ -223,14 +223,14 @@ def test_strict_models_and_sigterm_drain():
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             slow = pool.submit(httpx.post, f"{base}/v1/completions", timeout=60, json={
-                "model": "smollm2-135m-instruct", "prompt": "Once", "max_tokens": 64, "ignore_eos": True})
+                "model": "smollm2-135m-instruct", "prompt": "Once", "max_tokens": 400, "ignore_eos": True})
             time.sleep(1.0)
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
             refused = httpx.post(f"{base}/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": "x"})
             assert refused.status_code == 503 and "Retry-After" in refused.headers
             finished = slow.result()
-            assert finished.status_code == 200 and finished.json()["usage"]["completion_tokens"] == 64
+            assert finished.status_code == 200 and finished.json()["usage"]["completion_tokens"] == 400
         assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean drain
     finally:
         if proc.poll() is None:
