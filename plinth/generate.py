@@ -75,6 +75,9 @@ class SamplingParams:
         return self
 
 
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing by it overflows float32)
+
+
 @dataclass
 class TokenChoice:
     token: int
@@ -88,7 +91,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int):
         self.params = params
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seed = params.seed % 2**63 if params.seed is not None else random.getrandbits(63)  # any int is a seed
         self.generator = torch.Generator().manual_seed(seed)
         self.counts = torch.zeros(vocab_size)        # times each token was generated
         self.seen = torch.zeros(vocab_size, dtype=torch.bool)
@@ -120,11 +123,12 @@ class Sampler:
         p = self.params
         raw = logits.float()
         logits = self.adjust(raw)
-        if p.temperature == 0:
-            token = int(logits.argmax())
-        else:
+        probs = None
+        if p.temperature >= GREEDY_BELOW:
             probs = filter_probs(torch.softmax(logits / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
+            if not torch.isfinite(probs).all() or not probs.sum() > 0:  # overflowed: fall back to greedy
+                probs = None
+        token = int(logits.argmax()) if probs is None else int(torch.multinomial(probs, 1, generator=self.generator))
         choice = TokenChoice(token)
         if p.logprobs is not None:
             logprobs = torch.log_softmax(raw, dim=-1)
@@ -202,11 +206,12 @@ class Step:
 class Sequence:
     """The state of one generation request between model steps."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, tokenizer, max_new: int | None = None):
+    def __init__(self, prompt: list[int], params: SamplingParams, tokenizer, vocab_size: int,
+                 max_new: int | None = None):
         self.prompt = list(prompt)
         self.params = params
         self.tokenizer = tokenizer
-        self.sampler = Sampler(params, self.prompt, tokenizer.vocab_size)
+        self.sampler = Sampler(params, self.prompt, vocab_size)  # the model's vocabulary: what logits cover
         self.stream = TextStream(tokenizer, params.stop)
         self.output: list[int] = []
         self.max_new = min(params.max_tokens, max_new) if max_new is not None else params.max_tokens
@@ -239,10 +244,10 @@ def check_prompt(prompt_len: int, context: int):
 @torch.inference_mode()
 def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
     """Generate for one prompt, yielding a `Step` per token until a stop or the token limit."""
-    params.validate(tokenizer.vocab_size)
+    params.validate(model.config.vocab_size)
     context = model.config.max_seq_len
     check_prompt(len(prompt), context)
-    seq = Sequence(prompt, params, tokenizer, max_new=context - len(prompt))
+    seq = Sequence(prompt, params, tokenizer, model.config.vocab_size, max_new=context - len(prompt))
     cache = model.new_cache(1, len(prompt) + seq.max_new)
     logits = model(torch.tensor([prompt]), cache=cache, last=torch.tensor([len(prompt) - 1]))
     position = len(prompt)

@@ -5,6 +5,7 @@ import json
 import httpx
 import pytest
 
+from plinth.generate import SamplingParams
 from plinth.serve.app import ServerState, create_app
 from plinth.serve.engine import Engine
 
@@ -38,17 +39,31 @@ async def test_a_fault_after_streaming_began_is_a_final_error_event(served, monk
 
     monkeypatch.setattr(state.engine, "_run", fail_on_second_step)
     async with client.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 20,
-                                                               "stream": True, "ignore_eos": True}) as r:
+                                                               "stream": True, "ignore_eos": True,
+                                                               "logprobs": 0}) as r:  # every token is an event
         assert r.status_code == 200
         events = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
-    assert json.loads(events[0])["choices"][0]["text"] is not None  # one token arrived first
+    assert len(json.loads(events[0])["choices"][0]["logprobs"]["tokens"]) == 1  # one token arrived first
     assert "simulated fault" in json.loads(events[-1])["error"]["message"]
 
 
 async def test_a_full_queue_is_429_with_retry_after(served):
     state, client = served
-    with state.engine._wake:  # hold the engine so the queue cannot drain
-        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 5, "n": 2}
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 5}
+    with state.engine._wake:  # hold the engine so the queue cannot drain, and fill it
+        state.engine.submit([1, 2], SamplingParams(max_tokens=1), lambda step: None)
         r = await client.post("/v1/completions", json=body)
     assert r.status_code == 429 and r.headers["Retry-After"] == "1"
     assert r.json()["error"]["type"] == "rate_limit_error"
+    r = await client.post("/v1/completions", json={**body, "n": 2})  # could never fit: not worth a retry
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+async def test_a_sampling_failure_fails_only_its_request(served):
+    state, client = served
+    r = await client.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 3,
+                                                   "temperature": 1e-39, "seed": 2**70, "logit_bias": {"5": 1}})
+    assert r.status_code == 200  # a vanishing temperature is greedy; any integer seed works
+    assert (await client.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "logit_bias": {"²": 1}})).status_code == 400
+    assert (await client.post("/v1/completions", json={"model": "tiny", "prompt": []})).status_code == 400
+    assert state.engine.thread_alive()

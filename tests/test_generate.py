@@ -105,14 +105,14 @@ def test_streaming_never_splits_a_utf8_character(tokenizer):
 
 
 def test_sequence_stops_on_end_token_and_stop_string(tokenizer):
-    seq = Sequence([1], SamplingParams(temperature=0, stop=["xy"]), tokenizer)
+    seq = Sequence([1], SamplingParams(temperature=0, stop=["xy"]), tokenizer, 259)
     logits = torch.zeros(259)
     logits[ord("x")] = 1
     assert seq.step(logits).finish_reason is None
     logits[ord("y")] = 2
     step = seq.step(logits)
     assert step.finish_reason == "stop" and step.text == ""
-    seq = Sequence([1], SamplingParams(temperature=0), tokenizer)
+    seq = Sequence([1], SamplingParams(temperature=0), tokenizer, 259)
     logits[258] = 10  # <|im_end|>
     assert seq.step(logits).finish_reason == "stop"
 

@@ -10,6 +10,7 @@ anything the client did, so the official client does not retry a bad request as 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import threading
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plinth import hub
 from plinth.errors import PlinthError
-from plinth.serve.engine import Engine, QueueFull
+from plinth.serve.engine import Engine, EngineDown, QueueFull
 from plinth.serve.metrics import Metrics
 from plinth.serve.openai_api import APIError, router
 from plinth.serve.schemas import error_body
@@ -76,8 +77,12 @@ class ServerState:
         return max_tokens or window - prompt_tokens
 
     def run(self, jobs, http_request: Request | None = None):
-        """Submit one engine request per job now (so errors come before any response), and return an
-        async iterator of (choice index, Step) that cancels whatever is unfinished when it ends."""
+        """Submit one engine request per job now (so errors come before any response). Returns an
+        async iterator of (choice index, Step), and a function that cancels whatever is unfinished:
+        call it when the response ends, however it ends (a stream may never start iterating)."""
+        if len(jobs) > self.engine.max_queue:
+            raise APIError(400, f"this request asks for {len(jobs)} completions (prompts × n); this server "
+                                f"queues at most {self.engine.max_queue}: send fewer", param="n")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         submitted = []
@@ -88,10 +93,13 @@ class ServerState:
         except QueueFull as e:
             self._cancel(submitted)
             raise APIError(429, f"server busy: {e}", type_="rate_limit_error", headers={"Retry-After": "1"}) from e
+        except EngineDown as e:
+            self._cancel(submitted)
+            raise APIError(503, str(e), type_="server_error") from e
         except PlinthError as e:
             self._cancel(submitted)
             raise APIError(400, str(e)) from e
-        return self._events(queue, submitted, http_request)
+        return self._events(queue, submitted, http_request), lambda: self._cancel(submitted)
 
     async def _events(self, queue: asyncio.Queue, requests, http_request):
         remaining, started, last = len(requests), time.monotonic(), {}
@@ -101,6 +109,8 @@ class ServerState:
                 try:
                     index, event = await asyncio.wait_for(queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    if not self.engine.thread_alive():
+                        raise APIError(503, "the engine thread has stopped", type_="server_error")
                     index = event = None
                 now = time.monotonic()
                 if http_request is not None and now - checked > 0.25:  # non-streamed: watch for a hang-up
@@ -139,7 +149,8 @@ class Gate:
         if s.draining:
             return await reply(send, 503, error_body("the server is shutting down; retry on another instance",
                                                      "server_error"), {"Retry-After": "5"})
-        if path.startswith("/v1/") and s.api_key and headers.get("authorization") != f"Bearer {s.api_key}":
+        given = headers.get("authorization", "").encode()
+        if path.startswith("/v1/") and s.api_key and not hmac.compare_digest(given, f"Bearer {s.api_key}".encode()):
             return await reply(send, 401, error_body("Incorrect or missing API key: send 'Authorization: Bearer KEY'",
                                                      code="invalid_api_key"))
         if int(headers.get("content-length", "0") or 0) > MAX_BODY_BYTES:

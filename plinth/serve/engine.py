@@ -80,9 +80,12 @@ class Engine:
 
     # ---- called from any thread ----------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, emit) -> Request:
-        params.validate(self.tokenizer.vocab_size)
+        if self._thread is not None and not self._thread.is_alive():
+            raise EngineDown("the engine thread has stopped; restart the server")
+        vocab = self.model.config.vocab_size
+        params.validate(vocab)
         check_prompt(len(prompt), self.max_len)
-        seq = Sequence(prompt, params, self.tokenizer, max_new=self.max_len - len(prompt))
+        seq = Sequence(prompt, params, self.tokenizer, vocab, max_new=self.max_len - len(prompt))
         request = Request(next(self._ids), seq, emit, list(prompt))
         with self._wake:
             if len(self.waiting) >= self.max_queue:
@@ -121,10 +124,12 @@ class Engine:
         if self._thread:
             self._thread.join(timeout)
 
+    def thread_alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive())
+
     def alive(self, stall_seconds: float = 30.0) -> bool:
         """The engine thread runs and has not been stuck in one step for `stall_seconds`."""
-        return bool(self._thread and self._thread.is_alive()
-                    and time.monotonic() - self.stats.heartbeat < stall_seconds)
+        return self.thread_alive() and time.monotonic() - self.stats.heartbeat < stall_seconds
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _loop(self):
@@ -144,23 +149,33 @@ class Engine:
                         future.set_result(fn())
                     except Exception as e:  # the caller gets the error; the engine goes on
                         future.set_exception(e)
+                self.stats.heartbeat = time.monotonic()
             if self.waiting or self.running:
-                self.step()
+                try:
+                    self.step()
+                except Exception as e:  # a bug outside any one request: fail them all, keep serving
+                    self._fail_all(e)
 
     def step(self):
-        """schedule → run → postprocess."""
+        """schedule → run → postprocess. All sequences feeding one token decode together; prompts
+        are prefilled one chunk each, at most `chunk` prompt tokens per step, so decoding streams
+        never stall behind a burst of long prompts."""
         self.stats.heartbeat = time.monotonic()
         self._schedule()
-        groups = [[r for r in self.running if r.pending == 1]] + [[r] for r in self.running if r.pending > 1]
+        groups, budget = [[r for r in self.running if r.pending == 1]], self.chunk
+        for r in self.running:
+            if r.pending > 1 and (budget > 0 or len(groups) == 1):
+                groups.append([r])
+                budget -= min(r.pending, self.chunk)
         for group in filter(None, groups):
             try:
                 logits = self._run(group)
             except Exception as e:  # a failure must not kill the engine: fail this group, go on
                 for request in group:
                     self._finish(request, e)
-                self.stats.failed += len(group)
                 continue
             self._postprocess(group, logits)
+            self.stats.heartbeat = time.monotonic()
         self.stats.steps += 1
 
     def _schedule(self):
@@ -201,20 +216,36 @@ class Engine:
         for request, row in zip(group, logits):
             if request.pending or request.cancelled:  # still prefilling, or gone
                 continue
-            step = request.seq.step(row)
-            request.tokens.append(step.choice.token)
-            request.first_token = request.first_token or time.monotonic()
-            self.stats.generated_tokens += 1
-            request.emit(step)
+            try:
+                step = request.seq.step(row)
+                request.tokens.append(step.choice.token)
+                request.first_token = request.first_token or time.monotonic()
+                self.stats.generated_tokens += 1
+                request.emit(step)
+            except Exception as e:  # one request's failure is its own
+                self._finish(request, e)
+                continue
             if step.finish_reason:
                 self._finish(request, None)
+
+    def _fail_all(self, error: Exception):
+        for request in list(self.running):
+            self._finish(request, error)
+        with self._wake:
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in waiting:
+            self._finish(request, error)
 
     def _finish(self, request: Request, error: Exception | None):
         if request in self.running:
             self.running.remove(request)
             self.free_slots.append(request.slot)
         if error is not None:
-            request.emit(error)
+            self.stats.failed += 1
+            try:
+                request.emit(error)
+            except Exception:  # noqa: BLE001 - the receiver is gone; nothing more to tell it
+                pass
         elif request.cancelled:
             self.stats.cancelled += 1
         else:
@@ -229,4 +260,8 @@ def default_threads() -> int:
 
 
 class QueueFull(PlinthError):
-    """Too many requests waiting; the caller should retry later (HTTP 429/503)."""
+    """Too many requests waiting; the caller should retry later (HTTP 429)."""
+
+
+class EngineDown(PlinthError):
+    """The engine thread is not running (HTTP 503)."""

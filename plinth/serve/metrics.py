@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -40,7 +41,7 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=self.registry)
 
     def request(self, path: str, status: int):
-        route = path if path.startswith("/v1/") or path in ("/", "/health", "/metrics") else "other"
+        route = path if path in ROUTES else "other"  # a fixed label set: unknown paths must not add series
         self.requests.labels(route, str(status)).inc()
 
     def token_latency(self, seconds: float, first: bool):

@@ -39,6 +39,7 @@ class Choice:
     text: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # character offset of each token's text
     finish_reason: str | None = None
 
 
@@ -94,20 +95,39 @@ async def respond(s, request: Request, body, model: str, prompts: list[list[int]
     kind = "chat.completion" if chat else "text_completion"
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    events = s.run(jobs, request)
+    events, cancel = s.run(jobs, request if not body.stream else None)
     prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream(events, s, model, kind, response_id, created, chat, prompt_tokens,
-                                        include_usage, len(jobs)), media_type="text/event-stream")
+        return CancellingStream(stream(events, s, model, kind, response_id, created, chat, prompt_tokens,
+                                       include_usage, len(jobs)), cancel)
     choices = {index: Choice(index) for index, _, _ in jobs}
-    async for index, step in events:
-        add_step(choices[index], step, s.tokenizer)
+    try:
+        async for index, step in events:
+            add_step(choices[index], step, s.tokenizer)
+    finally:
+        cancel()
     return {"id": response_id, "object": kind, "created": created, "model": model, "system_fingerprint": None,
             "choices": [choice_body(c, chat) for c in choices.values()], "usage": usage(prompt_tokens, choices.values())}
 
 
+class CancellingStream(StreamingResponse):
+    """Server-sent events that cancel their engine requests when the response ends for any reason,
+    including a client that hangs up before the first event."""
+
+    def __init__(self, content, cancel):
+        super().__init__(content, media_type="text/event-stream")
+        self.cancel = cancel
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cancel()
+
+
 def add_step(choice: Choice, step: Step, tokenizer):
+    choice.offsets.append(sum(len(t) for t in choice.text))  # where this token's text starts
     choice.text.append(step.text)
     choice.tokens.append(step.choice.token)
     choice.finish_reason = step.finish_reason
@@ -122,12 +142,8 @@ def logprob_entry(step: Step, tokenizer) -> dict:
             "top_logprobs": [entry(t, lp) for t, lp in step.choice.top or []]}
 
 
-def completion_logprobs(entries: list[dict]) -> dict:
+def completion_logprobs(entries: list[dict], offsets: list[int]) -> dict:
     """The legacy completions shape: parallel lists instead of one list of entries."""
-    offsets, offset = [], 0
-    for e in entries:
-        offsets.append(offset)
-        offset += len(e["token"])
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
             "text_offset": offsets}
@@ -139,7 +155,7 @@ def choice_body(c: Choice, chat: bool) -> dict:
         logprobs = {"content": c.logprobs} if c.logprobs else None
         return {"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": c.finish_reason}
-    logprobs = completion_logprobs(c.logprobs) if c.logprobs else None
+    logprobs = completion_logprobs(c.logprobs, c.offsets) if c.logprobs else None
     return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
 
@@ -176,7 +192,8 @@ async def stream(events, s, model, kind, response_id, created, chat, prompt_toke
                 delta = {"content": step.text} if step.text else {}
                 body = {"index": index, "delta": delta, "logprobs": {"content": entry} if entry else None}
             else:
-                body = {"index": index, "text": step.text, "logprobs": completion_logprobs(entry) if entry else None}
+                logprobs = completion_logprobs(entry, c.offsets[-1:]) if entry else None
+                body = {"index": index, "text": step.text, "logprobs": logprobs}
             yield chunk([{**body, "finish_reason": step.finish_reason}])
         if include_usage:
             extra = {"usage": usage(prompt_tokens, choices.values())}

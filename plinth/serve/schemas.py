@@ -6,9 +6,10 @@ Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from plinth.generate import SamplingParams
 
@@ -68,7 +69,7 @@ class SamplingFields(BaseModel):
     @classmethod
     def _bias(cls, value):
         for token, bias in (value or {}).items():
-            if not token.lstrip("-").isdigit():
+            if not re.fullmatch(r"[0-9]+", token):
                 raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
@@ -96,6 +97,12 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
@@ -104,7 +111,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(min_length=1)
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
