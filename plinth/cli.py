@@ -105,6 +105,21 @@ def cmd_chat(args):
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def recipe_of(args):
+    from plinth.train.recipe import PretrainRecipe, load_recipe
+    return load_recipe(PretrainRecipe, args.recipe, args.overrides)
+
+
+def cmd_data_prepare(args):
+    from plinth.data.prepare import prepare
+    prepare(recipe_of(args))
+
+
+def cmd_pretrain(args):
+    from plinth.train.loop import pretrain
+    print(f"checkpoint: {pretrain(recipe_of(args), resume=args.resume)}")
+
+
 def cmd_serve(args):
     from plinth.serve.app import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
@@ -138,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("data", help="prepare pretraining data", description="Data commands.")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    p = data_sub.add_parser("prepare", help="collect, clean, train the tokenizer, tokenize to shards",
+                            description="Collect the recipe's sources, clean and deduplicate them, train a BPE "
+                            "tokenizer and write token shards. Example: plinth data prepare recipes/pretrain-tiny.yaml "
+                            "--max_docs_per_source=500")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("pretrain", help="train a model from scratch", description="Pretrain from a recipe; "
+                       "any recipe field can be overridden with --key=value. Example: plinth pretrain "
+                       "recipes/pretrain-tiny.yaml --max_steps=100 (then --resume after a stop)")
+    p.add_argument("recipe")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+
     p = sub.add_parser("serve", help="OpenAI-compatible server + chat page", description="Serve a model over an "
                        "OpenAI-compatible HTTP API with continuous batching, and a chat page at /. "
                        "Example: plinth serve smollm2-135m-instruct --port 8000")
@@ -161,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown and args.command not in ("pretrain", "data"):  # only recipes take --key=value overrides
+        build_parser().parse_args(argv)  # reports the unknown arguments the usual way
+    args.overrides = unknown
     try:
         args.func(args)
     except PlinthError as e:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from functools import cached_property
+from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from plinth.errors import PlinthError
@@ -25,6 +26,9 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Tokens that end an assistant turn in common chat formats; any present as special tokens stop generation.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>", "<|eom_id|>")
+
+# Special tokens of tokenizers plinth trains; the first ends every document.
+TRAINED_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 # Used when a model ships no chat template.
 CHATML_TEMPLATE = (
@@ -127,6 +131,39 @@ class Tokenizer:
         return cls(backend, bos_id=token_id("bos_token"), eos_id=token_id("eos_token"),
                    chat_template=config.get("chat_template"), add_bos=bool(config.get("add_bos_token", False)),
                    byte_level=isinstance(backend.decoder, decoders.ByteLevel))
+
+    @classmethod
+    def train(cls, texts, vocab_size: int) -> "Tokenizer":
+        """A byte-level BPE trained on `texts` (an iterable of strings), with chat special tokens;
+        digits split one by one (as SmolLM2's tokenizer does), the ChatML template."""
+        if vocab_size < 256 + len(TRAINED_SPECIALS) + 1:
+            raise PlinthError(f"vocab_size={vocab_size} is too small: 256 byte tokens and "
+                              f"{len(TRAINED_SPECIALS)} special tokens need at least {256 + len(TRAINED_SPECIALS) + 1}")
+        backend = HFTokenizer(models.BPE())
+        backend.pre_tokenizer = PRE_TOKENIZERS["smollm"]()
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(TRAINED_SPECIALS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        backend.train_from_iterator(texts, trainer)
+        eos = backend.token_to_id(TRAINED_SPECIALS[0])
+        return cls(backend, bos_id=eos, eos_id=eos, chat_template=CHATML_TEMPLATE)
+
+    def save(self, folder):
+        """tokenizer.json + tokenizer_config.json (special tokens, chat template), as HF folders have."""
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        token = self.backend.id_to_token
+        config = {"bos_token": token(self.bos_id) if self.bos_id is not None else None,
+                  "eos_token": token(self.eos_id) if self.eos_id is not None else None,
+                  "add_bos_token": self.add_bos, "chat_template": self.chat_template}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def from_folder(cls, folder) -> "Tokenizer":
+        folder = Path(folder)
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        return cls.from_file(folder / "tokenizer.json", config)
 
     # ---- vocabulary ----------------------------------------------------------------------------
     @property

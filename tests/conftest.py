@@ -28,6 +28,13 @@ def tiny_model(seed=0, **overrides) -> Transformer:
 
 
 @pytest.fixture
+def no_grad():
+    """For inference tests; per test, because a global autograd switch would leak into training tests."""
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture
 def tokenizer():
     return byte_tokenizer()
 

@@ -1,12 +1,13 @@
 """The continuous-batching engine on a tiny model: batching never changes what a request gets."""
 import threading
 
+import pytest
 import torch
 
 from plinth.generate import SamplingParams, generate_stream
 from plinth.serve.engine import Engine
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def alone(model, tokenizer, prompt, params):

@@ -7,7 +7,7 @@ import torch
 from plinth.errors import PlinthError
 from plinth.generate import Sampler, SamplingParams, Sequence, TextStream, filter_probs, generate_stream
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 PROMPT = list(b"Hello")
 
 

@@ -9,7 +9,7 @@ from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
 from plinth.weights.gguf import dequantize, open_gguf, read_gguf
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 MIXED_TEXT = ("Hello, world! The naïve café served crème brûlée 😀🚀 to 1234 guests.\n"
               "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # O(2**n)\n"
               "東京 and Zürich — «quotes», tabs\tand   spaces.")

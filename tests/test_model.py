@@ -7,7 +7,7 @@ from plinth.errors import PlinthError
 from plinth.model import Transformer, attention_mask
 from tests.conftest import tiny_model
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def tokens(n, seed=1, batch=1):

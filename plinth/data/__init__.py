@@ -1,0 +1,1 @@
+"""Data for pretraining: sources, cleaning, tokenized shards."""

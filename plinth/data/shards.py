@@ -1,0 +1,94 @@
+"""Tokenized data on disk and the deterministic loader that reads it.
+
+`plinth data prepare` writes, per run, `train.bin` and `val.bin` (token ids as uint16, or uint32 for
+vocabularies over 65,535; an end-of-text token after every document) plus `meta.json`. Documents
+go to train or validation by a hash of their id, so the split never depends on the order read.
+
+`TokenData.batch(step, micro)` is a pure function of (seed, step, micro-batch index): a resumed run,
+or the same global batch split over any number of processes, reads exactly the same sequences.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plinth.errors import PlinthError
+
+
+def split_of(doc_id: str, val_fraction: float) -> str:
+    h = int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "little") / 2**64
+    return "val" if h < val_fraction else "train"
+
+
+class ShardWriter:
+    """Appends tokenized documents to train.bin / val.bin, written under temporary names and
+    renamed by `close()`, so a half-written data folder is never mistaken for a finished one."""
+
+    def __init__(self, folder: Path, vocab_size: int, eos_id: int):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.uint16 if vocab_size <= 2**16 - 1 else np.uint32
+        self.files = {split: open(folder / f"{split}.bin.tmp", "wb") for split in ("train", "val")}
+        self.tokens = {"train": 0, "val": 0}
+        self.bytes = {"train": 0, "val": 0}
+        self.per_source: dict[str, dict] = {}
+        self.eos_id, self.vocab_size = eos_id, vocab_size
+
+    def add(self, split: str, source: str, ids: list[int], text_bytes: int):
+        array = np.asarray(ids + [self.eos_id], dtype=self.dtype)
+        self.files[split].write(array.tobytes())
+        self.tokens[split] += len(array)
+        self.bytes[split] += text_bytes
+        stats = self.per_source.setdefault(source, {"documents": 0, "tokens": 0, "bytes": 0})
+        stats["documents"] += 1
+        stats["tokens"] += len(ids)
+        stats["bytes"] += text_bytes
+
+    def close(self, extra: dict):
+        for split, f in self.files.items():
+            f.close()
+            (self.folder / f"{split}.bin.tmp").replace(self.folder / f"{split}.bin")
+        meta = {"dtype": np.dtype(self.dtype).name, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "tokens": self.tokens, "bytes": self.bytes, "sources": self.per_source, **extra}
+        (self.folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+class TokenData:
+    def __init__(self, folder, seq_len: int, batch_size: int, seed: int):
+        folder = Path(folder)
+        if not (folder / "meta.json").is_file():
+            raise PlinthError(f"no prepared data in {folder}; run `plinth data prepare RECIPE` first")
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        for split in ("train", "val"):
+            if self.meta["tokens"][split] <= seq_len + 1:
+                raise PlinthError(f"the {split} split has {self.meta['tokens'][split]} tokens, fewer than "
+                                  f"seq_len+1={seq_len + 1}; add data, lower seq_len, or raise val_fraction")
+        self.train = np.memmap(folder / "train.bin", dtype=self.meta["dtype"], mode="r")
+        self.val = np.memmap(folder / "val.bin", dtype=self.meta["dtype"], mode="r")
+
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets (batch_size, seq_len) of one micro-batch, from random
+        offsets seeded by (seed, step, micro)."""
+        rng = np.random.default_rng([self.seed, step, micro])
+        starts = rng.integers(0, len(self.train) - self.seq_len - 1, size=self.batch_size)
+        rows = np.stack([self.train[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+    def val_batches(self, count: int):
+        """The same `count` validation micro-batches every time: consecutive windows from the start."""
+        T, B = self.seq_len, self.batch_size
+        windows = (len(self.val) - 1) // T
+        for b in range(min(count, max(1, windows // B))):
+            rows = [self.val[(b * B + i) * T:(b * B + i) * T + T + 1] for i in range(min(B, windows))]
+            rows = torch.from_numpy(np.stack(rows).astype(np.int64))
+            yield rows[:, :-1], rows[:, 1:]
+
+    @property
+    def val_bytes_per_token(self) -> float:
+        return self.meta["bytes"]["val"] / max(1, self.meta["tokens"]["val"])

@@ -1,0 +1,1 @@
+"""Training: one loop for pretraining and fine-tuning, checkpoints, recipes."""

@@ -1,0 +1,193 @@
+"""The one training loop, for pretraining and (with other data, loss masks and trainable
+parameters) fine-tuning. Read top to bottom: schedule, optimizer, resume, then per step:
+micro-batches → loss normalised by the step's unmasked target tokens → clip → AdamW step → log,
+evaluate, sample, save (also on the last step).
+
+    plinth pretrain recipes/pretrain-tiny.yaml            # Ctrl-C or kill -9 at any time, then
+    plinth pretrain recipes/pretrain-tiny.yaml --resume   # continues bit for bit
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from plinth.config import preset
+from plinth.data.shards import TokenData
+from plinth.errors import PlinthError
+from plinth.generate import SamplingParams, generate_stream
+from plinth.model import Transformer
+from plinth.tokenizer import Tokenizer
+from plinth.train import checkpoint
+
+IGNORE = -100  # target id that takes no part in the loss (padding, masked prompt tokens)
+
+
+def lr_multiplier(step: int, r) -> float:
+    """Linear warmup, then cosine decay or warmup-stable-decay, down to min_lr_ratio."""
+    if step < r.warmup_steps:
+        return (step + 1) / r.warmup_steps
+    if r.schedule == "cosine":
+        progress = min(1.0, (step - r.warmup_steps) / max(1, r.max_steps - r.warmup_steps))
+        return r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = r.max_steps * (1 - r.decay_fraction)
+    if step < decay_start:
+        return 1.0
+    return 1 - (1 - r.min_lr_ratio) * (step - decay_start) / max(1, r.max_steps - decay_start)
+
+
+def build_optimizer(model, r) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not norms, biases). Fused kernel where available."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": r.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=r.lr, betas=tuple(r.betas), fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device/torch: the foreach one
+        return torch.optim.AdamW(groups, lr=r.lr, betas=tuple(r.betas), foreach=True)
+
+
+def autocast(r):
+    if r.autocast == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def measured_peak_flops() -> float:
+    """FLOP/s of a large float32 matmul on this machine: the denominator of the MFU estimate."""
+    a = torch.randn(1024, 1024)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(4):
+        a @ a
+    return 4 * 2 * 1024 ** 3 / (time.perf_counter() - start)
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Forward + backward: 6 per parameter per token, plus attention (PaLM's estimate)."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return 6 * n + 12 * c.n_layers * c.dim * seq_len
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenData, r) -> dict:
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data.val_batches(r.eval_batches):
+        with autocast(r):
+            logits = model(x)
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+        count += y.numel()
+    model.train()
+    loss = total / count
+    return {"val_loss": loss, "val_bpb": loss / math.log(2) / data.val_bytes_per_token}
+
+
+def sample(model, tokenizer, prompt: str, tokens: int = 48) -> str:
+    model.eval()
+    steps = generate_stream(model, tokenizer, tokenizer.encode(prompt),
+                            SamplingParams(max_tokens=tokens, temperature=0))
+    text = prompt + "".join(s.text for s in steps)
+    model.train()
+    return text
+
+
+def pretrain(recipe, resume: bool = False, log=print) -> Path:
+    data = TokenData(recipe.data_dir, recipe.seq_len, recipe.batch_size, recipe.seed)
+    tokenizer = Tokenizer.from_folder(recipe.data_dir)
+    config = preset(recipe.preset, **{"vocab_size": tokenizer.vocab_size, "max_seq_len": recipe.seq_len,
+                                      **recipe.model})
+    torch.manual_seed(recipe.seed)
+    model = Transformer(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return train(model, tokenizer, data, recipe, resume, log)
+
+
+@torch.enable_grad()  # whatever the caller's autograd mode
+def train(model, tokenizer, data, r, resume: bool, log=print) -> Path:
+    out = Path(r.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path, step = out / "metrics.jsonl", 0
+    if resume:  # weights first: loading replaces the parameter tensors the optimizer must hold
+        step, trainer = restore(out, model, metrics_path)
+        optimizer = build_optimizer(model, r)
+        optimizer.load_state_dict(trainer["optimizer"])
+        torch.set_rng_state(trainer["rng"])
+        log(f"resumed from step {step}")
+    elif checkpoint.latest(out) is not None:
+        raise PlinthError(f"{out} already holds a run; continue it with --resume, or set another name/out_dir")
+    else:
+        metrics_path.write_text("")
+    if not resume:
+        optimizer = build_optimizer(model, r)
+    (out / "recipe.json").write_text(json.dumps(r.__dict__, indent=2))
+    model.train()
+    step_tokens = r.batch_size * r.seq_len * r.grad_accum
+    step_flops, peak = flops_per_token(model, r.seq_len) * step_tokens, measured_peak_flops()
+    started, first_step = time.perf_counter(), step
+    with open(metrics_path, "a") as metrics:
+        while step < r.max_steps:
+            last_step = step == r.max_steps - 1
+            lr = r.lr * lr_multiplier(step, r)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tick = time.perf_counter()
+            batches = [data.batch(step, micro) for micro in range(r.grad_accum)]
+            targets = sum(int((y != IGNORE).sum()) for _, y in batches)  # normalise over the whole step
+            loss_sum = 0.0
+            for x, y in batches:
+                with autocast(r):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+                (loss / targets).backward()
+                loss_sum += float(loss.detach())
+            train_loss = loss_sum / targets
+            if not math.isfinite(train_loss):
+                raise PlinthError(f"the loss became {train_loss} at step {step + 1}; stopped before saving it. "
+                                  f"Lower lr (now {r.lr}) or grad_clip, then --resume from the last good checkpoint")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - tick
+            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": step * step_tokens, "tok_s": step_tokens / seconds, "mfu": step_flops / seconds / peak}
+            if step % r.eval_every == 0 or last_step:
+                record.update(evaluate(model, data, r))
+                record["sample"] = sample(model, tokenizer, r.sample_prompt)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if step % r.log_every == 0 or last_step or "val_loss" in record:
+                eta = (time.perf_counter() - started) / (step - first_step) * (r.max_steps - step)
+                extra = f" val {record['val_loss']:.3f} ({record['val_bpb']:.3f} bpb)" if "val_loss" in record else ""
+                log(f"step {step}/{r.max_steps} loss {train_loss:.4f}{extra} lr {lr:.2e} "
+                    f"{record['tok_s']:.0f} tok/s mfu {record['mfu']:.1%} eta {eta:.0f}s")
+                if "sample" in record:
+                    log(f"  sample: {record['sample']!r}")
+            if step % r.save_every == 0 or last_step:
+                checkpoint.save(out, step, model, tokenizer,
+                                {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()})
+    return out / "latest"
+
+
+def restore(out: Path, model, metrics_path: Path) -> tuple[int, dict]:
+    """Load the newest complete checkpoint's weights; drop metrics logged after it (they will be
+    redone). Returns the step and the trainer state (optimizer, RNG)."""
+    folder = checkpoint.latest(out)
+    if folder is None:
+        raise PlinthError(f"nothing to resume in {out}: no complete checkpoint yet; start without --resume")
+    _, state = checkpoint.read_checkpoint(folder)
+    model.load_weights(state)
+    trainer = checkpoint.trainer_state(folder)
+    step = trainer["step"]
+    if metrics_path.is_file():
+        lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in lines))
+    return step, trainer
