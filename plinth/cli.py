@@ -120,6 +120,11 @@ def cmd_pretrain(args):
     print(f"checkpoint: {pretrain(recipe_of(args), resume=args.resume)}")
 
 
+def cmd_plot(args):
+    from plinth.train.plot import plot_run
+    print(plot_run(args.run, args.out))
+
+
 def cmd_serve(args):
     from plinth.serve.app import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
@@ -168,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("plot", help="training curves to PNG", description="Plot loss, validation loss, "
+                       "learning rate and tokens/s of a run. Example: plinth plot runs/pretrain-tiny")
+    p.add_argument("run", help="a training run folder (with metrics.jsonl)")
+    p.add_argument("--out", help="PNG path (default: RUN/curves.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server + chat page", description="Serve a model over an "
                        "OpenAI-compatible HTTP API with continuous batching, and a chat page at /. "

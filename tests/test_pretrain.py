@@ -42,6 +42,7 @@ def test_pretraining_learns_and_makes_a_normal_model(tmp_path, data_dir):
     assert len(curve) == 60 and sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 1.0
     record = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["val_bpb"] > 0 and record["sample"].startswith("def fibonacci(")
+    assert record["val_bpb/python-stdlib"] > 0  # per source, too
     model = plinth.load(str(latest))
     assert isinstance(model.generate("import ", max_tokens=5, temperature=0), str)
 
@@ -91,3 +92,31 @@ def test_bad_recipes_fail_before_any_work(overrides, message):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(PlinthError, match="plinth data prepare"):
         pretrain(PretrainRecipe(**TINY, out_dir=str(tmp_path / "none")), log=lambda *_: None)
+
+
+def test_cleaning_removes_exact_and_near_duplicates_and_reports_them():
+    from collections import Counter
+
+    from plinth.data.clean import clean
+    from plinth.data.sources import Document
+    base = " ".join(f"word{i} is followed by word{i + 1} in this sentence" for i in range(60))
+    edited = base.replace("word30 is", "word30 was")  # one word changed: a near copy
+    docs = [Document("s", "a", base), Document("s", "b", "  " + base.replace(" ", "\t")), Document("s", "c", edited),
+            Document("s", "d", "short"), Document("s", "e", "x\n" * 40),
+            Document("s", "f", "an entirely different text about gardens and rivers " * 20)]
+    report = Counter()
+    kept = [d.id for d in clean(docs, min_chars=20, report=report)]
+    assert kept == ["a", "f"]
+    assert report["exact duplicate: documents"] == 1 and report["near duplicate: documents"] == 1
+    assert report["too short: documents"] == 1 and report["repetitive: documents"] == 1
+    assert report["kept: bytes"] == len(base) + len(docs[5].text)
+
+
+def test_plot_writes_a_png(tmp_path, data_dir):
+    from plinth.train.plot import plot_run
+    r = recipe(tmp_path, data_dir, "p", max_steps=12, eval_every=6)
+    pretrain(r, log=lambda *_: None)
+    png = plot_run(tmp_path / "p")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(PlinthError, match="metrics.jsonl"):
+        plot_run(tmp_path)

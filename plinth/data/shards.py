@@ -36,10 +36,15 @@ class ShardWriter:
         self.tokens = {"train": 0, "val": 0}
         self.bytes = {"train": 0, "val": 0}
         self.per_source: dict[str, dict] = {}
+        self.val_sources: dict[str, dict] = {}  # per source: its contiguous token range in val.bin, and bytes
         self.eos_id, self.vocab_size = eos_id, vocab_size
 
     def add(self, split: str, source: str, ids: list[int], text_bytes: int):
         array = np.asarray(ids + [self.eos_id], dtype=self.dtype)
+        if split == "val":  # documents arrive source by source, so each source's range is contiguous
+            entry = self.val_sources.setdefault(source, {"start": self.tokens["val"], "end": 0, "bytes": 0})
+            entry["end"] = self.tokens["val"] + len(array)
+            entry["bytes"] += text_bytes
         self.files[split].write(array.tobytes())
         self.tokens[split] += len(array)
         self.bytes[split] += text_bytes
@@ -53,7 +58,8 @@ class ShardWriter:
             f.close()
             (self.folder / f"{split}.bin.tmp").replace(self.folder / f"{split}.bin")
         meta = {"dtype": np.dtype(self.dtype).name, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
-                "tokens": self.tokens, "bytes": self.bytes, "sources": self.per_source, **extra}
+                "tokens": self.tokens, "bytes": self.bytes, "sources": self.per_source,
+                "val_sources": self.val_sources, **extra}
         (self.folder / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -80,15 +86,26 @@ class TokenData:
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
 
-    def val_batches(self, count: int):
-        """The same `count` validation micro-batches every time: consecutive windows from the start."""
+    def val_batches(self, count: int, source: str | None = None):
+        """The same `count` validation micro-batches every time: consecutive windows from the start
+        of the validation tokens (of one source, if given)."""
+        val = self.val
+        if source is not None:
+            entry = self.meta["val_sources"][source]
+            val = val[entry["start"]:entry["end"]]
         T, B = self.seq_len, self.batch_size
-        windows = (len(self.val) - 1) // T
-        for b in range(min(count, max(1, windows // B))):
-            rows = [self.val[(b * B + i) * T:(b * B + i) * T + T + 1] for i in range(min(B, windows))]
+        windows = (len(val) - 1) // T
+        for b in range(min(count, -(-windows // B))):
+            rows = [val[w * T:w * T + T + 1] for w in range(b * B, min(windows, b * B + B))]
             rows = torch.from_numpy(np.stack(rows).astype(np.int64))
             yield rows[:, :-1], rows[:, 1:]
 
-    @property
-    def val_bytes_per_token(self) -> float:
-        return self.meta["bytes"]["val"] / max(1, self.meta["tokens"]["val"])
+    def val_sources(self) -> list[str]:
+        """Sources with at least one validation window of their own."""
+        return [s for s, e in self.meta.get("val_sources", {}).items() if e["end"] - e["start"] > self.seq_len]
+
+    def val_bytes_per_token(self, source: str | None = None) -> float:
+        if source is None:
+            return self.meta["bytes"]["val"] / max(1, self.meta["tokens"]["val"])
+        entry = self.meta["val_sources"][source]
+        return entry["bytes"] / max(1, entry["end"] - entry["start"])

@@ -58,14 +58,16 @@ def autocast(r):
     return contextlib.nullcontext()
 
 
-def measured_peak_flops() -> float:
-    """FLOP/s of a large float32 matmul on this machine: the denominator of the MFU estimate."""
-    a = torch.randn(1024, 1024)
-    a @ a
-    start = time.perf_counter()
-    for _ in range(4):
+def measured_peak_flops(size: int = 2048, tries: int = 5) -> float:
+    """Best FLOP/s of a large float32 matmul on this machine: the denominator of the MFU estimate
+    (CPUs publish no single peak figure; the best of several runs approaches what the cores do)."""
+    a = torch.randn(size, size)
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
         a @ a
-    return 4 * 2 * 1024 ** 3 / (time.perf_counter() - start)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
 
 
 def flops_per_token(model, seq_len: int) -> float:
@@ -77,16 +79,22 @@ def flops_per_token(model, seq_len: int) -> float:
 
 @torch.no_grad()
 def evaluate(model, data: TokenData, r) -> dict:
+    """Validation loss, and bits per byte (comparable across tokenizers) overall and per source."""
     model.eval()
-    total, count = 0.0, 0
-    for x, y in data.val_batches(r.eval_batches):
-        with autocast(r):
-            logits = model(x)
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
-        count += y.numel()
+    result = {}
+    for source in [None] + data.val_sources():
+        total, count = 0.0, 0
+        for x, y in data.val_batches(r.eval_batches, source):
+            with autocast(r):
+                logits = model(x)
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+            count += y.numel()
+        loss = total / count
+        suffix = f"/{source}" if source else ""
+        result[f"val_loss{suffix}"] = loss
+        result[f"val_bpb{suffix}"] = loss / math.log(2) / data.val_bytes_per_token(source)
     model.train()
-    loss = total / count
-    return {"val_loss": loss, "val_bpb": loss / math.log(2) / data.val_bytes_per_token}
+    return result
 
 
 def sample(model, tokenizer, prompt: str, tokens: int = 48) -> str:

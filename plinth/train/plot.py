@@ -1,0 +1,46 @@
+"""`plinth plot RUN_DIR`: training curves (loss and validation, learning rate, tokens/s) to a PNG.
+
+    plinth plot runs/pretrain-tiny            # writes runs/pretrain-tiny/curves.png
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from plinth.errors import PlinthError
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise PlinthError(f"no metrics.jsonl in {run_dir}; give the folder of a training run")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir, out=None) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise PlinthError(f"{run_dir}/metrics.jsonl is empty: the run has not logged a step yet")
+    steps = [r["step"] for r in rows]
+    evals = [r for r in rows if "val_loss" in r]
+    fig, (loss_ax, lr_ax, speed_ax) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    loss_ax.plot(steps, [r["loss"] for r in rows], label="train loss", linewidth=1)
+    if evals:
+        loss_ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+    loss_ax.set_ylabel("loss (nats/token)")
+    loss_ax.legend()
+    lr_ax.plot(steps, [r["lr"] for r in rows])
+    lr_ax.set_ylabel("learning rate")
+    speed_ax.plot(steps, [r["tok_s"] for r in rows], linewidth=1)
+    speed_ax.set_ylabel("tokens/s")
+    speed_ax.set_xlabel("step")
+    fig.suptitle(Path(run_dir).resolve().name)
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
