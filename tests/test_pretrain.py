@@ -17,6 +17,13 @@ TINY = dict(sources=["python-stdlib"], max_docs_per_source=40, val_fraction=0.1,
             max_steps=300, warmup_steps=10, save_every=10, eval_every=100, log_every=1000, lr=0.01)
 
 
+def test_prepare_reports_compression_against_smollm2(data_dir):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    ratios = meta["compression"]["python-stdlib"]
+    assert 1.5 < ratios["plinth"] < ratios["smollm2"]  # a 320-token vocabulary compresses less than 49k
+    assert meta["val_sources"]["python-stdlib"]["end"] > meta["val_sources"]["python-stdlib"]["start"]
+
+
 def losses(out_dir):
     return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 

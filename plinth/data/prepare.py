@@ -8,11 +8,36 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 
+from plinth import hub
 from plinth.data.clean import clean
 from plinth.data.shards import ShardWriter, split_of
 from plinth.data.sources import read_source
 from plinth.errors import PlinthError
 from plinth.tokenizer import Tokenizer
+from plinth.weights.gguf import metadata, open_gguf
+
+
+def compression(docs, tokenizer, log, sample_chars: int = 200_000) -> dict:
+    """Bytes per token of each source (first `sample_chars` characters) with the trained tokenizer,
+    and with SmolLM2's 49k tokenizer when its package is installed, for comparison."""
+    reference = None
+    path = hub.known_path(hub.DEFAULT_MODEL)
+    if path is not None:
+        reference = Tokenizer.from_gguf(metadata(open_gguf(path)))
+    samples: dict[str, str] = {}
+    for doc in docs:
+        if len(samples.get(doc.source, "")) < sample_chars:
+            samples[doc.source] = samples.get(doc.source, "") + doc.text + "\n"
+    result = {}
+    for source, text in samples.items():
+        size = len(text.encode("utf-8", errors="replace"))
+        result[source] = {"plinth": size / len(tokenizer.encode(text))}
+        line = f"{source}: {result[source]['plinth']:.2f} bytes/token"
+        if reference is not None:
+            result[source]["smollm2"] = size / len(reference.encode(text))
+            line += f" (SmolLM2's tokenizer: {result[source]['smollm2']:.2f})"
+        log(line)
+    return result
 
 
 def prepare(recipe, log=print) -> dict:
@@ -38,11 +63,11 @@ def prepare(recipe, log=print) -> dict:
     for doc in docs:
         writer.add(split_of(doc.id, recipe.val_fraction), doc.source, tokenizer.encode(doc.text),
                    len(doc.text.encode("utf-8", errors="replace")))
-    writer.close({"cleaning": dict(report)})
+    writer.close({"cleaning": dict(report), "compression": compression(docs, tokenizer, log)})
     tokenizer.save(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
     for source, stats in writer.per_source.items():
-        log(f"{source}: {stats['tokens']} tokens, {stats['bytes'] / max(1, stats['tokens']):.2f} bytes/token")
+        log(f"{source}: {stats['documents']} documents, {stats['tokens']} tokens")
     log(f"wrote {writer.tokens['train']} train and {writer.tokens['val']} validation tokens to {folder}")
     return writer.per_source
