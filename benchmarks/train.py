@@ -1,0 +1,107 @@
+"""Training throughput: plinth's Transformer + AdamW against Hugging Face transformers'
+LlamaForCausalLM + torch.optim.AdamW, same shapes, batch and sequence length, in one run.
+
+    .venv/bin/python benchmarks/train.py                     # the pretrain-tiny model shape
+    .venv/bin/python benchmarks/train.py --dim 512 --layers 8 --batch 8
+
+Each engine runs warm-up steps, then timed optimizer steps (forward, backward, AdamW) on random
+token batches; reported: tokens/s, MFU against a measured float32 matmul peak, and the ratio.
+Results go to benchmarks/results/train.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from plinth.config import preset
+from plinth.model import Transformer
+from plinth.train.loop import measured_peak_flops
+
+
+def plinth_step_fn(args):
+    torch.manual_seed(0)
+    config = preset("tiny", vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                    n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_seq_len=args.seq)
+    model = Transformer(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step(x, y):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, step
+
+
+def transformers_step_fn(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                         intermediate_size=args.ffn, max_position_embeddings=args.seq, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(x, y):
+        loss = model(input_ids=x, labels=None).logits.flatten(0, 1)
+        loss = F.cross_entropy(loss, y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, step
+
+
+def measure(name, build, args, peak):
+    model, step = build(args)
+    g = torch.Generator().manual_seed(1)
+    batch = lambda: torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)  # noqa: E731
+    for _ in range(args.warmup):
+        rows = batch()
+        step(rows[:, :-1], rows[:, 1:])
+    times = []
+    for _ in range(args.steps):
+        rows = batch()
+        start = time.perf_counter()
+        step(rows[:, :-1], rows[:, 1:])
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    tokens = args.batch * args.seq
+    params = sum(p.numel() for p in model.parameters())
+    flops = 6 * params + 12 * args.layers * args.dim * args.seq  # per token, as plinth's loop counts them
+    mfu = flops * tokens / seconds / peak
+    return {"engine": name, "params": params, "step_s": seconds, "tok_s": tokens / seconds, "mfu": mfu}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in [("vocab", 4096), ("dim", 256), ("layers", 4), ("heads", 4), ("kv-heads", 2),
+                          ("ffn", 768), ("seq", 256), ("batch", 16), ("warmup", 3), ("steps", 10)]:
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--out", default="benchmarks/results/train.json")
+    args = parser.parse_args()
+    peak = measured_peak_flops()
+    rows = [measure("plinth", plinth_step_fn, args, peak)]
+    try:
+        rows.append(measure("transformers", transformers_step_fn, args, peak))
+    except ImportError:
+        print("transformers is not installed: skipping it")
+    print(f"{'engine':14} {'params':>10} {'step s':>8} {'tokens/s':>10} {'MFU':>6}")
+    for r in rows:
+        print(f"{r['engine']:14} {r['params']:>10,} {r['step_s']:>8.3f} {r['tok_s']:>10.0f} {r['mfu']:>6.1%}")
+    if len(rows) == 2:
+        print(f"plinth / transformers tokens/s: {rows[0]['tok_s'] / rows[1]['tok_s']:.2f}×")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"settings": vars(args), "peak_flops": peak, "results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
