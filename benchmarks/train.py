@@ -5,7 +5,8 @@ LlamaForCausalLM + torch.optim.AdamW, same shapes, batch and sequence length, in
     .venv/bin/python benchmarks/train.py --dim 512 --layers 8 --batch 8
 
 Each engine runs warm-up steps, then timed optimizer steps (forward, backward, AdamW) on random
-token batches; reported: tokens/s, MFU against a measured float32 matmul peak, and the ratio.
+token batches, in float32 and under bfloat16 autocast (plinth's default where the CPU has native
+bf16); reported: tokens/s, MFU against a measured float32 matmul peak, and the ratios.
 Results go to benchmarks/results/train.json.
 """
 from __future__ import annotations
@@ -60,8 +61,12 @@ def transformers_step_fn(args):
     return model, step
 
 
-def measure(name, build, args, peak):
-    model, step = build(args)
+def measure(name, build, args, peak, precision):
+    model, raw_step = build(args)
+
+    def step(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            raw_step(x, y)
     g = torch.Generator().manual_seed(1)
     batch = lambda: torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)  # noqa: E731
     for _ in range(args.warmup):
@@ -78,7 +83,7 @@ def measure(name, build, args, peak):
     params = sum(p.numel() for p in model.parameters())
     flops = 6 * params + 12 * args.layers * args.dim * args.seq  # per token, as plinth's loop counts them
     mfu = flops * tokens / seconds / peak
-    return {"engine": name, "params": params, "step_s": seconds, "tok_s": tokens / seconds, "mfu": mfu}
+    return {"engine": name, "precision": precision, "params": params, "step_s": seconds, "tok_s": tokens / seconds, "mfu": mfu}
 
 
 def main():
@@ -89,16 +94,25 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/train.json")
     args = parser.parse_args()
     peak = measured_peak_flops()
-    rows = [measure("plinth", plinth_step_fn, args, peak)]
-    try:
-        rows.append(measure("transformers", transformers_step_fn, args, peak))
-    except ImportError:
-        print("transformers is not installed: skipping it")
-    print(f"{'engine':14} {'params':>10} {'step s':>8} {'tokens/s':>10} {'MFU':>6}")
+    rows = []
+    for precision in ("float32", "bfloat16"):
+        rows.append(measure("plinth", plinth_step_fn, args, peak, precision))
+        try:
+            rows.append(measure("transformers", transformers_step_fn, args, peak, precision))
+        except ImportError:
+            print("transformers is not installed: skipping it")
+    print(f"{'engine':14} {'precision':10} {'params':>10} {'step s':>8} {'tokens/s':>10} {'MFU':>6}")
     for r in rows:
-        print(f"{r['engine']:14} {r['params']:>10,} {r['step_s']:>8.3f} {r['tok_s']:>10.0f} {r['mfu']:>6.1%}")
-    if len(rows) == 2:
-        print(f"plinth / transformers tokens/s: {rows[0]['tok_s'] / rows[1]['tok_s']:.2f}×")
+        print(f"{r['engine']:14} {r['precision']:10} {r['params']:>10,} {r['step_s']:>8.3f} {r['tok_s']:>10.0f} "
+              f"{r['mfu']:>6.1%}")
+    speed = {(r["engine"], r["precision"]): r["tok_s"] for r in rows}
+    for precision in ("float32", "bfloat16"):
+        if ("transformers", precision) in speed:
+            print(f"plinth / transformers, both {precision}: "
+                  f"{speed[('plinth', precision)] / speed[('transformers', precision)]:.2f}×")
+    if ("transformers", "float32") in speed:
+        print(f"plinth's default (bf16 autocast) / transformers' default (float32): "
+              f"{speed[('plinth', 'bfloat16')] / speed[('transformers', 'float32')]:.2f}×")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "peak_flops": peak, "results": rows}, indent=1))
 

@@ -43,7 +43,7 @@ class PretrainRecipe:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
-    autocast: str = "none"               # "none" or "bfloat16"
+    autocast: str = "auto"               # "auto" (bfloat16 where the CPU/GPU has it), "bfloat16" or "none"
     seed: int = 0
     # bookkeeping
     log_every: int = 10
@@ -57,8 +57,8 @@ class PretrainRecipe:
             self.out_dir = f"runs/{self.name}"
         if self.schedule not in ("cosine", "wsd"):
             raise PlinthError(f"schedule={self.schedule!r}; choose cosine or wsd")
-        if self.autocast not in ("none", "bfloat16"):
-            raise PlinthError(f"autocast={self.autocast!r}; choose none or bfloat16")
+        if self.autocast not in ("auto", "none", "bfloat16"):
+            raise PlinthError(f"autocast={self.autocast!r}; choose auto, none or bfloat16")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "vocab_size"):
             if getattr(self, name) < 1:
                 raise PlinthError(f"{name}={getattr(self, name)} must be at least 1")
