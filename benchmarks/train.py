@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from plinth.config import preset
 from plinth.model import Transformer
-from plinth.train.loop import measured_peak_flops
+from plinth.train.loop import flops_per_token, measured_peak_flops
 
 
 def plinth_step_fn(args):
@@ -53,8 +53,7 @@ def transformers_step_fn(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(x, y):
-        loss = model(input_ids=x, labels=None).logits.flatten(0, 1)
-        loss = F.cross_entropy(loss, y.flatten())
+        loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -81,8 +80,7 @@ def measure(name, build, args, peak, precision):
     seconds = statistics.median(times)
     tokens = args.batch * args.seq
     params = sum(p.numel() for p in model.parameters())
-    flops = 6 * params + 12 * args.layers * args.dim * args.seq  # per token, as plinth's loop counts them
-    mfu = flops * tokens / seconds / peak
+    mfu = flops_per_token(params, args.layers, args.dim, args.seq) * tokens / seconds / peak
     return {"engine": name, "precision": precision, "params": params, "step_s": seconds, "tok_s": tokens / seconds, "mfu": mfu}
 
 

@@ -90,14 +90,12 @@ class ServerState:
             for index, prompt, params in jobs:
                 emit = (lambda i: lambda event: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))(index)
                 submitted.append(self.engine.submit(prompt, params, emit))
-        except QueueFull as e:
+        except PlinthError as e:  # nothing of a request runs unless all of it was accepted
             self._cancel(submitted)
-            raise APIError(429, f"server busy: {e}", type_="rate_limit_error", headers={"Retry-After": "1"}) from e
-        except EngineDown as e:
-            self._cancel(submitted)
-            raise APIError(503, str(e), type_="server_error") from e
-        except PlinthError as e:
-            self._cancel(submitted)
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"server busy: {e}", type_="rate_limit_error", headers={"Retry-After": "1"}) from e
+            if isinstance(e, EngineDown):
+                raise APIError(503, str(e), type_="server_error") from e
             raise APIError(400, str(e)) from e
         return self._events(queue, submitted, http_request), lambda: self._cancel(submitted)
 

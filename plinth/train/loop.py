@@ -75,11 +75,9 @@ def measured_peak_flops(size: int = 2048, tries: int = 5) -> float:
     return 2 * size ** 3 / best
 
 
-def flops_per_token(model, seq_len: int) -> float:
+def flops_per_token(params: int, n_layers: int, dim: int, seq_len: int) -> float:
     """Forward + backward: 6 per parameter per token, plus attention (PaLM's estimate)."""
-    c = model.config
-    n = sum(p.numel() for p in model.parameters())
-    return 6 * n + 12 * c.n_layers * c.dim * seq_len
+    return 6 * params + 12 * n_layers * dim * seq_len
 
 
 @torch.no_grad()
@@ -143,7 +141,9 @@ def train(model, tokenizer, data, r, resume: bool, log=print) -> Path:
     (out / "recipe.json").write_text(json.dumps(r.__dict__, indent=2))
     model.train()
     step_tokens = r.batch_size * r.seq_len * r.grad_accum
-    step_flops, peak = flops_per_token(model, r.seq_len) * step_tokens, measured_peak_flops()
+    params = sum(p.numel() for p in model.parameters())
+    step_flops = flops_per_token(params, model.config.n_layers, model.config.dim, r.seq_len) * step_tokens
+    peak = measured_peak_flops()
     started, first_step = time.perf_counter(), step
     with open(metrics_path, "a") as metrics:
         while step < r.max_steps:
