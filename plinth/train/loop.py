@@ -122,12 +122,16 @@ def pretrain(recipe, resume: bool = False, log=print) -> Path:
 
 
 @torch.enable_grad()  # whatever the caller's autograd mode
-def train(model, tokenizer, data, r, resume: bool, log=print) -> Path:
+def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
+          store: checkpoint.Weights = checkpoint.MODEL_WEIGHTS) -> Path:
+    """Train `model` on `data.batch(step, micro)` → (inputs, targets); targets equal to IGNORE take
+    no part in the loss. Fine-tuning passes its own `evaluate(model, data, r)` and a `store` that
+    saves only what it trains (e.g. a LoRA adapter)."""
     out = Path(r.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path, step = out / "metrics.jsonl", 0
     if resume:  # weights first: loading replaces the parameter tensors the optimizer must hold
-        step, trainer = restore(out, model, metrics_path)
+        step, trainer = restore(out, model, metrics_path, store)
         optimizer = build_optimizer(model, r)
         optimizer.load_state_dict(trainer["optimizer"])
         torch.set_rng_state(trainer["rng"])
@@ -170,34 +174,36 @@ def train(model, tokenizer, data, r, resume: bool, log=print) -> Path:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - tick
+            computed = sum(x.numel() for x, _ in batches)  # fine-tuning batches are padded to their longest row
             record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": step * step_tokens, "tok_s": step_tokens / seconds, "mfu": step_flops / seconds / peak}
+                      "tokens": step * step_tokens, "tok_s": computed / seconds,
+                      "mfu": step_flops * computed / step_tokens / seconds / peak}
             if step % r.eval_every == 0 or last_step:
                 record.update(evaluate(model, data, r))
-                record["sample"] = sample(model, tokenizer, r.sample_prompt)
+                if r.sample_prompt:
+                    record["sample"] = sample(model, tokenizer, r.sample_prompt)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if step % r.log_every == 0 or last_step or "val_loss" in record:
                 eta = (time.perf_counter() - started) / (step - first_step) * (r.max_steps - step)
-                extra = f" val {record['val_loss']:.3f} ({record['val_bpb']:.3f} bpb)" if "val_loss" in record else ""
+                extra = "".join(f" {key} {record[key]:.3f}" for key in ("val_loss", "val_bpb", "val_acc") if key in record)
                 log(f"step {step}/{r.max_steps} loss {train_loss:.4f}{extra} lr {lr:.2e} "
                     f"{record['tok_s']:.0f} tok/s mfu {record['mfu']:.1%} eta {eta:.0f}s")
                 if "sample" in record:
                     log(f"  sample: {record['sample']!r}")
             if step % r.save_every == 0 or last_step:
                 checkpoint.save(out, step, model, tokenizer,
-                                {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()})
+                                {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}, store)
     return out / "latest"
 
 
-def restore(out: Path, model, metrics_path: Path) -> tuple[int, dict]:
+def restore(out: Path, model, metrics_path: Path, store: checkpoint.Weights) -> tuple[int, dict]:
     """Load the newest complete checkpoint's weights; drop metrics logged after it (they will be
     redone). Returns the step and the trainer state (optimizer, RNG)."""
     folder = checkpoint.latest(out)
     if folder is None:
         raise PlinthError(f"nothing to resume in {out}: no complete checkpoint yet; start without --resume")
-    _, state = checkpoint.read_checkpoint(folder)
-    model.load_weights(state)
+    store.read(model, folder)
     trainer = checkpoint.trainer_state(folder)
     step = trainer["step"]
     if metrics_path.is_file():
