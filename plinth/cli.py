@@ -52,7 +52,7 @@ def load(args):
     import plinth  # deferred: torch takes a second to import, `plinth list` should not wait for it
     params = sampling(args) if hasattr(args, "max_tokens") else {}
     SamplingParams(**params).validate()  # reject bad values before spending seconds on loading
-    return plinth.load(args.model, dtype=args.dtype)
+    return plinth.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None))
 
 
 def cmd_list(args):
@@ -125,6 +125,22 @@ def cmd_plot(args):
     print(plot_run(args.run, args.out))
 
 
+def cmd_finetune(args):
+    from plinth.adapt.finetune import FinetuneRecipe, finetune
+    from plinth.train.recipe import load_recipe
+    print(f"fine-tuned: {finetune(load_recipe(FinetuneRecipe, args.recipe, args.overrides), resume=args.resume)}")
+
+
+def cmd_prompt(args):
+    from plinth.adapt.cli import run_prompt
+    run_prompt(args, load(args))
+
+
+def cmd_export(args):
+    from plinth.adapt.cli import run_export
+    print(run_export(args))
+
+
 def cmd_serve(args):
     from plinth.serve.app import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
@@ -148,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "to stdout. Example: plinth generate smollm2-135m-instruct \"The capital of France is\" --max-tokens 20")
     add_model_args(p)
     p.add_argument("prompt")
+    p.add_argument("--adapter", help="a LoRA adapter folder (a fine-tuning run's final/), merged in at load")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -173,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="adapt a model: full, LoRA, QLoRA, chat SFT, classifier head",
+                       description="Fine-tune from a recipe; any recipe field can be overridden with --key=value. "
+                       "Example: plinth finetune recipes/lora-sentiment.yaml --max_steps=50 (then --resume after a stop)")
+    p.add_argument("recipe")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.set_defaults(func=cmd_finetune)
+
+    from plinth.adapt.cli import add_export_parser, add_prompt_parser
+    add_prompt_parser(sub, add_model_args, cmd_prompt)
+    add_export_parser(sub, cmd_export)
 
     p = sub.add_parser("plot", help="training curves to PNG", description="Plot loss, validation loss, "
                        "learning rate and tokens/s of a run. Example: plinth plot runs/pretrain-tiny")
@@ -204,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
-    if unknown and args.command not in ("pretrain", "data"):  # only recipes take --key=value overrides
+    if unknown and args.command not in ("pretrain", "data", "finetune"):  # only recipes take --key=value overrides
         build_parser().parse_args(argv)  # reports the unknown arguments the usual way
     args.overrides = unknown
     try:

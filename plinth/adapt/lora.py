@@ -87,6 +87,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.lora_b = nn.Parameter(torch.zeros(n_out, rank, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(base.training)  # an adapter attached to a model in eval mode must not drop out
 
     @property
     def scale(self) -> float:

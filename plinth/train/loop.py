@@ -66,7 +66,7 @@ def autocast(r):
 def measured_peak_flops(size: int = 2048, tries: int = 5) -> float:
     """Best FLOP/s of a large float32 matmul on this machine: the denominator of the MFU estimate
     (CPUs publish no single peak figure; the best of several runs approaches what the cores do)."""
-    a = torch.randn(size, size)
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))  # leaves the global RNG (dropout) alone
     best = float("inf")
     for _ in range(tries):
         start = time.perf_counter()
