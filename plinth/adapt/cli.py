@@ -1,7 +1,7 @@
 """The `plinth prompt` and `plinth export` subcommands (registered by plinth/cli.py).
 
     plinth prompt smollm2-135m-instruct --labels negative,positive "A joyless, plodding mess."
-    plinth prompt smollm2-135m-instruct --labels negative,positive --shots 8 --examples train.jsonl --file texts.txt
+    plinth prompt smollm2-135m-instruct --file texts.txt --labels negative,positive --shots 8 --examples train.jsonl
     plinth export runs/lora-sentiment/final --merge --to hf out/sentiment-hf
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ def add_prompt_parser(sub, add_model_args, func):
                        description="Label texts with a chat prompt, no training. Example: plinth prompt "
                        "smollm2-135m-instruct --labels negative,positive \"A joyless, plodding mess.\"")
     add_model_args(p)
-    p.add_argument("texts", nargs="*", help="texts to label (or --file)")
+    p.add_argument("texts", nargs="*", help="texts to label, right after MODEL (or --file)")
     p.add_argument("--file", help="a text file, one text per line")
     p.add_argument("--labels", required=True, help="comma-separated label set, e.g. negative,positive")
     p.add_argument("--instruction", default="Classify the sentiment of this text.", help="the question asked")

@@ -98,12 +98,28 @@ def answer_tokens(tokenizer, task: PromptTask) -> list[int]:
 
 @torch.inference_mode()
 def score(model, tokenizer, task: PromptTask, texts: list[str]) -> list[str]:
-    """For each text, the label whose first token is most likely right after the prompt."""
+    """For each text, the label whose first token is most likely right after the prompt.
+
+    Every prompt starts with the same tokens (system turn, instruction, k-shot examples): their keys
+    and values are computed once into a KV cache, and each text runs only its own tokens after them."""
+    if not texts:
+        return []
     choices = torch.tensor(answer_tokens(tokenizer, task))
+    prompts = [prompt_ids(tokenizer, task, text) for text in texts]
+    longest = max(len(p) for p in prompts)
+    if longest > model.config.max_seq_len:
+        raise PlinthError(f"a prompt has {longest} tokens, more than the model's context of "
+                          f"{model.config.max_seq_len}; use fewer or shorter examples (shots)")
+    shared = min(len(p) for p in prompts) - 1  # keep at least one token of each prompt to run
+    for p in prompts[1:]:
+        shared = next((i for i in range(shared) if p[i] != prompts[0][i]), shared)
+    cache = model.new_cache(1, longest)
+    if shared:
+        model(torch.tensor([prompts[0][:shared]]), cache=cache, last=torch.tensor([shared - 1]))
     predictions = []
-    for text in texts:
-        ids = prompt_ids(tokenizer, task, text)
-        logits = model(torch.tensor([ids]), last=torch.tensor([len(ids) - 1]))[0]  # (V,)
+    for ids in prompts:
+        rest = ids[shared:]
+        logits = model(torch.tensor([rest]), cache=cache, start_pos=shared, last=torch.tensor([len(rest) - 1]))[0]
         predictions.append(task.labels[int(logits[choices].argmax())])
     return predictions
 
