@@ -65,7 +65,7 @@ def test_prompt_command_labels_texts(tmp_path, capsys, monkeypatch, model, token
     examples = tmp_path / "train.jsonl"
     examples.write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in
                                   [("fun", "positive"), ("bad", "negative")] * 2))
-    code = plinth.cli.main(["prompt", "tiny", "lovely", "awful", "--labels", "negative,positive", "--shots", "2",
+    code = plinth.cli.main(["prompt", "tiny", "lovely", "awful", "--labels", "negative,positive", "--shots", "2", "--instruction", "Mood?",
                             "--examples", str(examples)])
     lines = capsys.readouterr().out.splitlines()
     assert code == 0 and len(lines) == 2 and all(line.split("\t")[0] in TASK.labels for line in lines)
