@@ -177,3 +177,20 @@ def test_recipes_parse_and_unknown_keys_are_errors():
         load_recipe(FinetuneRecipe, "recipes/lora-sentiment.yaml", ["--lora_rnak=4"])
     with pytest.raises(PlinthError, match="method=probe"):
         load_recipe(FinetuneRecipe, "recipes/lora-sentiment.yaml", ["--method=probe"])
+
+
+def test_recompute_and_target_only_logits_leave_the_gradients_unchanged(tmp_path, base, reviews):
+    """Activation checkpointing and projecting only target positions are pure savings: the same
+    loss and the same gradients as the plain forward over every position."""
+    from plinth.train.loop import scored_outputs
+    grads = {}
+    for recompute in (False, True):
+        model, _, data = prepare(recipe(tmp_path, base, reviews, recompute=recompute, lora_dropout=0.0), log=quiet)
+        x, y = data.batch(0, 0)
+        logits, kept = scored_outputs(model, x, y)
+        full = model(x)
+        torch.testing.assert_close(logits, full[y != IGNORE])  # only the counted positions, same values
+        torch.nn.functional.cross_entropy(logits, kept).backward()
+        grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad)

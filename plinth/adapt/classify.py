@@ -16,6 +16,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from plinth.errors import PlinthError
+from plinth.train.loop import IGNORE
 
 POOLING = ("last", "mean")
 HEAD_FILE, HEAD_CONFIG = "head.safetensors", "head.json"
@@ -75,6 +76,16 @@ class Finetuned(nn.Module):
         if self.head is None:
             return self.backbone(tokens)
         return self.head(self.backbone.features(tokens), mask)[:, None, :]
+
+    def logits_at_targets(self, x, y):
+        """Training: scores only where a target counts, (N, V) and (N,) (see train/loop.py)."""
+        if self.head is not None:
+            return self(x)[:, 0], y[:, 0]
+        keep = y != IGNORE
+        hidden = self.backbone.features(x.clamp(min=0))[keep]  # (N, C)
+        logits = self.backbone.output(hidden)
+        cap = self.config.final_softcap
+        return (torch.tanh(logits / cap) * cap if cap is not None else logits), y[keep]
 
 
 @torch.inference_mode()

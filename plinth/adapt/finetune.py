@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as recomputed
 from safetensors.torch import load_file
 
 from plinth import hub
@@ -54,6 +56,7 @@ class FinetuneRecipe(LoopRecipe):
     val_examples: int = 200              # examples held out of the training data for evaluation
     pooling: str = "last"                # classify: "last" token or "mean" of the hidden states
     pack: bool = False                   # chat: concatenate short conversations up to seq_len
+    recompute: bool = True               # activation checkpointing: far less memory, ~1/3 more compute
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -95,26 +98,33 @@ def labelled_texts(r: FinetuneRecipe) -> list:
     return rows
 
 
-def build_examples(r: FinetuneRecipe, tokenizer) -> tuple[list[Example], list | int | None]:
-    """Tokenized examples for the recipe's task, and what accuracy is measured against."""
+def records(r: FinetuneRecipe) -> list:
+    """The recipe's raw data, every record checked: conversations for chat, else (text, label) pairs."""
+    return sft.load_conversations(r.data) if r.task == "chat" else labelled_texts(r)
+
+
+def build_examples(r: FinetuneRecipe, tokenizer, rows: list) -> tuple[list[Example], list | int | None]:
+    """Tokenized examples of the recipe's task from raw records, and what accuracy is measured
+    against (label first tokens, the label count, or None for chat)."""
     if r.task == "chat":
-        rows = [sft.render(tokenizer, m, r.seq_len) for m in sft.load_conversations(r.data)]
-        return [e for e in rows if any(t != IGNORE for t in e.targets)], None
+        examples = [sft.render(tokenizer, m, r.seq_len) for m in rows]
+        return [e for e in examples if any(t != IGNORE for t in e.targets)], None
     if r.task == "classify":
-        rows = [Example(tokenizer.encode(t)[:r.seq_len] or [0], [r.labels.index(check_label(lab, r.labels))])
-                for t, lab in labelled_texts(r)]
-        return rows, len(r.labels)
+        examples = [Example(tokenizer.encode(t)[:r.seq_len] or [0], [r.labels.index(check_label(lab, r.labels))])
+                    for t, lab in rows]
+        return examples, len(r.labels)
     task = PromptTask(r.instruction, r.labels)
-    rows = [sft.render(tokenizer, task.messages(t, lab), r.seq_len) for t, lab in labelled_texts(r)]
-    return rows, answer_tokens(tokenizer, task)
+    return [sft.render(tokenizer, task.messages(t, lab), r.seq_len) for t, lab in rows], answer_tokens(tokenizer, task)
 
 
 def build_data(r: FinetuneRecipe, tokenizer) -> ExampleData:
-    examples, choices = build_examples(r, tokenizer)
-    order = np.random.default_rng(r.seed).permutation(len(examples))  # a fixed held-out set per seed
-    val = [examples[i] for i in order[:r.val_examples]]
-    rest = [examples[i] for i in order[r.val_examples:]]
-    train_rows = rest[:r.max_examples] if r.max_examples else rest
+    """A fixed held-out set per seed, then up to max_examples training records; only the records
+    used are rendered and tokenized."""
+    rows = records(r)
+    order = np.random.default_rng(r.seed).permutation(len(rows))
+    kept = order[r.val_examples:][:r.max_examples] if r.max_examples else order[r.val_examples:]
+    val, choices = build_examples(r, tokenizer, [rows[i] for i in order[:r.val_examples]])
+    train_rows = build_examples(r, tokenizer, [rows[i] for i in kept])[0]
     if r.pack:
         train_rows, val = pack(train_rows, r.seq_len), pack(val, r.seq_len)
     return ExampleData(train_rows, val, r.batch_size, r.seed, choices)
@@ -135,8 +145,20 @@ def build_model(r: FinetuneRecipe, net) -> Finetuned:
         lora.attach_lora(net, r.lora_rank, r.lora_alpha, r.lora_dropout, r.lora_targets)
     else:
         net.requires_grad_(r.method == "full")
+    if r.recompute:
+        recompute_activations(net)
     head = ClassifierHead(net.config.dim, r.labels, r.pooling) if r.task == "classify" else None
     return Finetuned(net, head)
+
+
+def recompute_activations(net):
+    """Activation checkpointing: backward keeps only each block's input and recomputes the block's
+    insides when it needs them. Activations, not weights, are most of the memory of fine-tuning a
+    small model (30 layers × every token's attention and MLP tensors), so without this LoRA would
+    save little memory over full fine-tuning. The forward is swapped per instance: no new modules,
+    so weight names (and checkpoints) are unchanged."""
+    for block in net.layers:
+        block.forward = partial(recomputed, block.forward, use_reentrant=False)
 
 
 class FinetuneWeights(checkpoint.Weights):

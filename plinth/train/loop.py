@@ -80,6 +80,15 @@ def flops_per_token(params: int, n_layers: int, dim: int, seq_len: int) -> float
     return 6 * params + 12 * n_layers * dim * seq_len
 
 
+def scored_outputs(model, x, y):
+    """Logits (N, V) and targets (N,) of a micro-batch. A model with `logits_at_targets` (fine-tuning)
+    projects only the positions whose target counts: most positions of fine-tuning data are masked,
+    and the vocabulary projection is the largest matmul (and activation) of a small model."""
+    if hasattr(model, "logits_at_targets"):
+        return model.logits_at_targets(x, y)
+    return model(x).flatten(0, 1), y.flatten()
+
+
 @torch.no_grad()
 def evaluate(model, data: TokenData, r) -> dict:
     """Validation loss, and bits per byte (comparable across tokenizers) overall and per source."""
@@ -161,8 +170,8 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
             loss_sum = 0.0
             for x, y in batches:
                 with autocast(r):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+                    logits, targets_kept = scored_outputs(model, x, y)
+                loss = F.cross_entropy(logits.float(), targets_kept, ignore_index=IGNORE, reduction="sum")
                 (loss / targets).backward()
                 loss_sum += float(loss.detach())
             train_loss = loss_sum / targets
