@@ -145,7 +145,18 @@ def cmd_serve(args):
     from plinth.serve.app import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
           max_batch=args.max_batch, max_len=args.max_model_len, grace=args.grace, dtype=args.dtype,
-          embedding_model=args.embedding_model, seed=args.seed, threads=args.threads)
+          embedding_model=args.embedding_model, seed=args.seed, threads=args.threads, adapters=adapter_map(args.adapter))
+
+
+def adapter_map(items: list[str]) -> dict[str, str]:
+    """--adapter NAME=DIR (repeatable) → {NAME: DIR}."""
+    adapters = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise PlinthError(f"--adapter {item!r} must look like NAME=DIR, e.g. sentiment=runs/lora-sentiment/final")
+        adapters[name] = folder
+    return adapters
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "which the HTTP layer keeps)")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "
                    "so that the same request always gets the same answer")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a LoRA adapter "
+                   "as model NAME, beside the base (repeatable; requests choose by model name)")
     p.add_argument("--embedding-model", default="auto", help=f"model for /v1/embeddings: a name, a folder, "
                    f"'none', or 'auto' ({hub.DEFAULT_EMBEDDER} when installed)")
     p.set_defaults(func=cmd_serve)
