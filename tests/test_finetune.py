@@ -194,3 +194,27 @@ def test_recompute_and_target_only_logits_leave_the_gradients_unchanged(tmp_path
         grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad)
+
+
+def test_cli_generates_with_an_adapter_and_reports_bad_recipes(tmp_path, base, reviews, capsys):
+    from plinth.adapt.prompting import PromptTask
+    final = finetune(recipe(tmp_path, base, reviews), log=quiet)
+    prompt = byte_tokenizer().apply_chat_template(PromptTask("Mood?", ("negative", "positive")).messages("fun"))
+    args = ["--max-tokens", "10", "--temperature", "0", "--dtype", "float32"]
+    assert main(["generate", str(base), prompt, "--adapter", str(final), *args]) == 0
+    with_adapter = capsys.readouterr().out
+    assert with_adapter == plinth.load(str(final), dtype="float32").generate(prompt, max_tokens=10, temperature=0) + "\n"
+    assert main(["generate", str(base), prompt, *args]) == 0
+    assert capsys.readouterr().out != with_adapter  # the adapter changes the completion
+    assert main(["finetune", "recipes/lora-sentiment.yaml", "--lora_rnak=3"]) == 2
+    assert "unknown recipe key(s) lora_rnak" in capsys.readouterr().err
+
+
+def test_chitchat_conversations_alternate_user_and_assistant(tokenizer):
+    pytest.importorskip("chitchat_dataset")
+    conversations = sft.load_conversations("chitchat")
+    assert len(conversations) > 7000
+    first = conversations[0]
+    assert [m["role"] for m in first[:4]] == ["user", "assistant", "user", "assistant"]
+    example = sft.render(tokenizer, first, max_len=200)
+    assert len(example.tokens) <= 200 and any(t != IGNORE for t in example.targets)
