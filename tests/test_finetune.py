@@ -213,7 +213,7 @@ def test_cli_generates_with_an_adapter_and_reports_bad_recipes(tmp_path, base, r
 def test_chitchat_conversations_alternate_user_and_assistant(tokenizer):
     pytest.importorskip("chitchat_dataset")
     conversations = sft.load_conversations("chitchat")
-    assert len(conversations) > 7000
+    assert len(conversations) > 4000  # of 7,168: the rest have one speaker only, nothing to answer
     first = conversations[0]
     assert [m["role"] for m in first[:4]] == ["user", "assistant", "user", "assistant"]
     example = sft.render(tokenizer, first, max_len=200)
