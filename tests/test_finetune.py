@@ -218,3 +218,15 @@ def test_chitchat_conversations_alternate_user_and_assistant(tokenizer):
     assert [m["role"] for m in first[:4]] == ["user", "assistant", "user", "assistant"]
     example = sft.render(tokenizer, first, max_len=200)
     assert len(example.tokens) <= 200 and any(t != IGNORE for t in example.targets)
+
+
+def test_qlora_adapter_merges_onto_the_4bit_base_it_was_trained_with(tmp_path, base, reviews):
+    from plinth.adapt.lora import NF4Linear, quantize_base
+    final = finetune(recipe(tmp_path, base, reviews, method="qlora", max_steps=4, save_every=4, eval_every=4), log=quiet)
+    assert json.loads((final / "adapter.json").read_text())["nf4_base"] is True
+    trained = quantize_base(plinth.loaded.read_model(base)[0])
+    load_adapter(trained, final)  # the training-time model: NF4 base + LoRA, unmerged
+    assert any(isinstance(m, NF4Linear) for m in trained.modules())
+    ids = torch.tensor([list(b"lovely")])
+    with torch.no_grad():
+        torch.testing.assert_close(plinth.load(str(final), dtype="float32").model(ids), trained(ids), atol=1e-4, rtol=0)

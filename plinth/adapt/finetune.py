@@ -76,6 +76,9 @@ class FinetuneRecipe(LoopRecipe):
         for name, allowed in (("task", TASKS), ("method", METHODS), ("pooling", POOLING)):
             if getattr(self, name) not in allowed:
                 raise PlinthError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.sample_prompt:
+            raise PlinthError("sample_prompt is for pretraining runs; try a fine-tuned model with "
+                              "`plinth generate BASE --adapter RUN/final PROMPT` (or `plinth generate RUN/final`)")
         if self.method == "probe" and self.task != "classify":
             raise PlinthError("method=probe trains only a classification head; use it with task=classify")
         lora.check_targets(self.lora_targets)
@@ -171,7 +174,7 @@ class FinetuneWeights(checkpoint.Weights):
     def write(self, model: Finetuned, folder: Path):
         r = self.r
         if r.method in ("lora", "qlora"):
-            lora.save_adapter(model.backbone, folder, base=base_reference(r.base))
+            lora.save_adapter(model.backbone, folder, base=base_reference(r.base), nf4_base=r.method == "qlora")
         elif r.method == "full":
             checkpoint.write_model(model.backbone, folder)
         if model.head is not None:

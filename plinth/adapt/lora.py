@@ -58,6 +58,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("absmax", absmax)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.block = block
+        self.train(linear.training)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         codes = torch.stack([self.packed >> 4, self.packed & 15], dim=-1).reshape(-1, self.block).long()
@@ -206,6 +207,8 @@ def load_adapter(model: nn.Module, folder) -> dict:
         raise PlinthError(f"the adapter in {folder} was trained on base model {config['base']!r} "
                           f"(fingerprint {config['base_fingerprint']}), not on this model "
                           f"(fingerprint {base_fingerprint(model)}); load it onto {config['base']!r}")
+    if config.get("nf4_base") and not any(isinstance(m, NF4Linear) for m in model.modules()):
+        quantize_base(model)  # a QLoRA adapter learned its update against the 4-bit base: use the same base
     if not lora_layers(model):
         attach_lora(model, config["rank"], config["alpha"], config["dropout"], config["targets"])
     load_adapter_weights(model, load_file(str(Path(folder) / ADAPTER_FILE)))
