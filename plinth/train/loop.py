@@ -75,9 +75,11 @@ def measured_peak_flops(size: int = 2048, tries: int = 5) -> float:
     return 2 * size ** 3 / best
 
 
-def flops_per_token(params: int, n_layers: int, dim: int, seq_len: int) -> float:
-    """Forward + backward: 6 per parameter per token, plus attention (PaLM's estimate)."""
-    return 6 * params + 12 * n_layers * dim * seq_len
+def flops_per_token(params: int, n_layers: int, dim: int, seq_len: int, trainable: int | None = None) -> float:
+    """Forward + backward: 6 per parameter per token, plus attention (PaLM's estimate). Frozen
+    parameters (LoRA, probes) skip their weight gradient: 4 per parameter, 2 more per trainable one."""
+    trainable = params if trainable is None else trainable
+    return 4 * params + 2 * trainable + 12 * n_layers * dim * seq_len
 
 
 def scored_outputs(model, x, y):
@@ -155,7 +157,8 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
     model.train()
     step_tokens = r.batch_size * r.seq_len * r.grad_accum
     params = sum(p.numel() for p in model.parameters())
-    step_flops = flops_per_token(params, model.config.n_layers, model.config.dim, r.seq_len) * step_tokens
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    step_flops = flops_per_token(params, model.config.n_layers, model.config.dim, r.seq_len, trainable) * step_tokens
     peak = measured_peak_flops()
     started, first_step = time.perf_counter(), step
     with open(metrics_path, "a") as metrics:
