@@ -162,6 +162,7 @@ def adapter_map(items: list[str]) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plinth", description="Pretrain, load, adapt, evaluate and serve foundation models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # subcommand name → its parser
 
     p = sub.add_parser("list", help="models known and installed", description="Known models and where their files are.")
     p.set_defaults(func=cmd_list)
@@ -244,7 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command in ("generate", "prompt"):  # `generate MODEL --adapter DIR "text"`: options
+        # between the positionals; argparse takes those in one go only when parsing intermixed
+        args = parser.commands[args.command].parse_intermixed_args(argv[argv.index(args.command) + 1:], args)
+        unknown = []
     if unknown and args.command not in ("pretrain", "data", "finetune"):  # only recipes take --key=value overrides
         build_parser().parse_args(argv)  # reports the unknown arguments the usual way
     args.overrides = unknown

@@ -201,7 +201,7 @@ def test_cli_generates_with_an_adapter_and_reports_bad_recipes(tmp_path, base, r
     final = finetune(recipe(tmp_path, base, reviews), log=quiet)
     prompt = byte_tokenizer().apply_chat_template(PromptTask("Mood?", ("negative", "positive")).messages("fun"))
     args = ["--max-tokens", "10", "--temperature", "0", "--dtype", "float32"]
-    assert main(["generate", str(base), prompt, "--adapter", str(final), *args]) == 0
+    assert main(["generate", str(base), "--adapter", str(final), prompt, *args]) == 0  # as the README writes it
     with_adapter = capsys.readouterr().out
     assert with_adapter == plinth.load(str(final), dtype="float32").generate(prompt, max_tokens=10, temperature=0) + "\n"
     assert main(["generate", str(base), prompt, *args]) == 0
