@@ -185,7 +185,7 @@ def test_recompute_and_target_only_logits_leave_the_gradients_unchanged(tmp_path
     from plinth.train.loop import scored_outputs
     grads = {}
     for recompute in (False, True):
-        model, _, data = prepare(recipe(tmp_path, base, reviews, recompute=recompute, lora_dropout=0.0), log=quiet)
+        model, _, data = prepare(recipe(tmp_path, base, reviews, activation_checkpointing=recompute, lora_dropout=0.0), log=quiet)
         x, y = data.batch(0, 0)
         logits, kept = scored_outputs(model, x, y)
         full = model(x)

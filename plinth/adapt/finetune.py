@@ -56,7 +56,7 @@ class FinetuneRecipe(LoopRecipe):
     val_examples: int = 200              # examples held out of the training data for evaluation
     pooling: str = "last"                # classify: "last" token or "mean" of the hidden states
     pack: bool = False                   # chat: concatenate short conversations up to seq_len
-    recompute: bool = True               # activation checkpointing: far less memory, ~1/3 more compute
+    activation_checkpointing: bool = True  # recompute block activations in backward: far less memory, ~1/3 more compute
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -148,7 +148,7 @@ def build_model(r: FinetuneRecipe, net) -> Finetuned:
         lora.attach_lora(net, r.lora_rank, r.lora_alpha, r.lora_dropout, r.lora_targets)
     else:
         net.requires_grad_(r.method == "full")
-    if r.recompute:
+    if r.activation_checkpointing:
         recompute_activations(net)
     head = ClassifierHead(net.config.dim, r.labels, r.pooling) if r.task == "classify" else None
     return Finetuned(net, head)
