@@ -10,6 +10,7 @@ and how to fix it, and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from plinth import hub
@@ -117,7 +118,9 @@ def cmd_data_prepare(args):
 
 def cmd_pretrain(args):
     from plinth.train.loop import pretrain
-    print(f"checkpoint: {pretrain(recipe_of(args), resume=args.resume)}")
+    latest = pretrain(recipe_of(args), resume=args.resume, dist_mode=args.dist)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {latest}")
 
 
 def cmd_plot(args):
@@ -172,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "recipes/pretrain-tiny.yaml --max_steps=100 (then --resume after a stop)")
     p.add_argument("recipe")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--dist", choices=["none", "ddp", "fsdp2"], default="none",
+                   help="under torchrun: replicate (ddp) or shard (fsdp2) the model over the processes, e.g. "
+                        "torchrun --nproc-per-node 2 -m plinth pretrain RECIPE --dist ddp")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("plot", help="training curves to PNG", description="Plot loss, validation loss, "

@@ -7,14 +7,11 @@ import time
 
 import pytest
 
-from plinth.data.prepare import prepare
 from plinth.errors import PlinthError
 from plinth.train.loop import pretrain
 from plinth.train.recipe import PretrainRecipe, load_recipe
+from tests.conftest import TINY, losses, recipe
 
-TINY = dict(sources=["python-stdlib"], max_docs_per_source=40, val_fraction=0.1, vocab_size=320, seq_len=32, batch_size=4,
-            model={"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64},
-            max_steps=300, warmup_steps=10, save_every=10, eval_every=100, log_every=1000, lr=0.01)
 
 
 def test_prepare_reports_compression_against_smollm2(data_dir):
@@ -22,23 +19,6 @@ def test_prepare_reports_compression_against_smollm2(data_dir):
     ratios = meta["compression"]["python-stdlib"]
     assert 1.5 < ratios["plinth"] < ratios["smollm2"]  # a 320-token vocabulary compresses less than 49k
     assert meta["val_sources"]["python-stdlib"]["end"] > meta["val_sources"]["python-stdlib"]["start"]
-
-
-def losses(out_dir):
-    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    prepare(PretrainRecipe(**TINY, out_dir=str(out / "base")), log=lambda *_: None)
-    return out / "base" / "data"
-
-
-def recipe(tmp_path, data_dir, name, **overrides):
-    (tmp_path / name).mkdir()
-    (tmp_path / name / "data").symlink_to(data_dir)
-    return PretrainRecipe(**{**TINY, **overrides}, out_dir=str(tmp_path / name))
 
 
 def test_pretraining_learns_and_makes_a_normal_model(tmp_path, data_dir):
