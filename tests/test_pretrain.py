@@ -107,3 +107,62 @@ def test_plot_writes_a_png(tmp_path, data_dir):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(PlinthError, match="metrics.jsonl"):
         plot_run(tmp_path)
+
+
+def test_mixture_weights_choose_the_source_of_each_row(tmp_path):
+    import numpy as np
+
+    from plinth.data.shards import ShardWriter, TokenData
+    writer = ShardWriter(tmp_path, vocab_size=300, eos_id=299)
+    for source, count in (("code", 30), ("prose", 10)):
+        for _ in range(count):
+            writer.add("train", source, list(range(100)), 100)
+            writer.add("val", source, list(range(100)), 100)
+    writer.close({})
+    code, prose = writer.ranges["train"]["code"], writer.ranges["train"]["prose"]
+    only_prose = TokenData(tmp_path, 16, 8, seed=0, mixture={"prose": 1.0, "code": 0})
+    starts = np.concatenate([only_prose.starts(step, 0) for step in range(50)])
+    assert (starts >= prose["start"]).all() and (starts < prose["end"] - 16).all()
+    # prose is a quarter of the tokens but drawn as often as code
+    even = TokenData(tmp_path, 16, 8, seed=0, mixture={"prose": 1, "code": 1})
+    starts = np.concatenate([even.starts(step, 0) for step in range(200)])
+    assert 0.42 < (starts >= prose["start"]).mean() < 0.58
+    by_size = TokenData(tmp_path, 16, 8, seed=0)
+    starts = np.concatenate([by_size.starts(step, 0) for step in range(200)])
+    assert 0.18 < (starts >= code["end"]).mean() < 0.32
+    with pytest.raises(PlinthError, match="its sources are code, prose"):
+        TokenData(tmp_path, 16, 8, seed=0, mixture={"poetry": 1})
+
+
+def test_a_batch_too_big_for_memory_fails_before_training(tmp_path, data_dir):
+    r = recipe(tmp_path, data_dir, "huge", batch_size=2**20)
+    with pytest.raises(PlinthError, match="lower batch_size .now 1048576"):
+        pretrain(r, log=lambda *_: None)
+    assert not (tmp_path / "huge" / "metrics.jsonl").exists()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    import torch
+
+    from tests.conftest import tiny_model
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        model.activation_checkpointing = checkpointing
+        tokens = torch.arange(24).reshape(2, 12) % model.config.vocab_size
+        model(tokens).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_tokenizer_train_command_then_prepare_uses_it(tmp_path, capsys):
+    from plinth.cli import main
+    (tmp_path / "r.yaml").write_text("sources: [python-stdlib]\nmax_docs_per_source: 12\nval_fraction: 0.2\n"
+                                     f"vocab_size: 300\nout_dir: {tmp_path / 'run'}\n")
+    main(["tokenizer", "train", str(tmp_path / "r.yaml")])
+    assert "bytes/token" in capsys.readouterr().out
+    trained = (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text()
+    main(["data", "prepare", str(tmp_path / "r.yaml")])
+    assert "using the tokenizer in" in capsys.readouterr().out
+    assert (tmp_path / "run" / "data" / "tokenizer.json").read_text() == trained

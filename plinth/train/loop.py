@@ -25,6 +25,7 @@ from plinth.model import Transformer
 from plinth.tokenizer import Tokenizer
 from plinth.train import checkpoint
 from plinth.train.dist import Dist, setup
+from plinth.train.memory import check_fits
 
 IGNORE = -100  # target id that takes no part in the loss (padding, masked prompt tokens)
 
@@ -118,7 +119,7 @@ def sample(model, tokenizer, prompt: str, tokens: int = 48) -> str:
 def pretrain(recipe, resume: bool = False, log=print, dist_mode: str = "none") -> Path:
     d = setup(dist_mode, recipe.batch_size)
     try:
-        data = TokenData(recipe.data_dir, recipe.seq_len, recipe.batch_size, recipe.seed)
+        data = TokenData(recipe.data_dir, recipe.seq_len, recipe.batch_size, recipe.seed, recipe.mixture)
         tokenizer = Tokenizer.from_folder(recipe.data_dir)
         config = preset(recipe.preset, **{"vocab_size": tokenizer.vocab_size, "max_seq_len": recipe.seq_len,
                                           **recipe.model})
@@ -133,6 +134,9 @@ def pretrain(recipe, resume: bool = False, log=print, dist_mode: str = "none") -
 
 @torch.enable_grad()  # whatever the caller's autograd mode
 def train(model, tokenizer, data, r, resume: bool, log=print, d: Dist = Dist()) -> Path:
+    params = sum(p.numel() for p in model.parameters())
+    config = model.config
+    check_fits(config, params, r, r.batch_size // d.world, d.device, d.world if d.mode == "fsdp2" else 1)
     out = Path(r.out_dir)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -145,8 +149,10 @@ def train(model, tokenizer, data, r, resume: bool, log=print, d: Dist = Dist()) 
     elif d.main:
         metrics_path.write_text("")
     d.barrier()  # nobody trains until rank 0 has checked and prepared the run folder
-    params = sum(p.numel() for p in model.parameters())
-    config = model.config
+    model.activation_checkpointing = r.activation_checkpointing
+    if r.compile:
+        for block in model.layers:  # per block, the way that composes with DDP and FSDP2
+            block.compile()
     model = d.wrap(model)
     optimizer = build_optimizer(model, r)
     if resume:
