@@ -166,3 +166,31 @@ def test_tokenizer_train_command_then_prepare_uses_it(tmp_path, capsys):
     main(["data", "prepare", str(tmp_path / "r.yaml")])
     assert "using the tokenizer in" in capsys.readouterr().out
     assert (tmp_path / "run" / "data" / "tokenizer.json").read_text() == trained
+
+
+def test_parquet_files_are_a_source(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from plinth.data.sources import read_source
+    pq.write_table(pa.table({"text": ["first document", None, "third"], "id": [1, 2, 3]}), tmp_path / "a.parquet",
+                   row_group_size=2)
+    assert [(d.id, d.text) for d in read_source(str(tmp_path))] == [("a.parquet:0", "first document"),
+                                                                   ("a.parquet:2", "third")]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
+    with pytest.raises(PlinthError, match="needs a 'text' column; it has body"):
+        list(read_source(str(tmp_path)))
+
+
+@pytest.mark.parametrize("name, path", [("gcide", "/usr/share/dictd/gcide.index"),
+                                        ("fortunes", "/usr/share/games/fortunes")])
+def test_debian_corpora_read_as_documents(name, path):
+    import itertools
+    from pathlib import Path
+
+    from plinth.data.sources import read_source
+    if not Path(path).exists():
+        pytest.skip(f"{path} not installed (Debian package); the reader names the package to install")
+    docs = list(itertools.islice(read_source(name), 200))
+    assert len(docs) == 200 and len({d.id for d in docs}) == 200
+    assert all(d.text and "{" not in d.text and "[1913 Webster]" not in d.text for d in docs)
