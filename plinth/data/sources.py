@@ -77,7 +77,7 @@ def gcide() -> Iterator[Document]:
         seen.add((offset, length))
         start = number(offset)
         text = data[start:start + number(length)].decode("utf-8", errors="replace")
-        text = re.sub(r"^\s*\[[^\]\n]*(Webster|WordNet|PJC|Century)[^\]\n]*\]\s*$", "", text, flags=re.M)
+        text = re.sub(r"[ \t]*\[[^\]\n]*(Webster|WordNet|PJC|Century)[^\]\n]*\]", "", text)  # source tags
         yield Document("gcide", f"{word}@{offset}", re.sub(r"\n{3,}", "\n\n", text.replace("{", "").replace("}", "")).strip())
 
 
