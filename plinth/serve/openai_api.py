@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from plinth.errors import PlinthError
 from plinth.generate import Step
+from plinth.serve.retrieval import add_sources
 from plinth.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 
 router = APIRouter()
@@ -60,12 +61,19 @@ async def list_models(request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = state(request)
     model = s.resolve_model(body.model)
+    messages, extra = [m.as_template_input() for m in body.messages], {}
+    if body.retrieval is not None:
+        try:
+            messages, extra["sources"] = await add_sources(s, body.retrieval, messages,
+                                                           body.token_limit() or min(512, s.engine.max_len // 4))
+        except PlinthError as e:
+            raise APIError(400, str(e), param="retrieval") from e
     try:
-        text = s.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
+        text = s.tokenizer.apply_chat_template(messages)
     except PlinthError as e:
         raise APIError(400, str(e), param="messages") from e
     prompt = s.tokenizer.encode(text, add_bos=False)
-    return await respond(s, request, body, model, [prompt], chat=True)
+    return await respond(s, request, body, model, [prompt], chat=True, extra=extra)
 
 
 @router.post("/v1/completions")
@@ -83,7 +91,8 @@ async def completions(body: CompletionRequest, request: Request):
     return await respond(s, request, body, model, prompts, chat=False)
 
 
-async def respond(s, request: Request, body, model: str, prompts: list[list[int]], chat: bool):
+async def respond(s, request: Request, body, model: str, prompts: list[list[int]], chat: bool, extra: dict | None = None):
+    """`extra`: fields added to the response (to the first chunk of a stream), e.g. retrieval's sources."""
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     jobs = []  # (choice index, prompt, params)
@@ -100,7 +109,7 @@ async def respond(s, request: Request, body, model: str, prompts: list[list[int]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return CancellingStream(stream(events, s, model, kind, response_id, created, chat, prompt_tokens,
-                                       include_usage, len(jobs)), cancel)
+                                       include_usage, len(jobs), extra or {}), cancel)
     choices = {index: Choice(index) for index, _, _ in jobs}
     try:
         async for index, step in events:
@@ -108,7 +117,8 @@ async def respond(s, request: Request, body, model: str, prompts: list[list[int]
     finally:
         cancel()
     return {"id": response_id, "object": kind, "created": created, "model": model, "system_fingerprint": None,
-            "choices": [choice_body(c, chat) for c in choices.values()], "usage": usage(prompt_tokens, choices.values())}
+            "choices": [choice_body(c, chat) for c in choices.values()], "usage": usage(prompt_tokens, choices.values()),
+            **(extra or {})}
 
 
 class CancellingStream(StreamingResponse):
@@ -168,14 +178,18 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def stream(events, s, model, kind, response_id, created, chat, prompt_tokens, include_usage, n_choices):
+async def stream(events, s, model, kind, response_id, created, chat, prompt_tokens, include_usage, n_choices,
+                 first_extra: dict):
     kind += ".chunk" if chat else ""
     choices: dict[int, Choice] = {}
     extra = {"usage": None} if include_usage else {}
 
     def chunk(choice_list):
-        return sse({"id": response_id, "object": kind, "created": created, "model": model,
-                    "system_fingerprint": None, "choices": choice_list, **extra})
+        nonlocal first_extra
+        body = {"id": response_id, "object": kind, "created": created, "model": model,
+                "system_fingerprint": None, "choices": choice_list, **extra, **first_extra}
+        first_extra = {}
+        return sse(body)
 
     try:
         if chat:  # OpenAI opens every choice with the role
