@@ -1,0 +1,160 @@
+"""Retrieval-augmented generation over the Python documentation: retrieval quality, answers with
+and without retrieval, index build time and query latency.
+
+    .venv/bin/python benchmarks/rag.py                      # build (or reuse) the index, then everything
+    .venv/bin/python benchmarks/rag.py --no-answers         # retrieval figures only (seconds)
+    .venv/bin/python benchmarks/rag.py --rebuild --index runs/pydocs-idx
+
+Corpus: the Python 3.11 HTML documentation from Debian's `python3.11-doc`
+(/usr/share/doc/python3.11/html); without it the benchmark says so and exits. It indexes the user
+documentation (tutorial, library, reference, HOWTOs, FAQ, using, extending, glossary) and leaves
+out generated pages (the general index, the table of contents, `_sources/` copies), the C API,
+what's-new and distutils (`EXCLUDE` below).
+
+Questions: benchmarks/data/rag_questions.jsonl, 50 questions written from the docs; each names the
+page (`source`) and an exact sentence of it (`passage`) that answers it, and `answers`: keywords, any
+of which in a reply counts as a correct answer.
+
+How each figure is measured:
+  recall@5, MRR  a retrieved chunk is relevant when it comes from the question's page and its
+                 character span overlaps the passage; recall@5 is the share of questions with a
+                 relevant chunk among the first 5, MRR the mean of 1/rank of the first relevant one
+                 (0 when none is in the first 10).
+  answers        SmolLM2-135M-Instruct, greedy, at most --max-tokens tokens: once with the question
+                 alone, once through `plinth.adapt.rag.ask` (the --k best passages in the prompt). A
+                 reply is correct when one of the question's keywords appears in it as a whole word,
+                 case-insensitive, after citation marks like [1] are removed.
+  build s        wall time of `Index.build` (read, chunk, embed every chunk), from index.json when reused.
+  query ms       embedding the question plus the exact search, per question: median and 95th percentile.
+The figures depend on the machine's load: each run records the 1-minute load average.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from plinth.adapt.documents import load_file  # noqa: E402
+from plinth.adapt.index import Index  # noqa: E402
+from plinth.adapt.rag import ask  # noqa: E402
+
+DOCS = Path("/usr/share/doc/python3.11/html")
+EXCLUDE = ["_*/*", "c-api/*", "whatsnew/*", "distutils/*", "install/*", "genindex*", "contents.html",
+           "py-modindex.html", "search.html", "bugs.html", "copyright.html", "license.html", "about.html",
+           "download.html"]
+
+
+def load_questions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def passage_span(docs: Path, question: dict) -> tuple[int, int]:
+    text = load_file(docs / question["source"], question["source"]).text
+    start = text.find(question["passage"])
+    if start < 0:
+        raise SystemExit(f"passage of {question['question']!r} not found in {question['source']}: fix the question file")
+    return start, start + len(question["passage"])
+
+
+def first_relevant_rank(hits, question: dict, span: tuple[int, int]) -> int | None:
+    for rank, hit in enumerate(hits, 1):
+        c = hit.chunk
+        if c.source == question["source"] and c.start < span[1] and span[0] < c.end:
+            return rank
+    return None
+
+
+def is_correct(reply: str, answers: list[str]) -> bool:
+    reply = re.sub(r"\[\d+\]", " ", reply)
+    return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", reply, re.IGNORECASE) for a in answers)
+
+
+def retrieval(index: Index, embedder, questions: list[dict], docs: Path) -> dict:
+    ranks, latencies = [], []
+    index.search(embedder, "warm-up", k=1)
+    for q in questions:
+        start = time.perf_counter()
+        hits = index.search(embedder, q["question"], k=10)
+        latencies.append(time.perf_counter() - start)
+        q["rank"] = first_relevant_rank(hits, q, passage_span(docs, q))
+        ranks.append(q["rank"])
+    latencies.sort()
+    return {"questions": len(questions), "recall@5": sum(r is not None and r <= 5 for r in ranks) / len(ranks),
+            "recall@1": sum(r == 1 for r in ranks) / len(ranks),
+            "mrr": sum(1 / r for r in ranks if r) / len(ranks),
+            "query_ms_median": 1000 * statistics.median(latencies),
+            "query_ms_p95": 1000 * latencies[int(0.95 * (len(latencies) - 1))]}
+
+
+def answers(model, index: Index, embedder, questions: list[dict], args) -> dict:
+    options = dict(max_tokens=args.max_tokens, temperature=0)
+    correct = {"without": 0, "with": 0}
+    for i, q in enumerate(questions, 1):
+        q["reply_without"] = model.chat([{"role": "user", "content": q["question"]}], **options)
+        q["reply_with"] = ask(model, index, embedder, q["question"], k=args.k, max_prompt_tokens=args.context_tokens,
+                              **options).text
+        for mode in correct:
+            q[f"correct_{mode}"] = is_correct(q[f"reply_{mode}"], q["answers"])
+            correct[mode] += q[f"correct_{mode}"]
+        print(f"  {i}/{len(questions)} without {correct['without']} · with {correct['with']}", end="\r", flush=True)
+    print()
+    return {f"accuracy_{mode}_retrieval": n / len(questions) for mode, n in correct.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument("--index", type=Path, default=ROOT / "runs" / "pydocs-idx", help="reused when present")
+    parser.add_argument("--rebuild", action="store_true", help="build the index even if --index exists")
+    parser.add_argument("--questions", type=Path, default=ROOT / "benchmarks" / "data" / "rag_questions.jsonl")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--k", type=int, default=4, help="passages in the answer prompt")
+    parser.add_argument("--context-tokens", type=int, default=1536)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--limit", type=int, help="only the first N questions")
+    parser.add_argument("--no-answers", action="store_true", help="retrieval figures only")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rag.json")
+    args = parser.parse_args()
+    if not args.docs.is_dir():
+        print(f"skipped: {args.docs} is not here; install Debian's python3.11-doc (apt-get install python3.11-doc) "
+              "or pass --docs FOLDER")
+        return
+    from plinth.embed import Embedder
+    embedder = Embedder.load()
+    if args.rebuild or not (args.index / "index.json").is_file():
+        print(f"building the index of {args.docs} ...", flush=True)
+        Index.build(args.docs, embedder, exclude=EXCLUDE).save(args.index)
+    index = Index.load(args.index)
+    questions = load_questions(args.questions)[:args.limit]
+    results = {"documents": index.info["documents"], "chunks": len(index), "build_s": index.info["build_seconds"],
+               **retrieval(index, embedder, questions, args.docs)}
+    if not args.no_answers:
+        import plinth
+        results.update(answers(plinth.load(args.model), index, embedder, questions, args))
+    report(results)
+    settings = {**{k: str(v) for k, v in vars(args).items()}, "load_average_1m": os.getloadavg()[0],
+                "threads": __import__("torch").get_num_threads(), "machine": platform.platform()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "results": results, "questions": questions}, indent=1))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+def report(results: dict):
+    print(f"\n{'measure':28} value")
+    for key, value in results.items():
+        print(f"{key:28} {value:.3f}" if isinstance(value, float) else f"{key:28} {value}")
+
+
+if __name__ == "__main__":
+    main()
