@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from plinth.errors import PlinthError
 from plinth.generate import Step
-from plinth.serve.retrieval import add_sources
+from plinth.serve.retrieval import add_sources, with_sources_field
 from plinth.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 
 router = APIRouter()
@@ -61,11 +61,11 @@ async def list_models(request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = state(request)
     model = s.resolve_model(body.model)
-    messages, extra = [m.as_template_input() for m in body.messages], {}
+    messages, sources = [m.as_template_input() for m in body.messages], None
     if body.retrieval is not None:
         try:
-            messages, extra["sources"] = await add_sources(s, body.retrieval, messages,
-                                                           body.token_limit() or min(512, s.engine.max_len // 4))
+            messages, sources = await add_sources(s, body.retrieval, messages,
+                                                  body.token_limit() or min(512, s.engine.max_len // 4))
         except PlinthError as e:
             raise APIError(400, str(e), param="retrieval") from e
     try:
@@ -73,7 +73,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     except PlinthError as e:
         raise APIError(400, str(e), param="messages") from e
     prompt = s.tokenizer.encode(text, add_bos=False)
-    return await respond(s, request, body, model, [prompt], chat=True, extra=extra)
+    response = await respond(s, request, body, model, [prompt], chat=True)
+    return response if sources is None else with_sources_field(response, sources)
 
 
 @router.post("/v1/completions")
@@ -91,8 +92,7 @@ async def completions(body: CompletionRequest, request: Request):
     return await respond(s, request, body, model, prompts, chat=False)
 
 
-async def respond(s, request: Request, body, model: str, prompts: list[list[int]], chat: bool, extra: dict | None = None):
-    """`extra`: fields added to the response (to the first chunk of a stream), e.g. retrieval's sources."""
+async def respond(s, request: Request, body, model: str, prompts: list[list[int]], chat: bool):
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     jobs = []  # (choice index, prompt, params)
@@ -109,7 +109,7 @@ async def respond(s, request: Request, body, model: str, prompts: list[list[int]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return CancellingStream(stream(events, s, model, kind, response_id, created, chat, prompt_tokens,
-                                       include_usage, len(jobs), extra or {}), cancel)
+                                       include_usage, len(jobs)), cancel)
     choices = {index: Choice(index) for index, _, _ in jobs}
     try:
         async for index, step in events:
@@ -117,8 +117,7 @@ async def respond(s, request: Request, body, model: str, prompts: list[list[int]
     finally:
         cancel()
     return {"id": response_id, "object": kind, "created": created, "model": model, "system_fingerprint": None,
-            "choices": [choice_body(c, chat) for c in choices.values()], "usage": usage(prompt_tokens, choices.values()),
-            **(extra or {})}
+            "choices": [choice_body(c, chat) for c in choices.values()], "usage": usage(prompt_tokens, choices.values())}
 
 
 class CancellingStream(StreamingResponse):
@@ -178,18 +177,14 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def stream(events, s, model, kind, response_id, created, chat, prompt_tokens, include_usage, n_choices,
-                 first_extra: dict):
+async def stream(events, s, model, kind, response_id, created, chat, prompt_tokens, include_usage, n_choices):
     kind += ".chunk" if chat else ""
     choices: dict[int, Choice] = {}
     extra = {"usage": None} if include_usage else {}
 
     def chunk(choice_list):
-        nonlocal first_extra
-        body = {"id": response_id, "object": kind, "created": created, "model": model,
-                "system_fingerprint": None, "choices": choice_list, **extra, **first_extra}
-        first_extra = {}
-        return sse(body)
+        return sse({"id": response_id, "object": kind, "created": created, "model": model,
+                    "system_fingerprint": None, "choices": choice_list, **extra})
 
     try:
         if chat:  # OpenAI opens every choice with the role

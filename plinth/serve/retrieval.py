@@ -12,6 +12,7 @@ engine thread, like every other model computation.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,3 +58,20 @@ async def add_sources(state, options: RetrievalOptions, messages: list[dict],
     query = messages[last_user_turn(messages)]["content"]
     hits = await asyncio.wrap_future(state.engine.call(index.search, state.embedder, query, options.k, options.where))
     return with_sources(messages, hits, state.tokenizer, state.engine.max_len - completion_tokens)
+
+
+def with_sources_field(response, sources: list[dict]):
+    """A chat response with `sources` added: to the body, or to the first event of a stream."""
+    if isinstance(response, dict):
+        return {**response, "sources": sources}
+    response.body_iterator = _first_event_with(response.body_iterator, sources)
+    return response
+
+
+async def _first_event_with(events, sources: list[dict]):
+    first = True
+    async for event in events:
+        if first and event.startswith("data: {"):  # the role chunk, sent before any token
+            event = f"data: {json.dumps({**json.loads(event[6:]), 'sources': sources})}\n\n"
+            first = False
+        yield event
