@@ -143,15 +143,29 @@ def test_chunks_are_token_windows_with_overlap_and_exact_positions(embedder):
         chunk_documents([doc], embedder.tokenizer, size=40, overlap=30)
 
 
-def test_search_finds_the_answer_and_matches_brute_force(index, embedder):
+def test_search_finds_the_answer_and_dense_mode_matches_brute_force(index, embedder):
     hits = index.search(embedder, "When should I prune my roses?", k=3)
     assert hits[0].chunk.source == "garden.md" and "Prune roses" in hits[0].chunk.text
     assert index.search(embedder, "Which birds fly silently at night?", k=1)[0].chunk.source == "sub/birds.txt"
     query = embedder.embed("bread dough").numpy()[0]
-    reference = sorted(range(len(index)), key=lambda i: -float(np.dot(index.vectors[i], query)))[:4]
-    assert [h.chunk for h in index.search_vector(query, 4)] == [index.chunks[i] for i in reference]
-    assert [h.score for h in index.search(embedder, "x", k=100)] == sorted(h.score for h in index.search(embedder, "x", k=100))[::-1]
-    assert len(index.search(embedder, "x", k=100)) == len(index)
+    similarity = [float(np.dot(v, query)) for v in index.vectors]
+    reference = sorted(range(len(index)), key=lambda i: -similarity[i])
+    hits = index.search(embedder, "bread dough", k=len(index), mode="dense")
+    assert [h.chunk for h in hits] == [index.chunks[i] for i in reference]
+    assert [h.score for h in hits] == pytest.approx([similarity[i] for i in reference], abs=1e-5)
+
+
+def test_hybrid_search_fuses_word_and_meaning_rankings(index, embedder):
+    lexical = index.search(embedder, "Invoice due", k=len(index), mode="lexical")
+    assert lexical[0].chunk.source == "sub/billing.py"  # the only chunk with both words
+    dense = index.search(embedder, "Invoice due", k=len(index), mode="dense")
+    hybrid = index.search(embedder, "Invoice due", k=len(index))
+    position = {mode: [h.chunk for h in hits].index(lexical[0].chunk) for mode, hits in
+                [("dense", dense), ("hybrid", hybrid)]}
+    assert position["hybrid"] <= position["dense"]  # the exact words lift it
+    assert sorted(h.chunk.start for h in hybrid) == sorted(c.start for c in index.chunks)  # a ranking of all
+    with pytest.raises(PlinthError, match="unknown search mode 'fuzzy'; use one of hybrid, dense, lexical"):
+        index.search(embedder, "x", mode="fuzzy")
 
 
 def test_filters_restrict_the_candidates(index, embedder):
@@ -213,3 +227,10 @@ def test_prompt_holds_the_best_sources_that_fit_and_cites_them(index, embedder, 
     assert sources == [] and messages == question  # no room: the question alone
     with pytest.raises(PlinthError, match="no room"):
         with_sources(question, hits, tokenizer, 10)
+
+
+def test_reciprocal_rank_fusion_adds_ranks_and_ignores_missing_words():
+    from plinth.adapt.index import RRF_K, reciprocal_rank_fusion
+    fused = reciprocal_rank_fusion(np.array([0.9, 0.8, 0.1]), np.array([0.0, 5.0, 0.0]))
+    assert fused == pytest.approx([1 / (RRF_K + 1), 1 / (RRF_K + 2) + 1 / (RRF_K + 1), 1 / (RRF_K + 3)])
+    assert list(np.argsort(-fused)) == [1, 0, 2]  # second by meaning, first by words: first overall

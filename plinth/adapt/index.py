@@ -3,11 +3,12 @@
     index = Index.build("docs/", embedder)           # read, chunk, embed
     index.save("idx/")                               # atomically: a half-written index is never seen
     index = Index.load("idx/")
-    hits = index.search(embedder, "how do I open a file?", k=5, where={"source": "library/*"})
+    hits = index.search(embedder, "how do I open a file?", k=5, where={"source": "library/*"})  # hybrid
 
 Folder layout: `index.json` (which embedder built it, chunking, counts), `vectors.npy` (N, dim)
 float32 unit vectors, `chunks.jsonl` (one chunk's text and source position per line).
 
+Search is hybrid by default: the embedding's ranking fused with BM25's over words (see `search`).
 Why exact search: one matrix-vector product over every chunk is exact, filters apply before the
 top-k instead of after (an approximate index can return fewer than k filtered hits), and it is
 fast at the sizes a local index has — `benchmarks/vector_search.py` measured it against faiss and
@@ -20,6 +21,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,8 @@ from plinth.adapt.documents import load_folder
 from plinth.errors import PlinthError
 
 FORMAT = 1
+MODES = ("hybrid", "dense", "lexical")
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack, Clarke & Büttcher 2009): rank r counts 1 / (60 + r)
 FILTERABLE = [f.name for f in fields(Chunk) if f.name != "text"]
 
 
@@ -125,25 +129,47 @@ class Index:
             raise PlinthError(f"this index was built with the embedder '{self.embedder_name}', not "
                               f"'{embedder.name}': query it with '{self.embedder_name}' or rebuild it")
 
-    def search(self, embedder, query: str, k: int = 5, where: dict | None = None) -> list[Hit]:
-        """The k chunks most similar to `query`, best first, among those matching `where`."""
+    def search(self, embedder, query: str, k: int = 5, where: dict | None = None, mode: str = "hybrid") -> list[Hit]:
+        """The k best chunks for `query` among those matching `where`, best first. `mode`: "dense" ranks
+        by the cosine similarity of embeddings, "lexical" by BM25 over words, "hybrid" fuses the two
+        rankings by reciprocal rank, so that an exact name (`KeyError`, `lru_cache`) found by its words
+        and a paraphrase found by its meaning both rise. A hit's score is its cosine similarity."""
         self.check_embedder(embedder)
         if not self.chunks:
             raise PlinthError("this index holds no chunks (its folder had no readable documents): rebuild it "
                               "from a folder with .txt, .md, .html, .py or .pdf files")
         if k < 1:
             raise PlinthError(f"k must be at least 1, got {k}")
-        query_vector = embedder.embed(query).numpy()[0]
-        return self.search_vector(query_vector, k, where)
-
-    def search_vector(self, query_vector: np.ndarray, k: int, where: dict | None = None) -> list[Hit]:
-        scores = self.vectors @ query_vector.astype(np.float32)  # (N,): cosine, all vectors are unit length
+        if mode not in MODES:
+            raise PlinthError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
+        similarity = self.vectors @ embedder.embed(query).numpy()[0]  # (N,): cosine, all vectors are unit length
+        if mode == "dense":
+            ranking = similarity
+        elif mode == "lexical":
+            ranking = self.lexical_scores(query)
+        else:
+            ranking = reciprocal_rank_fusion(similarity, self.lexical_scores(query))
         if where:
-            scores = np.where(self.matching(where), scores, -np.inf)
-        k = min(k, int(np.isfinite(scores).sum()))
-        best = np.argpartition(-scores, k - 1)[:k] if k else np.array([], dtype=int)
-        best = best[np.argsort(-scores[best], kind="stable")]
-        return [Hit(self.chunks[i], float(scores[i])) for i in best]
+            ranking = np.where(self.matching(where), ranking, -np.inf)
+        k = min(k, int(np.isfinite(ranking).sum()))
+        best = np.argpartition(-ranking, k - 1)[:k] if k else np.array([], dtype=int)
+        best = best[np.argsort(-ranking[best], kind="stable")]
+        return [Hit(self.chunks[i], float(similarity[i])) for i in best]
+
+    @cached_property
+    def lexical(self):
+        """BM25 over the chunks' words (`bm25s`), built from the chunks on first use (a second or two
+        for ten thousand chunks), so the folder on disk holds only what embedding produced."""
+        import bm25s
+        retriever = bm25s.BM25()
+        retriever.index(bm25s.tokenize([embedding_text(c) for c in self.chunks], show_progress=False),
+                        show_progress=False)
+        return retriever
+
+    def lexical_scores(self, query: str) -> np.ndarray:
+        import bm25s
+        words = bm25s.tokenize([query], return_ids=False, show_progress=False)[0]
+        return self.lexical.get_scores(words) if words else np.zeros(len(self.chunks), dtype=np.float32)
 
     def matching(self, where: dict) -> np.ndarray:
         """Boolean mask of chunks whose fields match every condition: a string is a shell-style
@@ -156,6 +182,17 @@ class Index:
             options = wanted if isinstance(wanted, list) else [wanted]
             mask &= np.array([any(matches(getattr(c, key), o) for o in options) for c in self.chunks], dtype=bool)
         return mask
+
+
+def reciprocal_rank_fusion(similarity: np.ndarray, lexical: np.ndarray) -> np.ndarray:
+    """Each ranking adds 1 / (RRF_K + rank) for a chunk; chunks that share no word with the query get
+    nothing from BM25 rather than an arbitrary low rank. Ranks only, so neither score's scale matters."""
+    fused = np.zeros(len(similarity))
+    for scores, counted in ((similarity, np.ones(len(similarity), dtype=bool)), (lexical, lexical > 0)):
+        ranks = np.empty(len(scores))
+        ranks[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
+        fused += np.where(counted, 1 / (RRF_K + ranks), 0.0)
+    return fused
 
 
 def matches(value, wanted) -> bool:

@@ -66,11 +66,12 @@ def with_sources(messages: list[dict], hits: list[Hit], tokenizer, max_prompt_to
     return render(blocks), used
 
 
-def ask(model, index: Index, embedder, question: str, k: int = 4, where: dict | None = None,
+def ask(model, index: Index, embedder, question: str, k: int = 4, where: dict | None = None, mode: str = "hybrid",
         max_prompt_tokens: int = 1536, stream: bool = False, **sampling) -> Answer:
-    """Answer `question` from the `k` best passages of `index` (filtered by `where`). With
-    stream=True, `Answer.text` is an iterator of text pieces. `sampling`: `SamplingParams` fields."""
-    hits = index.search(embedder, question, k=k, where=where)
+    """Answer `question` from the `k` best passages of `index` (filtered by `where`, ranked by `mode`,
+    see `Index.search`). With stream=True, `Answer.text` is an iterator of text pieces.
+    `sampling`: `SamplingParams` fields."""
+    hits = index.search(embedder, question, k=k, where=where, mode=mode)
     max_tokens = sampling.setdefault("max_tokens", 256)
     room = min(max_prompt_tokens, model.model.config.max_seq_len - max_tokens)
     messages, sources = with_sources([{"role": "user", "content": question}], hits, model.tokenizer, room)

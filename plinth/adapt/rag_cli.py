@@ -12,6 +12,7 @@ import json
 import sys
 
 from plinth import hub
+from plinth.adapt.index import MODES
 from plinth.errors import PlinthError
 
 
@@ -48,7 +49,8 @@ def cmd_index_build(args):
 def cmd_index_query(args):
     from plinth.adapt.index import Index
     index = Index.load(args.index)
-    hits = index.search(index.load_embedder(args.embedder), args.question, k=args.k, where=parse_where(args.where))
+    hits = index.search(index.load_embedder(args.embedder), args.question, k=args.k, where=parse_where(args.where),
+                        mode=args.mode)
     for rank, hit in enumerate(hits, 1):
         if args.json:
             print(json.dumps({"rank": rank, **hit.to_dict()}, ensure_ascii=False))
@@ -66,7 +68,7 @@ def register(sub, add_model_args, add_sampling_args, load_model, sampling):
         index = Index.load(args.index)
         embedder = index.load_embedder(args.embedder)
         reply = ask(load_model(args), index, embedder, args.question, k=args.k, where=parse_where(args.where),
-                    max_prompt_tokens=args.context_tokens, stream=True, **sampling(args))
+                    mode=args.mode, max_prompt_tokens=args.context_tokens, stream=True, **sampling(args))
         for piece in reply.text:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -96,6 +98,8 @@ def register(sub, add_model_args, add_sampling_args, load_model, sampling):
         p.add_argument("--k", type=int, default=k, help="passages to retrieve")
         p.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE", help="only chunks whose "
                        "field matches (source, kind, title, section: shell patterns; repeatable)")
+        p.add_argument("--mode", choices=MODES, default="hybrid", help="rank by embeddings and words fused "
+                       "(hybrid), by embeddings alone (dense) or by words alone (lexical, BM25)")
         p.add_argument("--embedder", help="embedding model (default: the one that built the index)")
 
     p = index_sub.add_parser("query", help="top-k chunks for a question, with scores and sources",

@@ -4,6 +4,7 @@ that message as numbered sources, and the response carries them in an extra `sou
 
     client.chat.completions.create(model="any", messages=[{"role": "user", "content": "How do I open a file?"}],
                                    extra_body={"retrieval": {"index": "docs", "k": 4, "where": {"source": "*.md"}}})
+    # optional: "mode": "hybrid" (default) | "dense" | "lexical", as `plinth index query --mode`
     # response.sources == [{"id": 1, "citation": "guide.md:12 (Files)", "score": 0.61, "text": ..., ...}, ...]
 
 Streamed responses carry `sources` in their first chunk. The search (an embedding) runs on the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +28,7 @@ class RetrievalOptions(BaseModel):
     index: str                                    # a NAME from `plinth serve --index NAME=FOLDER`
     k: int = Field(4, ge=1, le=50)                # passages to retrieve (those that fit the context are used)
     where: dict[str, Any] | None = None           # chunk field → shell pattern or value, as `plinth index query --where`
+    mode: Literal["hybrid", "dense", "lexical"] = "hybrid"  # ranking, as `Index.search`
 
 
 def load_indexes(specs: list[str], embedder) -> dict[str, Index]:
@@ -56,7 +58,8 @@ async def add_sources(state, options: RetrievalOptions, messages: list[dict],
         served = ", ".join(sorted(state.indexes)) or "none (start the server with --index NAME=FOLDER)"
         raise PlinthError(f"unknown index {options.index!r} in retrieval.index; this server has: {served}")
     query = messages[last_user_turn(messages)]["content"]
-    hits = await asyncio.wrap_future(state.engine.call(index.search, state.embedder, query, options.k, options.where))
+    hits = await asyncio.wrap_future(state.engine.call(index.search, state.embedder, query, options.k, options.where,
+                                                            options.mode))
     return with_sources(messages, hits, state.tokenizer, state.engine.max_len - completion_tokens)
 
 
