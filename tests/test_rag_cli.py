@@ -35,6 +35,8 @@ def test_build_then_query_prints_ranked_sources(built, capsys):
     (["index", "query", "{docs}", "q"], "is not a plinth index"),
     (["index", "query", "{empty_idx}", "q"], "holds no chunks"),
     (["index", "build", "{docs}/missing", "--out", "{docs}/x"], "is not a file or folder"),
+    (["serve", "--index", "docs={docs}"], "is not a plinth index"),  # refused before the model loads
+    (["serve", "--index", "{idx}"], "--index takes NAME=FOLDER"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(built, tmp_path, capsys, args, message):
     docs, idx = built

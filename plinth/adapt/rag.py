@@ -48,7 +48,7 @@ def with_sources(messages: list[dict], hits: list[Hit], tokenizer, max_prompt_to
     question = messages[turn].get("content") or ""
 
     def render(blocks: list[str]) -> list[dict]:
-        content = f"{INSTRUCTIONS}\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}" if blocks else question
+        content = (INSTRUCTIONS + "\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}") if blocks else question
         return messages[:turn] + [{**messages[turn], "content": content}] + messages[turn + 1:]
 
     def length(candidate: list[dict]) -> int:

@@ -267,11 +267,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           threads: int | None = None, indexes: list[str] = ()):
     import plinth
     from plinth.embed import Embedder
-    loaded = plinth.load(model, dtype=dtype)
     if embedding_model == "auto":
         embedding_model = hub.DEFAULT_EMBEDDER if hub.known_path(hub.DEFAULT_EMBEDDER) else "none"
     embedder = Embedder.load(embedding_model) if embedding_model != "none" else None
-    served_indexes = load_indexes(list(indexes), embedder)
+    served_indexes = load_indexes(list(indexes), embedder)  # before the model: a bad --index fails fast
+    loaded = plinth.load(model, dtype=dtype)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads)
     engine.start()
     state = ServerState(engine, loaded.tokenizer, model, strict_models, api_key or os.environ.get("PLINTH_API_KEY"),
