@@ -1,7 +1,7 @@
 """Exact numpy search against faiss and hnswlib: why plinth's index searches exactly.
 
     .venv/bin/python benchmarks/vector_search.py                  # 10k, 100k, 500k vectors
-    .venv/bin/python benchmarks/vector_search.py --sizes 20000
+    .venv/bin/python benchmarks/vector_search.py --sizes 1000000 --methods "numpy exact" "faiss flat"
 
 For each size N: N random unit vectors of 384 dimensions (all-MiniLM-L6-v2's width; the shape, not
 the values, sets the cost) and 200 queries near stored vectors. Each method builds its index, then
@@ -68,12 +68,13 @@ def hnswlib_index(vectors):
 METHODS = {"numpy exact": numpy_exact, "faiss flat": faiss_flat, "faiss hnsw": faiss_hnsw, "hnswlib": hnswlib_index}
 
 
-def measure(n: int, rng) -> list[dict]:
+def measure(n: int, rng, methods: list[str]) -> list[dict]:
     vectors = unit(rng.standard_normal((n, DIM)))
     queries = unit(vectors[rng.integers(0, n, QUERIES)] + 0.5 * unit(rng.standard_normal((QUERIES, DIM))))
     exact = [set(numpy_exact(vectors)(q).tolist()) for q in queries]
     rows = []
-    for name, make in METHODS.items():
+    for name in methods:
+        make = METHODS[name]
         try:
             start = time.perf_counter()
             search = make(vectors)
@@ -95,10 +96,11 @@ def measure(n: int, rng) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 500_000])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vector_search.json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    rows = [row for n in args.sizes for row in measure(n, rng)]
+    rows = [row for n in args.sizes for row in measure(n, rng, args.methods)]
     print(f"{'N':>8} {'method':12} {'build s':>8} {'query ms':>9} {'recall@10':>9}")
     for r in rows:
         if "skipped" in r:

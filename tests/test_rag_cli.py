@@ -17,9 +17,17 @@ def built(tmp_path_factory):
     return docs, out
 
 
+@pytest.fixture(scope="module")
+def empty_index(tmp_path_factory):
+    empty = tmp_path_factory.mktemp("empty")
+    assert main(["index", "build", str(empty), "--out", str(empty / "idx"), "--quiet"]) == 0  # a warning, no error
+    return empty / "idx"
+
+
 def test_build_then_query_prints_ranked_sources(built, capsys):
     _, idx = built
-    assert "indexed 2 documents as 2 chunks" in capsys.readouterr().out or (idx / "index.json").is_file()
+    info = json.loads((idx / "index.json").read_text())
+    assert (info["documents"], info["chunks"], info["embedder"]) == (2, 2, "all-minilm-l6-v2")
     assert main(["index", "query", str(idx), "how do I read a file line by line?", "--k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("1. ") and lines[0].endswith("files.md:1 (Files)") and "open it and loop" in lines[1]
@@ -38,11 +46,9 @@ def test_build_then_query_prints_ranked_sources(built, capsys):
     (["serve", "--index", "docs={docs}"], "is not a plinth index"),  # refused before the model loads
     (["serve", "--index", "{idx}"], "--index takes NAME=FOLDER"),
 ])
-def test_bad_input_exits_2_with_one_clear_line(built, tmp_path, capsys, args, message):
+def test_bad_input_exits_2_with_one_clear_line(built, empty_index, capsys, args, message):
     docs, idx = built
-    (tmp_path / "empty").mkdir()
-    assert main(["index", "build", str(tmp_path / "empty"), "--out", str(tmp_path / "empty-idx"), "--quiet"]) == 0
-    paths = dict(idx=idx, docs=docs, empty_idx=tmp_path / "empty-idx")
+    paths = dict(idx=idx, docs=docs, empty_idx=empty_index)
     assert main([a.format(**paths) for a in args]) == 2
     assert message in capsys.readouterr().err
 
