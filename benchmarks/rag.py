@@ -2,7 +2,8 @@
 and without retrieval, index build time and query latency.
 
     .venv/bin/python benchmarks/rag.py                      # build (or reuse) the index, then everything
-    .venv/bin/python benchmarks/rag.py --no-answers         # retrieval figures only (seconds)
+    .venv/bin/python benchmarks/rag.py --answers none       # retrieval figures only (seconds)
+    .venv/bin/python benchmarks/rag.py --answers without    # replies without retrieval only (no index)
     .venv/bin/python benchmarks/rag.py --rebuild --index runs/pydocs-idx
 
 Corpus: the Python 3.11 HTML documentation from Debian's `python3.11-doc`
@@ -22,7 +23,8 @@ How each figure is measured:
                  (0 when none is in the first 10). For each search mode: dense (embeddings), lexical
                  (BM25) and hybrid (both fused, plinth's default, used for the answers).
   answers        SmolLM2-135M-Instruct, greedy, at most --max-tokens tokens: once with the question
-                 alone, once through `plinth.adapt.rag.ask` (the --k best passages in the prompt). A
+                 alone, once with the --k best passages (hybrid search) in the prompt, as
+                 `plinth.adapt.rag.ask` does; replies are cached in --replies for later runs. A
                  reply is correct when one of the question's keywords appears in it as a whole word,
                  case-insensitive, after citation marks like [1] are removed.
   build s        wall time of `Index.build` (read, chunk, embed every chunk), from index.json when reused.
@@ -42,12 +44,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from plinth.adapt.documents import load_file  # noqa: E402
 from plinth.adapt.index import Index  # noqa: E402
-from plinth.adapt.rag import ask  # noqa: E402
+from plinth.adapt.rag import with_sources  # noqa: E402
 
 DOCS = Path("/usr/share/doc/python3.11/html")
 EXCLUDE = ["_*/*", "c-api/*", "whatsnew/*", "distutils/*", "install/*", "genindex*", "contents.html",
@@ -96,23 +100,50 @@ def retrieval(index: Index, embedder, questions: list[dict], docs: Path) -> dict
         results.update({f"recall@5 {mode}": sum(r is not None and r <= 5 for r in ranks) / len(ranks),
                         f"recall@1 {mode}": sum(r == 1 for r in ranks) / len(ranks),
                         f"mrr {mode}": sum(1 / r for r in ranks if r) / len(ranks)})
-    hybrid = sorted(latencies[-len(questions):])
-    results.update(query_ms_median=1000 * statistics.median(hybrid),
-                   query_ms_p95=1000 * hybrid[int(0.95 * (len(hybrid) - 1))])
+    hybrid = latencies[-len(questions):]
+    results.update(query_ms_median=1000 * statistics.median(hybrid), query_ms_p95=1000 * float(np.percentile(hybrid, 95)))
     return results
 
 
-def answers(model, index: Index, embedder, questions: list[dict], args) -> dict:
-    options = dict(max_tokens=args.max_tokens, temperature=0)
-    correct = {"without": 0, "with": 0}
+class Replies:
+    """Replies kept in a JSONL file under the model, messages and options that decide them, so that
+    a later run reuses what an earlier one generated (the answers without retrieval can be made
+    while the index is still being built)."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.known = path, {}
+        if path and path.is_file():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                self.known[entry["key"]] = entry["reply"]
+
+    def get(self, model, name: str, messages: list[dict], options: dict) -> str:
+        key = json.dumps([name, messages, options], sort_keys=True)
+        if key not in self.known:
+            self.known[key] = model.chat(messages, **options)
+            if self.path:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"key": key, "reply": self.known[key]}) + "\n")
+        return self.known[key]
+
+
+def answers(model, index: Index | None, embedder, questions: list[dict], args) -> dict:
+    """Greedy replies without and (given an index) with retrieved passages, and the share correct."""
+    options, replies = dict(max_tokens=args.max_tokens, temperature=0), Replies(args.replies)
+    modes = ["without"] + (["with"] if index is not None else [])
+    correct = dict.fromkeys(modes, 0)
     for i, q in enumerate(questions, 1):
-        q["reply_without"] = model.chat([{"role": "user", "content": q["question"]}], **options)
-        q["reply_with"] = ask(model, index, embedder, q["question"], k=args.k, max_prompt_tokens=args.context_tokens,
-                              **options).text
-        for mode in correct:
+        question = [{"role": "user", "content": q["question"]}]
+        q["reply_without"] = replies.get(model, args.model, question, options)
+        if index is not None:  # what `plinth.adapt.rag.ask` does, with the prompt in view for the cache
+            hits = index.search(embedder, q["question"], k=args.k)
+            room = min(args.context_tokens, model.model.config.max_seq_len - args.max_tokens)
+            messages, q["sources"] = with_sources(question, hits, model.tokenizer, room)
+            q["reply_with"] = replies.get(model, args.model, messages, options)
+        for mode in modes:
             q[f"correct_{mode}"] = is_correct(q[f"reply_{mode}"], q["answers"])
             correct[mode] += q[f"correct_{mode}"]
-        print(f"  {i}/{len(questions)} without {correct['without']} · with {correct['with']}", end="\r", flush=True)
+        print(f"  {i}/{len(questions)} correct: {correct}", end="\r", flush=True)
     print()
     return {f"accuracy_{mode}_retrieval": n / len(questions) for mode, n in correct.items()}
 
@@ -128,7 +159,10 @@ def main():
     parser.add_argument("--context-tokens", type=int, default=1536)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, help="only the first N questions")
-    parser.add_argument("--no-answers", action="store_true", help="retrieval figures only")
+    parser.add_argument("--answers", choices=["both", "without", "none"], default="both",
+                        help="'without': only the replies without retrieval (no index needed); 'none': retrieval only")
+    parser.add_argument("--replies", type=Path, default=ROOT / "runs" / "rag-replies.jsonl",
+                        help="cache of generated replies, reused by later runs with the same settings")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rag.json")
     args = parser.parse_args()
     if not args.docs.is_dir():
@@ -136,16 +170,18 @@ def main():
               "or pass --docs FOLDER")
         return
     from plinth.embed import Embedder
-    embedder = Embedder.load()
-    if args.rebuild or not (args.index / "index.json").is_file():
-        print(f"building the index of {args.docs} ...", flush=True)
-        Index.build(args.docs, embedder, exclude=EXCLUDE).save(args.index)
-    index = Index.load(args.index)
+    embedder, index, results = Embedder.load(), None, {}
     questions = load_questions(args.questions)[:args.limit]
-    results = {"documents": index.info["documents"], "chunks": len(index), "build_s": index.info["build_seconds"],
-               **retrieval(index, embedder, questions, args.docs)}
-    if not args.no_answers:
+    if args.answers != "without":
+        if args.rebuild or not (args.index / "index.json").is_file():
+            print(f"building the index of {args.docs} ...", flush=True)
+            Index.build(args.docs, embedder, exclude=EXCLUDE).save(args.index)
+        index = Index.load(args.index)
+        results = {"documents": index.info["documents"], "chunks": len(index), "build_s": index.info["build_seconds"],
+                   **retrieval(index, embedder, questions, args.docs)}
+    if args.answers != "none":
         import plinth
+        args.replies.parent.mkdir(parents=True, exist_ok=True)
         results.update(answers(plinth.load(args.model), index, embedder, questions, args))
     report(results)
     settings = {**{k: str(v) for k, v in vars(args).items()}, "load_average_1m": os.getloadavg()[0],
