@@ -9,10 +9,12 @@ Folder layout: `index.json` (which embedder built it, chunking, counts), `vector
 float32 unit vectors, `chunks.jsonl` (one chunk's text and source position per line).
 
 Search is hybrid by default: the embedding's ranking fused with BM25's over words (see `search`).
-Why exact search: one matrix-vector product over every chunk is exact, filters apply before the
-top-k instead of after (an approximate index can return fewer than k filtered hits), and it is
-fast at the sizes a local index has — `benchmarks/vector_search.py` measured it against faiss and
-hnswlib (see README); an approximate index pays off only past roughly a million chunks.
+Why exact search rather than faiss or hnswlib: one matrix-vector product over every chunk is
+exact, filters apply before the top-k instead of after (an approximate index can return fewer than
+k filtered hits), and nothing needs building. `benchmarks/vector_search.py` measured, at 10,000
+chunks of 384 dimensions on one shared core: numpy 0.46 ms a query, faiss HNSW 0.29 ms at 76%
+recall@10 after 4.8 s of building, hnswlib 0.38 ms at 92% after 17 s. Embedding the query takes
+longer than either, so an approximate index only pays off far beyond a local document folder.
 """
 from __future__ import annotations
 

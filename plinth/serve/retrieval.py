@@ -45,6 +45,7 @@ def load_indexes(specs: list[str], embedder) -> dict[str, Index]:
             raise PlinthError(f"index {name!r} ({folder}) was built with the embedder '{index.embedder_name}', "
                               f"but the server embeds with '{embedder.name}': start it with "
                               f"--embedding-model {index.info.get('embedder_source', index.embedder_name)}")
+        index.lexical  # build the BM25 side now rather than during the first request
         indexes[name] = index
     return indexes
 
