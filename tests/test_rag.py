@@ -234,3 +234,18 @@ def test_reciprocal_rank_fusion_adds_ranks_and_ignores_missing_words():
     fused = reciprocal_rank_fusion(np.array([0.9, 0.8, 0.1]), np.array([0.0, 5.0, 0.0]))
     assert fused == pytest.approx([1 / (RRF_K + 1), 1 / (RRF_K + 2) + 1 / (RRF_K + 1), 1 / (RRF_K + 3)])
     assert list(np.argsort(-fused)) == [1, 0, 2]  # second by meaning, first by words: first overall
+
+
+def test_ask_answers_from_the_best_sources_that_fit(index, embedder, tokenizer):
+    from plinth.adapt.rag import ask
+    from plinth.loaded import LoadedModel
+    from tests.conftest import tiny_model
+    model = LoadedModel(tiny_model(max_seq_len=1024), tokenizer)
+    reply = ask(model, index, embedder, "When should I prune my roses?", k=3, max_tokens=4, temperature=0)
+    assert isinstance(reply.text, str) and [s["id"] for s in reply.sources] == [1, 2, 3]
+    assert reply.sources[0]["citation"].startswith("garden.md:")
+    streamed = ask(model, index, embedder, "When should I prune my roses?", k=3, max_tokens=4, temperature=0,
+                   stream=True, where={"kind": "text"})
+    assert "".join(streamed.text) and [s["source"] for s in streamed.sources] == ["sub/birds.txt"]
+    small = LoadedModel(tiny_model(max_seq_len=300), tokenizer)  # the window leaves room for fewer sources
+    assert len(ask(small, index, embedder, "When should I prune my roses?", k=3, max_tokens=4).sources) < 3
