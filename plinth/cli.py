@@ -14,6 +14,7 @@ import os
 import sys
 
 from plinth import hub
+from plinth.adapt import rag_cli
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams
 
@@ -138,7 +139,7 @@ def cmd_serve(args):
     from plinth.serve.app import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
           max_batch=args.max_batch, max_len=args.max_model_len, grace=args.grace, dtype=args.dtype,
-          embedding_model=args.embedding_model, seed=args.seed, threads=args.threads)
+          embedding_model=args.embedding_model, seed=args.seed, threads=args.threads, indexes=args.index)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "so that the same request always gets the same answer")
     p.add_argument("--embedding-model", default="auto", help=f"model for /v1/embeddings: a name, a folder, "
                    f"'none', or 'auto' ({hub.DEFAULT_EMBEDDER} when installed)")
+    p.add_argument("--index", action="append", default=[], metavar="NAME=FOLDER", help="serve a retrieval index "
+                   "that chat requests may name (see README, Retrieval); repeatable")
     p.set_defaults(func=cmd_serve)
+    rag_cli.register(sub, add_model_args, add_sampling_args, load, sampling)
     return parser
 
 

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from plinth.errors import PlinthError
 from plinth.generate import Step
+from plinth.serve.retrieval import add_sources, with_sources_field
 from plinth.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 
 router = APIRouter()
@@ -60,12 +61,20 @@ async def list_models(request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = state(request)
     model = s.resolve_model(body.model)
+    messages, sources = [m.as_template_input() for m in body.messages], None
+    if body.retrieval is not None:
+        try:
+            messages, sources = await add_sources(s, body.retrieval, messages,
+                                                  body.token_limit() or min(512, s.engine.max_len // 4))
+        except PlinthError as e:
+            raise APIError(400, str(e), param="retrieval") from e
     try:
-        text = s.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
+        text = s.tokenizer.apply_chat_template(messages)
     except PlinthError as e:
         raise APIError(400, str(e), param="messages") from e
     prompt = s.tokenizer.encode(text, add_bos=False)
-    return await respond(s, request, body, model, [prompt], chat=True)
+    response = await respond(s, request, body, model, [prompt], chat=True)
+    return response if sources is None else with_sources_field(response, sources)
 
 
 @router.post("/v1/completions")

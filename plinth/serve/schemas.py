@@ -12,6 +12,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from plinth.generate import SamplingParams
+from plinth.serve.retrieval import RetrievalOptions
 
 
 class StreamOptions(BaseModel):
@@ -96,6 +97,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    retrieval: RetrievalOptions | None = None  # plinth's extension: add passages from a served index
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
