@@ -3,9 +3,9 @@
     for doc in read_source("python-stdlib", limit=100): print(doc.source, doc.id, len(doc.text))
 
 A source is a name in SOURCES, or a path: a .txt/.md/.py file, a .jsonl file (one {"text": ...}
-per line), a .parquet file (a `text` column), or a folder of such files. Built-in sources: Python's
-own source and docs (on every machine), and where their Debian packages are installed the GCIDE
-dictionary (dict-gcide) and quotations (fortunes).
+per line), a .parquet file (a `text` column), an .html page, or a folder of such files. Built-in sources: Python's
+own source and docs (on every machine), and where their Debian packages are installed the HTML
+documentation (python3.11-doc), the GCIDE dictionary (dict-gcide) and quotations (fortunes).
 """
 from __future__ import annotations
 
@@ -44,6 +44,11 @@ def python_docs() -> Iterator[Document]:
     from pydoc_data.topics import topics
     for name in sorted(topics):
         yield Document("python-docs", name, topics[name])
+
+
+def html_text(path: Path) -> str:
+    from plinth.adapt.documents import read_html  # the same reader that retrieval indexes pages with
+    return read_html(path, path.name).text
 
 
 def debian_file(path: str, package: str) -> Path:
@@ -91,7 +96,20 @@ def fortunes() -> Iterator[Document]:
             yield Document("fortunes", f"{path.name}:{n}", quote.strip())
 
 
-SOURCES = {"python-stdlib": python_stdlib, "python-docs": python_docs, "gcide": gcide, "fortunes": fortunes}
+PYTHON_HTML_DOCS = "/usr/share/doc/python3.11/html"
+
+
+def python_html_docs() -> Iterator[Document]:
+    """Python's HTML documentation (tutorial, library reference, HOWTOs, FAQ) as the text a reader sees."""
+    root = debian_file(PYTHON_HTML_DOCS, "python3.11-doc")
+    for path in sorted(root.rglob("*.html")):
+        rel = path.relative_to(root).as_posix()
+        if not rel.startswith(("_", "genindex", "py-modindex", "search")):  # assets and generated indexes
+            yield Document("python-html-docs", rel, html_text(path))
+
+
+SOURCES = {"python-stdlib": python_stdlib, "python-docs": python_docs, "python-html-docs": python_html_docs,
+           "gcide": gcide, "fortunes": fortunes}
 
 
 def from_path(path: Path) -> Iterator[Document]:
@@ -108,6 +126,8 @@ def from_path(path: Path) -> Iterator[Document]:
                 yield Document(str(path), f"{f.name}:{n}", text)
         elif f.suffix == ".parquet":
             yield from from_parquet(f, str(path))
+        elif f.suffix in (".html", ".htm"):
+            yield Document(str(path), f.name, html_text(f))
         elif f.suffix in TEXT_SUFFIXES:
             yield Document(str(path), f.name, f.read_text(encoding="utf-8", errors="replace"))
 
