@@ -40,16 +40,61 @@ def _window(context: list[int], continuation: list[int], max_len: int) -> tuple[
     return full[:-1], len(continuation)
 
 
-def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Request indices grouped longest first, each group padded to its first (longest) row."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+def _batches(units: list, size: Callable[[list], int], budget: int) -> list[list]:
+    """Consecutive units (sorted largest first by the caller) grouped so that `size(group)`, the
+    padded tokens a group costs, stays within `budget` (a single unit may exceed it alone)."""
     groups, group = [], []
-    for i in order:
-        if group and (len(group) + 1) * lengths[group[0]] > batch_tokens:
+    for unit in units:
+        if group and size(group + [unit]) > budget:
             groups.append(group)
             group = []
-        group.append(i)
+        group.append(unit)
     return groups + [group] if group else groups
+
+
+def _plain_hidden(model, windows, group: list[int]):
+    """One right-padded row per request: (N, C) hidden states at its scored positions."""
+    tokens = torch.zeros(len(group), len(windows[group[0]][0]), dtype=torch.long)
+    rows, cols = [], []
+    for row, i in enumerate(group):
+        ids, n = windows[i]
+        tokens[row, :len(ids)] = torch.tensor(ids)
+        rows += [row] * n
+        cols += range(len(ids) - n, len(ids))  # the position before each continuation token predicts it
+    return model.features(tokens)[torch.tensor(rows), torch.tensor(cols)]
+
+
+def _shared_hidden(model, windows, batch: list[tuple[list[int], list[int]]]):
+    """Requests that share a context (the choices of one question) run it once: the contexts are
+    prefilled into one KV-cache slot each, copied to a slot per request, and only each request's
+    own continuation tokens run after it. Returns (request order, (N, C) hidden states)."""
+    order = [i for _, members in batch for i in members]
+    suffix = {i: windows[i][0][len(context):] for context, members in batch for i in members}  # continuation[:-1]
+    width, tail = max(len(c) for c, _ in batch), max(len(t) for t in suffix.values())
+    cache = model.new_cache(len(order), width + tail)
+    tokens = torch.zeros(len(batch), width, dtype=torch.long)
+    first_slot, slot_of_context = [], []
+    for g, (context, members) in enumerate(batch):
+        tokens[g, :len(context)] = torch.tensor(context)
+        first_slot.append(len(slot_of_context))
+        slot_of_context += [first_slot[-1]] * len(members)
+    context_h = model.features(tokens, cache=cache, slots=torch.tensor(first_slot))  # (G, width, C)
+    cache.k, cache.v = cache.k[:, slot_of_context], cache.v[:, slot_of_context]  # each request's own copy
+    running = [s for s, i in enumerate(order) if suffix[i]]
+    if running:
+        tail_tokens = torch.zeros(len(running), tail, dtype=torch.long)
+        for row, s in enumerate(running):
+            tail_tokens[row, :len(suffix[order[s]])] = torch.tensor(suffix[order[s]])
+        starts = torch.tensor([len(windows[order[s]][0]) - len(suffix[order[s]]) for s in running])
+        tail_h = model.features(tail_tokens, cache=cache, start_pos=starts, slots=torch.tensor(running))
+    rows, row_of_slot, slot = [], {s: row for row, s in enumerate(running)}, 0
+    for g, (context, members) in enumerate(batch):
+        for i in members:
+            rows.append(context_h[g, len(context) - 1][None])  # predicts the first continuation token
+            if suffix[i]:
+                rows.append(tail_h[row_of_slot[slot], :len(suffix[i])])
+            slot += 1
+    return order, torch.cat(rows)
 
 
 @torch.inference_mode()
@@ -58,27 +103,31 @@ def score(model, requests: list[tuple[list[int], list[int]]], top: int = 0, batc
     """Score every (context, continuation) request; results come back in the requests' order.
     `progress(n)` is called after each batch with the number of requests it finished."""
     windows = [_window(c, t, model.config.max_seq_len) for c, t in requests]
+    by_context: dict[tuple, list[int]] = {}
+    for i, (ids, n) in enumerate(windows):
+        by_context.setdefault(tuple(ids[:len(ids) - n + 1]), []).append(i)
+    shared = sorted(((list(c), m) for c, m in by_context.items() if len(m) > 1), key=lambda g: -len(g[0]))
+    alone = sorted((m[0] for m in by_context.values() if len(m) == 1), key=lambda i: -len(windows[i][0]))
+
+    def shared_size(batch):  # KV-cache positions the batch holds
+        tail = max(len(windows[i][0]) - len(c) for c, m in batch for i in m)
+        return sum(len(m) for _, m in batch) * (len(batch[0][0]) + tail)
+
+    work = [(group, None) for group in _batches(alone, lambda g: len(g) * len(windows[g[0]][0]), batch_tokens)]
+    work += [(None, batch) for batch in _batches(shared, shared_size, batch_tokens)]
     results: list[Scored | None] = [None] * len(requests)
-    for group in _batches([len(w[0]) for w in windows], batch_tokens):
-        width = len(windows[group[0]][0])
-        tokens = torch.zeros(len(group), width, dtype=torch.long)
-        rows, cols, targets = [], [], []
-        for row, i in enumerate(group):
-            ids, n = windows[i]
-            tokens[row, :len(ids)] = torch.tensor(ids)
-            rows += [row] * n
-            cols += range(len(ids) - n, len(ids))  # the position before each continuation token predicts it
-            targets += requests[i][1]
-        hidden = model.features(tokens)[torch.tensor(rows), torch.tensor(cols)]  # (N, C): scored positions only
-        picked, best, tops = _token_logprobs(model, hidden, torch.tensor(targets), top)
+    for group, batch in work:
+        order, hidden = (group, _plain_hidden(model, windows, group)) if batch is None \
+            else _shared_hidden(model, windows, batch)
+        picked, best, tops = _token_logprobs(model, hidden, torch.tensor([t for i in order for t in requests[i][1]]), top)
         start = 0
-        for i in group:
+        for i in order:
             n = windows[i][1]
             results[i] = Scored(picked[start:start + n].tolist(), bool(best[start:start + n].all()),
                                 tops[start:start + n] if top else None)
             start += n
         if progress:
-            progress(len(group))
+            progress(len(order))
     return results
 
 

@@ -23,8 +23,12 @@ def direct_logprobs(model, context, continuation):
 
 def test_batched_scores_match_one_sequence_at_a_time(model):
     g = torch.Generator().manual_seed(1)
-    requests = [(torch.randint(0, 256, (n,), generator=g).tolist(), torch.randint(0, 256, (k,), generator=g).tolist())
-                for n, k in [(5, 1), (30, 4), (1, 7), (17, 17), (60, 2), (3, 3)]]
+    def ids(n):
+        return torch.randint(0, 256, (n,), generator=g).tolist()
+
+    requests = [(ids(n), ids(k)) for n, k in [(5, 1), (30, 4), (1, 7), (17, 17), (60, 2), (3, 3)]]
+    for context in (ids(9), ids(40), ids(2)):  # choices sharing a context run it once, from the KV cache
+        requests += [(context, ids(k)) for k in (1, 3, 1, 12)]
     for batch_tokens in (64, 100_000):  # several padded batches, and one
         scored = score(model, requests, top=3, batch_tokens=batch_tokens)
         for (context, continuation), s in zip(requests, scored):
