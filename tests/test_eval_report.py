@@ -67,6 +67,7 @@ def test_report_refuses_folders_that_are_not_eval_runs(tmp_path):
     (["--tasks", "sentiment,nope"], "unknown task 'nope'"),
     (["--tasks", "sentiment", "--limit", "0"], "limit=0"),
     (["--tasks", "humaneval", "--k", "x"], "--k"),
+    (["--tasks", "perplexity", "--sources", "no-such-corpus"], "unknown data source 'no-such-corpus'"),
 ])
 def test_cli_bad_input_exits_2_with_a_message(args, message, capsys):
     assert main(["eval", "no-such-model", *args]) == 2

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+from tqdm import tqdm
+
 from plinth.data.sources import read_source
 from plinth.errors import PlinthError
 from plinth.loglik import score
@@ -61,7 +63,9 @@ def perplexity(loaded, source: str, limit: int = 0, window: int | None = None, s
         documents += 1
     if not requests:
         raise PlinthError(f"source {source!r} has no text to score; give a file, folder or source with text in it")
-    nll = [-lp for scored in score(model, requests, batch_tokens=batch_tokens) for lp in scored.logprobs]
+    with tqdm(total=len(requests), desc=f"perplexity {source}", unit="window", disable=None) as bar:
+        nll = [-lp for scored in score(model, requests, batch_tokens=batch_tokens, progress=bar.update)
+               for lp in scored.logprobs]
     return summarise(nll, n_bytes) | {"source": source, "documents": documents, "window": window, "stride": stride}
 
 

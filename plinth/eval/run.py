@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from plinth import hub
+from plinth.data.sources import read_source
 from plinth.errors import PlinthError
 from plinth.eval.tasks import EvalOptions, check_tasks, run_task
 
@@ -59,6 +60,9 @@ def run_eval(model: str, tasks: list[str], options: EvalOptions, dtype: str | No
     import plinth  # deferred: torch takes a second to import
 
     check_tasks(tasks)
+    if "perplexity" in tasks:  # a mistyped source fails now, not after the model has loaded
+        for source in options.sources:
+            next(read_source(source, limit=1), None)
     dtype = dtype or DEFAULT_DTYPE
     loaded = plinth.load(model, dtype=dtype)
     path = hub.resolve(model)

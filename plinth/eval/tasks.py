@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
+
 from plinth.errors import PlinthError
 from plinth.eval import datasets, humaneval
 from plinth.eval.perplexity import perplexity
@@ -61,7 +63,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 def multiple_choice(loaded, items: list[datasets.ChoiceItem], options: EvalOptions) -> dict:
     requests = [encode_pair(loaded.tokenizer, item.context, choice) for item in items for choice in item.choices]
-    scored = iter(score(loaded.model, requests, batch_tokens=options.batch_tokens))
+    with tqdm(total=len(requests), desc="choices", unit="choice", disable=None) as bar:  # no bar when not a terminal
+        scored = iter(score(loaded.model, requests, batch_tokens=options.batch_tokens, progress=bar.update))
     correct, correct_norm = [], []
     for item in items:
         logprobs = [sum(next(scored).logprobs) for _ in item.choices]
