@@ -23,6 +23,7 @@ import torch
 import plinth
 from plinth import hub
 from plinth.eval import datasets
+from plinth.eval.run import write_atomic
 from plinth.eval.tasks import EvalOptions, multiple_choice
 
 TASK_YAML = """task: bench_mc
@@ -60,7 +61,8 @@ def run_lm_eval_hf(items, batch_size: int) -> dict:
     from lm_eval.tasks import TaskManager
 
     gguf = hub.resolve("smollm2-135m-instruct")
-    lm = HFLM(pretrained=str(gguf.parent), gguf_file=gguf.name, dtype="float32", batch_size=batch_size)
+    lm = HFLM(pretrained=str(gguf.parent), gguf_file=gguf.name, dtype="float32", batch_size=batch_size,
+              device="cpu")
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder, "items.jsonl")
         data.write_text("".join(json.dumps({"context": i.context, "choices": list(i.choices), "gold": i.gold}) + "\n"
@@ -85,7 +87,9 @@ def main():
     args = parser.parse_args()
 
     items = items_for(args.task, args.limit)
-    rows = {"plinth": run_plinth(items, args.batch_tokens), "lm-eval hf": run_lm_eval_hf(items, args.hf_batch_size)}
+    rows = {"plinth": run_plinth(items, args.batch_tokens)}
+    print(f"plinth: {rows['plinth']}", flush=True)
+    rows["lm-eval hf"] = run_lm_eval_hf(items, args.hf_batch_size)
     ours, theirs = rows["plinth"], rows["lm-eval hf"]
     summary = {"accuracy_difference_points": 100 * (ours["accuracy"] - theirs["accuracy"]),
                "speedup": ours["items_per_s"] / theirs["items_per_s"]}
@@ -96,8 +100,9 @@ def main():
         print(f"{name:12} {r['accuracy']:9.4f} {r['seconds']:8.1f} {r['items_per_s']:8.2f} {r['choices_per_s']:10.2f}")
     print(f"accuracy difference {summary['accuracy_difference_points']:+.2f} points (target ±0.5); "
           f"plinth {summary['speedup']:.2f}× faster (target ≥ 2×)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": vars(args), "results": rows, "summary": summary}, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps({"settings": vars(args), "results": rows, "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Log-likelihood of continuations: the batched scorer behind `plinth eval` and the server's `echo`.
 
 A request is (context ids, continuation ids); the answer is the log-probability of each
-continuation token given everything before it. Many requests share one forward pass: they are
-sorted by length, right-padded into batches of about `batch_tokens` tokens (right padding never
-changes a causal model's earlier positions), and the output layer, the largest matrix of a small
-model, runs only at the positions that are scored.
+continuation token given everything before it. Where the time is saved:
+- many requests share one forward pass: sorted by length, right-padded into batches of about
+  `batch_tokens` tokens (right padding never changes a causal model's earlier positions);
+- requests with the same context (the choices of one question) compute it once, into the KV
+  cache, and then only their own continuation tokens;
+- the output layer, the largest matrix of a small model, runs only at the scored positions.
 
     scored = score(model, [(tok.encode("The sky is"), tok.encode(" blue"))])
     sum(scored[0].logprobs), scored[0].greedy

