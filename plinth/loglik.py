@@ -73,17 +73,19 @@ def _shared_hidden(model, windows, batch: list[tuple[list[int], list[int]]]):
     order = [i for _, members in batch for i in members]
     suffix = {i: windows[i][0][len(context):] for context, members in batch for i in members}  # continuation[:-1]
     width, tail = max(len(c) for c, _ in batch), max(len(t) for t in suffix.values())
-    cache = model.new_cache(len(order), width + tail)
     tokens = torch.zeros(len(batch), width, dtype=torch.long)
     first_slot, slot_of_context = [], []
     for g, (context, members) in enumerate(batch):
         tokens[g, :len(context)] = torch.tensor(context)
         first_slot.append(len(slot_of_context))
         slot_of_context += [first_slot[-1]] * len(members)
-    context_h = model.features(tokens, cache=cache, slots=torch.tensor(first_slot))  # (G, width, C)
-    cache.k, cache.v = cache.k[:, slot_of_context], cache.v[:, slot_of_context]  # each request's own copy
     running = [s for s, i in enumerate(order) if suffix[i]]
-    if running:
+    if not running:  # one-token continuations: the context's last position predicts them all
+        context_h = model.features(tokens)  # (G, width, C)
+    else:
+        cache = model.new_cache(len(order), width + tail)
+        context_h = model.features(tokens, cache=cache, slots=torch.tensor(first_slot))
+        cache.k, cache.v = cache.k[:, slot_of_context], cache.v[:, slot_of_context]  # each request's own copy
         tail_tokens = torch.zeros(len(running), tail, dtype=torch.long)
         for row, s in enumerate(running):
             tail_tokens[row, :len(suffix[order[s]])] = torch.tensor(suffix[order[s]])
@@ -111,9 +113,9 @@ def score(model, requests: list[tuple[list[int], list[int]]], top: int = 0, batc
     shared = sorted(((list(c), m) for c, m in by_context.items() if len(m) > 1), key=lambda g: -len(g[0]))
     alone = sorted((m[0] for m in by_context.values() if len(m) == 1), key=lambda i: -len(windows[i][0]))
 
-    def shared_size(batch):  # KV-cache positions the batch holds
+    def shared_size(batch):  # padded context tokens, or the KV-cache positions when continuations run after them
         tail = max(len(windows[i][0]) - len(c) for c, m in batch for i in m)
-        return sum(len(m) for _, m in batch) * (len(batch[0][0]) + tail)
+        return len(batch[0][0]) * len(batch) if not tail else sum(len(m) for _, m in batch) * (len(batch[0][0]) + tail)
 
     work = [(group, None) for group in _batches(alone, lambda g: len(g) * len(windows[g[0]][0]), batch_tokens)]
     work += [(None, batch) for batch in _batches(shared, shared_size, batch_tokens)]
