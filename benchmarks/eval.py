@@ -83,8 +83,12 @@ def main():
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--batch-tokens", type=int, default=4096, help="plinth: padded tokens per forward pass")
     parser.add_argument("--hf-batch-size", type=int, default=16, help="lm-eval hf: requests per forward pass")
+    parser.add_argument("--threads", type=int, help="torch threads for both (default: torch's, all cores); on a "
+                        "machine shared with other work, 1 avoids OpenMP threads waiting for each other")
     parser.add_argument("--out", default="benchmarks/results/eval.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     items = items_for(args.task, args.limit)
     rows = {"plinth": run_plinth(items, args.batch_tokens)}

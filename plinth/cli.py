@@ -134,6 +134,9 @@ def cmd_eval(args):
         raise PlinthError(f"--k {args.k}: give whole numbers separated by commas, e.g. --k 1,10") from None
     options = EvalOptions(limit=args.limit, batch_tokens=args.batch_tokens, sources=tuple(args.sources.split(",")),
                           window=args.window, stride=args.stride, samples=args.samples, ks=ks, timeout=args.timeout)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     print(f"results: {run_eval(args.model, args.tasks.split(','), options, dtype=args.dtype, out=args.out)}")
 
 
@@ -212,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem (1 = greedy)")
     p.add_argument("--k", default="1", help="humaneval: comma-separated k of pass@k (each ≤ --samples)")
     p.add_argument("--timeout", type=float, default=10.0, help="humaneval: seconds each program may run")
+    p.add_argument("--threads", type=int, help="model compute threads (default: all cores; on a busy machine "
+                   "fewer threads wait less for each other)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="HTML report card comparing eval runs", description="One HTML page "

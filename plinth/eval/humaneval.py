@@ -14,6 +14,8 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from plinth.errors import PlinthError
 from plinth.eval.sandbox import run_python
 from plinth.eval.stats import mean_stderr, pass_at_k
@@ -59,7 +61,7 @@ def generate_all(loaded, prompts: list[list[int]], params: list[SamplingParams])
 
     longest = max(len(p) + s.max_tokens for p, s in zip(prompts, params))
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=min(16, len(prompts)), max_len=longest,
-                    threads=os.cpu_count())
+                    threads=torch.get_num_threads())  # the engine thread computes with as many as this one would
     engine.start()
     try:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
