@@ -56,7 +56,7 @@ def join(prompt_text: str, prompt_logprobs: dict | None, choice: dict) -> dict:
 def nothing_generated(model: str, prompts: list[list[int]], n: int, with_logprobs: bool) -> dict:
     """The response to `max_tokens: 0`: empty completions, to which the echoed prompts are added."""
     empty = {key: [] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")} if with_logprobs else None
-    prompt_tokens = sum(len(p) for p in prompts) * n
+    prompt_tokens = sum(len(p) for p in prompts)  # counted once per prompt, as for completions
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
             "choices": [{"index": i, "text": "", "logprobs": empty, "finish_reason": "length"}
