@@ -379,6 +379,10 @@ class Transformer(nn.Module):
         h = self.features(tokens, embeds=embeds, cache=cache, start_pos=start_pos, slots=slots)
         if last is not None:
             h = h[torch.arange(h.shape[0], device=h.device), last]
+        return self.project(h)
+
+    def project(self, h):
+        """Final hidden states (..., C) → logits (..., V): the output layer, soft-capped if configured."""
         logits = self.output(h)
         if self.config.final_softcap is not None:
             cap = self.config.final_softcap

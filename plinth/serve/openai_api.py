@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from plinth.errors import PlinthError
 from plinth.generate import Step
 from plinth.serve.retrieval import add_sources, with_sources_field
+from plinth.serve.echo import echo_response, nothing_generated
 from plinth.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 
 router = APIRouter()
@@ -83,13 +84,22 @@ async def completions(body: CompletionRequest, request: Request):
     model = s.resolve_model(body.model)
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model", param="suffix")
-    if body.echo:
-        raise APIError(400, "echo is not supported yet; request without it", param="echo")
+    if body.echo and body.stream:
+        raise APIError(400, "echo is not supported with stream; request without streaming", param="echo")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens: 0 generates nothing; it is only useful with echo", param="max_tokens")
     prompts = [s.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
     for ids in prompts:
         if any(not 0 <= t < s.tokenizer.vocab_size for t in ids):
             raise APIError(400, f"prompt token ids must be in [0, {s.tokenizer.vocab_size})", param="prompt")
-    return await respond(s, request, body, model, prompts, chat=False)
+    if body.echo and body.max_tokens == 0:  # score the prompt, generate nothing
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "the prompt is empty; give at least one token of text", param="prompt")
+            s.check_length(len(ids), None)
+        return await echo_response(s, body, prompts, nothing_generated(model, prompts, body.n, body.logprobs is not None))
+    response = await respond(s, request, body, model, prompts, chat=False)
+    return await echo_response(s, body, prompts, response) if body.echo else response
 
 
 async def respond(s, request: Request, body, model: str, prompts: list[list[int]], chat: bool):

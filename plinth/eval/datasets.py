@@ -1,0 +1,172 @@
+"""Multiple-choice items for `plinth eval`: the built-in tasks' data, and user task files.
+
+- sentiment: movie-review sentences rated by ~20 people each (Hutto & Gilbert, ICWSM 2014), from
+  the vaderSentiment 3.3.2 *source* package (downloaded once with pip into ~/.cache/plinth/data).
+  Sentences rated near neutral (|mean| < 0.5) are left out; only the held-out 20% (fixed by a hash
+  of the sentence id, the split fine-tuning leaves alone) is evaluated.
+- topic: a WordNet gloss → its lexicographer class (one of 45, assigned by WordNet's authors),
+  against 4 other classes drawn at random; from Debian's wordnet-base (/usr/share/wordnet).
+- a .jsonl file of {"context": str, "choices": [str, ...], "gold": index} per line.
+
+Items come back in a fixed shuffled order, so `--limit N` takes the same N items every time.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from plinth.data.shards import split_of
+from plinth.errors import PlinthError
+
+CACHE = Path.home() / ".cache" / "plinth" / "data"
+SEED = 1234  # item order and distractors: fixed, so runs on different models score the same items
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    context: str
+    choices: tuple[str, ...]  # continuations of the context; the model's likeliest one is its answer
+    gold: int                 # index of the right choice
+
+
+def shuffled(items: list, limit: int) -> list:
+    items = list(items)
+    random.Random(SEED).shuffle(items)
+    return items[:limit] if limit else items
+
+
+# ---- user task files -------------------------------------------------------------------------------
+def choice_file(path: Path, limit: int = 0) -> list[ChoiceItem]:
+    """Items of a .jsonl task file, in file order; a line that does not fit the schema is an error
+    naming the line and the field."""
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            items.append(_choice_row(line, f"{path}:{number}"))
+    if not items:
+        raise PlinthError(f"{path} holds no items; write one JSON object per line: "
+                          '{"context": "...", "choices": [" a", " b"], "gold": 0}')
+    return items[:limit] if limit else items
+
+
+def _choice_row(line: str, where: str) -> ChoiceItem:
+    schema = 'each line must be {"context": string, "choices": [2 or more strings], "gold": index of the right choice}'
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PlinthError(f"{where}: not JSON ({e}); {schema}") from e
+    if not isinstance(row, dict) or not isinstance(row.get("context"), str) or not row["context"]:
+        raise PlinthError(f"{where}: missing, empty or non-string 'context'; {schema}")
+    choices = row.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise PlinthError(f"{where}: 'choices' must be a list of 2 or more non-empty strings; {schema}")
+    gold = row.get("gold")
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise PlinthError(f"{where}: 'gold' must be an index from 0 to {len(choices) - 1}, got {gold!r}; {schema}")
+    return ChoiceItem(row["context"], tuple(choices), gold)
+
+
+# ---- sentiment -------------------------------------------------------------------------------------
+VADER = "vaderSentiment==3.3.2"
+VADER_ARCHIVE = "vaderSentiment-3.3.2.tar.gz"
+VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+MOVIE_REVIEWS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+NEUTRAL_BELOW = 0.5
+HELD_OUT = 0.2
+
+
+def vader_archive(cache: Path = CACHE) -> Path:
+    path = cache / VADER_ARCHIVE
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", VADER, "-d", str(cache)]
+        if subprocess.run(cmd).returncode != 0 or not path.is_file():
+            raise PlinthError(f"could not download the {VADER} source package for the sentiment task; "
+                              f"run `pip download --no-deps --no-binary :all: {VADER} -d {cache}` by hand")
+    return path
+
+
+def movie_reviews_tsv(archive: Path) -> str:
+    """The ratings file, read from the inner archive inside the source package."""
+    with tarfile.open(archive) as outer:
+        inner = io.BytesIO(outer.extractfile(VADER_INNER).read())
+    with tarfile.open(fileobj=inner) as tar:
+        return tar.extractfile(MOVIE_REVIEWS).read().decode("latin-1")
+
+
+def sentiment_items(limit: int = 0, tsv: str | None = None) -> list[ChoiceItem]:
+    """Held-out movie-review sentences as a two-way choice of the next word."""
+    items = []
+    for number, line in enumerate((tsv if tsv is not None else movie_reviews_tsv(vader_archive())).splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t", 2)
+        try:
+            sentence_id, rating, sentence = parts[0], float(parts[1]), parts[2].strip()
+        except (IndexError, ValueError) as e:
+            raise PlinthError(f"line {number} of the movie-review ratings is not `id<TAB>rating<TAB>sentence`: "
+                              f"{line[:60]!r}") from e
+        if abs(rating) >= NEUTRAL_BELOW and split_of(f"movie-{sentence_id}", HELD_OUT) == "val":
+            items.append(ChoiceItem(f"Review: {sentence}\nSentiment:", (" negative", " positive"), int(rating > 0)))
+    return shuffled(items, limit)
+
+
+# ---- topic (WordNet lexicographer classes) ---------------------------------------------------------
+WORDNET = Path("/usr/share/wordnet")
+# lex_filenum → what the class holds, from WordNet 3.0's lexnames(5WN); the choices the model reads.
+LEXNAMES = (
+    "all adjective clusters", "relational adjectives", "all adverbs", "unique beginners for nouns",
+    "acts or actions", "animals", "man-made objects", "attributes of people and objects", "body parts",
+    "cognitive processes and contents", "communicative processes and contents", "natural events",
+    "feelings and emotions", "foods and drinks", "groupings of people or objects", "spatial position",
+    "goals", "natural objects (not man-made)", "people", "natural phenomena", "plants",
+    "possession and transfer of possession", "natural processes", "quantities and units of measure",
+    "relations between people or things or ideas", "two and three dimensional shapes",
+    "stable states of affairs", "substances", "time and temporal relations",
+    "grooming, dressing and bodily care", "size, temperature change, intensifying",
+    "thinking, judging, analyzing, doubting", "telling, asking, ordering, singing",
+    "fighting, athletic activities", "eating and drinking", "touching, hitting, tying, digging",
+    "sewing, baking, painting, performing", "feeling", "walking, flying, swimming",
+    "seeing, hearing, feeling", "buying, selling, owning", "political and social activities and events",
+    "being, having, spatial relations", "raining, snowing, thawing, thundering", "participial adjectives",
+)
+DISTRACTORS = 4
+
+
+def wordnet_glosses(folder: Path = WORDNET) -> list[tuple[str, int]]:
+    """(gloss, lex_filenum) of every synset in data.{noun,verb,adj,adv}; example sentences dropped."""
+    files = [folder / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
+    if not all(f.is_file() for f in files):
+        raise PlinthError(f"the topic task needs WordNet's data files in {folder}; install them with "
+                          "`apt-get install wordnet-base`")
+    rows = []
+    for path in files:
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("  ") or " | " not in line:  # the licence header is indented
+                continue
+            fields, gloss = line.split(" | ", 1)
+            lexname = int(fields.split()[1])
+            if not 0 <= lexname < len(LEXNAMES):
+                raise PlinthError(f"{path}: lexicographer file number {lexname} is not one of WordNet 3.0's "
+                                  f"{len(LEXNAMES)}; is this a WordNet 3.0 data file?")
+            definition = gloss.split('; "')[0].strip().rstrip(";").strip()
+            rows.append((definition, lexname))
+    return rows
+
+
+def topic_items(limit: int = 0, folder: Path = WORDNET) -> list[ChoiceItem]:
+    """Each gloss against its own class and 4 others, all in a seeded random order."""
+    items = []
+    for index, (gloss, lexname) in enumerate(shuffled(wordnet_glosses(folder), limit)):
+        rng = random.Random(SEED + index)
+        classes = rng.sample([c for c in range(len(LEXNAMES)) if c != lexname], DISTRACTORS) + [lexname]
+        rng.shuffle(classes)
+        items.append(ChoiceItem(f"Definition: {gloss}\nTopic:", tuple(f" {LEXNAMES[c]}" for c in classes),
+                                classes.index(lexname)))
+    return items
