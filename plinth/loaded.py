@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from plinth import hub
+from plinth.adapt.tools import run_tools as tools_loop
 from plinth.constrain import response_format_grammar
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
@@ -62,6 +63,11 @@ class LoadedModel:
         """Reply to a conversation rendered through the model's own chat template."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(self.tokenizer.encode(prompt, add_bos=False), stream=stream, **options)
+
+    def run_tools(self, messages: list[dict], tools: list[dict] | None = None, functions=(), **options) -> list[dict]:
+        """Chat while letting the model call Python `functions`; returns the conversation, answer last
+        (plinth.adapt.tools.run_tools)."""
+        return tools_loop(self, messages, tools, functions, **options)
 
     @torch.inference_mode()
     def logits(self, text: str | list[int]) -> torch.Tensor:

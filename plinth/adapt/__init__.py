@@ -1,0 +1,1 @@
+"""Adapting a pretrained model: LoRA/QLoRA, fine-tuning recipes, classification heads, chat SFT, prompting."""
