@@ -20,12 +20,13 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import typing
 import uuid
 from dataclasses import dataclass
 
 import jsonschema
 
-from plinth.constrain import json_schema_grammar, lark_grammar
+from plinth.constrain import JSON_LAYOUT, json_schema_grammar, lark_grammar
 from plinth.errors import PlinthError
 
 # The shape SmolLM2-Instruct was tuned on (its model card): tools as JSON inside <tools>, calls as a
@@ -77,8 +78,9 @@ def tool_from_function(fn) -> dict:
     """An OpenAI tool definition for a Python function, from its signature and docstring."""
     types = {int: "integer", float: "number", str: "string", bool: "boolean", list: "array", dict: "object"}
     properties, required = {}, []
+    hints = typing.get_type_hints(fn)  # resolves annotations written as strings
     for name, p in inspect.signature(fn).parameters.items():
-        properties[name] = {"type": types[p.annotation]} if p.annotation in types else {}
+        properties[name] = {"type": types[hints[name]]} if hints.get(name) in types else {}
         if p.default is inspect.Parameter.empty:
             required.append(name)
     return {"type": "function", "function": {
@@ -140,7 +142,7 @@ def call_grammar(tools: dict[str, dict], only: str | None = None, parallel: bool
     names = [only] if only else list(tools)
     calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": tools[n]},
               "required": ["name", "arguments"], "additionalProperties": False} for n in names]
-    schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+    schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1, "x-guidance": JSON_LAYOUT}
     if only or not parallel:
         schema["maxItems"] = 1
     return lark_grammar(f'start: "{OPEN}" calls "{CLOSE}"\ncalls: %json {json.dumps(schema)}\n')
