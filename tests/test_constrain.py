@@ -13,6 +13,7 @@ from plinth.generate import SamplingParams
 from plinth.loaded import LoadedModel
 from plinth.serve.engine import Engine
 from tests.conftest import byte_tokenizer, tiny_model
+from tests.test_cli import plinth
 
 
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
@@ -139,3 +140,23 @@ def test_smollm2_answers_in_the_schema(smollm2_fp32):
     answer = json.loads(out)
     jsonschema.validate(answer, schema)
     assert "Paris" in answer["city"]
+
+
+def test_the_cli_names_a_bad_schema_file_and_exits_2(tmp_path):
+    bad = tmp_path / "schema.json"
+    bad.write_text('{"type": "object", "properties": {"a": {"minimum": "zero"}}}')
+    result = plinth("generate", "hi", "--json-schema", str(bad))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "invalid JSON schema at properties/a/minimum" in result.stderr
+    result = plinth("generate", "hi", "--json-schema", str(tmp_path / "missing.json"))
+    assert result.returncode == 2 and "cannot read a JSON schema" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_cli_answers_in_the_schema(tmp_path):
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}},
+              "required": ["capital"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    result = plinth("chat", "--json-schema", str(tmp_path / "schema.json"), "--temperature", "0",
+                    stdin="What is the capital of France?\n")
+    jsonschema.validate(json.loads(result.stdout.splitlines()[1].removeprefix("> ")), schema)

@@ -56,7 +56,7 @@ async def test_required_and_named_calls_always_have_valid_arguments(client):
                                                  tool_choice="required", max_tokens=800)
         assert r.choices[0].finish_reason == "tool_calls"
         check_calls(r.choices[0].message)
-    r = await client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, ADD], max_tokens=800,
+    r = await client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, ADD], max_tokens=800, seed=0,
                                              tool_choice={"type": "function", "function": {"name": "add"}})
     check_calls(r.choices[0].message)
     assert [c.function.name for c in r.choices[0].message.tool_calls] == ["add"]
@@ -71,7 +71,7 @@ async def test_parallel_tool_calls_false_gives_one_call(client):
 
 async def test_tool_choice_none_answers_in_text(client):
     r = await client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER], tool_choice="none",
-                                             max_tokens=5)
+                                             max_tokens=5, seed=0)
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason != "tool_calls"
 
 
@@ -98,7 +98,7 @@ async def test_tool_results_continue_the_conversation(client):
     call = first.tool_calls[0]
     messages = ASK + [first.model_dump(exclude_none=True),
                       {"role": "tool", "tool_call_id": call.id, "content": "18.5"}]
-    r = await client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=3)
+    r = await client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=3, seed=0)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
@@ -119,7 +119,7 @@ async def test_arguments_that_do_not_fit_are_returned_flagged_not_a_500(client):
         "required": ["city"], "additionalProperties": False}}, "required": ["name", "arguments"],
         "additionalProperties": False}
     r = await client.chat.completions.with_raw_response.create(
-        model="tiny", messages=ASK, tools=[WEATHER], max_tokens=100,
+        model="tiny", messages=ASK, tools=[WEATHER], max_tokens=100, seed=0,
         response_format={"type": "json_schema", "json_schema": {"name": "call", "schema": wrong}})
     call = json.loads(r.content)["choices"][0]["message"]["tool_calls"][0]["function"]
     assert call["name"] == "get_temperature" and json.loads(call["arguments"])["city"] in range(10)
@@ -139,10 +139,11 @@ async def test_response_format_through_the_official_client(client):
     pydantic = pytest.importorskip("pydantic")
 
     class Reading(pydantic.BaseModel):
-        city: str
+        city: str = pydantic.Field(max_length=8)  # a random model's strings end only at a limit
         celsius: int
 
-    r = await client.chat.completions.parse(model="tiny", messages=ASK, response_format=Reading, max_tokens=300)
+    r = await client.chat.completions.parse(model="tiny", messages=ASK, response_format=Reading, max_tokens=300,
+                                            seed=0)
     assert isinstance(r.choices[0].message.parsed, Reading)
 
 
