@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import jsonschema
+import torch
 
 import plinth
 from plinth.adapt import tools as toolkit
@@ -161,10 +162,13 @@ def main():
     parser.add_argument("--subjects", type=int, default=20, help="subjects per schema (10 schemas)")
     parser.add_argument("--every", type=int, default=4, help="also run every N-th case unconstrained")
     parser.add_argument("--tool-runs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="model threads (1 on a machine shared with other work: see DESIGN.md)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "structured.json"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     m = plinth.load("smollm2-135m-instruct")
-    result = {"model": "smollm2-135m-instruct", "load_average": os.getloadavg()[0],
+    result = {"model": "smollm2-135m-instruct", "load_average": os.getloadavg()[0], "threads": args.threads,
               "structured": structured_runs(m, args.subjects, args.every), "tools": tool_runs(m, args.tool_runs)}
     s, t = result["structured"], result["tools"]
     print(f"{'generations':>14} {'valid':>7} {'constrained tok/s':>18} {'unconstrained tok/s':>20} {'slower':>7}")

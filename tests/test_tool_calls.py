@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 
 from plinth.adapt import tools as toolkit
+from plinth.errors import PlinthError
 from plinth.serve.app import ServerState, create_app
 from plinth.serve.engine import Engine
 from tests.conftest import tiny_model
@@ -192,3 +193,33 @@ async def test_smollm2_looks_up_a_value_then_computes_with_it():
         engine.stop()
     check_calls(second.choices[0].message)
     assert second.choices[0].message.tool_calls[0].function.name == "add"
+
+
+def test_run_tools_executes_the_registered_functions(tokenizer):
+    from plinth.loaded import LoadedModel
+    m = LoadedModel(tiny_model(max_seq_len=2048), tokenizer, "tiny")
+    seen = []
+
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        seen.append((a, b))
+        return a + b
+
+    def get_temperature(city: str) -> float:
+        """Current temperature in a city."""
+        raise KeyError(city)
+
+    tools = [WEATHER, ADD]  # bounded schemas: the random model's strings end
+    conversation = m.run_tools(ASK, tools, [add, get_temperature], tool_choice="required", max_rounds=1,
+                               seed=0, max_tokens=800)
+    calls = conversation[1]["tool_calls"]
+    results = conversation[2:]
+    assert calls and len(results) == len(calls)
+    for call, result in zip(calls, results):
+        assert result["role"] == "tool" and result["tool_call_id"] == call["id"]
+        arguments = json.loads(call["function"]["arguments"])
+        expected = str(arguments["a"] + arguments["b"]) if call["function"]["name"] == "add" else "error: KeyError"
+        assert result["content"].startswith(expected)
+    assert len(seen) == sum(c["function"]["name"] == "add" for c in calls)
+    with pytest.raises(PlinthError, match="tool_choice must be"):
+        m.run_tools(ASK, tools, [add], tool_choice="always")

@@ -234,18 +234,23 @@ class CallStream:
 
 # ---- the agent loop ------------------------------------------------------------------------------------
 def run_tools(model, messages: list[dict], tools: list[dict] | None = None, functions=(), max_rounds: int = 5,
-              **options) -> list[dict]:
+              tool_choice: str | dict = "auto", **options) -> list[dict]:
     """Let `model` call `functions` (Python callables, or a {name: callable} dict) until it answers in
     text; `tools` default to definitions made from the functions' signatures and docstrings. Returns the whole
     conversation: the given messages, each assistant turn with its calls, each tool result, the answer.
-    A failing function's error goes back to the model as the result, as an API would return it."""
+    A failing function's error goes back to the model as the result, as an API would return it.
+    tool_choice "required" or {"function": {"name": ...}} forces the first round's call (by grammar),
+    then the model is free to answer, as the OpenAI Agents SDK's `reset_tool_choice` does."""
     registry = dict(functions) if isinstance(functions, dict) else {fn.__name__: fn for fn in functions}
     tools = tools or [tool_from_function(fn) for fn in registry.values()]
     schemas = check_tools(tools)
     messages = list(messages)
+    grammar = forced_grammar(schemas, tool_choice)
     for _ in range(max_rounds):
         prompt = render(model.tokenizer, messages, tools)
-        content, calls = parse(model.generate(model.tokenizer.encode(prompt, add_bos=False), **options), schemas)
+        text = model.generate(model.tokenizer.encode(prompt, add_bos=False), grammar=grammar, **options)
+        grammar = None
+        content, calls = parse(text, schemas)
         messages.append({"role": "assistant", "content": content or None,
                          "tool_calls": [c.as_openai() for c in calls] or None})
         if not calls:
@@ -254,6 +259,18 @@ def run_tools(model, messages: list[dict], tools: list[dict] | None = None, func
             messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
                              "content": call_function(registry, call)})
     return messages
+
+
+def forced_grammar(tools: dict[str, dict], tool_choice, parallel: bool = True) -> str | None:
+    """The grammar OpenAI's `tool_choice` asks for: None for "auto" and "none" (the model decides)."""
+    if tool_choice == "required":
+        return call_grammar(tools, parallel=parallel)
+    if isinstance(tool_choice, dict):
+        return call_grammar(tools, only=(tool_choice.get("function") or {}).get("name"))
+    if tool_choice not in ("auto", "none"):
+        raise PlinthError(f'tool_choice must be "none", "auto", "required" or {{"type": "function", '
+                          f'"function": {{"name": ...}}}}, got {tool_choice!r}')
+    return None
 
 
 def call_function(registry: dict, call: ToolCall) -> str:

@@ -45,13 +45,7 @@ def plan(body, tokenizer) -> ChatPlan:
     except PlinthError as e:
         raise PlanError(str(e), "tools") from e
     try:
-        if choice == "required":
-            grammar = toolkit.call_grammar(schemas, parallel=body.parallel_tool_calls)
-        elif isinstance(choice, dict):
-            grammar = toolkit.call_grammar(schemas, only=(choice.get("function") or {}).get("name"))
-        elif choice != "auto":
-            raise PlinthError(f'tool_choice must be "none", "auto", "required" or {{"type": "function", '
-                              f'"function": {{"name": ...}}}}, got {choice!r}')
+        grammar = toolkit.forced_grammar(schemas, choice, body.parallel_tool_calls) or grammar
     except PlinthError as e:
         raise PlanError(str(e), "tool_choice") from e
     return ChatPlan(toolkit.render(tokenizer, messages, body.tools), grammar, schemas, body.parallel_tool_calls)
