@@ -223,3 +223,21 @@ def test_run_tools_executes_the_registered_functions(tokenizer):
     assert len(seen) == sum(c["function"]["name"] == "add" for c in calls)
     with pytest.raises(PlinthError, match="tool_choice must be"):
         m.run_tools(ASK, tools, [add], tool_choice="always")
+
+
+def test_streamed_text_passes_and_calls_are_held_back():
+    stream = toolkit.CallStream(SCHEMAS)
+    shown = [stream.add(p) for p in ["It is ", "warm <tool", "_call>[{\"name\": \"add\", ", "\"arguments\": {\"a\": 1, \"b\": 2}}]</tool_call>"]]
+    assert shown == ["It is ", "warm ", "", ""]  # "<tool" might open a tag: held until it is known
+    rest, calls = stream.finish()
+    assert rest == "" and [(c.name, c.arguments, c.error) for c in calls] == [("add", '{"a": 1, "b": 2}', None)]
+    plain = toolkit.CallStream(SCHEMAS)
+    assert [plain.add(p) for p in ["a <", "b"]] == ["a ", "<b"] and plain.finish() == ("", [])
+
+
+def test_bare_json_and_parallel_calls_parse():
+    _, calls = toolkit.parse('{"name": "add", "parameters": {"a": 1, "b": 2}}', SCHEMAS)  # Llama 3 style
+    assert [(c.name, c.arguments) for c in calls] == [("add", '{"a": 1, "b": 2}')]
+    _, calls = toolkit.parse('<tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}, '
+                             '{"name": "get_temperature", "arguments": {"city": "Oslo"}}]</tool_call>', SCHEMAS)
+    assert [c.name for c in calls] == ["add", "get_temperature"] and not any(c.error for c in calls)
