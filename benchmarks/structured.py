@@ -3,13 +3,15 @@ validates, what the constraint costs in decode speed, and how often the model co
 two-tool task.
 
     .venv/bin/python benchmarks/structured.py                 # 200 generations + 20 tool runs
+    .venv/bin/python benchmarks/structured.py --threads 1     # on a machine shared with other work
     .venv/bin/python benchmarks/structured.py --subjects 5    # a quick look (50 generations)
 
 How each figure is measured:
   validate %   10 schemas × --subjects subjects (20: 200 generations), chat prompts asking for the
-               JSON, temperature 0.7 with a seed per case; the output must `json.loads` and pass
-               `jsonschema.validate` (an independent validator). A generation cut by max_tokens counts
-               as a failure.
+               JSON, temperature 0.7 with a seed per case, max_tokens 400 (more than the longest
+               instance of any schema here: SmolLM2 spells digits one token each); the output must
+               `json.loads` and pass `jsonschema.validate` (an independent validator). A generation
+               cut by max_tokens counts as a failure.
   tokens/s     decode only: from the first generated token to the last, (tokens − 1) / seconds, summed
                over runs. Every --every-th case is also generated without the constraint (same prompt,
                same sampling, EOS ignored, as many tokens as the constrained run made), interleaved with the
@@ -17,7 +19,7 @@ How each figure is measured:
   tool task    "Get the temperature in Paris, then add 10 to it." with tools get_temperature and add:
                round 1 any call (grammar: tool_choice=required), its result fed back, round 2 any call
                again; success when the calls are get_temperature(Paris) then add(18, 10) in either order
-               of operands. --tool-runs runs at temperature 0.7, one seed each.
+               of operands. --tool-runs runs at temperature 0.7, a seed per round.
 Writes benchmarks/results/structured.json. On a shared machine the speeds are indicative; the
 cost ratio is robust because the two modes are interleaved.
 """
@@ -110,7 +112,7 @@ def structured_runs(m, subjects: int, every: int) -> dict:
         for k, (template, schema) in enumerate(SCHEMAS):
             prompt = m.tokenizer.encode(m.tokenizer.apply_chat_template(
                 [{"role": "user", "content": template.format(x=subject)}]), add_bos=False)
-            params = dict(max_tokens=200, temperature=0.7, seed=cases)
+            params = dict(max_tokens=400, temperature=0.7, seed=cases)  # above any schema's longest instance
             text, n, seconds, finish = timed(m, prompt, SamplingParams(**params, grammar=json_schema_grammar(schema)))
             con[0], con[1] = con[0] + n - 1, con[1] + seconds
             try:
@@ -138,11 +140,12 @@ def tool_runs(m, runs: int) -> dict:
     for seed in range(runs):
         messages = [{"role": "user", "content": "Get the temperature in Paris, then add 10 to it."}]
         calls = []
-        for _ in range(2):
+        for round_ in range(2):
             prompt = m.tokenizer.encode(toolkit.render(m.tokenizer, messages, tools), add_bos=False)
-            text = m.generate(prompt, grammar=grammar, temperature=0.7, seed=seed, max_tokens=80)
+            text = m.generate(prompt, grammar=grammar, temperature=0.7, seed=10 * seed + round_, max_tokens=120)
             _, found = toolkit.parse(text, toolkit.check_tools(tools))
-            if not found:
+            if not found or found[0].error:
+                calls.append((text, None, found[0].error if found else "no call"))
                 break
             call = found[0]
             result = toolkit.call_function({"get_temperature": get_temperature, "add": add}, call)

@@ -241,3 +241,14 @@ def test_bare_json_and_parallel_calls_parse():
     _, calls = toolkit.parse('<tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}, '
                              '{"name": "get_temperature", "arguments": {"city": "Oslo"}}]</tool_call>', SCHEMAS)
     assert [c.name for c in calls] == ["add", "get_temperature"] and not any(c.error for c in calls)
+
+
+def test_a_forced_call_carries_only_the_declared_parameters(tokenizer):
+    from plinth.loaded import LoadedModel
+    m = LoadedModel(tiny_model(), tokenizer, "tiny")
+    loose = {"dial": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+                      "required": ["x"]}}  # JSON Schema would allow any extra key here
+    grammar = toolkit.call_grammar(loose, only="dial")
+    for seed in range(5):
+        _, calls = toolkit.parse(m.generate("Hi", grammar=grammar, seed=seed, max_tokens=100), loose)
+        assert list(json.loads(calls[0].arguments)) == ["x"]

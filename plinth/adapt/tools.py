@@ -85,7 +85,8 @@ def tool_from_function(fn) -> dict:
             required.append(name)
     return {"type": "function", "function": {
         "name": fn.__name__, "description": inspect.getdoc(fn) or "",
-        "parameters": {"type": "object", "properties": properties, "required": required}}}
+        "parameters": {"type": "object", "properties": properties, "required": required,
+                       "additionalProperties": False}}}
 
 
 # ---- rendering -----------------------------------------------------------------------------------------
@@ -140,12 +141,20 @@ def call_grammar(tools: dict[str, dict], only: str | None = None, parallel: bool
     if only is not None and only not in tools:
         raise PlinthError(f"tool_choice names the function {only!r}, but tools define only {sorted(tools)}")
     names = [only] if only else list(tools)
-    calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": tools[n]},
+    calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": declared_only(tools[n])},
               "required": ["name", "arguments"], "additionalProperties": False} for n in names]
     schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1, "x-guidance": JSON_LAYOUT}
     if only or not parallel:
         schema["maxItems"] = 1
     return lark_grammar(f'start: "{OPEN}" calls "{CLOSE}"\ncalls: %json {json.dumps(schema)}\n')
+
+
+def declared_only(parameters: dict) -> dict:
+    """A forced call carries only the declared parameters unless the schema says otherwise (JSON
+    Schema's default allows any extra key, which small models fill with invented ones)."""
+    if parameters.get("type") == "object" and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
 
 
 # ---- parsing ----------------------------------------------------------------------------------------
