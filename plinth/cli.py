@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -129,9 +130,17 @@ def cmd_data_prepare(args):
     prepare(recipe_of(args))
 
 
+def cmd_tokenizer_train(args):
+    from plinth.data.prepare import collect, train_tokenizer
+    recipe = recipe_of(args)
+    train_tokenizer(recipe, collect(recipe)[0])
+
+
 def cmd_pretrain(args):
     from plinth.train.loop import pretrain
-    print(f"checkpoint: {pretrain(recipe_of(args), resume=args.resume)}")
+    latest = pretrain(recipe_of(args), resume=args.resume, dist_mode=args.dist)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {latest}")
 
 
 def cmd_plot(args):
@@ -181,11 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.set_defaults(func=cmd_data_prepare)
 
+    p = sub.add_parser("tokenizer", help="train a BPE tokenizer", description="Tokenizer commands.")
+    tokenizer_sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    p = tokenizer_sub.add_parser("train", help="train a byte-level BPE on a recipe's sources",
+                                 description="Collect and clean the recipe's sources and train a byte-level BPE "
+                                 "of its vocab_size (special and chat tokens included) into <out_dir>/tokenizer, "
+                                 "reporting bytes per token per source against SmolLM2's tokenizer; `plinth data "
+                                 "prepare` then uses it. Example: plinth tokenizer train recipes/pretrain-tiny.yaml "
+                                 "--vocab_size=8192")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_tokenizer_train)
+
     p = sub.add_parser("pretrain", help="train a model from scratch", description="Pretrain from a recipe; "
                        "any recipe field can be overridden with --key=value. Example: plinth pretrain "
                        "recipes/pretrain-tiny.yaml --max_steps=100 (then --resume after a stop)")
     p.add_argument("recipe")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--dist", choices=["none", "ddp", "fsdp2"], default="none",
+                   help="under torchrun: replicate (ddp) or shard (fsdp2) the model over the processes, e.g. "
+                        "torchrun --nproc-per-node 2 -m plinth pretrain RECIPE --dist ddp")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("plot", help="training curves to PNG", description="Plot loss, validation loss, "
@@ -218,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
-    if unknown and args.command not in ("pretrain", "data"):  # only recipes take --key=value overrides
+    if unknown and args.command not in ("pretrain", "data", "tokenizer"):  # only recipes take --key=value overrides
         build_parser().parse_args(argv)  # reports the unknown arguments the usual way
     args.overrides = unknown
     try:

@@ -260,12 +260,14 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams)
     check_prompt(len(prompt), context)
     seq = Sequence(prompt, params, tokenizer, model.config.vocab_size, max_new=context - len(prompt))
     cache = model.new_cache(1, len(prompt) + seq.max_new)
-    logits = model(torch.tensor([prompt]), cache=cache, last=torch.tensor([len(prompt) - 1]))
+    device = model.tok_embeddings.weight.device
+    logits = model(torch.tensor([prompt], device=device), cache=cache, last=torch.tensor([len(prompt) - 1], device=device))
     position = len(prompt)
     while True:
-        step = seq.step(logits[0])
+        step = seq.step(logits[0].cpu())
         yield step
         if step.finish_reason:
             return
-        logits = model(torch.tensor([[step.choice.token]]), cache=cache, start_pos=position, last=torch.tensor([0]))
+        logits = model(torch.tensor([[step.choice.token]], device=device), cache=cache, start_pos=position,
+                       last=torch.tensor([0], device=device))
         position += 1

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from plinth.config import ModelConfig
 
@@ -268,6 +269,8 @@ class Transformer(nn.Module):
             self.norm = make_norm(config, config.dim) if not config.post_norm else None
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._tie()
+        # Set by the training loop: keep only each block's input and recompute the rest in backward.
+        self.activation_checkpointing = False
 
     def _tie(self):
         if self.config.tie_embeddings:
@@ -360,7 +363,11 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         for block in self.layers:
-            x = block(x, ropes[block.attn.window is not None], where, cache)
+            rope = ropes[block.attn.window is not None]
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, where, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, where, cache)
         return self.norm(x) if self.norm is not None else x
 
     def forward(self, tokens=None, *, embeds=None, cache=None, start_pos=0, slots=None, last=None):

@@ -3,11 +3,15 @@
     for doc in read_source("python-stdlib", limit=100): print(doc.source, doc.id, len(doc.text))
 
 A source is a name in SOURCES, or a path: a .txt/.md/.py file, a .jsonl file (one {"text": ...}
-per line), or a folder of such files.
+per line), a .parquet file (a `text` column), or a folder of such files. Built-in sources: Python's
+own source and docs (on every machine), and where their Debian packages are installed the GCIDE
+dictionary (dict-gcide) and quotations (fortunes).
 """
 from __future__ import annotations
 
+import gzip
 import json
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +46,52 @@ def python_docs() -> Iterator[Document]:
         yield Document("python-docs", name, topics[name])
 
 
-SOURCES = {"python-stdlib": python_stdlib, "python-docs": python_docs}
+def debian_file(path: str, package: str) -> Path:
+    found = Path(path)
+    if not found.exists():
+        raise PlinthError(f"{found} is missing; install it with `apt-get install {package}` or drop the source")
+    return found
+
+
+GCIDE_INDEX_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def gcide() -> Iterator[Document]:
+    """The GCIDE dictionary (Webster 1913 + additions), one document per entry, from the dictd
+    files: the index gives each headword's offset and length (base-64 numbers) in the data."""
+    data = gzip.open(debian_file("/usr/share/dictd/gcide.dict.dz", "dict-gcide")).read()
+    index = debian_file("/usr/share/dictd/gcide.index", "dict-gcide").read_text(encoding="utf-8")
+    seen = set()
+
+    def number(digits: str) -> int:
+        value = 0
+        for c in digits:
+            value = value * 64 + GCIDE_INDEX_DIGITS.index(c)
+        return value
+
+    for line in index.splitlines():
+        word, offset, length = line.split("\t")[:3]
+        # headwords not starting with a letter are the file's own metadata; variants share an entry
+        if not word[:1].isalpha() or (offset, length) in seen:
+            continue
+        seen.add((offset, length))
+        start = number(offset)
+        text = data[start:start + number(length)].decode("utf-8", errors="replace")
+        text = re.sub(r"[ \t]*\[[^\]\n]*(Webster|WordNet|PJC|Century)[^\]\n]*\]", "", text)  # source tags
+        yield Document("gcide", f"{word}@{offset}", re.sub(r"\n{3,}", "\n\n", text.replace("{", "").replace("}", "")).strip())
+
+
+def fortunes() -> Iterator[Document]:
+    """Quotations from the `fortunes` package: each category file holds quotes split by '%' lines."""
+    folder = debian_file("/usr/share/games/fortunes", "fortunes")
+    for path in sorted(folder.iterdir()):
+        if path.suffix or not path.is_file():  # .dat indexes and .u8 copies
+            continue
+        for n, quote in enumerate(path.read_text(encoding="utf-8", errors="replace").split("\n%\n")):
+            yield Document("fortunes", f"{path.name}:{n}", quote.strip())
+
+
+SOURCES = {"python-stdlib": python_stdlib, "python-docs": python_docs, "gcide": gcide, "fortunes": fortunes}
 
 
 def from_path(path: Path) -> Iterator[Document]:
@@ -57,8 +106,27 @@ def from_path(path: Path) -> Iterator[Document]:
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise PlinthError(f"{f}:{n}: each line must be a JSON object with a 'text' field ({e})") from e
                 yield Document(str(path), f"{f.name}:{n}", text)
+        elif f.suffix == ".parquet":
+            yield from from_parquet(f, str(path))
         elif f.suffix in TEXT_SUFFIXES:
             yield Document(str(path), f.name, f.read_text(encoding="utf-8", errors="replace"))
+
+
+def from_parquet(f: Path, source: str) -> Iterator[Document]:
+    """A Parquet file's `text` column, read a row group at a time (files can be far larger than memory)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise PlinthError(f"{f}: reading Parquet needs pyarrow; pip install pyarrow") from e
+    table = pq.ParquetFile(f)
+    if "text" not in table.schema_arrow.names:
+        raise PlinthError(f"{f}: needs a 'text' column; it has {', '.join(table.schema_arrow.names)}")
+    row = 0
+    for group in range(table.num_row_groups):
+        for text in table.read_row_group(group, columns=["text"]).column("text").to_pylist():
+            if text:
+                yield Document(source, f"{f.name}:{row}", text)
+            row += 1
 
 
 def read_source(name: str, limit: int = 0) -> Iterator[Document]:

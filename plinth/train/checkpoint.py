@@ -20,13 +20,14 @@ from plinth.errors import PlinthError
 KEEP = 2  # checkpoints kept besides the newest
 
 
-def save(out_dir, step: int, model, tokenizer, trainer_state: dict):
+def save(out_dir, step: int, model, tokenizer, trainer_state: dict, state: dict | None = None):
+    """`state`: the weights to write when they are not `model.state_dict()` (gathered from shards)."""
     out_dir = Path(out_dir)
     final = out_dir / f"step-{step:06d}"
     tmp = out_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in (state if state is not None else model.state_dict()).items()}
     if model.config.tie_embeddings:
         state.pop("output.weight", None)  # the same tensor as the token embedding
     save_file(state, str(tmp / "model.safetensors"))
