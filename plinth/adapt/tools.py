@@ -2,7 +2,8 @@
 writes, and a small agent loop that runs Python functions for the model.
 
 A model whose chat template knows tools (it uses the `tools` variable) renders them itself. Others,
-SmolLM2 among them, get plinth's default tool prompt, the widespread `<tool_call>` convention:
+SmolLM2 among them (its GGUF template has no tools), get plinth's default tool prompt, in the format
+SmolLM2-Instruct was tuned on:
 
     system:    <TOOL_PROMPT with each tool's JSON inside <tools></tools>>
     assistant: <tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>
@@ -29,8 +30,8 @@ import jsonschema
 from plinth.constrain import JSON_LAYOUT, json_schema_grammar, lark_grammar
 from plinth.errors import PlinthError
 
-# The shape SmolLM2-Instruct was tuned on (its model card): tools as JSON inside <tools>, calls as a
-# JSON list inside <tool_call>, results as a user turn inside <tool_response>.
+# The shape SmolLM2-Instruct was tuned on (its model card; Ollama's smollm2 template): tools as JSON
+# inside <tools>, calls as a JSON list inside <tool_call>, results as a user turn in <tool_response>.
 TOOL_PROMPT = (
     "You are an expert in composing functions. You are given a question and a set of possible functions. "
     "Based on the question, you will need to make one or more function/tool calls to achieve the purpose. "
