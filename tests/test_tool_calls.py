@@ -252,3 +252,26 @@ def test_a_forced_call_carries_only_the_declared_parameters(tokenizer):
     for seed in range(5):
         _, calls = toolkit.parse(m.generate("Hi", grammar=grammar, seed=seed, max_tokens=100), loose)
         assert list(json.loads(calls[0].arguments)) == ["x"]
+
+
+def test_a_template_that_knows_tools_renders_them_itself():
+    from tests.conftest import byte_tokenizer
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for t in tools %}[tool {{ t.function.name }}]{% endfor %}{% for m in messages %}"
+                         "{% for c in m.tool_calls or [] %}[call {{ c.function.name }} {{ c.function.arguments.city }}]"
+                         "{% endfor %}{% endfor %}")
+    messages = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_temperature", "arguments": '{"city": "Oslo"}'}}]}]
+    assert toolkit.render(tok, messages, [WEATHER, ADD]) == "[tool get_temperature][tool add][call get_temperature Oslo]"
+
+
+async def test_a_streamed_json_schema_answer_validates(client):
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 1, "maxItems": 4}
+    for seed in range(2):
+        pieces = []
+        async for chunk in await client.chat.completions.create(
+                model="tiny", messages=ASK, stream=True, seed=seed, max_tokens=200, n=2,
+                response_format={"type": "json_schema", "json_schema": {"name": "numbers", "schema": schema}}):
+            pieces += [(c.index, c.delta.content or "") for c in chunk.choices]
+        for index in (0, 1):
+            jsonschema.validate(json.loads("".join(p for i, p in pieces if i == index)), schema)
