@@ -10,8 +10,10 @@ and how to fix it, and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from plinth import hub
 from plinth.adapt import rag_cli
@@ -41,13 +43,25 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="answer with a JSON object (constrained decoding)")
+    g.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid for the schema in FILE")
 
 
 def sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                 frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-                seed=args.seed, stop=args.stop)
+                seed=args.seed, stop=args.stop, grammar=output_grammar(args))
+
+
+def output_grammar(args) -> str | None:
+    from plinth.constrain import json_schema_grammar, response_format_grammar
+    if args.json_schema:
+        try:
+            return json_schema_grammar(json.loads(Path(args.json_schema).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise PlinthError(f"cannot read a JSON schema from {args.json_schema}: {e}") from e
+    return response_format_grammar({"type": "json_object"}) if args.json else None
 
 
 def load(args):
