@@ -68,7 +68,7 @@ def load(args):
     import plinth  # deferred: torch takes a second to import, `plinth list` should not wait for it
     params = sampling(args) if hasattr(args, "max_tokens") else {}
     SamplingParams(**params).validate()  # reject bad values before spending seconds on loading
-    return plinth.load(args.model, dtype=args.dtype)
+    return plinth.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None))
 
 
 def cmd_list(args):
@@ -169,16 +169,45 @@ def cmd_report(args):
     print(write_report(args.runs, args.out))
 
 
+def cmd_finetune(args):
+    from plinth.adapt.finetune import FinetuneRecipe, finetune
+    from plinth.train.recipe import load_recipe
+    print(f"fine-tuned: {finetune(load_recipe(FinetuneRecipe, args.recipe, args.overrides), resume=args.resume)}")
+
+
+def cmd_prompt(args):
+    from plinth.adapt.cli import run_prompt
+    run_prompt(args, load(args))
+
+
+def cmd_export(args):
+    from plinth.adapt.cli import run_export
+    print(run_export(args))
+
+
 def cmd_serve(args):
     from plinth.serve.app import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
           max_batch=args.max_batch, max_len=args.max_model_len, grace=args.grace, dtype=args.dtype,
-          embedding_model=args.embedding_model, seed=args.seed, threads=args.threads, indexes=args.index)
+          embedding_model=args.embedding_model, seed=args.seed, threads=args.threads, indexes=args.index,
+          adapters=adapter_map(args.adapter))
+
+
+def adapter_map(items: list[str]) -> dict[str, str]:
+    """--adapter NAME=DIR (repeatable) → {NAME: DIR}."""
+    adapters = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise PlinthError(f"--adapter {item!r} must look like NAME=DIR, e.g. sentiment=runs/lora-sentiment/final")
+        adapters[name] = folder
+    return adapters
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plinth", description="Pretrain, load, adapt, evaluate and serve foundation models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # subcommand name → its parser
 
     p = sub.add_parser("list", help="models known and installed", description="Known models and where their files are.")
     p.set_defaults(func=cmd_list)
@@ -192,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "to stdout. Example: plinth generate smollm2-135m-instruct \"The capital of France is\" --max-tokens 20")
     add_model_args(p)
     p.add_argument("prompt")
+    p.add_argument("--adapter", help="a LoRA adapter folder (a fine-tuning run's final/), merged in at load")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -231,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: replicate (ddp) or shard (fsdp2) the model over the processes, e.g. "
                         "torchrun --nproc-per-node 2 -m plinth pretrain RECIPE --dist ddp")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="adapt a model: full, LoRA, QLoRA, chat SFT, classifier head",
+                       description="Fine-tune from a recipe; any recipe field can be overridden with --key=value. "
+                       "Example: plinth finetune recipes/lora-sentiment.yaml --max_steps=50 (then --resume after a stop)")
+    p.add_argument("recipe")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.set_defaults(func=cmd_finetune)
+
+    from plinth.adapt.cli import add_export_parser, add_prompt_parser
+    add_prompt_parser(sub, add_model_args, cmd_prompt)
+    add_export_parser(sub, cmd_export)
 
     p = sub.add_parser("plot", help="training curves to PNG", description="Plot loss, validation loss, "
                        "learning rate and tokens/s of a run. Example: plinth plot runs/pretrain-tiny")
@@ -279,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "which the HTTP layer keeps)")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "
                    "so that the same request always gets the same answer")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a LoRA adapter "
+                   "as model NAME, beside the base (repeatable; requests choose by model name)")
     p.add_argument("--embedding-model", default="auto", help=f"model for /v1/embeddings: a name, a folder, "
                    f"'none', or 'auto' ({hub.DEFAULT_EMBEDDER} when installed)")
     p.add_argument("--index", action="append", default=[], metavar="NAME=FOLDER", help="serve a retrieval index "
@@ -289,8 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
-    if unknown and args.command not in ("pretrain", "data", "tokenizer"):  # only recipes take --key=value overrides
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command in ("generate", "prompt"):  # `generate MODEL --adapter DIR "text"`: options
+        # between the positionals; argparse takes those in one go only when parsing intermixed
+        args = parser.commands[args.command].parse_intermixed_args(argv[argv.index(args.command) + 1:], args)
+        unknown = []
+    if unknown and args.command not in ("pretrain", "data", "tokenizer", "finetune"):  # only recipes take --key=value overrides
         build_parser().parse_args(argv)  # reports the unknown arguments the usual way
     args.overrides = unknown
     try:

@@ -38,9 +38,11 @@ def read_model(path: Path) -> tuple[Transformer, Tokenizer, str]:
 
 
 class LoadedModel:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", load_seconds: float = 0.0):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", load_seconds: float = 0.0,
+                 head=None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.load_seconds = load_seconds
+        self.head = head  # a classifier head, for models fine-tuned with task=classify
 
     def _params(self, response_format=None, **options) -> SamplingParams:
         if response_format is not None:  # OpenAI's shape or a pydantic model class: constrained decoding
@@ -83,15 +85,23 @@ class LoadedModel:
         return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
 
-def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None) -> LoadedModel:
-    """Load a known model name or a .gguf file path.
+    def classify(self, texts: list[str] | str) -> list[str]:
+        """Labels from the classifier head of a model fine-tuned with task=classify."""
+        from plinth.adapt.classify import classify
+        return classify(self, texts)
+
+
+def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str | None = None) -> LoadedModel:
+    """Load a known model name, a .gguf file path, or a plinth checkpoint / fine-tuning run folder.
 
     dtype: float32, bfloat16, int8 or int4. The default on CPU keeps weights compact, because decoding
     reads every weight once per token: int4 for 4-bit files (their exact codes), else int8.
+    adapter: a LoRA adapter folder, merged into the weights before they are made compact.
     """
+    from plinth.adapt.finetune import read_adapted  # deferred: adapt builds on this module
     start = time.perf_counter()
-    net, tokenizer, compact = read_model(hub.resolve(model))
+    net, tokenizer, compact, head = read_adapted(hub.resolve(model), adapter)
     if dtype is None:
         dtype = compact if hasattr(torch, "_weight_int4pack_mm_for_cpu") else "float32"
     compact_(net, dtype)
-    return LoadedModel(net, tokenizer, name=model, load_seconds=time.perf_counter() - start)
+    return LoadedModel(net, tokenizer, name=model, load_seconds=time.perf_counter() - start, head=head)

@@ -40,9 +40,11 @@ class ServerState:
     """What the handlers share: the engine, the names served, and the server's options."""
 
     def __init__(self, engine: Engine, tokenizer, name: str, strict_models: bool = False,
-                 api_key: str | None = None, embedder=None, seed: int | None = None, indexes: dict | None = None):
+                 api_key: str | None = None, embedder=None, seed: int | None = None, indexes: dict | None = None,
+                 adapters: dict[str, int] | None = None):
         self.engine, self.tokenizer, self.name, self.seed = engine, tokenizer, name, seed
         self.indexes = indexes or {}  # name → retrieval Index that chat requests may name
+        self.adapters = adapters or {}  # served LoRA adapter name → engine adapter id
         self.strict_models, self.api_key, self.embedder = strict_models, api_key, embedder
         self.started = int(time.time())
         self.sampling_defaults = hub.sampling_defaults(name)
@@ -51,10 +53,12 @@ class ServerState:
         self.in_flight = 0
 
     def model_names(self) -> list[str]:
-        return [self.name] + ([self.embedder.name] if self.embedder else [])
+        return [self.name, *self.adapters] + ([self.embedder.name] if self.embedder else [])
 
     def resolve_model(self, requested: str) -> str:
         """The model that answers: the requested one, or (unless --strict-models) the served one."""
+        if requested in self.adapters:
+            return requested
         if requested == self.name or not self.strict_models:
             return self.name
         raise APIError(404, f"The model '{requested}' does not exist; this server has: {', '.join(self.model_names())}",
@@ -78,7 +82,7 @@ class ServerState:
                            code="context_length_exceeded")
         return max_tokens or window - prompt_tokens
 
-    def run(self, jobs, http_request: Request | None = None):
+    def run(self, jobs, http_request: Request | None = None, model: str | None = None):
         """Submit one engine request per job now (so errors come before any response). Returns an
         async iterator of (choice index, Step), and a function that cancels whatever is unfinished:
         call it when the response ends, however it ends (a stream may never start iterating)."""
@@ -91,7 +95,7 @@ class ServerState:
         try:
             for index, prompt, params in jobs:
                 emit = (lambda i: lambda event: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))(index)
-                submitted.append(self.engine.submit(prompt, params, emit))
+                submitted.append(self.engine.submit(prompt, params, emit, self.adapters.get(model, 0)))
         except PlinthError as e:  # nothing of a request runs unless all of it was accepted
             self._cancel(submitted)
             if isinstance(e, QueueFull):
@@ -264,18 +268,20 @@ class GracefulServer(uvicorn.Server):
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           strict_models: bool = False, max_batch: int = 16, max_len: int = 2048, grace: float = 30.0,
           embedding_model: str = "auto", dtype: str | None = None, seed: int | None = None,
-          threads: int | None = None, indexes: list[str] = ()):
+          threads: int | None = None, indexes: list[str] = (), adapters: dict[str, str] | None = None):
     import plinth
+    from plinth.adapt.served import serve_adapters
     from plinth.embed import Embedder
     if embedding_model == "auto":
         embedding_model = hub.DEFAULT_EMBEDDER if hub.known_path(hub.DEFAULT_EMBEDDER) else "none"
     embedder = Embedder.load(embedding_model) if embedding_model != "none" else None
     served_indexes = load_indexes(list(indexes), embedder)  # before the model: a bad --index fails fast
     loaded = plinth.load(model, dtype=dtype)
+    adapter_ids = serve_adapters(loaded.model, adapters)[1] if adapters else {}
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads)
     engine.start()
     state = ServerState(engine, loaded.tokenizer, model, strict_models, api_key or os.environ.get("PLINTH_API_KEY"),
-                        embedder, seed, served_indexes)
+                        embedder, seed, served_indexes, adapter_ids)
     base = f"http://{host}:{port}"
     print(f"plinth: serving {model} — chat page {base}/  ·  OpenAI API {base}/v1", flush=True)
     server = GracefulServer(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"), state, grace)

@@ -39,6 +39,7 @@ class Request:
     computed: int = 0                         # tokens already in the KV cache
     slot: int | None = None
     cancelled: bool = False
+    adapter: int = 0                          # LoRA adapter id (plinth/adapt/served.py); 0 = base model
     arrived: float = field(default_factory=time.monotonic)
     first_token: float | None = None
 
@@ -79,14 +80,14 @@ class Engine:
         self._stopping = False
 
     # ---- called from any thread ----------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams, emit) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, emit, adapter: int = 0) -> Request:
         if self._thread is not None and not self._thread.is_alive():
             raise EngineDown("the engine thread has stopped; restart the server")
         vocab = self.model.config.vocab_size
         params.validate(vocab)
         check_prompt(len(prompt), self.max_len)
         seq = Sequence(prompt, params, self.tokenizer, vocab, max_new=self.max_len - len(prompt))
-        request = Request(next(self._ids), seq, emit, list(prompt))
+        request = Request(next(self._ids), seq, emit, list(prompt), adapter=adapter)
         with self._wake:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry shortly")
@@ -204,6 +205,8 @@ class Engine:
         slots = [r.slot for r in group]
         in_order = slots == list(range(len(group)))
         start = group[0].computed if len(group) == 1 and in_order else torch.tensor([r.computed for r in group])
+        if hasattr(self.model, "adapter_rows"):  # several LoRA adapters served: each row's own
+            self.model.adapter_rows.rows = torch.tensor([r.adapter for r in group])
         logits = self.model(tokens, cache=self.cache, start_pos=start,
                             slots=None if in_order else torch.tensor(slots),
                             last=torch.tensor(counts) - 1)

@@ -118,7 +118,7 @@ async def respond(s, request: Request, body, model: str, prompts: list[list[int]
     kind = "chat.completion" if chat else "text_completion"
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    events, cancel = s.run(jobs, request if not body.stream else None)
+    events, cancel = s.run(jobs, request if not body.stream else None, model)
     prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

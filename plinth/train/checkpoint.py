@@ -20,18 +20,46 @@ from plinth.errors import PlinthError
 KEEP = 2  # checkpoints kept besides the newest
 
 
-def save(out_dir, step: int, model, tokenizer, trainer_state: dict, state: dict | None = None):
-    """`state`: the weights to write when they are not `model.state_dict()` (gathered from shards)."""
+class Weights:
+    """What a checkpoint holds of the model: all its weights (pretraining, full fine-tuning).
+    Fine-tuning subclasses it to save only what it trains (a LoRA adapter, a classifier head)."""
+
+    def write(self, model, folder: Path):
+        write_model(model, folder)
+
+    def read(self, model, folder: Path):
+        model.load_weights(read_checkpoint(folder)[1])
+
+
+MODEL_WEIGHTS = Weights()
+
+
+class GatheredWeights(Weights):
+    """All weights, already gathered by the caller (from FSDP2 shards: see train/dist.py)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def write(self, model, folder: Path):
+        write_model(model, folder, self.state)
+
+
+def write_model(model, folder: Path, state: dict | None = None):
+    """model.safetensors + config.json: a folder `plinth.load` reads."""
+    state = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
+    if model.config.tie_embeddings:
+        state.pop("output.weight", None)  # the same tensor as the token embedding
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(model.config.to_json())
+
+
+def save(out_dir, step: int, model, tokenizer, trainer_state: dict, weights: Weights = MODEL_WEIGHTS):
     out_dir = Path(out_dir)
     final = out_dir / f"step-{step:06d}"
     tmp = out_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in (state if state is not None else model.state_dict()).items()}
-    if model.config.tie_embeddings:
-        state.pop("output.weight", None)  # the same tensor as the token embedding
-    save_file(state, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(model.config.to_json())
+    weights.write(model, tmp)
     tokenizer.save(tmp)
     torch.save(trainer_state, tmp / "trainer.pt")
     (tmp / "COMPLETE").write_text(str(step))

@@ -85,10 +85,11 @@ class Dist:
         return self.world
 
     # ---- state ------------------------------------------------------------------------------
-    def full_state(self, model, optimizer) -> tuple[dict, dict]:
-        """Full weights and optimizer state (collective under FSDP2: every rank must call it)."""
+    def full_state(self, model, optimizer) -> tuple[dict | None, dict]:
+        """Full weights (None where the model holds them whole) and optimizer state; a collective
+        under FSDP2, so every rank must call it."""
         if self.mode != "fsdp2":
-            return self.inner(model).state_dict(), optimizer.state_dict()
+            return None, optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

@@ -21,7 +21,7 @@ from plinth.config import preset
 from plinth.data.shards import TokenData
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
-from plinth.model import Transformer
+from plinth.model import Block, Transformer
 from plinth.tokenizer import Tokenizer
 from plinth.train import checkpoint
 from plinth.train.dist import Dist, setup
@@ -71,7 +71,7 @@ def autocast(r, device: torch.device = torch.device("cpu")):
 def measured_peak_flops(size: int = 2048, tries: int = 5) -> float:
     """Best FLOP/s of a large float32 matmul on this machine: the denominator of the MFU estimate
     (CPUs publish no single peak figure; the best of several runs approaches what the cores do)."""
-    a = torch.randn(size, size)
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))  # leaves the global RNG (dropout) alone
     best = float("inf")
     for _ in range(tries):
         start = time.perf_counter()
@@ -80,16 +80,28 @@ def measured_peak_flops(size: int = 2048, tries: int = 5) -> float:
     return 2 * size ** 3 / best
 
 
-def flops_per_token(params: int, n_layers: int, dim: int, seq_len: int) -> float:
-    """Forward + backward: 6 per parameter per token, plus attention (PaLM's estimate)."""
-    return 6 * params + 12 * n_layers * dim * seq_len
+def flops_per_token(params: int, n_layers: int, dim: int, seq_len: int, trainable: int | None = None) -> float:
+    """Forward + backward: 6 per parameter per token, plus attention (PaLM's estimate). Frozen
+    parameters (LoRA, probes) skip their weight gradient: 4 per parameter, 2 more per trainable one."""
+    trainable = params if trainable is None else trainable
+    return 4 * params + 2 * trainable + 12 * n_layers * dim * seq_len
+
+
+def scored_outputs(model, x, y):
+    """Logits (N, V) and targets (N,) of a micro-batch. A model with `logits_at_targets` (fine-tuning)
+    projects only the positions whose target counts: most positions of fine-tuning data are masked,
+    and the vocabulary projection is the largest matmul (and activation) of a small model."""
+    if hasattr(model, "logits_at_targets"):
+        return model.logits_at_targets(x, y)
+    return model(x).flatten(0, 1), y.flatten()
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenData, r, device: torch.device = torch.device("cpu")) -> dict:
+def evaluate(model, data: TokenData, r) -> dict:
     """Validation loss, and bits per byte (comparable across tokenizers) overall and per source.
     Every process evaluates the same batches (under FSDP2 each forward is a collective)."""
     model.eval()
+    device = next(model.parameters()).device
     result = {}
     for source in [None] + data.val_sources():
         total, count = 0.0, 0
@@ -127,32 +139,38 @@ def pretrain(recipe, resume: bool = False, log=print, dist_mode: str = "none") -
         model = Transformer(config)
         model.to_empty(device=d.device)
         model.init_weights()
-        return train(model, tokenizer, data, recipe, resume, log if d.main else lambda *_: None, d)
+        return train(model, tokenizer, data, recipe, resume, log if d.main else lambda *_: None, d=d)
     finally:
         d.close()
 
 
 @torch.enable_grad()  # whatever the caller's autograd mode
-def train(model, tokenizer, data, r, resume: bool, log=print, d: Dist = Dist()) -> Path:
+def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
+          store: checkpoint.Weights = checkpoint.MODEL_WEIGHTS, d: Dist = Dist()) -> Path:
+    """Train `model` on `data.batch(step, micro)` → (inputs, targets); targets equal to IGNORE take
+    no part in the loss. Fine-tuning passes its own `evaluate(model, data, r)` and a `store` that
+    saves only what it trains (e.g. a LoRA adapter); pretraining under torchrun passes `d`."""
     params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.config
-    check_fits(config, params, r, r.batch_size // d.world, d.device, d.world if d.mode == "fsdp2" else 1)
+    check_fits(config, params, trainable, r, r.batch_size // d.world, d.device, d.world if d.mode == "fsdp2" else 1)
     out = Path(r.out_dir)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
     metrics_path, step = out / "metrics.jsonl", 0
     if resume:  # weights before wrapping: loading replaces the tensors the optimizer and FSDP2 hold
-        step, trainer = restore(out, model, metrics_path if d.main else None)
+        step, trainer = restore(out, model, metrics_path if d.main else None, store)
         model.to(d.device)
     elif checkpoint.latest(out) is not None:
         raise PlinthError(f"{out} already holds a run; continue it with --resume, or set another name/out_dir")
     elif d.main:
         metrics_path.write_text("")
     d.barrier()  # nobody trains until rank 0 has checked and prepared the run folder
-    model.activation_checkpointing = r.activation_checkpointing
-    if r.compile:
-        for block in model.layers:  # per block, the way that composes with DDP and FSDP2
-            block.compile()
+    for module in model.modules():  # the Transformer may sit inside a fine-tuning wrapper
+        if isinstance(module, Transformer):
+            module.activation_checkpointing = r.activation_checkpointing
+        if r.compile and isinstance(module, Block):  # per block: the way that composes with DDP and FSDP2
+            module.compile()
     model = d.wrap(model)
     optimizer = build_optimizer(model, r)
     if resume:
@@ -163,7 +181,7 @@ def train(model, tokenizer, data, r, resume: bool, log=print, d: Dist = Dist()) 
         (out / "recipe.json").write_text(json.dumps(r.__dict__, indent=2))
     model.train()
     step_tokens = r.batch_size * r.seq_len * r.grad_accum
-    step_flops = flops_per_token(params, config.n_layers, config.dim, r.seq_len) * step_tokens
+    step_flops = flops_per_token(params, config.n_layers, config.dim, r.seq_len, trainable) * step_tokens
     peak = measured_peak_flops() * d.world
     started, first_step = time.perf_counter(), step
     with open(metrics_path, "a") if d.main else contextlib.nullcontext() as metrics:
@@ -180,9 +198,8 @@ def train(model, tokenizer, data, r, resume: bool, log=print, d: Dist = Dist()) 
                 x, y = d.rows(x), d.rows(y)
                 with d.gradient_sync(model, micro == len(batches) - 1):
                     with autocast(r, d.device):
-                        logits = model(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
-                                           reduction="sum")
+                        logits, kept = scored_outputs(model, x, y)
+                    loss = F.cross_entropy(logits.float(), kept, ignore_index=IGNORE, reduction="sum")
                     (loss * d.loss_scale / targets).backward()
                 loss_sum += float(loss.detach())
             train_loss = d.sum(loss_sum) / targets
@@ -195,17 +212,20 @@ def train(model, tokenizer, data, r, resume: bool, log=print, d: Dist = Dist()) 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - tick
+            computed = sum(x.numel() for x, _ in batches)  # fine-tuning batches are padded to their longest row
             record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": step * step_tokens, "tok_s": step_tokens / seconds, "mfu": step_flops / seconds / peak}
+                      "tokens": step * step_tokens, "tok_s": computed / seconds,
+                      "mfu": step_flops * computed / step_tokens / seconds / peak}
             if step % r.eval_every == 0 or last_step:
-                record.update(evaluate(model, data, r, d.device))
-                record["sample"] = sample(d.inner(model), tokenizer, r.sample_prompt)
+                record.update(evaluate(model, data, r))
+                if r.sample_prompt:
+                    record["sample"] = sample(d.inner(model), tokenizer, r.sample_prompt)
             if d.main:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if step % r.log_every == 0 or last_step or "val_loss" in record:
                 eta = (time.perf_counter() - started) / (step - first_step) * (r.max_steps - step)
-                extra = f" val {record['val_loss']:.3f} ({record['val_bpb']:.3f} bpb)" if "val_loss" in record else ""
+                extra = "".join(f" {key} {record[key]:.3f}" for key in ("val_loss", "val_bpb", "val_acc") if key in record)
                 log(f"step {step}/{r.max_steps} loss {train_loss:.4f}{extra} lr {lr:.2e} "
                     f"{record['tok_s']:.0f} tok/s mfu {record['mfu']:.1%} eta {eta:.0f}s")
                 if "sample" in record:
@@ -215,18 +235,17 @@ def train(model, tokenizer, data, r, resume: bool, log=print, d: Dist = Dist()) 
                 if d.main:
                     checkpoint.save(out, step, d.inner(model), tokenizer,
                                     {"optimizer": optimizer_state, "step": step, "rng": torch.get_rng_state()},
-                                    state=weights)
+                                    store if weights is None else checkpoint.GatheredWeights(weights))
     return out / "latest"
 
 
-def restore(out: Path, model, metrics_path: Path | None) -> tuple[int, dict]:
+def restore(out: Path, model, metrics_path: Path | None, store: checkpoint.Weights) -> tuple[int, dict]:
     """Load the newest complete checkpoint's weights; drop metrics logged after it (they will be
     redone). Returns the step and the trainer state (optimizer, RNG)."""
     folder = checkpoint.latest(out)
     if folder is None:
         raise PlinthError(f"nothing to resume in {out}: no complete checkpoint yet; start without --resume")
-    _, state = checkpoint.read_checkpoint(folder)
-    model.load_weights(state)
+    store.read(model, folder)
     trainer = checkpoint.trainer_state(folder)
     step = trainer["step"]
     if metrics_path is not None and metrics_path.is_file():

@@ -13,11 +13,12 @@ from plinth.errors import PlinthError
 GiB = 2**30
 
 
-def training_bytes(config, params: int, rows: int, seq_len: int, checkpointing: bool, shards: int = 1) -> int:
+def training_bytes(config, params: int, trainable: int, rows: int, seq_len: int, checkpointing: bool,
+                   shards: int = 1) -> int:
     """Peak bytes of one micro-batch step on one process.
 
-    - weights, gradients and AdamW's two moments: 16 bytes per float32 parameter (split over
-      `shards` processes under FSDP2);
+    - float32 weights, 4 bytes each, and for trainable ones a gradient and AdamW's two moments,
+      12 more (all split over `shards` processes under FSDP2);
     - activations kept for backward, per token and block: the block input and normed input twice,
       q/k/v, rotated q/k, attention output, and the MLP's gate, up, activation and product;
       with activation checkpointing only each block's input is kept, plus one block recomputed;
@@ -29,7 +30,7 @@ def training_bytes(config, params: int, rows: int, seq_len: int, checkpointing: 
     blocks = config.dim * config.n_layers + per_block if checkpointing else per_block * config.n_layers
     activations = 4 * tokens * blocks
     logits = 12 * tokens * config.vocab_size
-    return 16 * params // shards + activations + logits
+    return (4 * params + 12 * trainable) // shards + activations + logits
 
 
 def available_bytes(device: torch.device) -> int:
@@ -40,8 +41,8 @@ def available_bytes(device: torch.device) -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def check_fits(config, params: int, r, rows: int, device: torch.device, shards: int = 1):
-    need = training_bytes(config, params, rows, r.seq_len, r.activation_checkpointing, shards)
+def check_fits(config, params: int, trainable: int, r, rows: int, device: torch.device, shards: int = 1):
+    need = training_bytes(config, params, trainable, rows, r.seq_len, r.activation_checkpointing, shards)
     try:
         have = available_bytes(device)
     except (OSError, KeyError, ValueError):  # no way to tell on this system: let the run try

@@ -18,19 +18,10 @@ from plinth.tokenizer import TRAINED_SPECIALS
 
 
 @dataclass
-class PretrainRecipe:
-    name: str = "pretrain"
+class LoopRecipe:
+    """What the one training loop reads: optimisation and bookkeeping, shared by every recipe."""
+    name: str = "run"
     out_dir: str = ""                    # default: runs/<name>
-    # data (plinth data prepare)
-    sources: list[str] = field(default_factory=lambda: ["python-stdlib", "python-docs"])
-    max_docs_per_source: int = 0         # 0 = all
-    min_chars: int = 64                  # drop shorter documents
-    vocab_size: int = 4096               # BPE vocabulary trained on the data
-    val_fraction: float = 0.02           # documents held out for validation
-    # model
-    preset: str = "tiny"                 # a plinth.config preset, then `model` overrides
-    model: dict = field(default_factory=dict)
-    # optimisation
     seq_len: int = 256
     batch_size: int = 8                  # sequences per micro-batch (per process)
     grad_accum: int = 1                  # micro-batches per optimizer step
@@ -47,13 +38,11 @@ class PretrainRecipe:
     compile: bool = False                # torch.compile each block (pays on GPUs; measured slower on this CPU)
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
     seed: int = 0
-    mixture: dict = field(default_factory=dict)  # source: weight (sampled share of training rows); {} = by size
-    # bookkeeping
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 4
     save_every: int = 50
-    sample_prompt: str = "def fibonacci("  # greedy sample logged at each evaluation
+    sample_prompt: str = ""              # greedy sample logged at each evaluation ("" = none)
 
     def __post_init__(self):
         if not self.out_dir:
@@ -62,9 +51,28 @@ class PretrainRecipe:
             raise PlinthError(f"schedule={self.schedule!r}; choose cosine or wsd")
         if self.autocast not in ("auto", "none", "bfloat16"):
             raise PlinthError(f"autocast={self.autocast!r}; choose auto, none or bfloat16")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "vocab_size"):
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise PlinthError(f"{name}={getattr(self, name)} must be at least 1")
+
+
+@dataclass
+class PretrainRecipe(LoopRecipe):
+    name: str = "pretrain"
+    # data (plinth data prepare)
+    sources: list[str] = field(default_factory=lambda: ["python-stdlib", "python-docs"])
+    max_docs_per_source: int = 0         # 0 = all
+    min_chars: int = 64                  # drop shorter documents
+    vocab_size: int = 4096               # BPE vocabulary trained on the data
+    val_fraction: float = 0.02           # documents held out for validation
+    # model
+    preset: str = "tiny"                 # a plinth.config preset, then `model` overrides
+    model: dict = field(default_factory=dict)
+    mixture: dict = field(default_factory=dict)  # source: weight (sampled share of training rows); {} = by size
+    sample_prompt: str = "def fibonacci("  # greedy sample logged at each evaluation
+
+    def __post_init__(self):
+        super().__post_init__()
         smallest = 256 + len(TRAINED_SPECIALS) + 1
         if self.vocab_size < smallest:
             raise PlinthError(f"vocab_size={self.vocab_size} is too small: 256 byte tokens and "

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from plinth.config import ModelConfig
 from plinth.errors import PlinthError
-from plinth.weights.keys import map_key
+from plinth.weights.keys import invert, map_key
 
 LLAMA_TO_PLINTH = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -111,3 +111,26 @@ def read_hf_folder(folder) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     state = {map_key(name, arch.table): value.float() for name, value in tensors.items()
              if not any(part in name for part in arch.ignored)}
     return arch.config(raw), state
+
+
+def write_hf_folder(model, folder):
+    """A llama-architecture model → `model.safetensors` + `config.json` that Hugging Face
+    `transformers` loads as LlamaForCausalLM (plinth's rotary layout is already theirs)."""
+    c = model.config
+    plain = dict(mlp="swiglu", norm="rms", bias=False, position="rope", post_norm=False, embed_norm=False,
+                 qk_norm=False, sandwich_norm=False, embed_scale=False, attn_scale=None, sliding_window=None,
+                 causal=True, final_softcap=None, rope_local_theta=None)
+    different = [f"{name}={getattr(c, name)!r}" for name, value in plain.items() if getattr(c, name) != value]
+    if different:
+        raise PlinthError(f"only llama-architecture models export to Hugging Face for now; this one has {', '.join(different)}")
+    to_hf = invert(LLAMA_TO_PLINTH)
+    state = {name: tensor for name, tensor in model.state_dict().items() if not (c.tie_embeddings and name == "output.weight")}
+    save_file({map_key(name, to_hf): t.detach().float().contiguous() for name, t in state.items()},
+              str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+              "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
+              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+              "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+              "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+              "mlp_bias": False, "torch_dtype": "float32"}
+    (Path(folder) / "config.json").write_text(json.dumps(config, indent=2))

@@ -1,0 +1,87 @@
+"""The `plinth prompt` and `plinth export` subcommands (registered by plinth/cli.py).
+
+    plinth prompt smollm2-135m-instruct --labels negative,positive "A joyless, plodding mess."
+    plinth prompt smollm2-135m-instruct --file texts.txt --labels negative,positive --shots 8 --examples train.jsonl
+    plinth export runs/lora-sentiment/final --merge --to hf out/sentiment-hf
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from plinth.errors import PlinthError
+
+
+def add_prompt_parser(sub, add_model_args, func):
+    p = sub.add_parser("prompt", help="label texts by zero-/k-shot prompting (no training)",
+                       description="Label texts with a chat prompt, no training. Example: plinth prompt "
+                       "smollm2-135m-instruct --labels negative,positive \"A joyless, plodding mess.\"")
+    add_model_args(p)
+    p.add_argument("texts", nargs="*", help="texts to label, right after MODEL (or --file)")
+    p.add_argument("--file", help="a text file, one text per line")
+    p.add_argument("--labels", required=True, help="comma-separated label set, e.g. negative,positive")
+    p.add_argument("--instruction", default="Classify the sentiment of this text.", help="the question asked")
+    p.add_argument("--examples", help="JSONL of {\"text\", \"label\"} to draw k-shot examples from")
+    p.add_argument("--shots", type=int, default=0, help="labelled examples shown first (default 0: zero-shot)")
+    p.add_argument("--mode", choices=["score", "generate"], default="score",
+                   help="score: most likely label's first token; generate: read a short greedy reply")
+    p.add_argument("--adapter", help="a LoRA adapter folder, merged in at load")
+    p.set_defaults(func=func)
+
+
+def run_prompt(args, loaded):
+    from plinth.adapt.examples import read_jsonl
+    from plinth.adapt.prompting import PromptTask, pick_shots, predict
+    from plinth.data.sentiment import LabelledText
+
+    task = PromptTask(args.instruction, tuple(label.strip() for label in args.labels.split(",")))
+    if args.shots:
+        if not args.examples:
+            raise PlinthError("--shots needs --examples FILE.jsonl to draw labelled examples from")
+        pool = [LabelledText(str(line), r["text"], r["label"]) for line, r in read_jsonl(args.examples, {"text": str, "label": str})]
+        task = task.with_shots(pick_shots(pool, args.shots, task.labels))
+    texts = list(args.texts) + (Path(args.file).read_text().splitlines() if args.file else [])
+    if not texts:
+        raise PlinthError("no texts to label: give them as arguments or with --file")
+    for text, label in zip(texts, predict(loaded, task, texts, args.mode)):
+        print(f"{label or '?'}\t{text}")
+
+
+def add_export_parser(sub, func):
+    p = sub.add_parser("export", help="write a model (adapters merged) for other tools",
+                       description="Write a model as a Hugging Face folder (safetensors + config.json + "
+                       "tokenizer). Example: plinth export runs/lora-sentiment/final --merge --to hf out/sentiment")
+    p.add_argument("model", help="a fine-tuning run folder, checkpoint, .gguf file or known name")
+    p.add_argument("--to", choices=["hf"], required=True, help="output format")
+    p.add_argument("out", help="output folder (must not exist yet)")
+    p.add_argument("--merge", action="store_true", help="merge LoRA adapters into the weights (required for "
+                   "adapter folders: other tools read plain weights)")
+    p.add_argument("--adapter", help="a LoRA adapter folder to merge into MODEL")
+    p.set_defaults(func=func)
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    from plinth import hub
+    from plinth.adapt.finetune import read_adapted
+    from plinth.adapt.lora import ADAPTER_CONFIG
+    from plinth.weights.hf import write_hf_folder
+
+    path, out = hub.resolve(args.model), Path(args.out)
+    has_adapter = args.adapter or (path.is_dir() and (path / ADAPTER_CONFIG).is_file())
+    if has_adapter and not args.merge:
+        raise PlinthError(f"{args.adapter or path} is a LoRA adapter; export it merged into its base with --merge")
+    if out.exists():
+        raise PlinthError(f"{out} already exists; choose a new folder (nothing was overwritten)")
+    net, tokenizer, _, head = read_adapted(path, args.adapter)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_hf_folder(net, tmp)
+    tokenizer.save(tmp)
+    if head is not None:  # not part of the HF causal-LM layout; kept beside it for plinth
+        shutil.copy(path / "head.safetensors", tmp)
+        (tmp / "head.json").write_text(json.dumps({"labels": head.labels, "pooling": head.pooling}))
+    tmp.replace(out)
+    return out

@@ -1,0 +1,253 @@
+"""`plinth finetune RECIPE`: adapt a pretrained model through the one training loop.
+
+A recipe picks a task and a method; they differ only in data, loss mask and trainable parameters:
+  task   label    — answer a label word after a chat prompt (loss on the answer only)
+         classify — a classification head on pooled hidden states
+         chat     — supervised fine-tuning on conversations (loss on assistant turns only)
+  method full (every weight) · lora (adapters, base frozen) · qlora (adapters, base frozen in 4-bit)
+         · probe (classify only: the head alone, a linear probe)
+
+    plinth finetune recipes/lora-sentiment.yaml               # Ctrl-C or kill at any time, then
+    plinth finetune recipes/lora-sentiment.yaml --resume      # continues where it stopped
+
+A run folder is like pretraining's (metrics.jsonl, step-NNNNNN/ checkpoints, `latest`) plus a
+`final` link when done. A checkpoint holds only what was trained (adapter, head, or all weights) and
+`finetune.json` naming the base, so `plinth.load(folder)` rebuilds the adapted model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from plinth import hub
+from plinth.adapt import lora, sft
+from plinth.adapt.classify import POOLING, ClassifierHead, Finetuned
+from plinth.adapt.examples import Example, ExampleData, pack, read_jsonl
+from plinth.adapt.prompting import PromptTask, answer_tokens, check_label
+from plinth.errors import PlinthError
+from plinth.loaded import read_model
+from plinth.train import checkpoint
+from plinth.train.loop import IGNORE, autocast, train
+from plinth.train.recipe import LoopRecipe
+
+TASKS, METHODS = ("label", "classify", "chat"), ("full", "lora", "qlora", "probe")
+FINETUNE_CONFIG = "finetune.json"
+
+
+@dataclass
+class FinetuneRecipe(LoopRecipe):
+    name: str = "finetune"
+    base: str = hub.DEFAULT_MODEL        # model name, .gguf file, or plinth checkpoint folder
+    task: str = "label"                  # label, classify or chat (see the module docstring)
+    method: str = "lora"                 # full, lora, qlora, or probe (classify only)
+    data: str = "sentiment"              # sentiment, chitchat, or a JSONL file ({"text","label"} / {"messages"})
+    labels: list[str] = field(default_factory=lambda: ["negative", "positive"])
+    instruction: str = "Is the sentiment of this movie review positive or negative?"
+    max_examples: int = 0                # training examples used (0 = all)
+    val_examples: int = 200              # examples held out of the training data for evaluation
+    pooling: str = "last"                # classify: "last" token or "mean" of the hidden states
+    pack: bool = False                   # chat: concatenate short conversations up to seq_len
+    # Activations, not weights, are most of the memory of fine-tuning a small model (30 layers × every
+    # token's attention and MLP tensors): without recomputing them LoRA would save little over full.
+    activation_checkpointing: bool = True
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: list(lora.PROJECTIONS))
+    seq_len: int = 256                   # longest example, in tokens (longer ones are cut)
+    batch_size: int = 8
+    max_steps: int = 200
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    eval_batches: int = 0                # 0 = the whole validation set
+    save_every: int = 50
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, allowed in (("task", TASKS), ("method", METHODS), ("pooling", POOLING)):
+            if getattr(self, name) not in allowed:
+                raise PlinthError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.sample_prompt:
+            raise PlinthError("sample_prompt is for pretraining runs; try a fine-tuned model with "
+                              "`plinth generate BASE --adapter RUN/final PROMPT` (or `plinth generate RUN/final`)")
+        if self.method == "probe" and self.task != "classify":
+            raise PlinthError("method=probe trains only a classification head; use it with task=classify")
+        lora.check_targets(self.lora_targets)
+        if self.task != "chat":
+            PromptTask(self.instruction, self.labels)  # checks the label set
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def labelled_texts(r: FinetuneRecipe) -> list:
+    """(text, label) records: the built-in sentiment training split, or a JSONL file."""
+    if r.data == "sentiment":
+        from plinth.data.sentiment import sentiment_splits
+        return [(x.text, x.label) for x in sentiment_splits()[0]]
+    rows = []
+    for line, record in read_jsonl(r.data, {"text": str, "label": str}):
+        if record["label"] not in r.labels:
+            raise PlinthError(f"{r.data}, line {line}: field 'label' is {record['label']!r}, not in the label "
+                              f"set {r.labels}; fix the data or the recipe's `labels`")
+        rows.append((record["text"], record["label"]))
+    return rows
+
+
+def records(r: FinetuneRecipe) -> list:
+    """The recipe's raw data, every record checked: conversations for chat, else (text, label) pairs."""
+    return sft.load_conversations(r.data) if r.task == "chat" else labelled_texts(r)
+
+
+def build_examples(r: FinetuneRecipe, tokenizer, rows: list) -> tuple[list[Example], list | int | None]:
+    """Tokenized examples of the recipe's task from raw records, and what accuracy is measured
+    against (label first tokens, the label count, or None for chat)."""
+    if r.task == "chat":
+        examples = [sft.render(tokenizer, m, r.seq_len) for m in rows]
+        return [e for e in examples if any(t != IGNORE for t in e.targets)], None
+    if r.task == "classify":
+        examples = [Example(tokenizer.encode(t)[:r.seq_len] or [0], [r.labels.index(check_label(lab, r.labels))])
+                    for t, lab in rows]
+        return examples, len(r.labels)
+    task = PromptTask(r.instruction, r.labels)
+    return [sft.render(tokenizer, task.messages(t, lab), r.seq_len) for t, lab in rows], answer_tokens(tokenizer, task)
+
+
+def build_data(r: FinetuneRecipe, tokenizer) -> ExampleData:
+    """A fixed held-out set per seed, then up to max_examples training records; only the records
+    used are rendered and tokenized."""
+    rows = records(r)
+    order = np.random.default_rng(r.seed).permutation(len(rows))
+    kept = order[r.val_examples:][:r.max_examples] if r.max_examples else order[r.val_examples:]
+    val, choices = build_examples(r, tokenizer, [rows[i] for i in order[:r.val_examples]])
+    train_rows = build_examples(r, tokenizer, [rows[i] for i in kept])[0]
+    if r.pack:
+        train_rows, val = pack(train_rows, r.seq_len), pack(val, r.seq_len)
+    return ExampleData(train_rows, val, r.batch_size, r.seed, choices)
+
+
+# ---- model -----------------------------------------------------------------------------------------
+def base_reference(base: str) -> str:
+    """How finetune.json names the base: a known name as is, a path made absolute."""
+    return base if base in hub.KNOWN_MODELS else str(Path(base).resolve())
+
+
+def build_model(r: FinetuneRecipe, net) -> Finetuned:
+    """Make the recipe's parameters trainable: all, LoRA adapters (on a 4-bit base for QLoRA), or none
+    of the backbone (linear probe); a classification head always trains."""
+    if r.method in ("lora", "qlora"):
+        if r.method == "qlora":
+            lora.quantize_base(net)  # every block projection in 4-bit, adapters or not
+        lora.attach_lora(net, r.lora_rank, r.lora_alpha, r.lora_dropout, r.lora_targets)
+    else:
+        net.requires_grad_(r.method == "full")
+    head = ClassifierHead(net.config.dim, r.labels, r.pooling) if r.task == "classify" else None
+    return Finetuned(net, head)
+
+
+class FinetuneWeights(checkpoint.Weights):
+    """A fine-tuning checkpoint holds what was trained: the adapter, all backbone weights (full), the
+    head; plus finetune.json, which names the base and the task."""
+
+    def __init__(self, r: FinetuneRecipe):
+        self.r = r
+
+    def write(self, model: Finetuned, folder: Path):
+        r = self.r
+        if r.method in ("lora", "qlora"):
+            lora.save_adapter(model.backbone, folder, base=base_reference(r.base), nf4_base=r.method == "qlora")
+        elif r.method == "full":
+            checkpoint.write_model(model.backbone, folder)
+        if model.head is not None:
+            model.head.save(folder)
+        config = {"base": base_reference(r.base), "task": r.task, "method": r.method, "labels": r.labels,
+                  "instruction": r.instruction}
+        (folder / FINETUNE_CONFIG).write_text(json.dumps(config, indent=2))
+
+    def read(self, model: Finetuned, folder: Path):
+        if self.r.method in ("lora", "qlora"):
+            lora.load_adapter_weights(model.backbone, load_file(str(folder / lora.ADAPTER_FILE)))
+        elif self.r.method == "full":
+            model.backbone.load_weights(checkpoint.read_checkpoint(folder)[1])
+        if model.head is not None:
+            model.head.load_state_dict(ClassifierHead.load(folder).state_dict())
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, data: ExampleData, r) -> dict:
+    """Validation loss per target token, and accuracy where the task has labels: at each row's first
+    target position, is the highest-scoring label the right one."""
+    model.eval()
+    loss_sum, targets, correct, rows = 0.0, 0, 0, 0
+    for x, y in data.val_batches(r.eval_batches):
+        with autocast(r):
+            logits = model(x).float()
+        loss_sum += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
+        targets += int((y != IGNORE).sum())
+        if data.choices is not None:
+            at = (y != IGNORE).int().argmax(1)  # (B,) first target position
+            scores, truth = logits[torch.arange(len(y)), at], y[torch.arange(len(y)), at]
+            if isinstance(data.choices, list):  # label words: compare only their first tokens
+                choices = torch.tensor(data.choices)
+                predicted = choices[scores[:, choices].argmax(-1)]
+            else:
+                predicted = scores.argmax(-1)
+            correct += int((predicted == truth).sum())
+            rows += len(y)
+    model.train()
+    result = {"val_loss": loss_sum / max(1, targets)}
+    if rows:
+        result["val_acc"] = correct / rows
+    return result
+
+
+# ---- the command -----------------------------------------------------------------------------------
+def prepare(r: FinetuneRecipe, log=print) -> tuple[Finetuned, object, ExampleData]:
+    """Everything before the first step, so that every input error surfaces before any training."""
+    net, tokenizer, _ = read_model(hub.resolve(r.base))
+    data = build_data(r, tokenizer)
+    torch.manual_seed(r.seed)  # adapter and head initialisation, and dropout, repeat run for run
+    model = build_model(r, net)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{r.task}/{r.method} on {r.base}: {len(data.train)} train / {len(data.val)} validation examples, "
+        f"{trainable:,} trainable parameters")
+    return model, tokenizer, data
+
+
+def finetune(r: FinetuneRecipe, resume: bool = False, log=print) -> Path:
+    model, tokenizer, data = prepare(r, log)
+    latest = train(model, tokenizer, data, r, resume, log, evaluate=evaluate, store=FinetuneWeights(r))
+    final = Path(r.out_dir) / "final"
+    link = Path(r.out_dir) / ".final.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(latest.resolve().name)
+    os.replace(link, final)
+    return final
+
+
+def read_adapted(path: Path, adapter: str | None = None):
+    """What `plinth.load` needs from a model path that may be a fine-tuning output: the float model
+    (adapters merged in), its tokenizer, the compact dtype, and a classifier head or None."""
+    head = None
+    config_path = path / FINETUNE_CONFIG if path.is_dir() else None
+    if config_path is not None and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        source = path if checkpoint.is_checkpoint(path) else hub.resolve(config["base"])
+        net, tokenizer, dtype = read_model(source)
+        if (path / lora.ADAPTER_CONFIG).is_file():
+            lora.load_adapter(net, path)
+        if (path / "head.json").is_file():
+            head = ClassifierHead.load(path)
+    else:
+        net, tokenizer, dtype = read_model(path)
+    if adapter is not None:
+        lora.load_adapter(net, adapter)
+    return lora.merge_lora(net), tokenizer, dtype, head
