@@ -81,7 +81,7 @@ class KVCache:
     def update(self, layer: int, k, v, where: "Positions"):
         """Store k, v (B, K, T, D) and return all keys and values of those rows: (B, K, L, D)."""
         keys, values = self.k[layer], self.v[layer]
-        B, T, end = k.shape[0], k.shape[2], where.key_len
+        B, end = k.shape[0], where.key_len
         if where.slots is None and isinstance(where.start, int):  # rows 0..B-1 at one offset: slicing
             keys[:B, :, where.start:end] = k
             values[:B, :, where.start:end] = v

@@ -1,13 +1,12 @@
 """Task registry, multiple-choice scoring, data loaders and statistics (tiny model, generated data)."""
-import io
 import json
 import math
 import statistics
-import tarfile
 
 import pytest
 import torch
 
+from plinth.data.shards import split_of
 from plinth.errors import PlinthError
 from plinth.eval import datasets
 from plinth.eval.datasets import ChoiceItem
@@ -100,7 +99,7 @@ RATINGS = "1\t2.5\tA gorgeous, moving film.\n2\t-3.1\tDull and lifeless.\n3\t0.2
 
 def test_sentiment_items_are_held_out_labelled_sentences():
     items = datasets.sentiment_items(tsv=RATINGS)
-    held_out = [i for i in range(1, 400) if datasets.split_of(f"movie-{i}", 0.2) == "val" and i != 3]
+    held_out = [i for i in range(1, 400) if split_of(f"movie-{i}", 0.2) == "val" and i != 3]
     assert len(items) == len(held_out) and 40 < len(items) < 120  # ~20%, the near-neutral one dropped
     assert all(item.choices == (" negative", " positive") for item in items)
     by_text = {item.context: item.gold for item in items}
@@ -110,20 +109,6 @@ def test_sentiment_items_are_held_out_labelled_sentences():
     assert datasets.sentiment_items(limit=5, tsv=RATINGS) == items[:5]  # --limit: the same items every time
     with pytest.raises(PlinthError, match="line 2"):
         datasets.sentiment_items(tsv="1\t1.0\tfine\nbroken line\n")
-
-
-def test_sentiment_archive_is_read_through_both_tar_layers(tmp_path):
-    def tar_bytes(name, data):
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        return buffer.getvalue()
-
-    inner = tar_bytes(datasets.MOVIE_REVIEWS, "1\t2.0\tTrès bien.\n".encode("latin-1"))
-    (tmp_path / datasets.VADER_ARCHIVE).write_bytes(tar_bytes(datasets.VADER_INNER, inner))
-    assert datasets.movie_reviews_tsv(datasets.vader_archive(tmp_path)) == "1\t2.0\tTrès bien.\n"
 
 
 def wordnet_folder(tmp_path):

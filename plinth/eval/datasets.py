@@ -1,9 +1,7 @@
 """Multiple-choice items for `plinth eval`: the built-in tasks' data, and user task files.
 
-- sentiment: movie-review sentences rated by ~20 people each (Hutto & Gilbert, ICWSM 2014), from
-  the vaderSentiment 3.3.2 *source* package (downloaded once with pip into ~/.cache/plinth/data).
-  Sentences rated near neutral (|mean| < 0.5) are left out; only the held-out 20% (fixed by a hash
-  of the sentence id, the split fine-tuning leaves alone) is evaluated.
+- sentiment: movie-review sentences rated by ~20 people each (plinth/data/sentiment.py); only the
+  held-out test split, which fine-tuning leaves alone, is evaluated.
 - topic: a WordNet gloss → its lexicographer class (one of 45, assigned by WordNet's authors),
   against 4 other classes drawn at random; from Debian's wordnet-base (/usr/share/wordnet).
 - a .jsonl file of {"context": str, "choices": [str, ...], "gold": index} per line.
@@ -12,19 +10,14 @@ Items come back in a fixed shuffled order, so `--limit N` takes the same N items
 """
 from __future__ import annotations
 
-import io
 import json
 import random
-import subprocess
-import sys
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from plinth.data.shards import split_of
+from plinth.data import sentiment
 from plinth.errors import PlinthError
 
-CACHE = Path.home() / ".cache" / "plinth" / "data"
 SEED = 1234  # item order and distractors: fixed, so runs on different models score the same items
 
 
@@ -73,47 +66,12 @@ def _choice_row(line: str, where: str) -> ChoiceItem:
 
 
 # ---- sentiment -------------------------------------------------------------------------------------
-VADER = "vaderSentiment==3.3.2"
-VADER_ARCHIVE = "vaderSentiment-3.3.2.tar.gz"
-VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
-MOVIE_REVIEWS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
-NEUTRAL_BELOW = 0.5
-HELD_OUT = 0.2
-
-
-def vader_archive(cache: Path = CACHE) -> Path:
-    path = cache / VADER_ARCHIVE
-    if not path.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", VADER, "-d", str(cache)]
-        if subprocess.run(cmd).returncode != 0 or not path.is_file():
-            raise PlinthError(f"could not download the {VADER} source package for the sentiment task; "
-                              f"run `pip download --no-deps --no-binary :all: {VADER} -d {cache}` by hand")
-    return path
-
-
-def movie_reviews_tsv(archive: Path) -> str:
-    """The ratings file, read from the inner archive inside the source package."""
-    with tarfile.open(archive) as outer:
-        inner = io.BytesIO(outer.extractfile(VADER_INNER).read())
-    with tarfile.open(fileobj=inner) as tar:
-        return tar.extractfile(MOVIE_REVIEWS).read().decode("latin-1")
-
-
 def sentiment_items(limit: int = 0, tsv: str | None = None) -> list[ChoiceItem]:
-    """Held-out movie-review sentences as a two-way choice of the next word."""
-    items = []
-    for number, line in enumerate((tsv if tsv is not None else movie_reviews_tsv(vader_archive())).splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t", 2)
-        try:
-            sentence_id, rating, sentence = parts[0], float(parts[1]), parts[2].strip()
-        except (IndexError, ValueError) as e:
-            raise PlinthError(f"line {number} of the movie-review ratings is not `id<TAB>rating<TAB>sentence`: "
-                              f"{line[:60]!r}") from e
-        if abs(rating) >= NEUTRAL_BELOW and split_of(f"movie-{sentence_id}", HELD_OUT) == "val":
-            items.append(ChoiceItem(f"Review: {sentence}\nSentiment:", (" negative", " positive"), int(rating > 0)))
+    """Held-out movie-review sentences as a two-way choice of the next word (`tsv`: the ratings
+    file's text, instead of the source package's)."""
+    test = sentiment.split(sentiment.parse(tsv))[1] if tsv is not None else sentiment.sentiment_splits()[1]
+    items = [ChoiceItem(f"Review: {r.text}\nSentiment:", (" negative", " positive"), sentiment.LABELS.index(r.label))
+             for r in test]
     return shuffled(items, limit)
 
 
