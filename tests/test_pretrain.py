@@ -184,7 +184,8 @@ def test_parquet_files_are_a_source(tmp_path):
 
 @pytest.mark.parametrize("name, path", [("gcide", "/usr/share/dictd/gcide.index"),
                                         ("fortunes", "/usr/share/games/fortunes"),
-                                        ("python-html-docs", "/usr/share/doc/python3.11/html")])
+                                        ("python-html-docs", "/usr/share/doc/python3.11/html"),
+                                        ("wordnet", "/usr/share/wordnet/data.noun")])
 def test_debian_corpora_read_as_documents(name, path):
     import itertools
     from pathlib import Path
@@ -195,5 +196,16 @@ def test_debian_corpora_read_as_documents(name, path):
     docs = list(itertools.islice(read_source(name), 200))
     assert len(docs) == 200 and len({d.id for d in docs}) == 200
     assert all(d.text.strip() and "<div" not in d.text for d in docs)
+    if name == "wordnet":  # words, then the gloss: "entity: that which is perceived or known ..."
+        assert docs[0].text.startswith("entity: that which is perceived")
     if name == "gcide":  # dictd markup: cross-reference braces and source tags are removed
         assert not any("{" in d.text or "[1913 Webster]" in d.text for d in docs)
+
+
+def test_chitchat_source_is_dialogue_text():
+    import itertools
+
+    from plinth.data.sources import read_source
+    pytest.importorskip("chitchat_dataset")
+    docs = list(itertools.islice(read_source("chitchat"), 20))
+    assert len(docs) == 20 and all(d.text.startswith("A: ") and "\nB: " in d.text for d in docs)

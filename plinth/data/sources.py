@@ -5,7 +5,8 @@
 A source is a name in SOURCES, or a path: a .txt/.md/.py file, a .jsonl file (one {"text": ...}
 per line), a .parquet file (a `text` column), an .html page, or a folder of such files. Built-in sources: Python's
 own source and docs (on every machine), and where their Debian packages are installed the HTML
-documentation (python3.11-doc), the GCIDE dictionary (dict-gcide) and quotations (fortunes).
+documentation (python3.11-doc), the GCIDE dictionary (dict-gcide), WordNet glosses (wordnet-base)
+and quotations (fortunes), and with PyPI's chitchat-dataset human conversations.
 """
 from __future__ import annotations
 
@@ -108,8 +109,23 @@ def python_html_docs() -> Iterator[Document]:
             yield Document("python-html-docs", rel, html_text(path))
 
 
+def wordnet() -> Iterator[Document]:
+    """WordNet glosses as dictionary prose: `words: definition; "example"`."""
+    from plinth.data.wordnet import synsets
+    for synset in synsets():
+        yield Document("wordnet", synset.id, f"{', '.join(synset.words)}: {synset.gloss}")
+
+
+def chitchat() -> Iterator[Document]:
+    """Human–human chats (PyPI chitchat-dataset) as dialogue text, one speaker per line."""
+    from plinth.data.chitchat import chitchat_conversations
+    for n, conversation in enumerate(chitchat_conversations()):
+        lines = [f"{'AB'[i % 2]}: {m['content']}" for i, m in enumerate(conversation)]
+        yield Document("chitchat", str(n), "\n".join(lines))
+
+
 SOURCES = {"python-stdlib": python_stdlib, "python-docs": python_docs, "python-html-docs": python_html_docs,
-           "gcide": gcide, "fortunes": fortunes}
+           "gcide": gcide, "wordnet": wordnet, "fortunes": fortunes, "chitchat": chitchat}
 
 
 def from_path(path: Path) -> Iterator[Document]:

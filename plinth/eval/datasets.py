@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plinth.data import sentiment
+from plinth.data.wordnet import LEXNAMES, WORDNET, synsets
 from plinth.errors import PlinthError
 
 SEED = 1234  # item order and distractors: fixed, so runs on different models score the same items
@@ -76,46 +77,12 @@ def sentiment_items(limit: int = 0, tsv: str | None = None) -> list[ChoiceItem]:
 
 
 # ---- topic (WordNet lexicographer classes) ---------------------------------------------------------
-WORDNET = Path("/usr/share/wordnet")
-# lex_filenum → what the class holds, from WordNet 3.0's lexnames(5WN); the choices the model reads.
-LEXNAMES = (
-    "all adjective clusters", "relational adjectives", "all adverbs", "unique beginners for nouns",
-    "acts or actions", "animals", "man-made objects", "attributes of people and objects", "body parts",
-    "cognitive processes and contents", "communicative processes and contents", "natural events",
-    "feelings and emotions", "foods and drinks", "groupings of people or objects", "spatial position",
-    "goals", "natural objects (not man-made)", "people", "natural phenomena", "plants",
-    "possession and transfer of possession", "natural processes", "quantities and units of measure",
-    "relations between people or things or ideas", "two and three dimensional shapes",
-    "stable states of affairs", "substances", "time and temporal relations",
-    "grooming, dressing and bodily care", "size, temperature change, intensifying",
-    "thinking, judging, analyzing, doubting", "telling, asking, ordering, singing",
-    "fighting, athletic activities", "eating and drinking", "touching, hitting, tying, digging",
-    "sewing, baking, painting, performing", "feeling", "walking, flying, swimming",
-    "seeing, hearing, feeling", "buying, selling, owning", "political and social activities and events",
-    "being, having, spatial relations", "raining, snowing, thawing, thundering", "participial adjectives",
-)
 DISTRACTORS = 4
 
 
 def wordnet_glosses(folder: Path = WORDNET) -> list[tuple[str, int]]:
-    """(gloss, lex_filenum) of every synset in data.{noun,verb,adj,adv}; example sentences dropped."""
-    files = [folder / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
-    if not all(f.is_file() for f in files):
-        raise PlinthError(f"the topic task needs WordNet's data files in {folder}; install them with "
-                          "`apt-get install wordnet-base`")
-    rows = []
-    for path in files:
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("  ") or " | " not in line:  # the licence header is indented
-                continue
-            fields, gloss = line.split(" | ", 1)
-            lexname = int(fields.split()[1])
-            if not 0 <= lexname < len(LEXNAMES):
-                raise PlinthError(f"{path}: lexicographer file number {lexname} is not one of WordNet 3.0's "
-                                  f"{len(LEXNAMES)}; is this a WordNet 3.0 data file?")
-            definition = gloss.split('; "')[0].strip().rstrip(";").strip()
-            rows.append((definition, lexname))
-    return rows
+    """(definition, lex_filenum) of every synset; example sentences dropped."""
+    return [(synset.definition, synset.lexname) for synset in synsets(folder)]
 
 
 def topic_items(limit: int = 0, folder: Path = WORDNET) -> list[ChoiceItem]:
