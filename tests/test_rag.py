@@ -249,3 +249,9 @@ def test_ask_answers_from_the_best_sources_that_fit(index, embedder, tokenizer):
     assert "".join(streamed.text) and [s["source"] for s in streamed.sources] == ["sub/birds.txt"]
     small = LoadedModel(tiny_model(max_seq_len=300), tokenizer)  # the window leaves room for fewer sources
     assert len(ask(small, index, embedder, "When should I prune my roses?", k=3, max_tokens=4).sources) < 3
+
+
+def test_html_without_a_heading_takes_its_title_from_title(tmp_path):
+    (tmp_path / "page.html").write_text("<html><head><title> Plain   page </title></head><body><p>Hi</p></body></html>")
+    (doc,) = load_folder(tmp_path)
+    assert (doc.title, doc.text.strip(), doc.sections) == ("Plain page", "Hi", [])
