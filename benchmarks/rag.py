@@ -21,7 +21,9 @@ How each figure is measured:
                  character span overlaps the passage; recall@5 is the share of questions with a
                  relevant chunk among the first 5, MRR the mean of 1/rank of the first relevant one
                  (0 when none is in the first 10). For each search mode: dense (embeddings), lexical
-                 (BM25) and hybrid (both fused, plinth's default, used for the answers).
+                 (BM25) and hybrid (both fused, plinth's default, used for the answers). Also
+                 "page recall@5", a looser figure: a chunk of the question's page among the first
+                 5 (other passages of the page, or of other pages, may answer a question too).
   answers        SmolLM2-135M-Instruct, greedy, at most --max-tokens tokens: once with the question
                  alone, once with the --k best passages (hybrid search) in the prompt, as
                  `plinth.adapt.rag.ask` does; replies are cached in --replies for later runs. A
@@ -90,14 +92,16 @@ def retrieval(index: Index, embedder, questions: list[dict], docs: Path) -> dict
     index.search(embedder, "warm-up", k=1)  # builds the BM25 side once, outside the timings
     results, latencies = {}, []
     for mode in ("dense", "lexical", "hybrid"):
-        ranks = []
+        ranks, pages = [], 0
         for q, span in zip(questions, spans):
             start = time.perf_counter()
             hits = index.search(embedder, q["question"], k=10, mode=mode)
             latencies.append(time.perf_counter() - start)
             q[f"rank_{mode}"] = first_relevant_rank(hits, q, span)
             ranks.append(q[f"rank_{mode}"])
+            pages += any(h.chunk.source == q["source"] for h in hits[:5])
         results.update({f"recall@5 {mode}": sum(r is not None and r <= 5 for r in ranks) / len(ranks),
+                        f"page recall@5 {mode}": pages / len(ranks),
                         f"recall@1 {mode}": sum(r == 1 for r in ranks) / len(ranks),
                         f"mrr {mode}": sum(1 / r for r in ranks if r) / len(ranks)})
     hybrid = latencies[-len(questions):]

@@ -100,11 +100,11 @@ def test_each_kind_is_read_with_its_sections(docs_folder):
     assert md.kind == "markdown" and md.text == MARKDOWN and md.title == "Garden guide"
     assert md.section_at(MARKDOWN.index("Stake")) == "Tomatoes" and md.section_at(0) == "Garden guide"
     html = docs["kitchen.html"]
-    assert html.title == "Kitchen notes"
+    assert html.title == "Bread"  # the first <h1>, the page's own name, over <title>
     assert "Knead the dough for ten minutes, then let it rise for an hour." in html.text  # whitespace collapsed
     assert "keep\n   this   layout" in html.text  # but not inside <pre>
     assert "Season & taste." in html.text
-    for hidden in ("Navigation links", "color: red", "script text", "¶"):
+    for hidden in ("Navigation links", "color: red", "script text", "¶", "Kitchen notes"):
         assert hidden not in html.text
     assert [h for _, h in html.sections] == ["Bread", "Soup"]
     assert html.section_at(html.text.index("Simmer")) == "Soup"
@@ -249,3 +249,9 @@ def test_ask_answers_from_the_best_sources_that_fit(index, embedder, tokenizer):
     assert "".join(streamed.text) and [s["source"] for s in streamed.sources] == ["sub/birds.txt"]
     small = LoadedModel(tiny_model(max_seq_len=300), tokenizer)  # the window leaves room for fewer sources
     assert len(ask(small, index, embedder, "When should I prune my roses?", k=3, max_tokens=4).sources) < 3
+
+
+def test_html_without_a_heading_takes_its_title_from_title(tmp_path):
+    (tmp_path / "page.html").write_text("<html><head><title> Plain   page </title></head><body><p>Hi</p></body></html>")
+    (doc,) = load_folder(tmp_path)
+    assert (doc.title, doc.text.strip(), doc.sections) == ("Plain page", "Hi", [])

@@ -100,6 +100,7 @@ class _HTMLText(HTMLParser):
         self.heading: list[str] | None = None
         self.heading_start = 0
         self.title = ""
+        self.h1 = ""  # the page's own name; <title> often adds the site's ("Page — Site documentation")
         self.in_title = False
         self.in_pre = 0
 
@@ -151,6 +152,8 @@ class _HTMLText(HTMLParser):
             heading = " ".join("".join(self.heading).split()).rstrip("¶").strip()
             if heading:
                 self.sections.append((self.heading_start, heading))
+                if tag == "h1" and not self.h1:
+                    self.h1 = heading
             self.heading = None
         if tag in self.BLOCK:
             self.newline()
@@ -176,7 +179,7 @@ def read_html(path: Path, source: str) -> Document:
     parser.feed(path.read_text(encoding="utf-8", errors="replace"))
     parser.close()
     text = "".join(parser.parts).replace("¶", "")  # Sphinx's permalink marks
-    title = " ".join(parser.title.split()) or (parser.sections[0][1] if parser.sections else path.stem)
+    title = parser.h1 or " ".join(parser.title.split()) or path.stem
     return Document(source, "html", title, text, parser.sections)
 
 
