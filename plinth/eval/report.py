@@ -114,8 +114,8 @@ def table(runs: list[dict], tasks: list[str]) -> str:
         cells = []
         for task in tasks:
             r = run["tasks"].get(task)
-            cells.append(f"<td>{r['metric']} {r['value']:.4f} ± {r['stderr']:.4f}<br><small>n={r['n']}</small></td>"
-                         if r else "<td>—</td>")
+            cells.append(f"<td>{r['metric']} {r['value']:.4f} ± {r['stderr']:.4f}<br>"
+                         f"<small>{r['n']} {r.get('unit', '')}</small></td>" if r else "<td>—</td>")
         rows.append(f"<tr><th>{html.escape(run['label'])}<br><small>{html.escape(run['model_path'])}</small></th>"
                     f"{''.join(cells)}</tr>")
     return f"<table><tr><th>run</th>{head}</tr>{''.join(rows)}</table>"
