@@ -4,7 +4,8 @@ accuracy of each, in one run. The model is SmolLM2-135M-Instruct in float32 for 
 dequantises the GGUF exactly, so both compute the same function).
 
     .venv/bin/python benchmarks/eval.py                          # 200 held-out sentiment items
-    .venv/bin/python benchmarks/eval.py --task topic --limit 100 --hf-batch-size 8
+    .venv/bin/python benchmarks/eval.py --task topic --limit 100 --threads 1
+    .venv/bin/python benchmarks/eval.py --extra-dtypes bfloat16     # also plinth with bf16 weights
 
 Both are timed from a loaded model to the accuracy (lm-eval's time includes building its
 requests from the task file, a small part). Targets (issue 7): the same accuracy within ±0.5
@@ -46,8 +47,8 @@ def items_for(task: str, limit: int) -> list[datasets.ChoiceItem]:
     return {"sentiment": datasets.sentiment_items, "topic": datasets.topic_items}[task](limit)
 
 
-def run_plinth(items, batch_tokens: int) -> dict:
-    loaded = plinth.load("smollm2-135m-instruct", dtype="float32")
+def run_plinth(items, batch_tokens: int, dtype: str) -> dict:
+    loaded = plinth.load("smollm2-135m-instruct", dtype=dtype)
     start = time.perf_counter()
     result = multiple_choice(loaded, items, EvalOptions(batch_tokens=batch_tokens))
     seconds = time.perf_counter() - start
@@ -85,23 +86,28 @@ def main():
     parser.add_argument("--hf-batch-size", type=int, default=16, help="lm-eval hf: requests per forward pass")
     parser.add_argument("--threads", type=int, help="torch threads for both (default: torch's, all cores); on a "
                         "machine shared with other work, 1 avoids OpenMP threads waiting for each other")
+    parser.add_argument("--extra-dtypes", default="", help="plinth rows besides float32, for information "
+                        "(e.g. bfloat16: faster where the CPU has bf16 instructions, but not the same function)")
     parser.add_argument("--out", default="benchmarks/results/eval.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     items = items_for(args.task, args.limit)
-    rows = {"plinth": run_plinth(items, args.batch_tokens)}
-    print(f"plinth: {rows['plinth']}", flush=True)
+    rows = {}
+    for dtype in ["float32"] + [d for d in args.extra_dtypes.split(",") if d]:
+        name = "plinth" if dtype == "float32" else f"plinth {dtype}"
+        rows[name] = run_plinth(items, args.batch_tokens, dtype)
+        print(f"{name}: {rows[name]}", flush=True)
     rows["lm-eval hf"] = run_lm_eval_hf(items, args.hf_batch_size)
     ours, theirs = rows["plinth"], rows["lm-eval hf"]
     summary = {"accuracy_difference_points": 100 * (ours["accuracy"] - theirs["accuracy"]),
                "speedup": ours["items_per_s"] / theirs["items_per_s"]}
     print(f"{args.task}: {len(items)} items, {sum(len(i.choices) for i in items)} choices, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'engine':12} {'accuracy':>9} {'seconds':>8} {'items/s':>8} {'choices/s':>10}")
+    print(f"{'engine':15} {'accuracy':>9} {'seconds':>8} {'items/s':>8} {'choices/s':>10}")
     for name, r in rows.items():
-        print(f"{name:12} {r['accuracy']:9.4f} {r['seconds']:8.1f} {r['items_per_s']:8.2f} {r['choices_per_s']:10.2f}")
+        print(f"{name:15} {r['accuracy']:9.4f} {r['seconds']:8.1f} {r['items_per_s']:8.2f} {r['choices_per_s']:10.2f}")
     print(f"accuracy difference {summary['accuracy_difference_points']:+.2f} points (target ±0.5); "
           f"plinth {summary['speedup']:.2f}× faster (target ≥ 2×)")
     out = Path(args.out)

@@ -49,7 +49,7 @@ def test_eval_writes_results_and_report_compares_runs(tmp_path, trained_run, tas
     second = run_eval(str(trained_run / "latest"), [str(task_file)], EvalOptions(limit=6), dtype="bfloat16",
                       out=tmp_path / "runs", progress=lambda _: None)
     page = write_report([str(first.parent), str(second.parent)], tmp_path / "report.html").read_text()
-    assert page.count("<tr>") == 3 and "± " in page and "[bfloat16]" in page and "[float32]" in page
+    assert page.count("<tr>") == 3 and "± " in page and "[bfloat16, limit 6]" in page and "[float32, limit 4]" in page
     images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
     assert len(images) == 3  # task scores, bits per byte per source, training curves
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)

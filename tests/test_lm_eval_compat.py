@@ -30,7 +30,8 @@ def run_lm_eval(base: str, tokenizer_dir: Path, out: Path) -> tuple[dict, list[d
     model_args = (f"model=smollm2,base_url={base}/v1/completions,tokenizer_backend=huggingface,"
                   f"tokenizer={tokenizer_dir},num_concurrent=1,max_retries=1,tokenized_requests=True")
     cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
-           "--tasks", "plinth_mc", "--include_path", str(TASK_DIR), "--output_path", str(out), "--log_samples", "--batch_size", "16"]
+           "--tasks", "plinth_mc", "--include_path", str(TASK_DIR), "--output_path", str(out), "--log_samples",
+           "--batch_size", "16"]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(cmd, cwd=TASK_DIR, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -101,7 +101,8 @@ def score_completions(chosen: list[dict], completions: list[list[str]], ks=(1,),
     for group in completions:
         passed.append(sum(o.passed for o in outcomes[start:start + len(group)]))
         start += len(group)
-    result = {"n": len(chosen), "samples": len(completions[0]), "outcomes": dict(Counter(o.status for o in outcomes))}
+    result = {"n": len(chosen), "unit": "problems", "samples": len(completions[0]),
+              "outcomes": dict(Counter(o.status for o in outcomes))}
     for k in ks:
         value, stderr = mean_stderr([pass_at_k(len(g), c, k) for g, c in zip(completions, passed)])
         result[f"pass@{k}"], result[f"pass@{k}_stderr"] = value, stderr

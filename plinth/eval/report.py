@@ -31,7 +31,8 @@ def read_runs(paths: list[str]) -> list[dict]:
         runs.append(run)
     if not runs:
         raise PlinthError("no eval runs given; pass the folders `plinth eval` wrote, e.g. runs/eval-*/")
-    labels = [f"{Path(run['model']).name} [{run.get('dtype', '?')}]" for run in runs]
+    labels = [f"{Path(run['model']).name} [{run.get('dtype', '?')}" +
+              (f", limit {run['options']['limit']}]" if run.get("options", {}).get("limit") else "]") for run in runs]
     for i, (run, label) in enumerate(zip(runs, labels)):
         run["label"] = label if labels.count(label) == 1 else f"{label} #{labels[:i + 1].count(label)}"
     return runs
@@ -61,7 +62,7 @@ def grouped_bars(runs: list[dict], groups: list[str], value, title: str, ylabel:
                 ys.append(found[0])
                 errs.append(found[1])
         ax.bar(xs, ys, width, yerr=errs, capsize=3, label=run["label"])
-    ax.set_xticks(range(len(groups)), groups)
+    ax.set_xticks(range(len(groups)), [Path(g).name for g in groups])  # task files and sources by file name
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -114,8 +115,8 @@ def table(runs: list[dict], tasks: list[str]) -> str:
         cells = []
         for task in tasks:
             r = run["tasks"].get(task)
-            cells.append(f"<td>{r['metric']} {r['value']:.4f} ± {r['stderr']:.4f}<br><small>n={r['n']}</small></td>"
-                         if r else "<td>—</td>")
+            cells.append(f"<td>{r['metric']} {r['value']:.4f} ± {r['stderr']:.4f}<br>"
+                         f"<small>{r['n']} {r.get('unit', '')}</small></td>" if r else "<td>—</td>")
         rows.append(f"<tr><th>{html.escape(run['label'])}<br><small>{html.escape(run['model_path'])}</small></th>"
                     f"{''.join(cells)}</tr>")
     return f"<table><tr><th>run</th>{head}</tr>{''.join(rows)}</table>"

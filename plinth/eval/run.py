@@ -75,5 +75,5 @@ def run_eval(model: str, tasks: list[str], options: EvalOptions, dtype: str | No
         results["tasks"][name] = result
         write_atomic(folder / "results.json", json.dumps(results, indent=2))
         progress(f"{name}: {result['metric']} {result['value']:.4f} ± {result['stderr']:.4f} "
-                 f"({result['n']} items, {result['seconds']:.1f} s)")
+                 f"({result['n']} {result['unit']}, {result['seconds']:.1f} s)")
     return folder / "results.json"

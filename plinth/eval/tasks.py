@@ -73,7 +73,7 @@ def multiple_choice(loaded, items: list[datasets.ChoiceItem], options: EvalOptio
         correct_norm.append(float(max(range(len(per_byte)), key=per_byte.__getitem__) == item.gold))
     (acc, stderr), (acc_norm, norm_stderr) = mean_stderr(correct), mean_stderr(correct_norm)
     return {"metric": "accuracy", "value": acc, "stderr": stderr, "accuracy_norm": acc_norm,
-            "accuracy_norm_stderr": norm_stderr, "n": len(items), "choices_scored": len(requests),
+            "accuracy_norm_stderr": norm_stderr, "n": len(items), "unit": "items", "choices_scored": len(requests),
             "chance": mean_stderr([1 / len(item.choices) for item in items])[0]}
 
 
@@ -83,7 +83,7 @@ def perplexity_task(loaded, options: EvalOptions) -> dict:
                              batch_tokens=options.batch_tokens) for s in options.sources}
     first = sources[options.sources[0]]
     return {"metric": "bits_per_byte", "value": first["bits_per_byte"], "stderr": first["bits_per_byte_stderr"],
-            "n": first["tokens"], "sources": sources}
+            "n": first["tokens"], "unit": "tokens", "sources": sources}
 
 
 @dataclass(frozen=True)
@@ -122,4 +122,4 @@ def run_task(name: str, loaded, options: EvalOptions) -> dict:
     else:
         result = multiple_choice(loaded, datasets.choice_file(Path(name), options.items), options)
     seconds = time.perf_counter() - start
-    return {**result, "seconds": seconds, "items_per_second": result["n"] / seconds if seconds else None}
+    return {**result, "seconds": seconds, f"{result['unit']}_per_second": result["n"] / seconds if seconds else None}
