@@ -19,6 +19,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import random
 import subprocess
@@ -195,8 +196,10 @@ def report(results: dict, args):
                 ratio = results[method]["peak_mb"] / results["full"]["peak_mb"]
                 checks[f"{method} peak memory ≤ {limit:.0%} of full fine-tuning's (is {ratio:.0%})"] = ratio <= limit
     if "tiny-pretrained" in results and "tiny-random" in results:
-        checks["pretrained tiny model beats random init"] = (results["tiny-pretrained"]["accuracy"]
-                                                             > results["tiny-random"]["accuracy"])
+        a, b, n = results["tiny-pretrained"]["accuracy"], results["tiny-random"]["accuracy"], results["tiny-random"]["test_examples"]
+        se = math.sqrt((a * (1 - a) + b * (1 - b)) / n)  # standard error of the difference of two accuracies
+        checks[f"pretrained tiny model beats random init by more than 2 standard errors "
+               f"({a - b:+.1%} ± {se:.1%})"] = a - b > 2 * se
     for check, ok in checks.items():
         print(f"{'met ' if ok else 'NOT met'}  {check}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

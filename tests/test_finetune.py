@@ -230,3 +230,24 @@ def test_qlora_adapter_merges_onto_the_4bit_base_it_was_trained_with(tmp_path, b
     ids = torch.tensor([list(b"lovely")])
     with torch.no_grad():
         torch.testing.assert_close(plinth.load(str(final), dtype="float32").model(ids), trained(ids), atol=1e-4, rtol=0)
+
+
+def test_validation_accuracy_is_the_label_choice_at_the_answer(tmp_path, base, reviews):
+    """evaluate() against a direct computation: one full forward per example, the label whose first
+    token scores highest where the answer starts."""
+    from plinth.adapt.finetune import evaluate
+    r = recipe(tmp_path, base, reviews, val_examples=24)
+    model, _, data = prepare(r, log=quiet)
+    model.eval()
+    correct, losses = 0, []
+    with torch.no_grad():
+        for e in data.val:
+            logits = model(torch.tensor([e.tokens]))[0]
+            at = next(i for i, t in enumerate(e.targets) if t != IGNORE)
+            best = max(data.choices, key=lambda c: float(logits[at, c]))
+            correct += best == e.targets[at]
+            losses += torch.nn.functional.cross_entropy(logits, torch.tensor(e.targets), reduction="none")[
+                torch.tensor(e.targets) != IGNORE].tolist()
+    result = evaluate(model, data, r)
+    assert result["val_acc"] == correct / len(data.val)
+    assert result["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)

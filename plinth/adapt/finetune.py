@@ -34,7 +34,7 @@ from plinth.adapt.prompting import PromptTask, answer_tokens, check_label
 from plinth.errors import PlinthError
 from plinth.loaded import read_model
 from plinth.train import checkpoint
-from plinth.train.loop import IGNORE, autocast, train
+from plinth.train.loop import IGNORE, autocast, scored_outputs, train
 from plinth.train.recipe import LoopRecipe
 
 TASKS, METHODS = ("label", "classify", "chat"), ("full", "lora", "qlora", "probe")
@@ -184,24 +184,27 @@ class FinetuneWeights(checkpoint.Weights):
 @torch.no_grad()
 def evaluate(model, data: ExampleData, r) -> dict:
     """Validation loss per target token, and accuracy where the task has labels: at each row's first
-    target position, is the highest-scoring label the right one."""
+    target position, is the highest-scoring label the right one. Like training, scores only the
+    positions that have a target (the full vocabulary at every position would dominate memory)."""
     model.eval()
     loss_sum, targets, correct, rows = 0.0, 0, 0, 0
     for x, y in data.val_batches(r.eval_batches):
         with autocast(r):
-            logits = model(x).float()
-        loss_sum += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
-        targets += int((y != IGNORE).sum())
+            logits, kept = scored_outputs(model, x, y)  # (N, V) and (N,), row after row
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, kept, reduction="sum"))
+        targets += len(kept)
         if data.choices is not None:
-            at = (y != IGNORE).int().argmax(1)  # (B,) first target position
-            scores, truth = logits[torch.arange(len(y)), at], y[torch.arange(len(y)), at]
+            counts = (y != IGNORE).sum(1)
+            first = (counts.cumsum(0) - counts)[counts > 0]  # where each row's targets start in N
+            scores, truth = logits[first], kept[first]
             if isinstance(data.choices, list):  # label words: compare only their first tokens
                 choices = torch.tensor(data.choices)
                 predicted = choices[scores[:, choices].argmax(-1)]
             else:
                 predicted = scores.argmax(-1)
             correct += int((predicted == truth).sum())
-            rows += len(y)
+            rows += len(first)
     model.train()
     result = {"val_loss": loss_sum / max(1, targets)}
     if rows:
