@@ -10,9 +10,13 @@ and how to fix it, and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
 from plinth import hub
+from plinth.adapt import rag_cli
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams
 
@@ -39,13 +43,25 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="answer with a JSON object (constrained decoding)")
+    g.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid for the schema in FILE")
 
 
 def sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                 frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-                seed=args.seed, stop=args.stop)
+                seed=args.seed, stop=args.stop, grammar=output_grammar(args))
+
+
+def output_grammar(args) -> str | None:
+    from plinth.constrain import json_schema_grammar, response_format_grammar
+    if args.json_schema:
+        try:
+            return json_schema_grammar(json.loads(Path(args.json_schema).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise PlinthError(f"cannot read a JSON schema from {args.json_schema}: {e}") from e
+    return response_format_grammar({"type": "json_object"}) if args.json else None
 
 
 def load(args):
@@ -115,14 +131,42 @@ def cmd_data_prepare(args):
     prepare(recipe_of(args))
 
 
+def cmd_tokenizer_train(args):
+    from plinth.data.prepare import collect, train_tokenizer
+    recipe = recipe_of(args)
+    train_tokenizer(recipe, collect(recipe)[0])
+
+
 def cmd_pretrain(args):
     from plinth.train.loop import pretrain
-    print(f"checkpoint: {pretrain(recipe_of(args), resume=args.resume)}")
+    latest = pretrain(recipe_of(args), resume=args.resume, dist_mode=args.dist)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {latest}")
 
 
 def cmd_plot(args):
     from plinth.train.plot import plot_run
     print(plot_run(args.run, args.out))
+
+
+def cmd_eval(args):
+    from plinth.eval.run import run_eval
+    from plinth.eval.tasks import EvalOptions
+    try:
+        ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError:
+        raise PlinthError(f"--k {args.k}: give whole numbers separated by commas, e.g. --k 1,10") from None
+    options = EvalOptions(limit=args.limit, batch_tokens=args.batch_tokens, sources=tuple(args.sources.split(",")),
+                          window=args.window, stride=args.stride, samples=args.samples, ks=ks, timeout=args.timeout)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    print(f"results: {run_eval(args.model, args.tasks.split(','), options, dtype=args.dtype, out=args.out)}")
+
+
+def cmd_report(args):
+    from plinth.eval.report import write_report
+    print(write_report(args.runs, args.out))
 
 
 def cmd_finetune(args):
@@ -145,7 +189,8 @@ def cmd_serve(args):
     from plinth.serve.app import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
           max_batch=args.max_batch, max_len=args.max_model_len, grace=args.grace, dtype=args.dtype,
-          embedding_model=args.embedding_model, seed=args.seed, threads=args.threads, adapters=adapter_map(args.adapter))
+          embedding_model=args.embedding_model, seed=args.seed, threads=args.threads, indexes=args.index,
+          adapters=adapter_map(args.adapter))
 
 
 def adapter_map(items: list[str]) -> dict[str, str]:
@@ -196,11 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.set_defaults(func=cmd_data_prepare)
 
+    p = sub.add_parser("tokenizer", help="train a BPE tokenizer", description="Tokenizer commands.")
+    tokenizer_sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    p = tokenizer_sub.add_parser("train", help="train a byte-level BPE on a recipe's sources",
+                                 description="Collect and clean the recipe's sources and train a byte-level BPE "
+                                 "of its vocab_size (special and chat tokens included) into <out_dir>/tokenizer, "
+                                 "reporting bytes per token per source against SmolLM2's tokenizer; `plinth data "
+                                 "prepare` then uses it. Example: plinth tokenizer train recipes/pretrain-tiny.yaml "
+                                 "--vocab_size=8192")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_tokenizer_train)
+
     p = sub.add_parser("pretrain", help="train a model from scratch", description="Pretrain from a recipe; "
                        "any recipe field can be overridden with --key=value. Example: plinth pretrain "
                        "recipes/pretrain-tiny.yaml --max_steps=100 (then --resume after a stop)")
     p.add_argument("recipe")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--dist", choices=["none", "ddp", "fsdp2"], default="none",
+                   help="under torchrun: replicate (ddp) or shard (fsdp2) the model over the processes, e.g. "
+                        "torchrun --nproc-per-node 2 -m plinth pretrain RECIPE --dist ddp")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="adapt a model: full, LoRA, QLoRA, chat SFT, classifier head",
@@ -219,6 +278,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a training run folder (with metrics.jsonl)")
     p.add_argument("--out", help="PNG path (default: RUN/curves.png)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("eval", help="perplexity and downstream tasks", description="Evaluate a model; writes "
+                       "runs/eval-*/results.json. Example: plinth eval smollm2-135m-instruct --tasks "
+                       "perplexity,sentiment,topic,humaneval --limit 200")
+    add_model_args(p)
+    p.add_argument("--tasks", required=True, help="comma-separated: perplexity, sentiment, topic, humaneval, "
+                   "or paths of .jsonl multiple-choice files")
+    p.add_argument("--limit", type=int, help="items per task (documents for perplexity); default all")
+    p.add_argument("--out", default="runs", help="folder for the eval-* results folder (default: runs)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per scoring forward pass")
+    p.add_argument("--sources", default="python-docs", help="perplexity: comma-separated source names or paths")
+    p.add_argument("--window", type=int, help="perplexity: tokens per window (default min(1024, context))")
+    p.add_argument("--stride", type=int, help="perplexity: tokens between windows (default window/2)")
+    p.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem (1 = greedy)")
+    p.add_argument("--k", default="1", help="humaneval: comma-separated k of pass@k (each ≤ --samples)")
+    p.add_argument("--timeout", type=float, default=10.0, help="humaneval: seconds each program may run")
+    p.add_argument("--threads", type=int, help="model compute threads (default: all cores; on a busy machine "
+                   "fewer threads wait less for each other)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="HTML report card comparing eval runs", description="One HTML page "
+                       "comparing eval runs, with plots. Example: plinth report runs/eval-*/ --out report.html")
+    p.add_argument("runs", nargs="+", help="eval run folders (or their results.json files)")
+    p.add_argument("--out", default="report.html")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server + chat page", description="Serve a model over an "
                        "OpenAI-compatible HTTP API with continuous batching, and a chat page at /. "
@@ -240,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "as model NAME, beside the base (repeatable; requests choose by model name)")
     p.add_argument("--embedding-model", default="auto", help=f"model for /v1/embeddings: a name, a folder, "
                    f"'none', or 'auto' ({hub.DEFAULT_EMBEDDER} when installed)")
+    p.add_argument("--index", action="append", default=[], metavar="NAME=FOLDER", help="serve a retrieval index "
+                   "that chat requests may name (see README, Retrieval); repeatable")
     p.set_defaults(func=cmd_serve)
+    rag_cli.register(sub, add_model_args, add_sampling_args, load, sampling)
     return parser
 
 
@@ -252,7 +339,7 @@ def main(argv=None) -> int:
         # between the positionals; argparse takes those in one go only when parsing intermixed
         args = parser.commands[args.command].parse_intermixed_args(argv[argv.index(args.command) + 1:], args)
         unknown = []
-    if unknown and args.command not in ("pretrain", "data", "finetune"):  # only recipes take --key=value overrides
+    if unknown and args.command not in ("pretrain", "data", "tokenizer", "finetune"):  # only recipes take --key=value overrides
         build_parser().parse_args(argv)  # reports the unknown arguments the usual way
     args.overrides = unknown
     try:

@@ -8,7 +8,6 @@ all-MiniLM-L6-v2 pipeline (Transformer → mean Pooling → Normalize) does.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 

@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from plinth.constrain import Constraint
 from plinth.errors import PlinthError
 
 
@@ -35,6 +36,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None       # None: none; 0: the chosen token's; k: plus the k most likely
     ignore_eos: bool = False
+    grammar: str | None = None        # the output must match it (plinth.constrain: JSON schema, Lark)
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         def bad(name, rule):
@@ -119,10 +121,13 @@ class Sampler:
             logits = logits - self.counts * p.frequency_penalty - (self.counts > 0) * p.presence_penalty
         return logits
 
-    def choose(self, logits: torch.Tensor) -> TokenChoice:
+    def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> TokenChoice:
+        """`allowed` (V,) bool: a grammar's mask; logprobs stay the model's own, before it."""
         p = self.params
         raw = logits.float()
         logits = self.adjust(raw)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, -math.inf)
         probs = None
         if p.temperature >= GREEDY_BELOW:
             probs = filter_probs(torch.softmax(logits / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
@@ -216,15 +221,21 @@ class Sequence:
         self.output: list[int] = []
         self.max_new = min(params.max_tokens, max_new) if max_new is not None else params.max_tokens
         self.finish_reason: str | None = None
+        self.constraint = Constraint(params.grammar, tokenizer, vocab_size) if params.grammar else None
 
     def step(self, logits: torch.Tensor) -> Step:
         """Choose the next token from the model's logits (V,) and advance."""
-        choice = self.sampler.choose(logits)
+        choice = self.sampler.choose(logits, self.constraint.allowed() if self.constraint else None)
         self.output.append(choice.token)
         if choice.token in self.tokenizer.stop_ids and not self.params.ignore_eos:
             self.finish_reason = "stop"
             return Step(self.stream.finish(), choice, "stop")
         text, stopped = self.stream.add(choice.token)
+        if self.constraint and not stopped:
+            self.constraint.advance(choice.token)
+            if self.constraint.complete:  # only a stop token could follow: end now and save a model step
+                stopped = True
+                text += self.stream.finish()
         if stopped:
             self.finish_reason = "stop"
         elif len(self.output) >= self.max_new:
@@ -249,12 +260,14 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams)
     check_prompt(len(prompt), context)
     seq = Sequence(prompt, params, tokenizer, model.config.vocab_size, max_new=context - len(prompt))
     cache = model.new_cache(1, len(prompt) + seq.max_new)
-    logits = model(torch.tensor([prompt]), cache=cache, last=torch.tensor([len(prompt) - 1]))
+    device = model.tok_embeddings.weight.device
+    logits = model(torch.tensor([prompt], device=device), cache=cache, last=torch.tensor([len(prompt) - 1], device=device))
     position = len(prompt)
     while True:
-        step = seq.step(logits[0])
+        step = seq.step(logits[0].cpu())
         yield step
         if step.finish_reason:
             return
-        logits = model(torch.tensor([[step.choice.token]]), cache=cache, start_pos=position, last=torch.tensor([0]))
+        logits = model(torch.tensor([[step.choice.token]], device=device), cache=cache, start_pos=position,
+                       last=torch.tensor([0], device=device))
         position += 1

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from plinth import hub
+from plinth.adapt.tools import run_tools as tools_loop
+from plinth.constrain import response_format_grammar
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
 from plinth.model import Transformer
@@ -42,7 +44,9 @@ class LoadedModel:
         self.load_seconds = load_seconds
         self.head = head  # a classifier head, for models fine-tuned with task=classify
 
-    def _params(self, **options) -> SamplingParams:
+    def _params(self, response_format=None, **options) -> SamplingParams:
+        if response_format is not None:  # OpenAI's shape or a pydantic model class: constrained decoding
+            options["grammar"] = response_format_grammar(response_format)
         try:
             return SamplingParams(**options).validate(self.tokenizer.vocab_size)
         except TypeError as e:
@@ -50,7 +54,8 @@ class LoadedModel:
 
     def generate(self, prompt: str | list[int], stream: bool = False, **options):
         """Complete `prompt` (text or token ids). Returns the text, or with stream=True an iterator
-        of text pieces. Options are `SamplingParams` fields (max_tokens, temperature, top_p, stop, ...)."""
+        of text pieces. Options are `SamplingParams` fields (max_tokens, temperature, top_p, stop, ...)
+        and `response_format` (JSON object / JSON schema, enforced by constrained decoding)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         steps = generate_stream(self.model, self.tokenizer, ids, self._params(**options))
         pieces = (step.text for step in steps if step.text)
@@ -60,6 +65,11 @@ class LoadedModel:
         """Reply to a conversation rendered through the model's own chat template."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(self.tokenizer.encode(prompt, add_bos=False), stream=stream, **options)
+
+    def run_tools(self, messages: list[dict], tools: list[dict] | None = None, functions=(), **options) -> list[dict]:
+        """Chat while letting the model call Python `functions`; returns the conversation, answer last
+        (plinth.adapt.tools.run_tools)."""
+        return tools_loop(self, messages, tools, functions, **options)
 
     @torch.inference_mode()
     def logits(self, text: str | list[int]) -> torch.Tensor:

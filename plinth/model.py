@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from plinth.config import ModelConfig
 
@@ -80,7 +81,7 @@ class KVCache:
     def update(self, layer: int, k, v, where: "Positions"):
         """Store k, v (B, K, T, D) and return all keys and values of those rows: (B, K, L, D)."""
         keys, values = self.k[layer], self.v[layer]
-        B, T, end = k.shape[0], k.shape[2], where.key_len
+        B, end = k.shape[0], where.key_len
         if where.slots is None and isinstance(where.start, int):  # rows 0..B-1 at one offset: slicing
             keys[:B, :, where.start:end] = k
             values[:B, :, where.start:end] = v
@@ -268,6 +269,8 @@ class Transformer(nn.Module):
             self.norm = make_norm(config, config.dim) if not config.post_norm else None
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._tie()
+        # Set by the training loop: keep only each block's input and recompute the rest in backward.
+        self.activation_checkpointing = False
 
     def _tie(self):
         if self.config.tie_embeddings:
@@ -360,7 +363,11 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         for block in self.layers:
-            x = block(x, ropes[block.attn.window is not None], where, cache)
+            rope = ropes[block.attn.window is not None]
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, where, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, where, cache)
         return self.norm(x) if self.norm is not None else x
 
     def forward(self, tokens=None, *, embeds=None, cache=None, start_pos=0, slots=None, last=None):
@@ -372,6 +379,10 @@ class Transformer(nn.Module):
         h = self.features(tokens, embeds=embeds, cache=cache, start_pos=start_pos, slots=slots)
         if last is not None:
             h = h[torch.arange(h.shape[0], device=h.device), last]
+        return self.project(h)
+
+    def project(self, h):
+        """Final hidden states (..., C) → logits (..., V): the output layer, soft-capped if configured."""
         logits = self.output(h)
         if self.config.final_softcap is not None:
             cap = self.config.final_softcap

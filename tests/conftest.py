@@ -1,11 +1,18 @@
 """Shared fixtures: a tiny random model with a byte-level tokenizer (milliseconds), and the real
 SmolLM2-135M GGUF with Hugging Face transformers as the independent reference (seconds)."""
+import json
+
 import pytest
 import torch
 
 from plinth.config import preset
 from plinth.model import Transformer
 from plinth.tokenizer import BYTE_CHARS, Tokenizer
+
+# A pretraining recipe small enough for unit tests: 40 stdlib files, a 320-token BPE, a 2-layer model.
+TINY = dict(sources=["python-stdlib"], max_docs_per_source=40, val_fraction=0.1, vocab_size=320, seq_len=32, batch_size=4,
+            model={"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64},
+            max_steps=300, warmup_steps=10, save_every=10, eval_every=100, log_every=1000, lr=0.01)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -64,3 +71,25 @@ def hf_smollm2(smollm2_path):
         str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
     return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Prepared (cleaned, tokenized) data of the TINY recipe, shared by the training tests."""
+    from plinth.data.prepare import prepare
+    from plinth.train.recipe import PretrainRecipe
+    out = tmp_path_factory.mktemp("run")
+    prepare(PretrainRecipe(**TINY, out_dir=str(out / "base")), log=lambda *_: None)
+    return out / "base" / "data"
+
+
+def recipe(tmp_path, data_dir, name, **overrides):
+    """A TINY recipe whose run folder `tmp_path/name` reads the shared prepared data."""
+    from plinth.train.recipe import PretrainRecipe
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "data").symlink_to(data_dir)
+    return PretrainRecipe(**{**TINY, **overrides}, out_dir=str(tmp_path / name))
+
+
+def losses(out_dir):
+    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]

@@ -2,7 +2,6 @@
 import threading
 
 import pytest
-import torch
 
 from plinth.generate import SamplingParams, generate_stream
 from plinth.serve.engine import Engine

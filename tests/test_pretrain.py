@@ -7,14 +7,11 @@ import time
 
 import pytest
 
-from plinth.data.prepare import prepare
 from plinth.errors import PlinthError
 from plinth.train.loop import pretrain
 from plinth.train.recipe import PretrainRecipe, load_recipe
+from tests.conftest import TINY, losses, recipe
 
-TINY = dict(sources=["python-stdlib"], max_docs_per_source=40, val_fraction=0.1, vocab_size=320, seq_len=32, batch_size=4,
-            model={"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64},
-            max_steps=300, warmup_steps=10, save_every=10, eval_every=100, log_every=1000, lr=0.01)
 
 
 def test_prepare_reports_compression_against_smollm2(data_dir):
@@ -22,23 +19,6 @@ def test_prepare_reports_compression_against_smollm2(data_dir):
     ratios = meta["compression"]["python-stdlib"]
     assert 1.5 < ratios["plinth"] < ratios["smollm2"]  # a 320-token vocabulary compresses less than 49k
     assert meta["val_sources"]["python-stdlib"]["end"] > meta["val_sources"]["python-stdlib"]["start"]
-
-
-def losses(out_dir):
-    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    prepare(PretrainRecipe(**TINY, out_dir=str(out / "base")), log=lambda *_: None)
-    return out / "base" / "data"
-
-
-def recipe(tmp_path, data_dir, name, **overrides):
-    (tmp_path / name).mkdir()
-    (tmp_path / name / "data").symlink_to(data_dir)
-    return PretrainRecipe(**{**TINY, **overrides}, out_dir=str(tmp_path / name))
 
 
 def test_pretraining_learns_and_makes_a_normal_model(tmp_path, data_dir):
@@ -127,3 +107,105 @@ def test_plot_writes_a_png(tmp_path, data_dir):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(PlinthError, match="metrics.jsonl"):
         plot_run(tmp_path)
+
+
+def test_mixture_weights_choose_the_source_of_each_row(tmp_path):
+    import numpy as np
+
+    from plinth.data.shards import ShardWriter, TokenData
+    writer = ShardWriter(tmp_path, vocab_size=300, eos_id=299)
+    for source, count in (("code", 30), ("prose", 10)):
+        for _ in range(count):
+            writer.add("train", source, list(range(100)), 100)
+            writer.add("val", source, list(range(100)), 100)
+    writer.close({})
+    code, prose = writer.ranges["train"]["code"], writer.ranges["train"]["prose"]
+    only_prose = TokenData(tmp_path, 16, 8, seed=0, mixture={"prose": 1.0, "code": 0})
+    starts = np.concatenate([only_prose.starts(step, 0) for step in range(50)])
+    assert (starts >= prose["start"]).all() and (starts < prose["end"] - 16).all()
+    # prose is a quarter of the tokens but drawn as often as code
+    even = TokenData(tmp_path, 16, 8, seed=0, mixture={"prose": 1, "code": 1})
+    starts = np.concatenate([even.starts(step, 0) for step in range(200)])
+    assert 0.42 < (starts >= prose["start"]).mean() < 0.58
+    by_size = TokenData(tmp_path, 16, 8, seed=0)
+    starts = np.concatenate([by_size.starts(step, 0) for step in range(200)])
+    assert 0.18 < (starts >= code["end"]).mean() < 0.32
+    with pytest.raises(PlinthError, match="its sources are code, prose"):
+        TokenData(tmp_path, 16, 8, seed=0, mixture={"poetry": 1})
+
+
+def test_a_batch_too_big_for_memory_fails_before_training(tmp_path, data_dir):
+    r = recipe(tmp_path, data_dir, "huge", batch_size=2**20)
+    with pytest.raises(PlinthError, match="lower batch_size .now 1048576"):
+        pretrain(r, log=lambda *_: None)
+    assert not (tmp_path / "huge" / "metrics.jsonl").exists()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    import torch
+
+    from tests.conftest import tiny_model
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        model.activation_checkpointing = checkpointing
+        tokens = torch.arange(24).reshape(2, 12) % model.config.vocab_size
+        model(tokens).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_tokenizer_train_command_then_prepare_uses_it(tmp_path, capsys):
+    from plinth.cli import main
+    (tmp_path / "r.yaml").write_text("sources: [python-stdlib]\nmax_docs_per_source: 12\nval_fraction: 0.2\n"
+                                     f"vocab_size: 300\nout_dir: {tmp_path / 'run'}\n")
+    main(["tokenizer", "train", str(tmp_path / "r.yaml")])
+    assert "bytes/token" in capsys.readouterr().out
+    trained = (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text()
+    main(["data", "prepare", str(tmp_path / "r.yaml")])
+    assert "using the tokenizer in" in capsys.readouterr().out
+    assert (tmp_path / "run" / "data" / "tokenizer.json").read_text() == trained
+
+
+def test_parquet_files_are_a_source(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from plinth.data.sources import read_source
+    pq.write_table(pa.table({"text": ["first document", None, "third"], "id": [1, 2, 3]}), tmp_path / "a.parquet",
+                   row_group_size=2)
+    assert [(d.id, d.text) for d in read_source(str(tmp_path))] == [("a.parquet:0", "first document"),
+                                                                   ("a.parquet:2", "third")]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
+    with pytest.raises(PlinthError, match="needs a 'text' column; it has body"):
+        list(read_source(str(tmp_path)))
+
+
+@pytest.mark.parametrize("name, path", [("gcide", "/usr/share/dictd/gcide.index"),
+                                        ("fortunes", "/usr/share/games/fortunes"),
+                                        ("python-html-docs", "/usr/share/doc/python3.11/html"),
+                                        ("wordnet", "/usr/share/wordnet/data.noun")])
+def test_debian_corpora_read_as_documents(name, path):
+    import itertools
+    from pathlib import Path
+
+    from plinth.data.sources import read_source
+    if not Path(path).exists():
+        pytest.skip(f"{path} not installed (Debian package); the reader names the package to install")
+    docs = list(itertools.islice(read_source(name), 200))
+    assert len(docs) == 200 and len({d.id for d in docs}) == 200
+    assert all(d.text.strip() and "<div" not in d.text for d in docs)
+    if name == "wordnet":  # words, then the gloss: "entity: that which is perceived or known ..."
+        assert docs[0].text.startswith("entity: that which is perceived")
+    if name == "gcide":  # dictd markup: cross-reference braces and source tags are removed
+        assert not any("{" in d.text or "[1913 Webster]" in d.text for d in docs)
+
+
+def test_chitchat_source_is_dialogue_text():
+    import itertools
+
+    from plinth.data.sources import read_source
+    pytest.importorskip("chitchat_dataset")
+    docs = list(itertools.islice(read_source("chitchat"), 20))
+    assert len(docs) == 20 and all(d.text.startswith("A: ") and "\nB: " in d.text for d in docs)

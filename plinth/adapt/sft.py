@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 
 from plinth.adapt.examples import Example, read_jsonl
+from plinth.data.chitchat import chitchat_conversations
 from plinth.errors import PlinthError
-from plinth.hub import package_dir
 from plinth.train.loop import IGNORE
 
 ROLES = ("system", "user", "assistant")
@@ -60,22 +60,6 @@ def check_messages(messages, where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
         raise PlinthError(f"{where}: the conversation has no assistant turn to learn from")
     return messages
-
-
-def chitchat_conversations() -> list[list[dict]]:
-    """The chitchat-dataset (PyPI, MIT): human–human chats; the speaker who opens is the user. A
-    speaker's consecutive messages become one turn."""
-    folder = package_dir("chitchat_dataset")
-    if folder is None:
-        raise PlinthError("the chitchat dataset is not installed; run `pip install --no-deps chitchat-dataset`")
-    data = json.loads((folder / "dataset.json").read_text())
-    conversations = []
-    for conversation in data.values():
-        turns = [" ".join(u["text"] for u in group) for group in conversation["messages"]]
-        messages = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
-        if len(messages) >= 2:
-            conversations.append(messages)
-    return conversations
 
 
 def load_conversations(source: str) -> list[list[dict]]:

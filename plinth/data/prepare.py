@@ -1,10 +1,13 @@
 """`plinth data prepare RECIPE`: collect the recipe's sources, clean them, train the tokenizer on
-the training split, and write token shards + tokenizer into <out_dir>/data.
+the training split (or use the one `plinth tokenizer train` made), and write token shards +
+tokenizer into <out_dir>/data.
 
+    plinth tokenizer train recipes/pretrain-tiny.yaml   # optional: <out_dir>/tokenizer/tokenizer.json
     plinth data prepare recipes/pretrain-tiny.yaml
 """
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 
@@ -40,7 +43,8 @@ def compression(docs, tokenizer, log, sample_chars: int = 200_000) -> dict:
     return result
 
 
-def prepare(recipe, log=print) -> dict:
+def collect(recipe, log=print) -> tuple[list, dict]:
+    """The recipe's sources, read and cleaned, and what each filter removed (also logged)."""
     report: Counter = Counter()
     docs = []
     for name in recipe.sources:
@@ -49,6 +53,12 @@ def prepare(recipe, log=print) -> dict:
         log(f"{name}: {len(docs) - before} documents kept")
     for key in sorted(report):
         log(f"  {key}: {report[key]}")
+    return docs, dict(report)
+
+
+def train_tokenizer(recipe, docs, log=print) -> Tokenizer:
+    """A byte-level BPE of the recipe's vocab_size on the training split, saved (atomically) in
+    <out_dir>/tokenizer, with its compression per source reported."""
     train_texts = [d.text for d in docs if split_of(d.id, recipe.val_fraction) == "train"]
     if not train_texts or len(train_texts) == len(docs):
         raise PlinthError(f"{len(docs)} documents split into {len(train_texts)} for training and "
@@ -56,6 +66,33 @@ def prepare(recipe, log=print) -> dict:
                           f"val_fraction (now {recipe.val_fraction})")
     log(f"training a {recipe.vocab_size}-token BPE on {len(train_texts)} documents")
     tokenizer = Tokenizer.train(train_texts, recipe.vocab_size)
+    folder = recipe.tokenizer_dir
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer.save(tmp)
+    (tmp / "compression.json").write_text(json.dumps(compression(docs, tokenizer, log), indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    log(f"wrote {folder / 'tokenizer.json'}")
+    return tokenizer
+
+
+def prepare(recipe, log=print) -> dict:
+    """Collect and clean the sources, tokenize them with the run's tokenizer (trained first unless
+    `plinth tokenizer train` made one for this vocab_size), and write the shards."""
+    docs, report = collect(recipe, log)
+    tokenizer = None
+    if (recipe.tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_folder(recipe.tokenizer_dir)
+        if tokenizer.vocab_size != recipe.vocab_size:
+            log(f"{recipe.tokenizer_dir} holds a {tokenizer.vocab_size}-token vocabulary, not {recipe.vocab_size}: "
+                "training a new one")
+            tokenizer = None
+        else:
+            log(f"using the tokenizer in {recipe.tokenizer_dir}")
+    if tokenizer is None:
+        tokenizer = train_tokenizer(recipe, docs, log)
     folder = recipe.data_dir
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -63,7 +100,8 @@ def prepare(recipe, log=print) -> dict:
     for doc in docs:
         writer.add(split_of(doc.id, recipe.val_fraction), doc.source, tokenizer.encode(doc.text),
                    len(doc.text.encode("utf-8", errors="replace")))
-    writer.close({"cleaning": dict(report), "compression": compression(docs, tokenizer, log)})
+    ratios = json.loads((recipe.tokenizer_dir / "compression.json").read_text())
+    writer.close({"cleaning": report, "compression": ratios})
     tokenizer.save(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)

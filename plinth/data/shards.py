@@ -6,6 +6,8 @@ go to train or validation by a hash of their id, so the split never depends on t
 
 `TokenData.batch(step, micro)` is a pure function of (seed, step, micro-batch index): a resumed run,
 or the same global batch split over any number of processes, reads exactly the same sequences.
+Documents arrive source by source, so each source is one contiguous range of each file; a mixture
+({source: weight}) draws each row's source by weight, then a window inside that source's range.
 """
 from __future__ import annotations
 
@@ -36,15 +38,14 @@ class ShardWriter:
         self.tokens = {"train": 0, "val": 0}
         self.bytes = {"train": 0, "val": 0}
         self.per_source: dict[str, dict] = {}
-        self.val_sources: dict[str, dict] = {}  # per source: its contiguous token range in val.bin, and bytes
+        self.ranges = {"train": {}, "val": {}}  # per split and source: its contiguous token range, and bytes
         self.eos_id, self.vocab_size = eos_id, vocab_size
 
     def add(self, split: str, source: str, ids: list[int], text_bytes: int):
         array = np.asarray(ids + [self.eos_id], dtype=self.dtype)
-        if split == "val":  # documents arrive source by source, so each source's range is contiguous
-            entry = self.val_sources.setdefault(source, {"start": self.tokens["val"], "end": 0, "bytes": 0})
-            entry["end"] = self.tokens["val"] + len(array)
-            entry["bytes"] += text_bytes
+        entry = self.ranges[split].setdefault(source, {"start": self.tokens[split], "end": 0, "bytes": 0})
+        entry["end"] = self.tokens[split] + len(array)
+        entry["bytes"] += text_bytes
         self.files[split].write(array.tobytes())
         self.tokens[split] += len(array)
         self.bytes[split] += text_bytes
@@ -59,12 +60,12 @@ class ShardWriter:
             (self.folder / f"{split}.bin.tmp").replace(self.folder / f"{split}.bin")
         meta = {"dtype": np.dtype(self.dtype).name, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
                 "tokens": self.tokens, "bytes": self.bytes, "sources": self.per_source,
-                "val_sources": self.val_sources, **extra}
+                "train_sources": self.ranges["train"], "val_sources": self.ranges["val"], **extra}
         (self.folder / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
 class TokenData:
-    def __init__(self, folder, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, folder, seq_len: int, batch_size: int, seed: int, mixture: dict | None = None):
         folder = Path(folder)
         if not (folder / "meta.json").is_file():
             raise PlinthError(f"no prepared data in {folder}; run `plinth data prepare RECIPE` first")
@@ -76,13 +77,40 @@ class TokenData:
                                   f"seq_len+1={seq_len + 1}; add data, lower seq_len, or raise val_fraction")
         self.train = np.memmap(folder / "train.bin", dtype=self.meta["dtype"], mode="r")
         self.val = np.memmap(folder / "val.bin", dtype=self.meta["dtype"], mode="r")
+        self.mixture = self._mixture(mixture or {})
+
+    def _mixture(self, weights: dict) -> tuple[list[dict], np.ndarray] | None:
+        """The weighted sources' train ranges and their probabilities, checked against the data."""
+        if not weights:
+            return None
+        ranges = self.meta.get("train_sources")
+        if ranges is None:
+            raise PlinthError("this data was prepared before mixtures existed; run `plinth data prepare` again")
+        unknown = sorted(set(weights) - set(ranges))
+        if unknown:
+            raise PlinthError(f"mixture names {', '.join(unknown)}, not in the prepared data; its sources are "
+                              f"{', '.join(ranges)}")
+        if any(not isinstance(w, (int, float)) or w < 0 for w in weights.values()) or not sum(weights.values()):
+            raise PlinthError(f"mixture weights must be non-negative numbers, not all zero: {weights}")
+        for name, w in weights.items():
+            if w and ranges[name]["end"] - ranges[name]["start"] <= self.seq_len + 1:
+                raise PlinthError(f"source {name} has too few training tokens for seq_len={self.seq_len}")
+        names = [n for n, w in weights.items() if w]
+        p = np.array([weights[n] for n in names], dtype=np.float64)
+        return [ranges[n] for n in names], p / p.sum()
+
+    def starts(self, step: int, micro: int) -> np.ndarray:
+        """Offsets in train.bin of one micro-batch's rows, seeded by (seed, step, micro)."""
+        rng = np.random.default_rng([self.seed, step, micro])
+        if self.mixture is None:  # every training token equally likely: sources weighted by size
+            return rng.integers(0, len(self.train) - self.seq_len - 1, size=self.batch_size)
+        ranges, p = self.mixture
+        picks = rng.choice(len(ranges), size=self.batch_size, p=p)
+        return np.array([rng.integers(ranges[i]["start"], ranges[i]["end"] - self.seq_len - 1) for i in picks])
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets (batch_size, seq_len) of one micro-batch, from random
-        offsets seeded by (seed, step, micro)."""
-        rng = np.random.default_rng([self.seed, step, micro])
-        starts = rng.integers(0, len(self.train) - self.seq_len - 1, size=self.batch_size)
-        rows = np.stack([self.train[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        """Inputs and next-token targets (batch_size, seq_len) of one micro-batch."""
+        rows = np.stack([self.train[s:s + self.seq_len + 1] for s in self.starts(step, micro)]).astype(np.int64)
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
 

@@ -29,6 +29,7 @@ from plinth.errors import PlinthError
 from plinth.serve.engine import Engine, EngineDown, QueueFull
 from plinth.serve.metrics import Metrics
 from plinth.serve.openai_api import APIError, router
+from plinth.serve.retrieval import load_indexes
 from plinth.serve.schemas import error_body
 
 STATIC = Path(__file__).parent / "static"
@@ -39,9 +40,10 @@ class ServerState:
     """What the handlers share: the engine, the names served, and the server's options."""
 
     def __init__(self, engine: Engine, tokenizer, name: str, strict_models: bool = False,
-                 api_key: str | None = None, embedder=None, seed: int | None = None,
+                 api_key: str | None = None, embedder=None, seed: int | None = None, indexes: dict | None = None,
                  adapters: dict[str, int] | None = None):
         self.engine, self.tokenizer, self.name, self.seed = engine, tokenizer, name, seed
+        self.indexes = indexes or {}  # name → retrieval Index that chat requests may name
         self.adapters = adapters or {}  # served LoRA adapter name → engine adapter id
         self.strict_models, self.api_key, self.embedder = strict_models, api_key, embedder
         self.started = int(time.time())
@@ -266,19 +268,20 @@ class GracefulServer(uvicorn.Server):
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           strict_models: bool = False, max_batch: int = 16, max_len: int = 2048, grace: float = 30.0,
           embedding_model: str = "auto", dtype: str | None = None, seed: int | None = None,
-          threads: int | None = None, adapters: dict[str, str] | None = None):
+          threads: int | None = None, indexes: list[str] = (), adapters: dict[str, str] | None = None):
     import plinth
     from plinth.adapt.served import serve_adapters
     from plinth.embed import Embedder
-    loaded = plinth.load(model, dtype=dtype)
-    adapter_ids = serve_adapters(loaded.model, adapters)[1] if adapters else {}
     if embedding_model == "auto":
         embedding_model = hub.DEFAULT_EMBEDDER if hub.known_path(hub.DEFAULT_EMBEDDER) else "none"
     embedder = Embedder.load(embedding_model) if embedding_model != "none" else None
+    served_indexes = load_indexes(list(indexes), embedder)  # before the model: a bad --index fails fast
+    loaded = plinth.load(model, dtype=dtype)
+    adapter_ids = serve_adapters(loaded.model, adapters)[1] if adapters else {}
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads)
     engine.start()
     state = ServerState(engine, loaded.tokenizer, model, strict_models, api_key or os.environ.get("PLINTH_API_KEY"),
-                        embedder, seed, adapter_ids)
+                        embedder, seed, served_indexes, adapter_ids)
     base = f"http://{host}:{port}"
     print(f"plinth: serving {model} — chat page {base}/  ·  OpenAI API {base}/v1", flush=True)
     server = GracefulServer(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"), state, grace)

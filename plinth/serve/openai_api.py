@@ -18,6 +18,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from plinth.errors import PlinthError
 from plinth.generate import Step
+from plinth.serve.retrieval import add_sources, with_sources_field
+from plinth.serve.echo import echo_response, nothing_generated
+from plinth.serve.chat_tools import CallDeltas, ChatPlan, plan, reply_message
 from plinth.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 
 router = APIRouter()
@@ -60,12 +63,20 @@ async def list_models(request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = state(request)
     model = s.resolve_model(body.model)
+    messages, sources = [m.as_template_input() for m in body.messages], None
+    if body.retrieval is not None:
+        try:
+            messages, sources = await add_sources(s, body.retrieval, messages,
+                                                  body.token_limit() or min(512, s.engine.max_len // 4))
+        except PlinthError as e:
+            raise APIError(400, str(e), param="retrieval") from e
     try:
-        text = s.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
+        chat_plan = plan(body, s.tokenizer, messages)
     except PlinthError as e:
-        raise APIError(400, str(e), param="messages") from e
-    prompt = s.tokenizer.encode(text, add_bos=False)
-    return await respond(s, request, body, model, [prompt], chat=True)
+        raise APIError(400, str(e), param=getattr(e, "param", "messages")) from e
+    prompt = s.tokenizer.encode(chat_plan.prompt, add_bos=False)
+    response = await respond(s, request, body, model, [prompt], chat_plan)
+    return response if sources is None else with_sources_field(response, sources)
 
 
 @router.post("/v1/completions")
@@ -74,23 +85,35 @@ async def completions(body: CompletionRequest, request: Request):
     model = s.resolve_model(body.model)
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model", param="suffix")
-    if body.echo:
-        raise APIError(400, "echo is not supported yet; request without it", param="echo")
+    if body.echo and body.stream:
+        raise APIError(400, "echo is not supported with stream; request without streaming", param="echo")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens: 0 generates nothing; it is only useful with echo", param="max_tokens")
     prompts = [s.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
     for ids in prompts:
         if any(not 0 <= t < s.tokenizer.vocab_size for t in ids):
             raise APIError(400, f"prompt token ids must be in [0, {s.tokenizer.vocab_size})", param="prompt")
-    return await respond(s, request, body, model, prompts, chat=False)
+    if body.echo and body.max_tokens == 0:  # score the prompt, generate nothing
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "the prompt is empty; give at least one token of text", param="prompt")
+            s.check_length(len(ids), None)
+        return await echo_response(s, body, prompts, nothing_generated(model, prompts, body.n, body.logprobs is not None))
+    response = await respond(s, request, body, model, prompts)
+    return await echo_response(s, body, prompts, response) if body.echo else response
 
 
-async def respond(s, request: Request, body, model: str, prompts: list[list[int]], chat: bool):
+async def respond(s, request: Request, body, model: str, prompts: list[list[int]], chat_plan: ChatPlan | None = None):
+    """Run a request and answer it; `chat_plan` for chat completions (None: text completions)."""
+    chat = chat_plan is not None
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     jobs = []  # (choice index, prompt, params)
     for p, prompt in enumerate(prompts):
         limit = s.check_length(len(prompt), body.token_limit())
         for i in range(body.n):
-            params = body.sampling(limit, body.logprob_count(), i, s.sampling_defaults, s.default_seed(prompt))
+            params = body.sampling(limit, body.logprob_count(), i, s.sampling_defaults, s.default_seed(prompt),
+                                   chat_plan.grammar if chat_plan else None)
             jobs.append((p * body.n + i, prompt, params))
     kind = "chat.completion" if chat else "text_completion"
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -99,7 +122,7 @@ async def respond(s, request: Request, body, model: str, prompts: list[list[int]
     prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return CancellingStream(stream(events, s, model, kind, response_id, created, chat, prompt_tokens,
+        return CancellingStream(stream(events, s, model, kind, response_id, created, chat_plan, prompt_tokens,
                                        include_usage, len(jobs)), cancel)
     choices = {index: Choice(index) for index, _, _ in jobs}
     try:
@@ -108,7 +131,7 @@ async def respond(s, request: Request, body, model: str, prompts: list[list[int]
     finally:
         cancel()
     return {"id": response_id, "object": kind, "created": created, "model": model, "system_fingerprint": None,
-            "choices": [choice_body(c, chat) for c in choices.values()], "usage": usage(prompt_tokens, choices.values())}
+            "choices": [choice_body(c, chat_plan) for c in choices.values()], "usage": usage(prompt_tokens, choices.values())}
 
 
 class CancellingStream(StreamingResponse):
@@ -149,12 +172,12 @@ def completion_logprobs(entries: list[dict], offsets: list[int]) -> dict:
             "text_offset": offsets}
 
 
-def choice_body(c: Choice, chat: bool) -> dict:
+def choice_body(c: Choice, chat_plan: ChatPlan | None) -> dict:
     text = "".join(c.text)
-    if chat:
+    if chat_plan:
         logprobs = {"content": c.logprobs} if c.logprobs else None
-        return {"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                "finish_reason": c.finish_reason}
+        message, finish_reason = reply_message(text, c.finish_reason, chat_plan)
+        return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     logprobs = completion_logprobs(c.logprobs, c.offsets) if c.logprobs else None
     return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
@@ -168,9 +191,11 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def stream(events, s, model, kind, response_id, created, chat, prompt_tokens, include_usage, n_choices):
+async def stream(events, s, model, kind, response_id, created, chat_plan, prompt_tokens, include_usage, n_choices):
+    chat = chat_plan is not None
     kind += ".chunk" if chat else ""
     choices: dict[int, Choice] = {}
+    deltas = {index: CallDeltas(chat_plan) for index in range(n_choices)} if chat else {}
     extra = {"usage": None} if include_usage else {}
 
     def chunk(choice_list):
@@ -189,12 +214,17 @@ async def stream(events, s, model, kind, response_id, created, chat, prompt_toke
                 continue  # nothing to show yet (half a character, or text that may be a stop string)
             entry = [c.logprobs[-1]] if step.choice.logprob is not None else None
             if chat:
-                delta = {"content": step.text} if step.text else {}
-                body = {"index": index, "delta": delta, "logprobs": {"content": entry} if entry else None}
+                pieces, finish_reason = deltas[index].add(step.text, step.finish_reason)
+                if not pieces and not finish_reason and not entry:
+                    continue  # text held back while it may be a tool call
+                for delta in pieces[:-1]:
+                    yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+                yield chunk([{"index": index, "delta": pieces[-1] if pieces else {},
+                              "logprobs": {"content": entry} if entry else None, "finish_reason": finish_reason}])
             else:
                 logprobs = completion_logprobs(entry, c.offsets[-1:]) if entry else None
-                body = {"index": index, "text": step.text, "logprobs": logprobs}
-            yield chunk([{**body, "finish_reason": step.finish_reason}])
+                yield chunk([{"index": index, "text": step.text, "logprobs": logprobs,
+                              "finish_reason": step.finish_reason}])
         if include_usage:
             extra = {"usage": usage(prompt_tokens, choices.values())}
             yield chunk([])

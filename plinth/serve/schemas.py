@@ -12,6 +12,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from plinth.generate import SamplingParams
+from plinth.serve.retrieval import RetrievalOptions
 
 
 class StreamOptions(BaseModel):
@@ -31,11 +32,14 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def as_template_input(self) -> dict:
-        """The message as a chat template expects it: text content, `developer` read as `system`."""
+        """The message as a chat template expects it: text content, `developer` read as `system`, and
+        the tool fields (`tool_calls`, `tool_call_id`) when present."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text or "" for part in content if part.type == "text")
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        extra = {k: v for k, v in (self.model_extra or {}).items() if k in ("tool_calls", "tool_call_id") and v}
+        name = {"name": self.name} if self.name else {}
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or "", **name, **extra}
 
 
 class SamplingFields(BaseModel):
@@ -76,7 +80,7 @@ class SamplingFields(BaseModel):
         return value
 
     def sampling(self, max_tokens: int, logprobs: int | None, choice: int = 0,
-                 defaults: dict | None = None, seed: int | None = None) -> SamplingParams:
+                 defaults: dict | None = None, seed: int | None = None, grammar: str | None = None) -> SamplingParams:
         """Parameters for choice number `choice` (with a seed, each of n choices gets its own).
         Fields the request leaves unset take the model's recommended `defaults`, then OpenAI's;
         `seed` stands in for a seed the request does not give."""
@@ -85,7 +89,7 @@ class SamplingFields(BaseModel):
                           repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                           frequency_penalty=self.frequency_penalty)
         return SamplingParams(max_tokens=max_tokens, stop=list(self.stop or []), logprobs=logprobs,
-                              seed=None if seed is None else seed + choice, ignore_eos=self.ignore_eos,
+                              seed=None if seed is None else seed + choice, ignore_eos=self.ignore_eos, grammar=grammar,
                               logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
                               **{**(defaults or {}), **{k: v for k, v in set_fields.items() if v is not None}})
 
@@ -96,6 +100,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    retrieval: RetrievalOptions | None = None  # plinth's extension: add passages from a served index
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
@@ -112,7 +121,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: only with echo, to score the prompt
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None

@@ -34,9 +34,19 @@ class Weights:
 MODEL_WEIGHTS = Weights()
 
 
-def write_model(model, folder: Path):
+class GatheredWeights(Weights):
+    """All weights, already gathered by the caller (from FSDP2 shards: see train/dist.py)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def write(self, model, folder: Path):
+        write_model(model, folder, self.state)
+
+
+def write_model(model, folder: Path, state: dict | None = None):
     """model.safetensors + config.json: a folder `plinth.load` reads."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.tie_embeddings:
         state.pop("output.weight", None)  # the same tensor as the token embedding
     save_file(state, str(folder / "model.safetensors"))

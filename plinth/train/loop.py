@@ -21,9 +21,11 @@ from plinth.config import preset
 from plinth.data.shards import TokenData
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
-from plinth.model import Transformer
+from plinth.model import Block, Transformer
 from plinth.tokenizer import Tokenizer
 from plinth.train import checkpoint
+from plinth.train.dist import Dist, setup
+from plinth.train.memory import check_fits
 
 IGNORE = -100  # target id that takes no part in the loss (padding, masked prompt tokens)
 
@@ -52,14 +54,17 @@ def build_optimizer(model, r) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=r.lr, betas=tuple(r.betas), foreach=True)
 
 
-def bf16_supported() -> bool:
-    """Native bfloat16 matmuls (AVX-512 BF16 / AMX here): where autocast pays (2× on this CPU)."""
+def bf16_supported(device: torch.device = torch.device("cpu")) -> bool:
+    """Native bfloat16 matmuls (AVX-512 BF16 / AMX on CPU, Ampere or newer on GPU): where autocast
+    pays (2× on this CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def autocast(r):
-    if r.autocast == "bfloat16" or (r.autocast == "auto" and bf16_supported()):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+def autocast(r, device: torch.device = torch.device("cpu")):
+    if r.autocast == "bfloat16" or (r.autocast == "auto" and bf16_supported(device)):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -93,13 +98,16 @@ def scored_outputs(model, x, y):
 
 @torch.no_grad()
 def evaluate(model, data: TokenData, r) -> dict:
-    """Validation loss, and bits per byte (comparable across tokenizers) overall and per source."""
+    """Validation loss, and bits per byte (comparable across tokenizers) overall and per source.
+    Every process evaluates the same batches (under FSDP2 each forward is a collective)."""
     model.eval()
+    device = next(model.parameters()).device
     result = {}
     for source in [None] + data.val_sources():
         total, count = 0.0, 0
         for x, y in data.val_batches(r.eval_batches, source):
-            with autocast(r):
+            x, y = x.to(device), y.to(device)
+            with autocast(r, device):
                 logits = model(x)
             total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
             count += y.numel()
@@ -120,48 +128,63 @@ def sample(model, tokenizer, prompt: str, tokens: int = 48) -> str:
     return text
 
 
-def pretrain(recipe, resume: bool = False, log=print) -> Path:
-    data = TokenData(recipe.data_dir, recipe.seq_len, recipe.batch_size, recipe.seed)
-    tokenizer = Tokenizer.from_folder(recipe.data_dir)
-    config = preset(recipe.preset, **{"vocab_size": tokenizer.vocab_size, "max_seq_len": recipe.seq_len,
-                                      **recipe.model})
-    torch.manual_seed(recipe.seed)
-    model = Transformer(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return train(model, tokenizer, data, recipe, resume, log)
+def pretrain(recipe, resume: bool = False, log=print, dist_mode: str = "none") -> Path:
+    d = setup(dist_mode, recipe.batch_size)
+    try:
+        data = TokenData(recipe.data_dir, recipe.seq_len, recipe.batch_size, recipe.seed, recipe.mixture)
+        tokenizer = Tokenizer.from_folder(recipe.data_dir)
+        config = preset(recipe.preset, **{"vocab_size": tokenizer.vocab_size, "max_seq_len": recipe.seq_len,
+                                          **recipe.model})
+        torch.manual_seed(recipe.seed)  # the same initial weights on every process
+        model = Transformer(config)
+        model.to_empty(device=d.device)
+        model.init_weights()
+        return train(model, tokenizer, data, recipe, resume, log if d.main else lambda *_: None, d=d)
+    finally:
+        d.close()
 
 
 @torch.enable_grad()  # whatever the caller's autograd mode
 def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
-          store: checkpoint.Weights = checkpoint.MODEL_WEIGHTS) -> Path:
+          store: checkpoint.Weights = checkpoint.MODEL_WEIGHTS, d: Dist = Dist()) -> Path:
     """Train `model` on `data.batch(step, micro)` → (inputs, targets); targets equal to IGNORE take
     no part in the loss. Fine-tuning passes its own `evaluate(model, data, r)` and a `store` that
-    saves only what it trains (e.g. a LoRA adapter)."""
-    out = Path(r.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path, step = out / "metrics.jsonl", 0
-    if resume:  # weights first: loading replaces the parameter tensors the optimizer must hold
-        step, trainer = restore(out, model, metrics_path, store)
-        optimizer = build_optimizer(model, r)
-        optimizer.load_state_dict(trainer["optimizer"])
-        torch.set_rng_state(trainer["rng"])
-        log(f"resumed from step {step}")
-    elif checkpoint.latest(out) is not None:
-        raise PlinthError(f"{out} already holds a run; continue it with --resume, or set another name/out_dir")
-    else:
-        metrics_path.write_text("")
-    if not resume:
-        optimizer = build_optimizer(model, r)
-    (out / "recipe.json").write_text(json.dumps(r.__dict__, indent=2))
-    model.train()
-    step_tokens = r.batch_size * r.seq_len * r.grad_accum
+    saves only what it trains (e.g. a LoRA adapter); pretraining under torchrun passes `d`."""
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    step_flops = flops_per_token(params, model.config.n_layers, model.config.dim, r.seq_len, trainable) * step_tokens
-    peak = measured_peak_flops()
+    config = model.config
+    check_fits(config, params, trainable, r, r.batch_size // d.world, d.device, d.world if d.mode == "fsdp2" else 1)
+    out = Path(r.out_dir)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics_path, step = out / "metrics.jsonl", 0
+    if resume:  # weights before wrapping: loading replaces the tensors the optimizer and FSDP2 hold
+        step, trainer = restore(out, model, metrics_path if d.main else None, store)
+        model.to(d.device)
+    elif checkpoint.latest(out) is not None:
+        raise PlinthError(f"{out} already holds a run; continue it with --resume, or set another name/out_dir")
+    elif d.main:
+        metrics_path.write_text("")
+    d.barrier()  # nobody trains until rank 0 has checked and prepared the run folder
+    for module in model.modules():  # the Transformer may sit inside a fine-tuning wrapper
+        if isinstance(module, Transformer):
+            module.activation_checkpointing = r.activation_checkpointing
+        if r.compile and isinstance(module, Block):  # per block: the way that composes with DDP and FSDP2
+            module.compile()
+    model = d.wrap(model)
+    optimizer = build_optimizer(model, r)
+    if resume:
+        d.load_optimizer(model, optimizer, trainer["optimizer"])
+        torch.set_rng_state(trainer["rng"])
+        log(f"resumed from step {step}")
+    if d.main:
+        (out / "recipe.json").write_text(json.dumps(r.__dict__, indent=2))
+    model.train()
+    step_tokens = r.batch_size * r.seq_len * r.grad_accum
+    step_flops = flops_per_token(params, config.n_layers, config.dim, r.seq_len, trainable) * step_tokens
+    peak = measured_peak_flops() * d.world
     started, first_step = time.perf_counter(), step
-    with open(metrics_path, "a") as metrics:
+    with open(metrics_path, "a") if d.main else contextlib.nullcontext() as metrics:
         while step < r.max_steps:
             last_step = step == r.max_steps - 1
             lr = r.lr * lr_multiplier(step, r)
@@ -169,19 +192,22 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
                 group["lr"] = lr
             tick = time.perf_counter()
             batches = [data.batch(step, micro) for micro in range(r.grad_accum)]
-            targets = sum(int((y != IGNORE).sum()) for _, y in batches)  # normalise over the whole step
+            targets = sum(int((y != IGNORE).sum()) for _, y in batches)  # normalise over the whole global step
             loss_sum = 0.0
-            for x, y in batches:
-                with autocast(r):
-                    logits, targets_kept = scored_outputs(model, x, y)
-                loss = F.cross_entropy(logits.float(), targets_kept, ignore_index=IGNORE, reduction="sum")
-                (loss / targets).backward()
+            for micro, (x, y) in enumerate(batches):
+                x, y = d.rows(x), d.rows(y)
+                with d.gradient_sync(model, micro == len(batches) - 1):
+                    with autocast(r, d.device):
+                        logits, kept = scored_outputs(model, x, y)
+                    loss = F.cross_entropy(logits.float(), kept, ignore_index=IGNORE, reduction="sum")
+                    (loss * d.loss_scale / targets).backward()
                 loss_sum += float(loss.detach())
-            train_loss = loss_sum / targets
+            train_loss = d.sum(loss_sum) / targets
             if not math.isfinite(train_loss):
                 raise PlinthError(f"the loss became {train_loss} at step {step + 1}; stopped before saving it. "
                                   f"Lower lr (now {r.lr}) or grad_clip, then --resume from the last good checkpoint")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -193,9 +219,10 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
             if step % r.eval_every == 0 or last_step:
                 record.update(evaluate(model, data, r))
                 if r.sample_prompt:
-                    record["sample"] = sample(model, tokenizer, r.sample_prompt)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+                    record["sample"] = sample(d.inner(model), tokenizer, r.sample_prompt)
+            if d.main:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             if step % r.log_every == 0 or last_step or "val_loss" in record:
                 eta = (time.perf_counter() - started) / (step - first_step) * (r.max_steps - step)
                 extra = "".join(f" {key} {record[key]:.3f}" for key in ("val_loss", "val_bpb", "val_acc") if key in record)
@@ -204,12 +231,15 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
                 if "sample" in record:
                     log(f"  sample: {record['sample']!r}")
             if step % r.save_every == 0 or last_step:
-                checkpoint.save(out, step, model, tokenizer,
-                                {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}, store)
+                weights, optimizer_state = d.full_state(model, optimizer)
+                if d.main:
+                    checkpoint.save(out, step, d.inner(model), tokenizer,
+                                    {"optimizer": optimizer_state, "step": step, "rng": torch.get_rng_state()},
+                                    store if weights is None else checkpoint.GatheredWeights(weights))
     return out / "latest"
 
 
-def restore(out: Path, model, metrics_path: Path, store: checkpoint.Weights) -> tuple[int, dict]:
+def restore(out: Path, model, metrics_path: Path | None, store: checkpoint.Weights) -> tuple[int, dict]:
     """Load the newest complete checkpoint's weights; drop metrics logged after it (they will be
     redone). Returns the step and the trainer state (optimizer, RNG)."""
     folder = checkpoint.latest(out)
@@ -218,7 +248,7 @@ def restore(out: Path, model, metrics_path: Path, store: checkpoint.Weights) -> 
     store.read(model, folder)
     trainer = checkpoint.trainer_state(folder)
     step = trainer["step"]
-    if metrics_path.is_file():
+    if metrics_path is not None and metrics_path.is_file():
         lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         metrics_path.write_text("".join(line + "\n" for line in lines))
     return step, trainer

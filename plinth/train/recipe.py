@@ -35,6 +35,8 @@ class LoopRecipe:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     autocast: str = "auto"               # "auto" (bfloat16 where the CPU/GPU has it), "bfloat16" or "none"
+    compile: bool = False                # torch.compile each block (pays on GPUs; measured slower on this CPU)
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
     seed: int = 0
     log_every: int = 10
     eval_every: int = 50
@@ -66,6 +68,7 @@ class PretrainRecipe(LoopRecipe):
     # model
     preset: str = "tiny"                 # a plinth.config preset, then `model` overrides
     model: dict = field(default_factory=dict)
+    mixture: dict = field(default_factory=dict)  # source: weight (sampled share of training rows); {} = by size
     sample_prompt: str = "def fibonacci("  # greedy sample logged at each evaluation
 
     def __post_init__(self):
@@ -78,6 +81,10 @@ class PretrainRecipe(LoopRecipe):
     @property
     def data_dir(self) -> Path:
         return Path(self.out_dir) / "data"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return Path(self.out_dir) / "tokenizer"
 
 
 def _coerce(name: str, value, kind):

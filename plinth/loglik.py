@@ -1,0 +1,149 @@
+"""Log-likelihood of continuations: the batched scorer behind `plinth eval` and the server's `echo`.
+
+A request is (context ids, continuation ids); the answer is the log-probability of each
+continuation token given everything before it. Where the time is saved:
+- many requests share one forward pass: sorted by length, right-padded into batches of about
+  `batch_tokens` tokens (right padding never changes a causal model's earlier positions);
+- requests with the same context (the choices of one question) compute it once, into the KV
+  cache, and then only their own continuation tokens;
+- the output layer, the largest matrix of a small model, runs only at the scored positions.
+
+    scored = score(model, [(tok.encode("The sky is"), tok.encode(" blue"))])
+    sum(scored[0].logprobs), scored[0].greedy
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from plinth.errors import PlinthError
+
+PROJECT_ROWS = 512  # positions projected to the vocabulary at once: bounds the (rows, V) logits in memory
+
+
+@dataclass
+class Scored:
+    logprobs: list[float]                          # log p(token | everything before it), per continuation token
+    greedy: bool                                   # every continuation token was the most likely next token
+    top: list[list[tuple[int, float]]] | None = None  # with top=k: the k most likely (token, logprob) per position
+
+
+def _window(context: list[int], continuation: list[int], max_len: int) -> tuple[list[int], int]:
+    """The model's input (at most max_len tokens, the context cut from the left if need be) and the
+    number of continuation tokens it predicts at its end."""
+    if not continuation:
+        raise PlinthError("a log-likelihood request has an empty continuation; give at least one token to score")
+    full = (list(context) + list(continuation))[-(max_len + 1):]
+    if len(full) <= len(continuation):
+        raise PlinthError(f"a continuation of {len(continuation)} tokens needs at least one context token before it "
+                          f"within the context window ({max_len} tokens); shorten it or add context")
+    return full[:-1], len(continuation)
+
+
+def _batches(units: list, size: Callable[[list], int], budget: int) -> list[list]:
+    """Consecutive units (sorted largest first by the caller) grouped so that `size(group)`, the
+    padded tokens a group costs, stays within `budget` (a single unit may exceed it alone)."""
+    groups, group = [], []
+    for unit in units:
+        if group and size(group + [unit]) > budget:
+            groups.append(group)
+            group = []
+        group.append(unit)
+    return groups + [group] if group else groups
+
+
+def _plain_hidden(model, windows, group: list[int]):
+    """One right-padded row per request: (N, C) hidden states at its scored positions."""
+    tokens = torch.zeros(len(group), len(windows[group[0]][0]), dtype=torch.long)
+    rows, cols = [], []
+    for row, i in enumerate(group):
+        ids, n = windows[i]
+        tokens[row, :len(ids)] = torch.tensor(ids)
+        rows += [row] * n
+        cols += range(len(ids) - n, len(ids))  # the position before each continuation token predicts it
+    return model.features(tokens)[torch.tensor(rows), torch.tensor(cols)]
+
+
+def _shared_hidden(model, windows, batch: list[tuple[list[int], list[int]]]):
+    """Requests that share a context (the choices of one question) run it once: the contexts are
+    prefilled into one KV-cache slot each, copied to a slot per request, and only each request's
+    own continuation tokens run after it. Returns (request order, (N, C) hidden states)."""
+    order = [i for _, members in batch for i in members]
+    suffix = {i: windows[i][0][len(context):] for context, members in batch for i in members}  # continuation[:-1]
+    width, tail = max(len(c) for c, _ in batch), max(len(t) for t in suffix.values())
+    tokens = torch.zeros(len(batch), width, dtype=torch.long)
+    first_slot, slot_of_context = [], []
+    for g, (context, members) in enumerate(batch):
+        tokens[g, :len(context)] = torch.tensor(context)
+        first_slot.append(len(slot_of_context))
+        slot_of_context += [first_slot[-1]] * len(members)
+    running = [s for s, i in enumerate(order) if suffix[i]]
+    if not running:  # one-token continuations: the context's last position predicts them all
+        context_h = model.features(tokens)  # (G, width, C)
+    else:
+        cache = model.new_cache(len(order), width + tail)
+        context_h = model.features(tokens, cache=cache, slots=torch.tensor(first_slot))
+        cache.k, cache.v = cache.k[:, slot_of_context], cache.v[:, slot_of_context]  # each request's own copy
+        tail_tokens = torch.zeros(len(running), tail, dtype=torch.long)
+        for row, s in enumerate(running):
+            tail_tokens[row, :len(suffix[order[s]])] = torch.tensor(suffix[order[s]])
+        starts = torch.tensor([len(windows[order[s]][0]) - len(suffix[order[s]]) for s in running])
+        tail_h = model.features(tail_tokens, cache=cache, start_pos=starts, slots=torch.tensor(running))
+    rows, row_of_slot, slot = [], {s: row for row, s in enumerate(running)}, 0
+    for g, (context, members) in enumerate(batch):
+        for i in members:
+            rows.append(context_h[g, len(context) - 1][None])  # predicts the first continuation token
+            if suffix[i]:
+                rows.append(tail_h[row_of_slot[slot], :len(suffix[i])])
+            slot += 1
+    return order, torch.cat(rows)
+
+
+@torch.inference_mode()
+def score(model, requests: list[tuple[list[int], list[int]]], top: int = 0, batch_tokens: int = 4096,
+          progress: Callable[[int], None] | None = None) -> list[Scored]:
+    """Score every (context, continuation) request; results come back in the requests' order.
+    `progress(n)` is called after each batch with the number of requests it finished."""
+    windows = [_window(c, t, model.config.max_seq_len) for c, t in requests]
+    by_context: dict[tuple, list[int]] = {}
+    for i, (ids, n) in enumerate(windows):
+        by_context.setdefault(tuple(ids[:len(ids) - n + 1]), []).append(i)
+    shared = sorted(((list(c), m) for c, m in by_context.items() if len(m) > 1), key=lambda g: -len(g[0]))
+    alone = sorted((m[0] for m in by_context.values() if len(m) == 1), key=lambda i: -len(windows[i][0]))
+
+    def shared_size(batch):  # padded context tokens, or the KV-cache positions when continuations run after them
+        tail = max(len(windows[i][0]) - len(c) for c, m in batch for i in m)
+        return len(batch[0][0]) * len(batch) if not tail else sum(len(m) for _, m in batch) * (len(batch[0][0]) + tail)
+
+    work = [(group, None) for group in _batches(alone, lambda g: len(g) * len(windows[g[0]][0]), batch_tokens)]
+    work += [(None, batch) for batch in _batches(shared, shared_size, batch_tokens)]
+    results: list[Scored | None] = [None] * len(requests)
+    for group, batch in work:
+        order, hidden = (group, _plain_hidden(model, windows, group)) if batch is None \
+            else _shared_hidden(model, windows, batch)
+        picked, best, tops = _token_logprobs(model, hidden, torch.tensor([t for i in order for t in requests[i][1]]), top)
+        start = 0
+        for i in order:
+            n = windows[i][1]
+            results[i] = Scored(picked[start:start + n].tolist(), bool(best[start:start + n].all()),
+                                tops[start:start + n] if top else None)
+            start += n
+        if progress:
+            progress(len(order))
+    return results
+
+
+def _token_logprobs(model, hidden, targets, top: int):
+    """Log-probability of each target (N,), whether it was the argmax (N,), and the top-k lists."""
+    picked, best, tops = [], [], []
+    for begin in range(0, len(targets), PROJECT_ROWS):
+        logprobs = torch.log_softmax(model.project(hidden[begin:begin + PROJECT_ROWS]).float(), dim=-1)  # (n, V)
+        chunk = targets[begin:begin + PROJECT_ROWS]
+        picked.append(logprobs.gather(1, chunk[:, None])[:, 0])
+        best.append(logprobs.argmax(-1) == chunk)
+        if top:
+            values, ids = logprobs.topk(top, dim=-1)
+            tops += [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
+    return torch.cat(picked), torch.cat(best), tops
