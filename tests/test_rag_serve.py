@@ -36,7 +36,7 @@ def served(tokenizer, embedder, index_folder):
     state = ServerState(engine, tokenizer, "tiny", embedder=embedder, indexes=load_indexes([f"docs={index_folder}"], embedder))
     prompts = []
     submit = engine.submit
-    engine.submit = lambda prompt, params, emit: prompts.append(tokenizer.decode(prompt)) or submit(prompt, params, emit)
+    engine.submit = lambda prompt, params, emit, *rest: prompts.append(tokenizer.decode(prompt)) or submit(prompt, params, emit, *rest)
     client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", max_retries=0,
                                 http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(state))))
     yield client, prompts
