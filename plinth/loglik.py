@@ -102,7 +102,7 @@ def _shared_hidden(model, windows, batch: list[tuple[list[int], list[int]]]):
     rows = []
     for slot, i in enumerate(order):
         context_len = len(windows[i][0]) - len(suffix[i])
-        rows.append(context_h[slot_of_context[slot], context_len - 1][None])  # predicts the first continuation token
+        rows.append(context_h[slot_of_context[slot], context_len - 1][None])  # predicts the first token
         if suffix[i]:
             rows.append(tail_h[slot])
     return order, torch.cat(rows)
