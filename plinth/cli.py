@@ -24,11 +24,11 @@ from plinth.generate import SamplingParams
 CLI_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
 
 
-def add_model_args(p: argparse.ArgumentParser):
+def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "int4 for 4-bit files, else int8"):
     p.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL,
                    help=f"known name, or path to a .gguf file (default: {hub.DEFAULT_MODEL})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "int4"],
-                   help="weights in memory (default: int4 for 4-bit files, else int8)")
+                   help=f"weights in memory (default: {dtype_default})")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and downstream tasks", description="Evaluate a model; writes "
                        "runs/eval-*/results.json. Example: plinth eval smollm2-135m-instruct --tasks "
                        "perplexity,sentiment,topic,humaneval --limit 200")
-    add_model_args(p)
+    add_model_args(p, dtype_default="float32, the exact weights; bfloat16 is faster where the CPU has bf16")
     p.add_argument("--tasks", required=True, help="comma-separated: perplexity, sentiment, topic, humaneval, "
                    "or paths of .jsonl multiple-choice files")
     p.add_argument("--limit", type=int, help="items per task (documents for perplexity); default all")

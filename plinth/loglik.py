@@ -13,6 +13,7 @@ continuation token given everything before it. Where the time is saved:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +21,7 @@ import torch
 
 from plinth.errors import PlinthError
 
+TAIL_TOKENS = 1024  # padded continuation tokens per forward pass when continuations follow a shared context
 PROJECT_ROWS = 512  # positions projected to the vocabulary at once: bounds the (rows, V) logits in memory
 
 
@@ -42,12 +44,14 @@ def _window(context: list[int], continuation: list[int], max_len: int) -> tuple[
     return full[:-1], len(continuation)
 
 
-def _batches(units: list, size: Callable[[list], int], budget: int) -> list[list]:
+def _batches(units: list, size: Callable[[list], int], budget: int,
+             length: Callable[[object], int] | None = None) -> list[list]:
     """Consecutive units (sorted largest first by the caller) grouped so that `size(group)`, the
-    padded tokens a group costs, stays within `budget` (a single unit may exceed it alone)."""
+    padded tokens a group costs, stays within `budget` (a single unit may exceed it alone); with
+    `length`, a unit less than half as long as its group's first starts a new group (less padding)."""
     groups, group = [], []
     for unit in units:
-        if group and size(group + [unit]) > budget:
+        if group and (size(group + [unit]) > budget or length and 2 * length(unit) < length(group[0])):
             groups.append(group)
             group = []
         group.append(unit)
@@ -74,30 +78,33 @@ def _shared_hidden(model, windows, batch: list[tuple[list[int], list[int]]]):
     suffix = {i: windows[i][0][len(context):] for context, members in batch for i in members}  # continuation[:-1]
     width, tail = max(len(c) for c, _ in batch), max(len(t) for t in suffix.values())
     tokens = torch.zeros(len(batch), width, dtype=torch.long)
-    first_slot, slot_of_context = [], []
+    slot_of_context = []  # the slot of each request's context after prefill: its group's row
     for g, (context, members) in enumerate(batch):
         tokens[g, :len(context)] = torch.tensor(context)
-        first_slot.append(len(slot_of_context))
-        slot_of_context += [first_slot[-1]] * len(members)
-    running = [s for s, i in enumerate(order) if suffix[i]]
-    if not running:  # one-token continuations: the context's last position predicts them all
+        slot_of_context += [g] * len(members)
+    tail_h = {}  # slot → hidden states of that request's continuation tokens (but the last)
+    if not tail:  # one-token continuations: the context's last position predicts them all
         context_h = model.features(tokens)  # (G, width, C)
     else:
         cache = model.new_cache(len(order), width + tail)
-        context_h = model.features(tokens, cache=cache, slots=torch.tensor(first_slot))
-        cache.k, cache.v = cache.k[:, slot_of_context], cache.v[:, slot_of_context]  # each request's own copy
-        tail_tokens = torch.zeros(len(running), tail, dtype=torch.long)
-        for row, s in enumerate(running):
-            tail_tokens[row, :len(suffix[order[s]])] = torch.tensor(suffix[order[s]])
-        starts = torch.tensor([len(windows[order[s]][0]) - len(suffix[order[s]]) for s in running])
-        tail_h = model.features(tail_tokens, cache=cache, start_pos=starts, slots=torch.tensor(running))
-    rows, row_of_slot, slot = [], {s: row for row, s in enumerate(running)}, 0
-    for g, (context, members) in enumerate(batch):
-        for i in members:
-            rows.append(context_h[g, len(context) - 1][None])  # predicts the first continuation token
-            if suffix[i]:
-                rows.append(tail_h[row_of_slot[slot], :len(suffix[i])])
-            slot += 1
+        context_h = model.features(tokens, cache=cache)  # contexts into slots 0..G-1 (plain slicing)
+        cache.k, cache.v = cache.k[:, slot_of_context], cache.v[:, slot_of_context]  # slot s: request order[s]
+        # Continuations run longest first in chunks of similar length, so little of the work is padding.
+        running = sorted((s for s, i in enumerate(order) if suffix[i]), key=lambda s: -len(suffix[order[s]]))
+        for chunk in _batches(running, lambda c: len(c) * len(suffix[order[c[0]]]), TAIL_TOKENS,
+                              length=lambda s: len(suffix[order[s]])):
+            tail_tokens = torch.zeros(len(chunk), len(suffix[order[chunk[0]]]), dtype=torch.long)
+            for row, s in enumerate(chunk):
+                tail_tokens[row, :len(suffix[order[s]])] = torch.tensor(suffix[order[s]])
+            starts = torch.tensor([len(windows[order[s]][0]) - len(suffix[order[s]]) for s in chunk])
+            h = model.features(tail_tokens, cache=cache, start_pos=starts, slots=torch.tensor(chunk))
+            tail_h.update((s, h[row, :len(suffix[order[s]])]) for row, s in enumerate(chunk))
+    rows = []
+    for slot, i in enumerate(order):
+        context_len = len(windows[i][0]) - len(suffix[i])
+        rows.append(context_h[slot_of_context[slot], context_len - 1][None])  # predicts the first token
+        if suffix[i]:
+            rows.append(tail_h[slot])
     return order, torch.cat(rows)
 
 
@@ -115,10 +122,13 @@ def score(model, requests: list[tuple[list[int], list[int]]], top: int = 0, batc
 
     def shared_size(batch):  # padded context tokens, or the KV-cache positions when continuations run after them
         tail = max(len(windows[i][0]) - len(c) for c, m in batch for i in m)
+        if len(batch[0][0]) + tail > model.config.max_seq_len:  # padded positions would pass the context window
+            return math.inf
         return len(batch[0][0]) * len(batch) if not tail else sum(len(m) for _, m in batch) * (len(batch[0][0]) + tail)
 
-    work = [(group, None) for group in _batches(alone, lambda g: len(g) * len(windows[g[0]][0]), batch_tokens)]
-    work += [(None, batch) for batch in _batches(shared, shared_size, batch_tokens)]
+    work = [(group, None) for group in _batches(alone, lambda g: len(g) * len(windows[g[0]][0]), batch_tokens,
+                                                length=lambda i: len(windows[i][0]))]
+    work += [(None, batch) for batch in _batches(shared, shared_size, batch_tokens, length=lambda g: len(g[0]))]
     results: list[Scored | None] = [None] * len(requests)
     for group, batch in work:
         order, hidden = (group, _plain_hidden(model, windows, group)) if batch is None \
