@@ -161,7 +161,7 @@ def cmd_eval(args):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    print(f"results: {run_eval(args.model, args.tasks.split(','), options, dtype=args.dtype, out=args.out)}")
+    print(f"results: {run_eval(args.model, args.tasks.split(','), options, dtype=args.dtype, out=args.out, adapter=args.adapter)}")
 
 
 def cmd_report(args):
@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, dtype_default="float32, the exact weights; bfloat16 is faster where the CPU has bf16")
     p.add_argument("--tasks", required=True, help="comma-separated: perplexity, sentiment, topic, humaneval, "
                    "or paths of .jsonl multiple-choice files")
+    p.add_argument("--adapter", help="a LoRA adapter folder (a fine-tuning run's final/), merged in at load")
     p.add_argument("--limit", type=int, help="items per task (documents for perplexity); default all")
     p.add_argument("--out", default="runs", help="folder for the eval-* results folder (default: runs)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per scoring forward pass")

@@ -206,6 +206,18 @@ def test_cli_generates_with_an_adapter_and_reports_bad_recipes(tmp_path, base, r
     assert with_adapter == plinth.load(str(final), dtype="float32").generate(prompt, max_tokens=10, temperature=0) + "\n"
     assert main(["generate", str(base), prompt, *args]) == 0
     assert capsys.readouterr().out != with_adapter  # the adapter changes the completion
+    # plinth eval --adapter scores the adapted model (plinth.load merges it, as checked above) and says so
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"context": prompt, "choices": [" negative", " positive"], "gold": g}) + "\n"
+                             for g in (0, 1)))
+    runs = []
+    for model_args in ([str(base), "--adapter", str(final)], [str(final)]):
+        assert main(["eval", *model_args, "--tasks", str(items), "--out", str(tmp_path / "evals")]) == 0
+        runs.append(json.loads(Path(capsys.readouterr().out.split("results: ")[1].strip()).read_text()))
+    assert runs[0]["adapter"] == str(final) and runs[1]["adapter"] is None
+    assert [{k: v for k, v in run["tasks"][str(items)].items() if k not in ("seconds", "items_per_second")}
+            for run in runs] == [{k: v for k, v in runs[1]["tasks"][str(items)].items()
+                                  if k not in ("seconds", "items_per_second")}] * 2
     assert main(["finetune", "recipes/lora-sentiment.yaml", "--lora_rnak=3"]) == 2
     assert "unknown recipe key(s) lora_rnak" in capsys.readouterr().err
 

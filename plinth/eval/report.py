@@ -31,7 +31,8 @@ def read_runs(paths: list[str]) -> list[dict]:
         runs.append(run)
     if not runs:
         raise PlinthError("no eval runs given; pass the folders `plinth eval` wrote, e.g. runs/eval-*/")
-    labels = [f"{Path(run['model']).name} [{run.get('dtype', '?')}" +
+    labels = [f"{Path(run['model']).name}" + (f" + {Path(run['adapter']).parent.name}" if run.get("adapter") else "") +
+              f" [{run.get('dtype', '?')}" +
               (f", limit {run['options']['limit']}]" if run.get("options", {}).get("limit") else "]") for run in runs]
     for i, (run, label) in enumerate(zip(runs, labels)):
         run["label"] = label if labels.count(label) == 1 else f"{label} #{labels[:i + 1].count(label)}"

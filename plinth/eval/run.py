@@ -55,8 +55,9 @@ def new_folder(out: Path, model_path: Path) -> Path:
 
 
 def run_eval(model: str, tasks: list[str], options: EvalOptions, dtype: str | None = None,
-             out: str | Path = "runs", progress=print) -> Path:
-    """Evaluate `model` on `tasks`; returns the results.json path."""
+             out: str | Path = "runs", progress=print, adapter: str | None = None) -> Path:
+    """Evaluate `model` (with a LoRA `adapter` merged in, if given) on `tasks`; returns the
+    results.json path."""
     import plinth  # deferred: torch takes a second to import
 
     check_tasks(tasks)
@@ -64,10 +65,11 @@ def run_eval(model: str, tasks: list[str], options: EvalOptions, dtype: str | No
         for source in options.sources:
             next(read_source(source, limit=1), None)
     dtype = dtype or DEFAULT_DTYPE
-    loaded = plinth.load(model, dtype=dtype)
+    loaded = plinth.load(model, dtype=dtype, adapter=adapter)
     path = hub.resolve(model)
-    folder = new_folder(Path(out), path)
-    results = {"model": model, "model_path": str(path), "dtype": dtype, "training_run": training_run(path),
+    folder = new_folder(Path(out), Path(adapter) if adapter else path)
+    results = {"model": model, "model_path": str(path), "adapter": adapter, "dtype": dtype,
+               "training_run": training_run(Path(adapter) if adapter else path),
                "options": dataclasses.asdict(options), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tasks": {}}
     for name in tasks:
         progress(f"{name}: running")
