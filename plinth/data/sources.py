@@ -153,7 +153,7 @@ def from_parquet(f: Path, source: str) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise PlinthError(f"{f}: reading Parquet needs pyarrow; pip install pyarrow") from e
+        raise PlinthError(f"{f}: reading Parquet needs pyarrow; pip install 'plinth[parquet]' (or pyarrow)") from e
     table = pq.ParquetFile(f)
     if "text" not in table.schema_arrow.names:
         raise PlinthError(f"{f}: needs a 'text' column; it has {', '.join(table.schema_arrow.names)}")
