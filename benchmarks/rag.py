@@ -51,7 +51,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from plinth.adapt.documents import load_file  # noqa: E402
+from plinth.data.documents import load_file  # noqa: E402
 from plinth.adapt.index import Index  # noqa: E402
 from plinth.adapt.rag import with_sources  # noqa: E402
 

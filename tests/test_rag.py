@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from plinth.adapt.chunking import chunk_documents, plain_tokenizer
-from plinth.adapt.documents import Document, load_folder
+from plinth.data.documents import Document, load_folder
 from plinth.adapt.index import Index
 from plinth.adapt.rag import with_sources
 from plinth.errors import PlinthError

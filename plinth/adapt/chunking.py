@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from plinth.adapt.documents import Document
+from plinth.data.documents import Document
 from plinth.errors import PlinthError
 
 

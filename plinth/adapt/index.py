@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from plinth.adapt.chunking import Chunk, chunk_documents
-from plinth.adapt.documents import load_folder
+from plinth.data.documents import load_folder
 from plinth.errors import PlinthError
 
 FORMAT = 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from plinth.data.documents import read_html  # the reader retrieval indexes pages with
 from plinth.errors import PlinthError
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
@@ -45,11 +46,6 @@ def python_docs() -> Iterator[Document]:
     from pydoc_data.topics import topics
     for name in sorted(topics):
         yield Document("python-docs", name, topics[name])
-
-
-def html_text(path: Path) -> str:
-    from plinth.adapt.documents import read_html  # the same reader that retrieval indexes pages with
-    return read_html(path, path.name).text
 
 
 def debian_file(path: str, package: str) -> Path:
@@ -106,7 +102,7 @@ def python_html_docs() -> Iterator[Document]:
     for path in sorted(root.rglob("*.html")):
         rel = path.relative_to(root).as_posix()
         if not rel.startswith(("_", "genindex", "py-modindex", "search")):  # assets and generated indexes
-            yield Document("python-html-docs", rel, html_text(path))
+            yield Document("python-html-docs", rel, read_html(path, rel).text)
 
 
 def wordnet() -> Iterator[Document]:
@@ -143,7 +139,7 @@ def from_path(path: Path) -> Iterator[Document]:
         elif f.suffix == ".parquet":
             yield from from_parquet(f, str(path))
         elif f.suffix in (".html", ".htm"):
-            yield Document(str(path), f.name, html_text(f))
+            yield Document(str(path), f.name, read_html(f, f.name).text)
         elif f.suffix in TEXT_SUFFIXES:
             yield Document(str(path), f.name, f.read_text(encoding="utf-8", errors="replace"))
 

@@ -1,5 +1,5 @@
-"""Documents for retrieval: read a folder of files into plain text, remembering where each section
-starts, so that a retrieved passage can be cited by file, section and line.
+"""Documents for retrieval (and HTML pages for pretraining): read a folder of files into plain text,
+remembering where each section starts, so that a retrieved passage can be cited by file, section and line.
 
     docs = load_folder("docs/")        # every readable file under docs/, sorted by path
     docs[0].source, docs[0].kind, docs[0].title, docs[0].text
