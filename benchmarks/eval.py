@@ -26,6 +26,7 @@ from plinth import hub
 from plinth.eval import datasets
 from plinth.eval.run import write_atomic
 from plinth.eval.tasks import EvalOptions, multiple_choice
+from plinth.loglik import BATCH_TOKENS
 
 TASK_YAML = """task: bench_mc
 dataset_path: json
@@ -82,7 +83,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["sentiment", "topic"], default="sentiment")
     parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="plinth: padded tokens per forward pass")
+    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS, help="plinth: padded tokens per forward pass")
     parser.add_argument("--hf-batch-size", type=int, default=16, help="lm-eval hf: requests per forward pass")
     parser.add_argument("--threads", type=int, help="torch threads for both (default: torch's, all cores); on a "
                         "machine shared with other work, 1 avoids OpenMP threads waiting for each other")

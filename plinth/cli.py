@@ -19,6 +19,7 @@ from plinth import hub
 from plinth.adapt import rag_cli
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams
+from plinth.loglik import BATCH_TOKENS
 
 # Sampling defaults for the terminal, as llama.cpp's CLI has them (the API keeps OpenAI's).
 CLI_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a LoRA adapter folder (a fine-tuning run's final/), merged in at load")
     p.add_argument("--limit", type=int, help="items per task (documents for perplexity); default all")
     p.add_argument("--out", default="runs", help="folder for the eval-* results folder (default: runs)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per scoring forward pass")
+    p.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS, help="padded tokens per scoring forward pass")
     p.add_argument("--sources", default="python-docs", help="perplexity: comma-separated source names or paths")
     p.add_argument("--window", type=int, help="perplexity: tokens per window (default min(1024, context))")
     p.add_argument("--stride", type=int, help="perplexity: tokens between windows (default window/2)")

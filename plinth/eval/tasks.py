@@ -23,13 +23,13 @@ from plinth.errors import PlinthError
 from plinth.eval import datasets, humaneval
 from plinth.eval.perplexity import perplexity
 from plinth.eval.stats import mean_stderr
-from plinth.loglik import score
+from plinth.loglik import BATCH_TOKENS, score
 
 
 @dataclass
 class EvalOptions:
     limit: int | None = None            # items (documents for perplexity, problems for humaneval); None = all
-    batch_tokens: int = 4096            # padded tokens per forward pass of the scorer
+    batch_tokens: int = BATCH_TOKENS    # padded tokens per forward pass of the scorer
     sources: tuple[str, ...] = ("python-docs",)  # perplexity: source names or paths
     window: int | None = None           # perplexity: tokens per window (default min(1024, context))
     stride: int | None = None           # perplexity: tokens between window starts (default window / 2)
