@@ -78,20 +78,27 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def update(self, layer: int, k, v, where: "Positions"):
-        """Store k, v (B, K, T, D) and return all keys and values of those rows: (B, K, L, D)."""
+    def write(self, layer: int, k, v, where: "Positions"):
+        """Store the new tokens' keys and values k, v (B, K, T, D) at their rows and positions."""
         keys, values = self.k[layer], self.v[layer]
-        B, end = k.shape[0], where.key_len
         if where.slots is None and isinstance(where.start, int):  # rows 0..B-1 at one offset: slicing
-            keys[:B, :, where.start:end] = k
-            values[:B, :, where.start:end] = v
+            keys[:k.shape[0], :, where.start:where.key_len] = k
+            values[:k.shape[0], :, where.start:where.key_len] = v
         else:  # each row at its own position (and maybe its own slot)
-            slots = where.slot_index(B)
+            slots = where.slot_index(k.shape[0])
             keys[slots[:, None], :, where.q_pos] = k.transpose(1, 2)  # indexed view is (B, T, K, D)
             values[slots[:, None], :, where.q_pos] = v.transpose(1, 2)
+
+    def read(self, layer: int, B: int, where: "Positions"):
+        """All keys and values of the pass's B rows, positions 0..key_len-1: (B, K, L, D)."""
+        end = where.key_len
         if where.slots is None:  # rows 0..B-1: views, no copies
-            return keys[:B, :, :end], values[:B, :, :end]
-        return keys[where.slots, :, :end], values[where.slots, :, :end]
+            return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
+        return self.k[layer, where.slots, :, :end], self.v[layer, where.slots, :, :end]
+
+    def row(self, layer: int, slot: int, begin: int, end: int):
+        """One row's keys and values at positions begin..end-1, as views: (1, K, end-begin, D)."""
+        return self.k[layer, slot:slot + 1, :, begin:end], self.v[layer, slot:slot + 1, :, begin:end]
 
 
 class Positions:
@@ -102,8 +109,9 @@ class Positions:
         start_t = torch.as_tensor(start, device=device).reshape(-1).expand(B)
         self.q_pos = start_t[:, None] + torch.arange(T, device=device)  # (B, T)
         self.key_len = int(start_t.max()) + T if isinstance(start, torch.Tensor) else start + T
-        # Key count of each row when it feeds one token (decoding), computed once for all layers.
+        # Key count and cache row of each row when it feeds one token (decoding), once for all layers.
         self.ends = (start_t + 1).tolist() if T == 1 else None
+        self.rows = self.slot_index(B).tolist() if T == 1 else None
 
     def slot_index(self, B: int):
         return torch.arange(B, device=self.q_pos.device) if self.slots is None else self.slots
@@ -158,25 +166,37 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *rope)
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v, where)  # (B, K, L, D)
+            cache.write(self.layer, k, v, where)
         if T == 1 and self.causal:
-            out = self._decode(q, k, v, where)
-        elif where.plain_causal(self.causal, self.window):
-            out = F.scaled_dot_product_attention(
-                q, k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1),
-                is_causal=True, scale=self.scale)
+            out = self._decode(q, k, v, where, cache)
         else:
-            out = self._grouped(q, k, v, where.mask(self.causal, self.window))
+            if cache is not None:
+                k, v = cache.read(self.layer, B, where)  # (B, K, L, D)
+            out = self._prefill(q, k, v, where)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
 
-    def _decode(self, q, k, v, where: Positions):
+    def _prefill(self, q, k, v, where: Positions):
+        H, K = self.n_heads, self.n_kv_heads
+        if where.plain_causal(self.causal, self.window):
+            return F.scaled_dot_product_attention(
+                q, k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1),
+                is_causal=True, scale=self.scale)
+        return self._grouped(q, k, v, where.mask(self.causal, self.window))
+
+    def _decode(self, q, k, v, where: Positions, cache: KVCache | None):
         """One new token per row: each row attends to exactly its own keys, unmasked, in a call of
         its own. Attention kernels sum in an order that depends on the key length, so padding rows
-        to a common length would make a sequence's output depend on what else is in the batch."""
+        to a common length would make a sequence's output depend on what else is in the batch.
+        Keys are read in place from the cache (gathering every row's keys into one tensor first
+        cost a quarter of a batched decoding step)."""
         rows = []
         for b, end in enumerate(where.ends):
             begin = max(0, end - self.window) if self.window is not None else 0
-            rows.append(self._grouped(q[b:b + 1], k[b:b + 1, :, begin:end], v[b:b + 1, :, begin:end], None))
+            if cache is None:  # a pass without a cache holds this token's own key only
+                keys, values = k[b:b + 1], v[b:b + 1]
+            else:
+                keys, values = cache.row(self.layer, where.rows[b], begin, end)
+            rows.append(self._grouped(q[b:b + 1], keys, values, None))
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def _grouped(self, q, k, v, mask):
