@@ -3,8 +3,8 @@ reads, and JSONL reading that names the bad line and field.
 
 An `Example` is model input ids and targets. Language-model examples have one target per input
 (the next token, or IGNORE where no loss is taken: prompts, user turns); classification examples
-have a single target, the label index. Batches pad inputs with PAD (-1, never a real token id) and
-targets with IGNORE, so the model wrapper knows each row's length.
+have a single target, the label index; regression examples a single float. Batches pad inputs with
+PAD (-1, never a real token id) and targets with IGNORE, so the model wrapper knows each row's length.
 
     data = ExampleData(train, val, batch_size=8, seed=0)
     x, y = data.batch(step=3, micro=0)       # the same tensors on every run and after a resume
@@ -27,15 +27,17 @@ PAD = -1
 @dataclass
 class Example:
     tokens: list[int]
-    targets: list[int]
+    targets: list[int] | list[float]  # token or class ids; or one number (regression)
 
 
 def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest example: inputs with PAD, targets with IGNORE."""
+    """Right-pad to the longest example: inputs with PAD, targets with IGNORE. Float targets (one
+    number per example) stay float: the training loop takes squared error for them."""
     width = max(len(e.tokens) for e in examples)
     target_width = max(len(e.targets) for e in examples)
     x = torch.full((len(examples), width), PAD, dtype=torch.long)
-    y = torch.full((len(examples), target_width), IGNORE, dtype=torch.long)
+    dtype = torch.float32 if isinstance(examples[0].targets[0], float) else torch.long
+    y = torch.full((len(examples), target_width), IGNORE, dtype=dtype)
     for row, e in enumerate(examples):
         x[row, :len(e.tokens)] = torch.tensor(e.tokens)
         y[row, :len(e.targets)] = torch.tensor(e.targets)
@@ -86,9 +88,10 @@ def pack(examples: list[Example], length: int) -> list[Example]:
     return rows
 
 
-def read_jsonl(path, fields: dict[str, type]) -> list[tuple[int, dict]]:
+def read_jsonl(path, fields: dict[str, type | tuple[type, ...]]) -> list[tuple[int, dict]]:
     """(line number, record) of a JSONL file, each record checked to have `fields` of the given
-    types; a bad record is an error naming its line and field."""
+    types (a type, or a tuple of types any of which will do); a bad record is an error naming its
+    line and field."""
     path = Path(path)
     if not path.is_file():
         raise PlinthError(f"no such data file: {path}")
@@ -106,7 +109,8 @@ def read_jsonl(path, fields: dict[str, type]) -> list[tuple[int, dict]]:
             if name not in record:
                 raise PlinthError(f"{path}, line {number}: missing field {name!r}")
             if not isinstance(record[name], kind):
-                raise PlinthError(f"{path}, line {number}: field {name!r} must be {kind.__name__}, "
+                expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise PlinthError(f"{path}, line {number}: field {name!r} must be {expected}, "
                                   f"got {type(record[name]).__name__}")
         records.append((number, record))
     if not records:
