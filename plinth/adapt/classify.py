@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from plinth.adapt.examples import model_inputs
 from plinth.errors import PlinthError
 from plinth.train.loop import IGNORE
 
@@ -77,9 +78,9 @@ class Head(nn.Module):
 class Finetuned(nn.Module):
     """What the training loop trains: a backbone, with a head for classification or regression.
 
-    Inputs are batches padded with negative ids (see plinth/adapt/examples.py). Without a head it
-    returns the language model's logits (B, T, V); with one, the head's outputs: (B, labels) class
-    scores or (B,) numbers, one per row."""
+    Inputs are batches padded with negative ids, (B, T), or packed rows, (B, 2, T) (see
+    plinth/adapt/examples.py). Without a head it returns the language model's logits (B, T, V);
+    with one, the head's outputs: (B, labels) class scores or (B,) numbers, one per row."""
 
     def __init__(self, backbone: nn.Module, head: Head | None = None):
         super().__init__()
@@ -87,19 +88,21 @@ class Finetuned(nn.Module):
         self.config = backbone.config
 
     def forward(self, x):
-        mask = x >= 0
-        tokens = x.clamp(min=0)  # padding becomes token 0 at the end of each row: causal, so unseen
+        tokens, documents = model_inputs(x)
+        mask = tokens >= 0
+        tokens = tokens.clamp(min=0)  # padding becomes token 0 at the end of each row: causal, so unseen
         if self.head is None:
-            return self.backbone(tokens)
-        return self.head(self.backbone.features(tokens), mask)
+            return self.backbone(tokens, documents=documents)
+        return self.head(self.backbone.features(tokens, documents=documents), mask)
 
     def logits_at_targets(self, x, y):
         """Training: scores only where a target counts, (N, V) and (N,) (see train/loop.py). With a
         head, one target per row: (B, labels) and (B,) class ids, or (B,) and (B,) numbers."""
         if self.head is not None:
             return self(x), y[:, 0]
+        tokens, documents = model_inputs(x)
         keep = y != IGNORE
-        hidden = self.backbone.features(x.clamp(min=0))[keep]  # (N, C)
+        hidden = self.backbone.features(tokens.clamp(min=0), documents=documents)[keep]  # (N, C)
         logits = self.backbone.output(hidden)
         cap = self.config.final_softcap
         return (torch.tanh(logits / cap) * cap if cap is not None else logits), y[keep]

@@ -57,7 +57,7 @@ class FinetuneRecipe(LoopRecipe):
     max_examples: int = 0                # training examples used (0 = all)
     val_examples: int = 200              # examples held out of the training data for evaluation
     pooling: str = "last"                # classify, regress: "last" token or "mean" of the hidden states
-    pack: bool = False                   # chat: concatenate short conversations up to seq_len
+    pack: bool = False                   # chat, label: concatenate short examples up to seq_len (attention stays within each)
     # Activations, not weights, are most of the memory of fine-tuning a small model (30 layers × every
     # token's attention and MLP tensors): without recomputing them LoRA would save little over full.
     activation_checkpointing: bool = True
@@ -85,6 +85,9 @@ class FinetuneRecipe(LoopRecipe):
                               "`plinth generate BASE --adapter RUN/final PROMPT` (or `plinth generate RUN/final`)")
         if self.method == "probe" and self.task not in HEAD_TASKS:
             raise PlinthError("method=probe trains only a head; use it with task=classify or task=regress")
+        if self.pack and self.task in HEAD_TASKS:
+            raise PlinthError(f"pack=true joins language-model examples into one row; task={self.task} reads one "
+                              "text per row with its head. Set pack: false")
         lora.check_targets(self.lora_targets)
         if self.task in ("label", "classify"):
             PromptTask(self.instruction, self.labels)  # checks the label set
@@ -145,14 +148,15 @@ def build_examples(r: FinetuneRecipe, tokenizer, rows: list) -> tuple[list[Examp
 
 def build_data(r: FinetuneRecipe, tokenizer) -> ExampleData:
     """A fixed held-out set per seed, then up to max_examples training records; only the records
-    used are rendered and tokenized."""
+    used are rendered and tokenized. Packing joins training examples only: it changes no example's
+    loss (attention stays within each), and accuracy reads one answer per validation row."""
     rows = records(r)
     order = np.random.default_rng(r.seed).permutation(len(rows))
     kept = order[r.val_examples:][:r.max_examples] if r.max_examples else order[r.val_examples:]
     val, choices = build_examples(r, tokenizer, [rows[i] for i in order[:r.val_examples]])
     train_rows = build_examples(r, tokenizer, [rows[i] for i in kept])[0]
     if r.pack:
-        train_rows, val = pack(train_rows, r.seq_len), pack(val, r.seq_len)
+        train_rows = pack(train_rows, r.seq_len)
     return ExampleData(train_rows, val, r.batch_size, r.seed, choices)
 
 

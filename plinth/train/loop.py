@@ -227,7 +227,7 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - tick
-            computed = sum(x.numel() for x, _ in batches)  # fine-tuning batches are padded to their longest row
+            computed = sum(x.shape[0] * x.shape[-1] for x, _ in batches)  # rows × positions, padding included (packed x: B, 2, T)
             record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens": step * step_tokens, "tok_s": computed / seconds,
                       "mfu": step_flops * computed / step_tokens / seconds / peak}
