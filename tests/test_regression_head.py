@@ -51,6 +51,7 @@ def test_probe_learns_scores_and_the_run_loads_as_a_predictor(tmp_path, base, ra
     assert after["val_loss"] < 0.3 * before["val_loss"] and after["val_pearson"] > 0.85 and after["val_spearman"] > 0.85
     assert "val_acc" not in after
     assert json.loads((final / "head.json").read_text())["kind"] == "regression"
+    assert json.loads((final / "finetune.json").read_text())["labels"] is None
     loaded = plinth.load(str(final), dtype="float32")
     assert loaded.head.labels is None and loaded.head.kind == "regression"
     texts = ["superb lovely fun", "boring awful dull", "great bad fun"]
@@ -103,6 +104,8 @@ def test_head_save_load_round_trip_keeps_kind_and_outputs(tmp_path):
         assert (again.kind, again.labels, again.pooling) == (head.kind, head.labels, "mean")
         torch.testing.assert_close(again(hidden, mask), head(hidden, mask), rtol=0, atol=0)
         assert head(hidden, mask).shape == ((3,) if labels is None else (3, 3))
+    (tmp_path / "False" / "head.json").write_text(json.dumps({"labels": ["a", "b", "c"], "pooling": "mean"}))
+    assert Head.load(tmp_path / "False").kind == "classification"  # heads saved before kinds existed
     (tmp_path / "True" / "head.json").write_text(json.dumps({"kind": "ranking", "labels": None, "pooling": "last"}))
     with pytest.raises(PlinthError, match="unknown head kind 'ranking'"):
         Head.load(tmp_path / "True")
@@ -112,6 +115,7 @@ def test_head_save_load_round_trip_keeps_kind_and_outputs(tmp_path):
     (['{"text": "fine", "score": 1.5}', '{"text": "meh"}'], {}, r"line 2: missing field 'score'"),
     (['{"text": "fine", "score": "high"}'], {}, r"line 1: field 'score' must be int or float, got str"),
     (['{"text": "fine", "score": NaN}'], {}, r"line 1: field 'score' is nan; a regression target must be a finite"),
+    (['{"text": "fine", "score": true}'], {}, r"line 1: field 'score' is True; a regression target must be a finite"),
     (['{"text": "fine", "score": 2}'] * 5, {"task": "chat", "method": "probe"}, "method=probe trains only a head"),
 ])
 def test_bad_regression_input_fails_before_training(tmp_path, base, lines, fields, message):

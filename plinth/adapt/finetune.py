@@ -196,8 +196,9 @@ class FinetuneWeights(checkpoint.Weights):
             checkpoint.write_model(model.backbone, folder)
         if model.head is not None:
             model.head.save(folder)
-        config = {"base": base_reference(r.base), "task": r.task, "method": r.method, "labels": r.labels,
-                  "instruction": r.instruction}
+        labelled = r.task in ("label", "classify")  # regression and chat have no label set
+        config = {"base": base_reference(r.base), "task": r.task, "method": r.method,
+                  "labels": r.labels if labelled else None, "instruction": r.instruction}
         (folder / FINETUNE_CONFIG).write_text(json.dumps(config, indent=2))
 
     def read(self, model: Finetuned, folder: Path):
