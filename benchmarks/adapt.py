@@ -2,10 +2,13 @@
 zero-shot and 8-shot prompting, linear probe, LoRA, QLoRA and full fine-tuning — test accuracy,
 trainable parameters, peak memory, wall time. Then the foundation-model thesis on plinth's own
 tiny model: pretrained (recipes/pretrain-tiny.yaml) vs the same architecture from random init,
-fine-tuned the same way for the same steps.
+fine-tuned the same way for the same steps. Last, regression (recipes/regress-sentiment.yaml): a
+head predicting each sentence's mean human rating, with LoRA and as a linear probe; its "test acc"
+is the sign accuracy, and it also reports Pearson and Spearman correlation with the ratings.
 
     .venv/bin/python benchmarks/adapt.py                           # small budget for 2 CPU cores
     .venv/bin/python benchmarks/adapt.py --steps 150 --test 0      # the recipes' own length, whole test split
+    .venv/bin/python benchmarks/adapt.py --methods regress,regress-probe   # the regression rows only
 
 Data: the vaderSentiment 3.3.2 movie-review sentences (plinth/data/sentiment.py; fixed split by
 sentence id). Every method runs in its own process, so its peak memory (the process's peak resident
@@ -31,9 +34,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("zero-shot", "8-shot", "probe", "lora", "qlora", "full", "tiny-pretrained", "tiny-random")
+METHODS = ("zero-shot", "8-shot", "probe", "lora", "qlora", "full", "tiny-pretrained", "tiny-random",
+           "regress", "regress-probe")
 RECIPES = {"probe": "classify-sentiment", "lora": "lora-sentiment", "qlora": "qlora-sentiment", "full": "full-sentiment",
-           "tiny-pretrained": "classify-sentiment", "tiny-random": "classify-sentiment"}
+           "tiny-pretrained": "classify-sentiment", "tiny-random": "classify-sentiment",
+           "regress": "regress-sentiment", "regress-probe": "regress-sentiment"}
 
 
 # ---- measuring ---------------------------------------------------------------------------------------
@@ -102,9 +107,12 @@ def run_finetuning(method: str, args, train, test, work: Path) -> dict:
     if method.startswith("tiny"):  # a small model trains fully; mean pooling suits its short context
         base = args.tiny_checkpoint if method == "tiny-pretrained" else random_twin(args.tiny_checkpoint, work / "random")
         overrides += [f"--base={base}", "--method=full", "--pooling=mean", "--lr=0.001", "--max_examples=0"]
+    if method == "regress-probe":  # the head alone: the linear probe's learning rate
+        overrides += ["--method=probe", "--lr=0.01"]
     r = load_recipe(FinetuneRecipe, ROOT / "recipes" / f"{RECIPES[method]}.yaml", overrides)
     model, tokenizer, data = prepare(r, log=lambda *_: None)
-    test_data = ExampleData(data.train, build_examples(r, tokenizer, [(x.text, x.label) for x in test])[0],
+    targets = [x.score if r.task == "regress" else x.label for x in test]
+    test_data = ExampleData(data.train, build_examples(r, tokenizer, [(x.text, t) for x, t in zip(test, targets)])[0],
                             r.batch_size, r.seed, data.choices)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     resting = reset_peak_memory()
@@ -113,20 +121,39 @@ def run_finetuning(method: str, args, train, test, work: Path) -> dict:
                evaluate=evaluate, store=FinetuneWeights(r))
     train_seconds, peak = time.perf_counter() - start, memory_mb()
     start = time.perf_counter()
-    accuracy = evaluate(model, test_data, r)["val_acc"]
-    return {"accuracy": accuracy, "trainable_params": trainable, "train_seconds": train_seconds,
+    scores = regression_scores(model, test_data, r) if r.task == "regress" else {"accuracy": evaluate(model, test_data, r)["val_acc"]}
+    return {**scores, "trainable_params": trainable, "train_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - start, "peak_mb": peak, "resting_mb": resting, "steps": steps,
             "train_examples": min(steps * batch, len(data.train))}
 
 
+@torch.no_grad()
+def regression_scores(model, test_data, r) -> dict:
+    """Sign accuracy (does the predicted rating fall on the right side of neutral, comparable with
+    the classifiers' accuracy), and Pearson / Spearman correlation with the human ratings."""
+    from plinth.adapt.finetune import correlations
+    from plinth.train.loop import autocast
+
+    model.eval()
+    with autocast(r):
+        predicted = torch.cat([model(x).float() for x, _ in test_data.val_batches(0)])
+    truth = torch.tensor([e.targets[0] for e in test_data.val])
+    correlation = correlations(predicted, truth)
+    return {"accuracy": float(((predicted > 0) == (truth > 0)).float().mean()),
+            "pearson": correlation["val_pearson"], "spearman": correlation["val_spearman"]}
+
+
 def child(args):
-    from plinth.data.sentiment import sentiment_splits
+    from plinth.data.sentiment import rating_splits, sentiment_splits
 
     torch.set_num_threads(args.threads)
     train, test = sentiment_splits()
     full_test = method_uses_full_test(args.child)
     # the file lists positive sentences first: a fixed random sample keeps both labels
     test = test if full_test or not args.test else random.Random(0).sample(test, min(args.test, len(test)))
+    if args.child.startswith("regress"):  # the same test sentences, with their ratings as targets
+        ratings = {x.id: x for x in rating_splits()[1]}
+        test = [ratings[x.id] for x in test]
     with tempfile.TemporaryDirectory() as work:
         if args.child in ("zero-shot", "8-shot"):
             result = run_prompting(args.child, args, train, test)
@@ -187,6 +214,10 @@ def report(results: dict, args):
     for method, r in results.items():
         print(f"{method:16} {r['accuracy']:8.1%} {r['trainable_params']:12,} {r['peak_mb']:8.0f} {r['resting_mb']:8.0f} "
               f"{r['train_seconds']:8.0f} {r['eval_seconds']:7.0f} {r['test_examples']:6}")
+    for method, r in results.items():
+        if "pearson" in r:
+            print(f"{method}: test acc is the sign accuracy; Pearson r {r['pearson']:.3f}, "
+                  f"Spearman {r['spearman']:.3f} with the human ratings")
     checks = {}
     if "lora" in results:
         checks["LoRA test accuracy ≥ 85%"] = results["lora"]["accuracy"] >= 0.85

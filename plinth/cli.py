@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun --nproc-per-node 2 -m plinth pretrain RECIPE --dist ddp")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="adapt a model: full, LoRA, QLoRA, chat SFT, classifier head",
+    p = sub.add_parser("finetune", help="adapt a model: full, LoRA, QLoRA, chat SFT, classification/regression head",
                        description="Fine-tune from a recipe; any recipe field can be overridden with --key=value. "
                        "Example: plinth finetune recipes/lora-sentiment.yaml --max_steps=50 (then --resume after a stop)")
     p.add_argument("recipe")

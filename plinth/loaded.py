@@ -42,7 +42,7 @@ class LoadedModel:
                  head=None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.load_seconds = load_seconds
-        self.head = head  # a classifier head, for models fine-tuned with task=classify
+        self.head = head  # a classification or regression head, for models fine-tuned with task=classify/regress
 
     def _params(self, response_format=None, **options) -> SamplingParams:
         if response_format is not None:  # OpenAI's shape or a pydantic model class: constrained decoding
@@ -89,6 +89,11 @@ class LoadedModel:
         """Labels from the classifier head of a model fine-tuned with task=classify."""
         from plinth.adapt.classify import classify
         return classify(self, texts)
+
+    def predict(self, texts: list[str] | str) -> list:
+        """The head's answer per text: a label (task=classify) or a number (task=regress)."""
+        from plinth.adapt.classify import predict
+        return predict(self, texts)
 
 
 def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str | None = None) -> LoadedModel:

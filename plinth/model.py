@@ -65,6 +65,15 @@ def attention_mask(q_pos, key_len: int, causal: bool, window: int | None):
     return allowed[:, None]
 
 
+def positions_in_documents(documents):
+    """(B, T) document numbers of packed rows → each token's position within its own document
+    (0, 1, 2, ... restarting where the number changes)."""
+    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
 class KVCache:
     """Keys and values of past tokens for up to `slots` sequences.
 
@@ -102,12 +111,19 @@ class KVCache:
 
 
 class Positions:
-    """Where a forward pass's tokens sit: absolute positions, cache rows, and which keys to see."""
+    """Where a forward pass's tokens sit: absolute positions, cache rows, and which keys to see.
 
-    def __init__(self, B: int, T: int, start, slots, device):
-        self.start, self.slots, self.T = start, slots, T
+    documents: (B, T) for packed training rows (several examples one after another, see
+    plinth/adapt/examples.py `pack`): positions restart at 0 with each document and a token attends
+    only within its own. Whole sequences from position 0 only, no cache."""
+
+    def __init__(self, B: int, T: int, start, slots, device, documents=None):
+        self.start, self.slots, self.T, self.documents = start, slots, T, documents
         start_t = torch.as_tensor(start, device=device).reshape(-1).expand(B)
-        self.q_pos = start_t[:, None] + torch.arange(T, device=device)  # (B, T)
+        if documents is None:
+            self.q_pos = start_t[:, None] + torch.arange(T, device=device)  # (B, T)
+        else:
+            self.q_pos = positions_in_documents(documents)
         self.key_len = int(start_t.max()) + T if isinstance(start, torch.Tensor) else start + T
         # Key count and cache row of each row when it feeds one token (decoding), once for all layers.
         self.ends = (start_t + 1).tolist() if T == 1 else None
@@ -118,6 +134,10 @@ class Positions:
 
     def mask(self, causal: bool, window: int | None):
         """None when every query sees every key up to itself in the simple way SDPA understands."""
+        if self.documents is not None:  # block-diagonal: the usual mask over row indices, within documents
+            index = torch.arange(self.T, device=self.documents.device).expand_as(self.documents)
+            same = self.documents[:, :, None] == self.documents[:, None, :]  # (B, T, T)
+            return attention_mask(index, self.T, causal, window) & same[:, None]
         uniform = isinstance(self.start, int)
         if uniform and window is None and (self.T == 1 or not causal):
             return None  # a single new token (or bidirectional) attends to all keys so far
@@ -125,7 +145,8 @@ class Positions:
 
     def plain_causal(self, causal: bool, window: int | None) -> bool:
         """True for a causal pass over a whole sequence from position 0 (training, first prefill)."""
-        return causal and window is None and isinstance(self.start, int) and self.start == 0 and self.T > 1
+        return (causal and window is None and isinstance(self.start, int) and self.start == 0 and self.T > 1
+                and self.documents is None)
 
 
 class Attention(nn.Module):
@@ -356,12 +377,15 @@ class Transformer(nn.Module):
         dtype = self.tok_embeddings.weight.dtype
         return KVCache(self.config, slots, max_len or self.config.max_seq_len, dtype, self.tok_embeddings.weight.device)
 
-    def features(self, tokens=None, *, embeds=None, cache: KVCache | None = None, start_pos=0, slots=None):
+    def features(self, tokens=None, *, embeds=None, cache: KVCache | None = None, start_pos=0, slots=None,
+                 documents=None):
         """Final normalised hidden states (B, T, C).
 
         tokens: (B, T) ids, or embeds: (B, T, C) input vectors (image patches, soft prompts);
         start_pos: absolute position of the first token, an int or a (B,) tensor;
-        slots: (B,) rows of `cache` these sequences use (default: rows 0..B-1).
+        slots: (B,) rows of `cache` these sequences use (default: rows 0..B-1);
+        documents: (B, T) for packed training rows: which example each token belongs to (positions
+        restart and attention stays within each; see `Positions`).
         """
         if embeds is None:
             embeds = self.tok_embeddings(tokens)
@@ -369,7 +393,9 @@ class Transformer(nn.Module):
         if self.config.embed_scale:
             x = x * torch.tensor(math.sqrt(self.config.dim), dtype=x.dtype)
         B, T, _ = x.shape
-        where = Positions(B, T, start_pos, slots, x.device)
+        if documents is not None and (cache is not None or isinstance(start_pos, torch.Tensor) or start_pos != 0):
+            raise ValueError("packed rows (documents) are whole sequences: no cache, start_pos 0")
+        where = Positions(B, T, start_pos, slots, x.device, documents)
         if where.key_len > self.config.max_seq_len:
             raise ValueError(f"position {where.key_len - 1} is past the context window "
                              f"({self.config.max_seq_len} tokens)")
@@ -390,13 +416,13 @@ class Transformer(nn.Module):
                 x = block(x, rope, where, cache)
         return self.norm(x) if self.norm is not None else x
 
-    def forward(self, tokens=None, *, embeds=None, cache=None, start_pos=0, slots=None, last=None):
+    def forward(self, tokens=None, *, embeds=None, cache=None, start_pos=0, slots=None, last=None, documents=None):
         """Logits (B, T, V); with `last` (B,) indices, only at those positions: (B, V).
 
         Computing the output layer only where a next token is sampled saves most of the work of a
         long prompt (the vocabulary projection is the largest matrix in a small model).
         """
-        h = self.features(tokens, embeds=embeds, cache=cache, start_pos=start_pos, slots=slots)
+        h = self.features(tokens, embeds=embeds, cache=cache, start_pos=start_pos, slots=slots, documents=documents)
         if last is not None:
             h = h[torch.arange(h.shape[0], device=h.device), last]
         return self.project(h)

@@ -106,6 +106,7 @@ def test_classification_probe_trains_the_head_alone(tmp_path, base, reviews):
     assert {p.name for p in final.iterdir()} >= {"head.safetensors", "head.json"}
     loaded = plinth.load(str(final), dtype="float32")
     assert loaded.classify(["superb lovely fun", "boring awful dull"]) == ["positive", "negative"]
+    assert loaded.predict(["superb lovely fun"]) == ["positive"]  # predict answers with the head's kind
 
 
 def test_sft_targets_are_the_assistant_turns_only(tokenizer):
@@ -129,6 +130,7 @@ def test_chat_sft_with_packing_runs(tmp_path, base):
                eval_every=4, save_every=4)
     _, _, data = prepare(r, log=quiet)
     assert len(data.train) < 26 and max(len(e.tokens) for e in data.train) <= 128  # packed rows
+    assert all(e.documents is not None for e in data.train) and all(e.documents is None for e in data.val)
     finetune(r, log=quiet)
     assert "val_loss" in json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
 

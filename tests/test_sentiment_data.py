@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from plinth.data.sentiment import INNER, MEMBER, parse, sentiment_splits
+from plinth.data.sentiment import INNER, MEMBER, parse, rating_splits, sentiment_splits
 from plinth.errors import PlinthError
 
 ROWS = [(i, score, f"sentence {i}") for i, score in enumerate([2.3, -1.7, 0.2, -0.49, 0.5, -3.9] * 20, 1)]
@@ -39,3 +39,14 @@ def test_split_is_fixed_by_id_and_read_from_the_source_archive(tmp_path):
     shuffled = tmp_path / "shuffled.txt"
     shuffled.write_text("".join(reversed(TSV.splitlines(keepends=True))), encoding="latin-1")
     assert {r.id for r in sentiment_splits(shuffled)[1]} == {r.id for r in test}  # order does not matter
+
+
+def test_ratings_keep_every_sentence_in_the_same_split(tmp_path):
+    path = tmp_path / "ratings.txt"
+    path.write_text(TSV, encoding="latin-1")
+    train, test = rating_splits(path)
+    assert len(train) + len(test) == len(ROWS)  # the near-neutral sentences too
+    assert {(r.id, r.score) for r in train + test} == {(str(i), s) for i, s, _ in ROWS}
+    labelled_train, labelled_test = sentiment_splits(path)
+    assert {r.id for r in labelled_test} == {r.id for r in test if abs(r.score) >= 0.5}
+    assert {r.id for r in labelled_train} == {r.id for r in train if abs(r.score) >= 0.5}

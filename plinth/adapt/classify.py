@@ -1,10 +1,13 @@
-"""Classification heads: a linear layer on the pooled final hidden states of a backbone.
+"""Heads on pooled final hidden states: class scores (classification) or one number (regression).
 
 With the backbone frozen this is a linear probe (how much of the task the pretrained features
-already hold); with it trained too (fully or through LoRA) it is classic fine-tuning for labels.
+already hold); with it trained too (fully or through LoRA) it is classic fine-tuning for labels or
+scores.
 
-    model = Finetuned(backbone, ClassifierHead(backbone.config.dim, ["negative", "positive"]))
+    model = Finetuned(backbone, Head(backbone.config.dim, ["negative", "positive"]))   # classification
+    model = Finetuned(backbone, Head(backbone.config.dim, labels=None))                # regression
     plinth.load("runs/classify-sentiment/final").classify(["What a delight."])   # ['positive']
+    plinth.load("runs/regress-sentiment/final").predict(["What a delight."])     # [2.7]
 """
 from __future__ import annotations
 
@@ -15,10 +18,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from plinth.adapt.examples import model_inputs
 from plinth.errors import PlinthError
 from plinth.train.loop import IGNORE
 
 POOLING = ("last", "mean")
+KINDS = ("classification", "regression")
 HEAD_FILE, HEAD_CONFIG = "head.safetensors", "head.json"
 
 
@@ -32,75 +37,100 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1)
 
 
-class ClassifierHead(nn.Module):
-    def __init__(self, dim: int, labels: list[str], pooling: str = "last"):
+class Head(nn.Module):
+    """A linear layer on pooled hidden states. labels: the class names, one score each
+    (classification, trained with cross-entropy); None: a single number per text (regression,
+    trained with squared error against float targets)."""
+
+    def __init__(self, dim: int, labels: list[str] | None, pooling: str = "last"):
         super().__init__()
         if pooling not in POOLING:
             raise PlinthError(f"pooling={pooling!r}; choose one of {', '.join(POOLING)}")
-        self.labels, self.pooling = list(labels), pooling
-        self.linear = nn.Linear(dim, len(labels))
-        nn.init.normal_(self.linear.weight, 0.0, 0.02)  # small, so starting scores are near uniform
+        self.labels, self.pooling = (None if labels is None else list(labels)), pooling
+        self.kind = "regression" if labels is None else "classification"
+        self.linear = nn.Linear(dim, 1 if labels is None else len(labels))
+        nn.init.normal_(self.linear.weight, 0.0, 0.02)  # small, so starting scores are near uniform (or 0)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden, mask):
-        return self.linear(pool(hidden, mask, self.pooling).float())
+        """(B, labels) class scores, or (B,) numbers."""
+        out = self.linear(pool(hidden, mask, self.pooling).float())
+        return out[:, 0] if self.labels is None else out
 
     def save(self, folder):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(Path(folder) / HEAD_FILE))
-        (Path(folder) / HEAD_CONFIG).write_text(json.dumps({"labels": self.labels, "pooling": self.pooling}))
+        config = {"kind": self.kind, "labels": self.labels, "pooling": self.pooling}
+        (Path(folder) / HEAD_CONFIG).write_text(json.dumps(config))
 
     @classmethod
-    def load(cls, folder) -> "ClassifierHead":
+    def load(cls, folder) -> "Head":
         config = json.loads((Path(folder) / HEAD_CONFIG).read_text())
+        kind = config.get("kind", "classification")  # heads saved before regression existed name no kind
+        if kind not in KINDS:
+            raise PlinthError(f"{Path(folder) / HEAD_CONFIG}: unknown head kind {kind!r}; plinth knows {', '.join(KINDS)}")
         state = load_file(str(Path(folder) / HEAD_FILE))
-        head = cls(state["linear.weight"].shape[1], config["labels"], config["pooling"])
+        head = cls(state["linear.weight"].shape[1], config["labels"] if kind == "classification" else None,
+                   config["pooling"])
         head.load_state_dict(state)
         return head
 
 
 class Finetuned(nn.Module):
-    """What the training loop trains: a backbone, with a head for classification.
+    """What the training loop trains: a backbone, with a head for classification or regression.
 
-    Inputs are batches padded with negative ids (see plinth/adapt/examples.py). Without a head it
-    returns the language model's logits (B, T, V); with one, label scores as (B, 1, labels), so the
-    loop's next-token cross-entropy against (B, 1) targets is the classification loss."""
+    Inputs are batches padded with negative ids, (B, T), or packed rows, (B, 2, T) (see
+    plinth/adapt/examples.py). Without a head it returns the language model's logits (B, T, V);
+    with one, the head's outputs: (B, labels) class scores or (B,) numbers, one per row."""
 
-    def __init__(self, backbone: nn.Module, head: ClassifierHead | None = None):
+    def __init__(self, backbone: nn.Module, head: Head | None = None):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.config = backbone.config
 
     def forward(self, x):
-        mask = x >= 0
-        tokens = x.clamp(min=0)  # padding becomes token 0 at the end of each row: causal, so unseen
+        tokens, documents = model_inputs(x)
+        mask = tokens >= 0
+        tokens = tokens.clamp(min=0)  # padding becomes token 0 at the end of each row: causal, so unseen
         if self.head is None:
-            return self.backbone(tokens)
-        return self.head(self.backbone.features(tokens), mask)[:, None, :]
+            return self.backbone(tokens, documents=documents)
+        return self.head(self.backbone.features(tokens, documents=documents), mask)
 
     def logits_at_targets(self, x, y):
-        """Training: scores only where a target counts, (N, V) and (N,) (see train/loop.py)."""
+        """Training: scores only where a target counts, (N, V) and (N,) (see train/loop.py). With a
+        head, one target per row: (B, labels) and (B,) class ids, or (B,) and (B,) numbers."""
         if self.head is not None:
-            return self(x)[:, 0], y[:, 0]
+            return self(x), y[:, 0]
+        tokens, documents = model_inputs(x)
         keep = y != IGNORE
-        hidden = self.backbone.features(x.clamp(min=0))[keep]  # (N, C)
+        hidden = self.backbone.features(tokens.clamp(min=0), documents=documents)[keep]  # (N, C)
         logits = self.backbone.output(hidden)
         cap = self.config.final_softcap
         return (torch.tanh(logits / cap) * cap if cap is not None else logits), y[keep]
 
 
 @torch.inference_mode()
-def classify(loaded, texts: list[str] | str, batch_size: int = 16) -> list[str]:
-    """Labels for `texts` from a loaded model that carries a classifier head."""
+def predict(loaded, texts: list[str] | str, batch_size: int = 16) -> list:
+    """The head's answer for each of `texts`: a label (classification head) or a number (regression)."""
     if loaded.head is None:
-        raise PlinthError(f"{loaded.name} has no classification head; train one with `plinth finetune "
-                          "recipes/classify-sentiment.yaml`, or label by prompting (plinth.adapt.prompting)")
+        raise PlinthError(f"{loaded.name} has no classification or regression head; train one with `plinth "
+                          "finetune recipes/classify-sentiment.yaml` (or regress-sentiment.yaml), or label by "
+                          "prompting (plinth.adapt.prompting)")
     texts = [texts] if isinstance(texts, str) else list(texts)
-    model = Finetuned(loaded.model, loaded.head)
-    labels = []
+    model, head = Finetuned(loaded.model, loaded.head), loaded.head
+    answers = []
     for start in range(0, len(texts), batch_size):
         rows = [loaded.tokenizer.encode(t) or [0] for t in texts[start:start + batch_size]]
         x = torch.full((len(rows), max(map(len, rows))), -1)
         for i, row in enumerate(rows):
             x[i, :len(row)] = torch.tensor(row)
-        labels += [loaded.head.labels[i] for i in model(x)[:, 0].argmax(-1).tolist()]
-    return labels
+        out = model(x)
+        answers += out.tolist() if head.labels is None else [head.labels[i] for i in out.argmax(-1).tolist()]
+    return answers
+
+
+def classify(loaded, texts: list[str] | str, batch_size: int = 16) -> list[str]:
+    """Labels for `texts` from a loaded model that carries a classification head."""
+    if loaded.head is not None and loaded.head.labels is None:
+        raise PlinthError(f"{loaded.name} has a regression head: it predicts numbers, not labels; "
+                          "call .predict(texts)")
+    return predict(loaded, texts, batch_size)

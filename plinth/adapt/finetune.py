@@ -3,9 +3,10 @@
 A recipe picks a task and a method; they differ only in data, loss mask and trainable parameters:
   task   label    — answer a label word after a chat prompt (loss on the answer only)
          classify — a classification head on pooled hidden states
+         regress  — a regression head on pooled hidden states: one number per text (squared error)
          chat     — supervised fine-tuning on conversations (loss on assistant turns only)
   method full (every weight) · lora (adapters, base frozen) · qlora (adapters, base frozen in 4-bit)
-         · probe (classify only: the head alone, a linear probe)
+         · probe (classify and regress only: the head alone, a linear probe)
 
     plinth finetune recipes/lora-sentiment.yaml               # Ctrl-C or kill at any time, then
     plinth finetune recipes/lora-sentiment.yaml --resume      # continues where it stopped
@@ -17,27 +18,29 @@ A run folder is like pretraining's (metrics.jsonl, step-NNNNNN/ checkpoints, `la
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from plinth import hub
 from plinth.adapt import lora, sft
-from plinth.adapt.classify import POOLING, ClassifierHead, Finetuned
+from plinth.adapt.classify import POOLING, Finetuned, Head
 from plinth.adapt.examples import Example, ExampleData, pack, read_jsonl
 from plinth.adapt.prompting import PromptTask, answer_tokens, check_label
 from plinth.errors import PlinthError
 from plinth.loaded import read_model
 from plinth.train import checkpoint
-from plinth.train.loop import IGNORE, autocast, scored_outputs, train
+from plinth.train.loop import IGNORE, autocast, scored_outputs, summed_loss, train
 from plinth.train.recipe import LoopRecipe
 
-TASKS, METHODS = ("label", "classify", "chat"), ("full", "lora", "qlora", "probe")
+TASKS, METHODS = ("label", "classify", "regress", "chat"), ("full", "lora", "qlora", "probe")
+HEAD_TASKS = ("classify", "regress")  # the tasks trained through a head on pooled hidden states
 FINETUNE_CONFIG = "finetune.json"
 
 
@@ -45,15 +48,16 @@ FINETUNE_CONFIG = "finetune.json"
 class FinetuneRecipe(LoopRecipe):
     name: str = "finetune"
     base: str = hub.DEFAULT_MODEL        # model name, .gguf file, or plinth checkpoint folder
-    task: str = "label"                  # label, classify or chat (see the module docstring)
-    method: str = "lora"                 # full, lora, qlora, or probe (classify only)
-    data: str = "sentiment"              # sentiment, chitchat, or a JSONL file ({"text","label"} / {"messages"})
+    task: str = "label"                  # label, classify, regress or chat (see the module docstring)
+    method: str = "lora"                 # full, lora, qlora, or probe (classify and regress only)
+    # sentiment, chitchat, or a JSONL file: {"text","label"}, {"text","score"} (regress) or {"messages"}
+    data: str = "sentiment"
     labels: list[str] = field(default_factory=lambda: ["negative", "positive"])
     instruction: str = "Is the sentiment of this movie review positive or negative?"
     max_examples: int = 0                # training examples used (0 = all)
     val_examples: int = 200              # examples held out of the training data for evaluation
-    pooling: str = "last"                # classify: "last" token or "mean" of the hidden states
-    pack: bool = False                   # chat: concatenate short conversations up to seq_len
+    pooling: str = "last"                # classify, regress: "last" token or "mean" of the hidden states
+    pack: bool = False                   # chat, label: concatenate short examples up to seq_len (attention stays within each)
     # Activations, not weights, are most of the memory of fine-tuning a small model (30 layers × every
     # token's attention and MLP tensors): without recomputing them LoRA would save little over full.
     activation_checkpointing: bool = True
@@ -79,10 +83,13 @@ class FinetuneRecipe(LoopRecipe):
         if self.sample_prompt:
             raise PlinthError("sample_prompt is for pretraining runs; try a fine-tuned model with "
                               "`plinth generate BASE --adapter RUN/final PROMPT` (or `plinth generate RUN/final`)")
-        if self.method == "probe" and self.task != "classify":
-            raise PlinthError("method=probe trains only a classification head; use it with task=classify")
+        if self.method == "probe" and self.task not in HEAD_TASKS:
+            raise PlinthError("method=probe trains only a head; use it with task=classify or task=regress")
+        if self.pack and self.task in HEAD_TASKS:
+            raise PlinthError(f"pack=true joins language-model examples into one row; task={self.task} reads one "
+                              "text per row with its head. Set pack: false")
         lora.check_targets(self.lora_targets)
-        if self.task != "chat":
+        if self.task in ("label", "classify"):
             PromptTask(self.instruction, self.labels)  # checks the label set
 
 
@@ -101,14 +108,31 @@ def labelled_texts(r: FinetuneRecipe) -> list:
     return rows
 
 
+def rated_texts(r: FinetuneRecipe) -> list:
+    """(text, score) records: the built-in sentiment training split's ratings, or a JSONL file."""
+    if r.data == "sentiment":
+        from plinth.data.sentiment import rating_splits
+        return [(x.text, x.score) for x in rating_splits()[0]]
+    rows = []
+    for line, record in read_jsonl(r.data, {"text": str, "score": (int, float)}):
+        if isinstance(record["score"], bool) or not math.isfinite(record["score"]):
+            raise PlinthError(f"{r.data}, line {line}: field 'score' is {record['score']!r}; "
+                              "a regression target must be a finite number")
+        rows.append((record["text"], float(record["score"])))
+    return rows
+
+
 def records(r: FinetuneRecipe) -> list:
-    """The recipe's raw data, every record checked: conversations for chat, else (text, label) pairs."""
-    return sft.load_conversations(r.data) if r.task == "chat" else labelled_texts(r)
+    """The recipe's raw data, every record checked: conversations for chat, (text, score) pairs for
+    regression, else (text, label) pairs."""
+    if r.task == "chat":
+        return sft.load_conversations(r.data)
+    return rated_texts(r) if r.task == "regress" else labelled_texts(r)
 
 
 def build_examples(r: FinetuneRecipe, tokenizer, rows: list) -> tuple[list[Example], list | int | None]:
     """Tokenized examples of the recipe's task from raw records, and what accuracy is measured
-    against (label first tokens, the label count, or None for chat)."""
+    against (label first tokens, the label count, or None for chat and regression)."""
     if r.task == "chat":
         examples = [sft.render(tokenizer, m, r.seq_len) for m in rows]
         return [e for e in examples if any(t != IGNORE for t in e.targets)], None
@@ -116,20 +140,23 @@ def build_examples(r: FinetuneRecipe, tokenizer, rows: list) -> tuple[list[Examp
         examples = [Example(tokenizer.encode(t)[:r.seq_len] or [0], [r.labels.index(check_label(lab, r.labels))])
                     for t, lab in rows]
         return examples, len(r.labels)
+    if r.task == "regress":
+        return [Example(tokenizer.encode(t)[:r.seq_len] or [0], [score]) for t, score in rows], None
     task = PromptTask(r.instruction, r.labels)
     return [sft.render(tokenizer, task.messages(t, lab), r.seq_len) for t, lab in rows], answer_tokens(tokenizer, task)
 
 
 def build_data(r: FinetuneRecipe, tokenizer) -> ExampleData:
     """A fixed held-out set per seed, then up to max_examples training records; only the records
-    used are rendered and tokenized."""
+    used are rendered and tokenized. Packing joins training examples only: it changes no example's
+    loss (attention stays within each), and accuracy reads one answer per validation row."""
     rows = records(r)
     order = np.random.default_rng(r.seed).permutation(len(rows))
     kept = order[r.val_examples:][:r.max_examples] if r.max_examples else order[r.val_examples:]
     val, choices = build_examples(r, tokenizer, [rows[i] for i in order[:r.val_examples]])
     train_rows = build_examples(r, tokenizer, [rows[i] for i in kept])[0]
     if r.pack:
-        train_rows, val = pack(train_rows, r.seq_len), pack(val, r.seq_len)
+        train_rows = pack(train_rows, r.seq_len)
     return ExampleData(train_rows, val, r.batch_size, r.seed, choices)
 
 
@@ -141,14 +168,16 @@ def base_reference(base: str) -> str:
 
 def build_model(r: FinetuneRecipe, net) -> Finetuned:
     """Make the recipe's parameters trainable: all, LoRA adapters (on a 4-bit base for QLoRA), or none
-    of the backbone (linear probe); a classification head always trains."""
+    of the backbone (linear probe); a head always trains."""
     if r.method in ("lora", "qlora"):
         if r.method == "qlora":
             lora.quantize_base(net)  # every block projection in 4-bit, adapters or not
         lora.attach_lora(net, r.lora_rank, r.lora_alpha, r.lora_dropout, r.lora_targets)
     else:
         net.requires_grad_(r.method == "full")
-    head = ClassifierHead(net.config.dim, r.labels, r.pooling) if r.task == "classify" else None
+    head = None
+    if r.task in HEAD_TASKS:
+        head = Head(net.config.dim, r.labels if r.task == "classify" else None, r.pooling)
     return Finetuned(net, head)
 
 
@@ -167,8 +196,9 @@ class FinetuneWeights(checkpoint.Weights):
             checkpoint.write_model(model.backbone, folder)
         if model.head is not None:
             model.head.save(folder)
-        config = {"base": base_reference(r.base), "task": r.task, "method": r.method, "labels": r.labels,
-                  "instruction": r.instruction}
+        labelled = r.task in ("label", "classify")  # regression and chat have no label set
+        config = {"base": base_reference(r.base), "task": r.task, "method": r.method,
+                  "labels": r.labels if labelled else None, "instruction": r.instruction}
         (folder / FINETUNE_CONFIG).write_text(json.dumps(config, indent=2))
 
     def read(self, model: Finetuned, folder: Path):
@@ -177,24 +207,29 @@ class FinetuneWeights(checkpoint.Weights):
         elif self.r.method == "full":
             model.backbone.load_weights(checkpoint.read_checkpoint(folder)[1])
         if model.head is not None:
-            model.head.load_state_dict(ClassifierHead.load(folder).state_dict())
+            model.head.load_state_dict(Head.load(folder).state_dict())
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, data: ExampleData, r) -> dict:
-    """Validation loss per target token, and accuracy where the task has labels: at each row's first
-    target position, is the highest-scoring label the right one. Like training, scores only the
+    """Validation loss per target (for regression: the mean squared error); accuracy where the task
+    has labels: at each row's first target position, is the highest-scoring label the right one;
+    for regression, the correlation of predictions with targets. Like training, scores only the
     positions that have a target (the full vocabulary at every position would dominate memory)."""
     model.eval()
     loss_sum, targets, correct, rows = 0.0, 0, 0, 0
+    predicted_numbers, true_numbers = [], []
     for x, y in data.val_batches(r.eval_batches):
         with autocast(r):
             logits, kept = scored_outputs(model, x, y)  # (N, V) and (N,), row after row
         logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, kept, reduction="sum"))
+        loss_sum += float(summed_loss(logits, kept))
         targets += len(kept)
-        if data.choices is not None:
+        if kept.is_floating_point():  # regression: (B,) predictions and targets
+            predicted_numbers.append(logits)
+            true_numbers.append(kept)
+        elif data.choices is not None:
             counts = (y != IGNORE).sum(1)
             first = (counts.cumsum(0) - counts)[counts > 0]  # where each row's targets start in N
             scores, truth = logits[first], kept[first]
@@ -209,7 +244,22 @@ def evaluate(model, data: ExampleData, r) -> dict:
     result = {"val_loss": loss_sum / max(1, targets)}
     if rows:
         result["val_acc"] = correct / rows
+    if predicted_numbers:
+        result.update(correlations(torch.cat(predicted_numbers), torch.cat(true_numbers)))
     return result
+
+
+def correlations(predicted: torch.Tensor, truth: torch.Tensor) -> dict:
+    """Pearson (linear) and Spearman (rank) correlation of predictions with targets; none for fewer
+    than two rows, and NaN while every prediction is the same."""
+    if len(truth) < 2:
+        return {}
+    from scipy import stats  # deferred: ~1 s to import, and only regression runs need it
+    p, t = predicted.numpy(), truth.numpy()
+    with warnings.catch_warnings():  # constant predictions: NaN is the answer, the warning says no more
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return {"val_pearson": float(stats.pearsonr(p, t).statistic),
+                "val_spearman": float(stats.spearmanr(p, t).statistic)}
 
 
 # ---- the command -----------------------------------------------------------------------------------
@@ -238,7 +288,7 @@ def finetune(r: FinetuneRecipe, resume: bool = False, log=print) -> Path:
 
 def read_adapted(path: Path, adapter: str | None = None):
     """What `plinth.load` needs from a model path that may be a fine-tuning output: the float model
-    (adapters merged in), its tokenizer, the compact dtype, and a classifier head or None."""
+    (adapters merged in), its tokenizer, the compact dtype, and a classification/regression head or None."""
     head = None
     config_path = path / FINETUNE_CONFIG if path.is_dir() else None
     if config_path is not None and config_path.is_file():
@@ -248,7 +298,7 @@ def read_adapted(path: Path, adapter: str | None = None):
         if (path / lora.ADAPTER_CONFIG).is_file():
             lora.load_adapter(net, path)
         if (path / "head.json").is_file():
-            head = ClassifierHead.load(path)
+            head = Head.load(path)
     else:
         net, tokenizer, dtype = read_model(path)
     if adapter is not None:

@@ -5,9 +5,11 @@ The file ships inside the vaderSentiment 3.3.2 *source* package (no hub needed):
 vaderSentiment-3.3.2.tar.gz → additional_resources/hutto_ICWSM_2014.tar.gz →
 movieReviewSnippets_GroundTruth.txt, a latin-1 TSV of `id  mean_rating  sentence` (ratings −4…+4,
 the mean of ~20 people). Binary labels come from the sign; near-neutral sentences (|rating| < 0.5)
-are dropped; the train/test split is fixed by a hash of the sentence id.
+are dropped; the train/test split is fixed by a hash of the sentence id. For regression the ratings
+themselves are the targets, and every sentence is kept.
 
     train, test = sentiment_splits()          # lists of LabelledText
+    train, test = rating_splits()             # lists of RatedText (every sentence, its mean rating)
 """
 from __future__ import annotations
 
@@ -38,6 +40,13 @@ class LabelledText:
     label: str
 
 
+@dataclass(frozen=True)
+class RatedText:
+    id: str
+    text: str
+    score: float  # the mean human rating, −4 (very negative) … +4 (very positive)
+
+
 def source_archive(cache: Path = CACHE) -> Path:
     """The vaderSentiment source archive, downloaded once with pip into the cache."""
     path = cache / ARCHIVE
@@ -65,23 +74,26 @@ def read_ground_truth(path: Path) -> str:
         return tar.extractfile(MEMBER).read().decode("latin-1")
 
 
-def parse(text: str) -> list[LabelledText]:
-    """Rows `id  score  sentence` → labelled sentences, near-neutral ones dropped."""
+def parse_ratings(text: str) -> list[RatedText]:
+    """Rows `id  score  sentence` → every sentence with its rating."""
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t", 2)
         try:
-            score = float(parts[1])
+            rows.append(RatedText(parts[0], parts[2].strip(), float(parts[1])))
         except (IndexError, ValueError):
             raise PlinthError(f"line {number} of the sentiment file is not `id<TAB>score<TAB>sentence`: {line[:60]!r}")
-        if abs(score) >= NEUTRAL_BELOW:
-            rows.append(LabelledText(parts[0], parts[2].strip(), LABELS[score > 0]))
     return rows
 
 
-def split(rows: list[LabelledText]) -> tuple[list[LabelledText], list[LabelledText]]:
+def parse(text: str) -> list[LabelledText]:
+    """Rows `id  score  sentence` → labelled sentences, near-neutral ones dropped."""
+    return [LabelledText(r.id, r.text, LABELS[r.score > 0]) for r in parse_ratings(text) if abs(r.score) >= NEUTRAL_BELOW]
+
+
+def split(rows: list) -> tuple[list, list]:
     """(train, test), fixed by sentence id whatever the order of the file: fine-tuning trains on the
     first, `plinth eval`'s sentiment task scores the second."""
     test = [r for r in rows if split_of(f"movie-{r.id}", TEST_FRACTION) == "val"]
@@ -91,3 +103,8 @@ def split(rows: list[LabelledText]) -> tuple[list[LabelledText], list[LabelledTe
 
 def sentiment_splits(path: str | Path | None = None) -> tuple[list[LabelledText], list[LabelledText]]:
     return split(parse(read_ground_truth(Path(path) if path else source_archive())))
+
+
+def rating_splits(path: str | Path | None = None) -> tuple[list[RatedText], list[RatedText]]:
+    """(train, test) with every sentence's rating; a sentence's split is the same as in sentiment_splits."""
+    return split(parse_ratings(read_ground_truth(Path(path) if path else source_archive())))

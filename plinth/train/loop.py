@@ -96,6 +96,21 @@ def scored_outputs(model, x, y):
     return model(x).flatten(0, 1), y.flatten()
 
 
+def summed_loss(scores, targets):
+    """A micro-batch's loss, summed over its targets (the loop divides by the step's target count).
+    The targets say which loss: token or class ids → cross-entropy (IGNORE takes no part); float
+    numbers → squared error (a regression head)."""
+    if targets.is_floating_point():
+        return F.mse_loss(scores.float(), targets, reduction="sum")
+    return F.cross_entropy(scores.float(), targets, ignore_index=IGNORE, reduction="sum")
+
+
+def target_count(y) -> int:
+    """How many targets of a batch take part in the loss: every float target (regression has one
+    per row, never padded), the ids other than IGNORE otherwise."""
+    return y.numel() if y.is_floating_point() else int((y != IGNORE).sum())
+
+
 @torch.no_grad()
 def evaluate(model, data: TokenData, r) -> dict:
     """Validation loss, and bits per byte (comparable across tokenizers) overall and per source.
@@ -192,14 +207,14 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
                 group["lr"] = lr
             tick = time.perf_counter()
             batches = [data.batch(step, micro) for micro in range(r.grad_accum)]
-            targets = sum(int((y != IGNORE).sum()) for _, y in batches)  # normalise over the whole global step
+            targets = sum(target_count(y) for _, y in batches)  # normalise over the whole global step
             loss_sum = 0.0
             for micro, (x, y) in enumerate(batches):
                 x, y = d.rows(x), d.rows(y)
                 with d.gradient_sync(model, micro == len(batches) - 1):
                     with autocast(r, d.device):
                         logits, kept = scored_outputs(model, x, y)
-                    loss = F.cross_entropy(logits.float(), kept, ignore_index=IGNORE, reduction="sum")
+                    loss = summed_loss(logits, kept)
                     (loss * d.loss_scale / targets).backward()
                 loss_sum += float(loss.detach())
             train_loss = d.sum(loss_sum) / targets
@@ -212,7 +227,7 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - tick
-            computed = sum(x.numel() for x, _ in batches)  # fine-tuning batches are padded to their longest row
+            computed = sum(x.shape[0] * x.shape[-1] for x, _ in batches)  # rows × positions, padding included (packed x: B, 2, T)
             record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens": step * step_tokens, "tok_s": computed / seconds,
                       "mfu": step_flops * computed / step_tokens / seconds / peak}
@@ -225,7 +240,7 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
                 metrics.flush()
             if step % r.log_every == 0 or last_step or "val_loss" in record:
                 eta = (time.perf_counter() - started) / (step - first_step) * (r.max_steps - step)
-                extra = "".join(f" {key} {record[key]:.3f}" for key in ("val_loss", "val_bpb", "val_acc") if key in record)
+                extra = "".join(f" {key} {record[key]:.3f}" for key in ("val_loss", "val_bpb", "val_acc", "val_pearson") if key in record)
                 log(f"step {step}/{r.max_steps} loss {train_loss:.4f}{extra} lr {lr:.2e} "
                     f"{record['tok_s']:.0f} tok/s mfu {record['mfu']:.1%} eta {eta:.0f}s")
                 if "sample" in record:
