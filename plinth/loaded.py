@@ -21,17 +21,20 @@ from plinth.quant import compact_
 from plinth.tokenizer import Tokenizer
 from plinth.train import checkpoint
 from plinth.weights.gguf import read_gguf
+from plinth.weights.hf import is_hf_folder, read_hf_folder
 
 
 def read_model(path: Path) -> tuple[Transformer, Tokenizer, str]:
     """A float32 model, its tokenizer, and the compact dtype suited to the file's precision."""
     if path.is_file() and path.suffix == ".gguf":
         config, state_dict, tokenizer, dtype = read_gguf(path)
+    elif is_hf_folder(path):
+        (config, state_dict), tokenizer, dtype = read_hf_folder(path), Tokenizer.from_folder(path), "int8"
     elif checkpoint.is_checkpoint(path):
         (config, state_dict), tokenizer, dtype = checkpoint.read_checkpoint(path), Tokenizer.from_folder(path), "int8"
     else:
-        raise PlinthError(f"cannot load {path}: plinth reads .gguf files and plinth checkpoint folders; "
-                          "give the path of one or a known model name (`plinth list`)")
+        raise PlinthError(f"cannot load {path}: plinth reads .gguf files, Hugging Face model folders and plinth "
+                          "checkpoint folders; give the path of one or a known model name (`plinth list`)")
     model = Transformer(config)
     model.load_weights(state_dict)
     return model.eval(), tokenizer, dtype

@@ -11,6 +11,7 @@ import plinth
 from plinth.adapt.classify import Head
 from plinth.adapt.finetune import evaluate, finetune, prepare
 from plinth.errors import PlinthError
+from plinth.cli import main
 from plinth.train.loop import summed_loss, target_count
 from tests.test_finetune import BAD, GOOD, base, quiet, recipe, write_lines  # noqa: F401 (base is a fixture)
 
@@ -76,6 +77,9 @@ def test_lora_regression_run_loads_with_adapter_and_head_as_trained(tmp_path, ba
     with torch.no_grad():
         expected = [float(trained.eval()(torch.tensor([tokenizer.encode(t)]))[0]) for t in texts]
     assert plinth.load(str(final), dtype="float32").predict(texts) == pytest.approx(expected, abs=1e-4)
+    # exported merged, the head goes along as a regression head: the folder predicts the same numbers
+    assert main(["export", str(final), "--merge", "--to", "hf", str(tmp_path / "hf")]) == 0
+    assert plinth.load(str(tmp_path / "hf"), dtype="float32").predict(texts) == pytest.approx(expected, abs=1e-4)
 
 
 def test_validation_metrics_match_a_direct_computation(tmp_path, base, rated):

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -81,7 +80,6 @@ def run_export(args: argparse.Namespace) -> Path:
     write_hf_folder(net, tmp)
     tokenizer.save(tmp)
     if head is not None:  # not part of the HF causal-LM layout; kept beside it for plinth
-        shutil.copy(path / "head.safetensors", tmp)
-        (tmp / "head.json").write_text(json.dumps({"labels": head.labels, "pooling": head.pooling}))
+        head.save(tmp)
     tmp.replace(out)
     return out

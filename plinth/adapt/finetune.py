@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from plinth import hub
 from plinth.adapt import lora, sft
-from plinth.adapt.classify import POOLING, Finetuned, Head
+from plinth.adapt.classify import HEAD_CONFIG, POOLING, Finetuned, Head
 from plinth.adapt.examples import Example, ExampleData, pack, read_jsonl
 from plinth.adapt.prompting import PromptTask, answer_tokens, check_label
 from plinth.errors import PlinthError
@@ -297,10 +297,10 @@ def read_adapted(path: Path, adapter: str | None = None):
         net, tokenizer, dtype = read_model(source)
         if (path / lora.ADAPTER_CONFIG).is_file():
             lora.load_adapter(net, path)
-        if (path / "head.json").is_file():
-            head = Head.load(path)
     else:
         net, tokenizer, dtype = read_model(path)
+    if path.is_dir() and (path / HEAD_CONFIG).is_file():  # a run's output, or a folder exported from one
+        head = Head.load(path)
     if adapter is not None:
         lora.load_adapter(net, adapter)
     return lora.merge_lora(net), tokenizer, dtype, head

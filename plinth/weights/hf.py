@@ -91,6 +91,13 @@ HF_ARCHITECTURES = {
 }
 
 
+def is_hf_folder(path: Path) -> bool:
+    """A Hugging Face model folder: a config.json that names its `model_type` (plinth's own
+    checkpoints have a config.json too, in plinth's field names)."""
+    config = path / "config.json"
+    return path.is_dir() and config.is_file() and "model_type" in json.loads(config.read_text())
+
+
 def read_hf_folder(folder) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -101,7 +108,7 @@ def read_hf_folder(folder) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if model_type not in HF_ARCHITECTURES:
         raise PlinthError(f"{folder}: model_type {model_type!r} is not supported; plinth reads: {', '.join(HF_ARCHITECTURES)}")
     arch = HF_ARCHITECTURES[model_type]
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(folder.glob("model*.safetensors"))  # model.safetensors or model-00001-of-00002.safetensors
     if not files:
         raise PlinthError(f"{folder} has no .safetensors weights (plinth never unpickles .bin files)")
     tensors = {}
