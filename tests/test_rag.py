@@ -255,3 +255,45 @@ def test_html_without_a_heading_takes_its_title_from_title(tmp_path):
     (tmp_path / "page.html").write_text("<html><head><title> Plain   page </title></head><body><p>Hi</p></body></html>")
     (doc,) = load_folder(tmp_path)
     assert (doc.title, doc.text.strip(), doc.sections) == ("Plain page", "Hi", [])
+
+
+REFERENCE_HTML = """<html><body><h1>Built-in Functions<a class="headerlink">¶</a></h1>
+<p>The interpreter has a number of functions built into it.</p>
+<dl class="py function"><dt id="abs">abs(x)<a class="headerlink">¶</a></dt><dd><p>Return the absolute value.</p>
+<dl class="field-list"><dt>Parameters</dt><dd><p>x: a number</p></dd></dl><p>Also for complex numbers.</p></dd></dl>
+<dl class="py function"><dt id="zip">zip(*iterables)<a class="headerlink">¶</a></dt><dd><p>Iterate in parallel.</p></dd></dl>
+<p>Notes that follow the entries.</p></body></html>"""
+
+
+def test_html_definition_terms_start_sections_that_end_with_their_list(tmp_path):
+    (tmp_path / "functions.html").write_text(REFERENCE_HTML)
+    (doc,) = load_folder(tmp_path)
+    first = {heading: start for start, heading in reversed(doc.sections)}  # later ones: a section resumed
+    assert sorted(first) == ["Built-in Functions", "Parameters", "abs(x)", "zip(*iterables)"]
+    for heading, start in first.items():  # offsets point at the heading's own text, the ¶ marks dropped
+        assert doc.text[start:].lstrip().startswith(heading)
+    assert doc.section_at(doc.text.index("Return the absolute")) == "abs(x)"
+    assert doc.section_at(doc.text.index("x: a number")) == "Parameters"
+    assert doc.section_at(doc.text.index("Also for complex")) == "abs(x)"  # the inner list has ended
+    assert doc.section_at(doc.text.index("Iterate in parallel")) == "zip(*iterables)"
+    assert doc.section_at(doc.text.index("Notes that follow")) == "Built-in Functions"
+    assert "¶" not in doc.text
+
+
+def test_chunks_keep_to_their_sections_and_join_short_ones(embedder):
+    short = ["Owls hunt at night.", "Larks sing at dawn."]
+    long = " ".join(f"Gulls fly over the sea on day {i}." for i in range(40))
+    text = f"Owls\n{short[0]}\nLarks\n{short[1]}\nGulls\n{long}\nTerns\nTerns dive."
+    sections = [(text.index(name), name) for name in ("Owls", "Larks", "Gulls", "Terns")]
+    doc = Document("birds.md", "markdown", "Birds", text, sections)
+    chunks = chunk_documents([doc], embedder.tokenizer, size=40, overlap=8)
+    plain = plain_tokenizer(embedder.tokenizer)
+    assert chunks[0].text == text[:text.index("Gulls")].strip()  # two short sections share a chunk
+    gulls = [c for c in chunks if c.section == "Gulls"]
+    assert len(gulls) > 2 and gulls[0].start == text.index("Gulls")
+    assert all(c.end <= text.index("Terns") for c in gulls)  # a long section's windows stay inside it
+    for before, after in zip(gulls, gulls[1:]):
+        assert after.start < before.end  # and overlap
+    assert chunks[-1].text == "Terns\nTerns dive." and chunks[-1].section == "Terns"
+    for c in chunks:
+        assert c.text == text[c.start:c.end] and len(plain.encode(c.text, add_special_tokens=False).ids) <= 40
