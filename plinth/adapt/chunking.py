@@ -4,15 +4,11 @@
     chunks[0].source, chunks[0].line, chunks[0].section, chunks[0].text
 
 Windows are counted in the embedder's own tokens, so a chunk always fits the embedder's input and
-none of it is silently truncated. A chunk never straddles two sections (headings, API entries,
-functions): consecutive short sections share a chunk while they fit, and a section longer than a
-chunk is cut into overlapping windows. So a chunk starts where its subject is named, and its
-heading describes all of it. A window ends at a line break when there is one in its last
+none of it is silently truncated. A window ends at a line break when there is one in its last
 quarter, so passages start and end on whole lines where the text allows.
 """
 from __future__ import annotations
 
-import bisect
 from dataclasses import asdict, dataclass
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -66,27 +62,10 @@ def windows(offsets: list[tuple[int, int]], text: str, size: int, overlap: int) 
     return spans
 
 
-def section_spans(offsets: list[tuple[int, int]], doc: Document, size: int, overlap: int) -> list[tuple[int, int]]:
-    """Token spans [first, last) that keep within one section, or join whole short sections."""
-    bounds = sorted({0, len(offsets)} | {bisect.bisect_left(offsets, (start,)) for start, _ in doc.sections})
-    spans: list[tuple[int, int]] = []
-    joinable = False  # whether the last span holds whole short sections
-    for first, last in zip(bounds, bounds[1:]):
-        if joinable and last - spans[-1][0] <= size:
-            spans[-1] = (spans[-1][0], last)
-        elif last - first <= size:
-            spans.append((first, last))
-            joinable = True
-        else:
-            spans += [(first + a, first + b) for a, b in windows(offsets[first:last], doc.text, size, overlap)]
-            joinable = False
-    return spans
-
-
 def chunk_document(doc: Document, tokenizer: HFTokenizer, size: int, overlap: int) -> list[Chunk]:
     offsets = [span for span in tokenizer.encode(doc.text, add_special_tokens=False).offsets if span[1] > span[0]]
     chunks = []
-    for first, last in section_spans(offsets, doc, size, overlap):
+    for first, last in windows(offsets, doc.text, size, overlap):
         start, end = offsets[first][0], offsets[last - 1][1]
         chunks.append(Chunk(doc.source, doc.kind, doc.title, doc.section_at(start), doc.line_at(start),
                             start, end, doc.text[start:end]))

@@ -83,18 +83,13 @@ def read_python(path: Path, source: str) -> Document:
 
 class _HTMLText(HTMLParser):
     """Visible text of a page, one block element per paragraph. Skips what is not content: scripts,
-    styles, the head, and ARIA navigation/search landmarks (sidebars, breadcrumbs, search boxes).
-
-    Sections start at headings and at the terms of definition lists (`<dt>`): reference pages
-    (API docs, glossaries) describe one name per term, so a passage is cited by, and retrieved
-    under, the name it describes. Where a list ends, the section it interrupted is in force again."""
+    styles, the head, and ARIA navigation/search landmarks (sidebars, breadcrumbs, search boxes)."""
     SKIP = {"script", "style", "head", "nav", "template", "noscript"}
     SKIP_ROLES = {"navigation", "search"}
     VOID = {"br", "hr", "img", "input", "meta", "link", "area", "base", "col", "embed", "source", "track", "wbr"}
     BLOCK = {"p", "div", "section", "article", "li", "tr", "pre", "blockquote", "dt", "dd", "table", "ul", "ol",
              "dl", "br", "h1", "h2", "h3", "h4", "h5", "h6", "title", "figcaption"}
     HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
-    NAMED = HEADINGS | {"dt"}  # elements whose text names the section that follows
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -102,7 +97,6 @@ class _HTMLText(HTMLParser):
         self.length = 0
         self.stack: list[tuple[str, bool]] = []  # (tag, skipped) for each open non-void element
         self.sections: list[tuple[int, str]] = []
-        self.outer_sections: list[str] = []  # the section in force where each open <dl> began
         self.heading: list[str] | None = None
         self.heading_start = 0
         self.title = ""
@@ -136,9 +130,7 @@ class _HTMLText(HTMLParser):
             self.newline()
         if tag == "pre":
             self.in_pre += 1
-        if tag == "dl":
-            self.outer_sections.append(self.sections[-1][1] if self.sections else "")
-        if tag in self.NAMED:
+        if tag in self.HEADINGS:
             self.heading, self.heading_start = [], self.length
 
     def handle_endtag(self, tag):
@@ -156,11 +148,7 @@ class _HTMLText(HTMLParser):
     def end_element(self, tag):
         if tag == "pre":
             self.in_pre -= 1
-        if tag == "dl":
-            outer = self.outer_sections.pop()
-            if outer and self.sections[-1][1] != outer:
-                self.sections.append((self.length, outer))
-        if tag in self.NAMED and self.heading is not None:
+        if tag in self.HEADINGS and self.heading is not None:
             heading = " ".join("".join(self.heading).split())
             if heading:
                 self.sections.append((self.heading_start, heading))
