@@ -150,22 +150,37 @@ def test_search_finds_the_answer_and_dense_mode_matches_brute_force(index, embed
     query = embedder.embed("bread dough").numpy()[0]
     similarity = [float(np.dot(v, query)) for v in index.vectors]
     reference = sorted(range(len(index)), key=lambda i: -similarity[i])
-    hits = index.search(embedder, "bread dough", k=len(index), mode="dense")
+    hits = index.search(embedder, "bread dough", k=len(index), mode="dense", distinct=False)
     assert [h.chunk for h in hits] == [index.chunks[i] for i in reference]
     assert [h.score for h in hits] == pytest.approx([similarity[i] for i in reference], abs=1e-5)
 
 
 def test_hybrid_search_fuses_word_and_meaning_rankings(index, embedder):
-    lexical = index.search(embedder, "Invoice due", k=len(index), mode="lexical")
+    lexical = index.search(embedder, "Invoice due", k=len(index), mode="lexical", distinct=False)
     assert lexical[0].chunk.source == "sub/billing.py"  # the only chunk with both words
-    dense = index.search(embedder, "Invoice due", k=len(index), mode="dense")
-    hybrid = index.search(embedder, "Invoice due", k=len(index))
+    dense = index.search(embedder, "Invoice due", k=len(index), mode="dense", distinct=False)
+    hybrid = index.search(embedder, "Invoice due", k=len(index), distinct=False)
     position = {mode: [h.chunk for h in hits].index(lexical[0].chunk) for mode, hits in
                 [("dense", dense), ("hybrid", hybrid)]}
     assert position["hybrid"] <= position["dense"]  # the exact words lift it
     assert sorted(h.chunk.start for h in hybrid) == sorted(c.start for c in index.chunks)  # a ranking of all
     with pytest.raises(PlinthError, match="unknown search mode 'fuzzy'; use one of hybrid, dense, lexical"):
         index.search(embedder, "x", mode="fuzzy")
+
+
+def test_hits_do_not_repeat_text_of_better_hits(index, embedder):
+    def overlap(a, b):
+        return a.source == b.source and a.start < b.end and b.start < a.end
+
+    every = [h.chunk for h in index.search(embedder, "tomatoes and roses", k=len(index), distinct=False)]
+    kept = [h.chunk for h in index.search(embedder, "tomatoes and roses", k=len(index))]
+    assert any(overlap(a, b) for a, b in zip(every, every[1:]))  # the windows of garden.md overlap
+    assert not any(overlap(a, b) for i, a in enumerate(kept) for b in kept[:i])
+    assert kept == [c for c in every if c in kept]  # in the same order
+    for chunk in every:  # each chunk left out repeats a better one
+        if chunk not in kept:
+            assert any(overlap(chunk, better) for better in every[:every.index(chunk)] if better in kept)
+    assert kept[:2] == [h.chunk for h in index.search(embedder, "tomatoes and roses", k=2)]
 
 
 def test_filters_restrict_the_candidates(index, embedder):
