@@ -170,11 +170,13 @@ class Index:
     def without_overlaps(self, ranked: np.ndarray, k: int) -> list[int]:
         """The first k chunks of `ranked` whose character spans overlap no earlier one's in the same document."""
         kept: list[int] = []
+        spans: dict[str, list[tuple[int, int]]] = {}  # source -> character spans kept so far
         for i in ranked:
             chunk = self.chunks[i]
-            if not any(self.chunks[j].source == chunk.source and self.chunks[j].start < chunk.end
-                       and chunk.start < self.chunks[j].end for j in kept):
+            taken = spans.setdefault(chunk.source, [])
+            if not any(start < chunk.end and chunk.start < end for start, end in taken):
                 kept.append(i)
+                taken.append((chunk.start, chunk.end))
                 if len(kept) == k:
                     break
         return kept
