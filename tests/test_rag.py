@@ -150,22 +150,37 @@ def test_search_finds_the_answer_and_dense_mode_matches_brute_force(index, embed
     query = embedder.embed("bread dough").numpy()[0]
     similarity = [float(np.dot(v, query)) for v in index.vectors]
     reference = sorted(range(len(index)), key=lambda i: -similarity[i])
-    hits = index.search(embedder, "bread dough", k=len(index), mode="dense")
+    hits = index.search(embedder, "bread dough", k=len(index), mode="dense", distinct=False)
     assert [h.chunk for h in hits] == [index.chunks[i] for i in reference]
     assert [h.score for h in hits] == pytest.approx([similarity[i] for i in reference], abs=1e-5)
 
 
 def test_hybrid_search_fuses_word_and_meaning_rankings(index, embedder):
-    lexical = index.search(embedder, "Invoice due", k=len(index), mode="lexical")
+    lexical = index.search(embedder, "Invoice due", k=len(index), mode="lexical", distinct=False)
     assert lexical[0].chunk.source == "sub/billing.py"  # the only chunk with both words
-    dense = index.search(embedder, "Invoice due", k=len(index), mode="dense")
-    hybrid = index.search(embedder, "Invoice due", k=len(index))
+    dense = index.search(embedder, "Invoice due", k=len(index), mode="dense", distinct=False)
+    hybrid = index.search(embedder, "Invoice due", k=len(index), distinct=False)
     position = {mode: [h.chunk for h in hits].index(lexical[0].chunk) for mode, hits in
                 [("dense", dense), ("hybrid", hybrid)]}
     assert position["hybrid"] <= position["dense"]  # the exact words lift it
     assert sorted(h.chunk.start for h in hybrid) == sorted(c.start for c in index.chunks)  # a ranking of all
     with pytest.raises(PlinthError, match="unknown search mode 'fuzzy'; use one of hybrid, dense, lexical"):
         index.search(embedder, "x", mode="fuzzy")
+
+
+def test_hits_do_not_repeat_text_of_better_hits(index, embedder):
+    def overlap(a, b):
+        return a.source == b.source and a.start < b.end and b.start < a.end
+
+    every = [h.chunk for h in index.search(embedder, "tomatoes and roses", k=len(index), distinct=False)]
+    kept = [h.chunk for h in index.search(embedder, "tomatoes and roses", k=len(index))]
+    assert any(overlap(a, b) for a, b in zip(every, every[1:]))  # the windows of garden.md overlap
+    assert not any(overlap(a, b) for i, a in enumerate(kept) for b in kept[:i])
+    assert kept == [c for c in every if c in kept]  # in the same order
+    for chunk in every:  # each chunk left out repeats a better one
+        if chunk not in kept:
+            assert any(overlap(chunk, better) for better in every[:every.index(chunk)] if better in kept)
+    assert kept[:2] == [h.chunk for h in index.search(embedder, "tomatoes and roses", k=2)]
 
 
 def test_filters_restrict_the_candidates(index, embedder):
@@ -229,11 +244,18 @@ def test_prompt_holds_the_best_sources_that_fit_and_cites_them(index, embedder, 
         with_sources(question, hits, tokenizer, 10)
 
 
-def test_reciprocal_rank_fusion_adds_ranks_and_ignores_missing_words():
-    from plinth.adapt.index import RRF_K, reciprocal_rank_fusion
-    fused = reciprocal_rank_fusion(np.array([0.9, 0.8, 0.1]), np.array([0.0, 5.0, 0.0]))
-    assert fused == pytest.approx([1 / (RRF_K + 1), 1 / (RRF_K + 2) + 1 / (RRF_K + 1), 1 / (RRF_K + 3)])
+def test_hybrid_scores_are_a_weighted_sum_of_scaled_scores():
+    from plinth.adapt.index import DENSE_WEIGHT, fuse
+    fused = fuse(np.array([0.9, 0.8, 0.1]), np.array([0.0, 5.0, 0.0]))  # scaled: [1, 7/8, 0] and [0, 1, 0]
+    assert fused == pytest.approx([DENSE_WEIGHT, DENSE_WEIGHT * 7 / 8 + (1 - DENSE_WEIGHT), 0.0])
     assert list(np.argsort(-fused)) == [1, 0, 2]  # second by meaning, first by words: first overall
+    assert fuse(np.array([0.5, 0.5]), np.zeros(2)) == pytest.approx([0.0, 0.0])  # no spread, no say
+
+
+def test_lexical_search_matches_other_forms_of_a_word(index, embedder):
+    (hit,) = index.search(embedder, "pruning rose", k=1, mode="lexical")  # the text says "Prune roses"
+    assert hit.chunk.source == "garden.md" and "Prune roses" in hit.chunk.text
+    assert index.lexical_scores("pruning rose").max() > 0
 
 
 def test_ask_answers_from_the_best_sources_that_fit(index, embedder, tokenizer):
@@ -255,3 +277,14 @@ def test_html_without_a_heading_takes_its_title_from_title(tmp_path):
     (tmp_path / "page.html").write_text("<html><head><title> Plain   page </title></head><body><p>Hi</p></body></html>")
     (doc,) = load_folder(tmp_path)
     assert (doc.title, doc.text.strip(), doc.sections) == ("Plain page", "Hi", [])
+
+
+
+def test_html_section_offsets_point_at_their_headings(tmp_path):
+    marks = "".join(f"<h2>Part {i}<a class='headerlink'>¶</a></h2><p>Text {i} ¶ here.</p>" for i in range(30))
+    (tmp_path / "long.html").write_text(f"<html><body><h1>Long<a>¶</a></h1>{marks}</body></html>")
+    (doc,) = load_folder(tmp_path)
+    assert "¶" not in doc.text and len(doc.sections) == 31
+    for start, heading in doc.sections:  # Sphinx's ¶ marks go before offsets are counted, so none drifts
+        assert doc.text[start:].startswith(heading)
+    assert doc.section_at(doc.text.index("Text 29")) == "Part 29"

@@ -149,7 +149,7 @@ class _HTMLText(HTMLParser):
         if tag == "pre":
             self.in_pre -= 1
         if tag in self.HEADINGS and self.heading is not None:
-            heading = " ".join("".join(self.heading).split()).rstrip("¶").strip()
+            heading = " ".join("".join(self.heading).split())
             if heading:
                 self.sections.append((self.heading_start, heading))
                 if tag == "h1" and not self.h1:
@@ -164,6 +164,7 @@ class _HTMLText(HTMLParser):
             return
         if self.skipping():
             return
+        data = data.replace("¶", "")  # Sphinx's permalink marks; dropped here so that offsets stay right
         if not self.in_pre:  # HTML collapses whitespace outside <pre>
             data = re.sub(r"\s+", " ", data)
             if self.parts and self.parts[-1].endswith(("\n", " ")):
@@ -178,7 +179,7 @@ def read_html(path: Path, source: str) -> Document:
     parser = _HTMLText()
     parser.feed(path.read_text(encoding="utf-8", errors="replace"))
     parser.close()
-    text = "".join(parser.parts).replace("¶", "")  # Sphinx's permalink marks
+    text = "".join(parser.parts)
     title = parser.h1 or " ".join(parser.title.split()) or path.stem
     return Document(source, "html", title, text, parser.sections)
 
