@@ -80,8 +80,10 @@ class Tokenizer:
     """Encode/decode text and render chat prompts for one model."""
 
     def __init__(self, backend: HFTokenizer, *, bos_id: int | None, eos_id: int | None,
-                 chat_template: str | None = None, add_bos: bool = False, byte_level: bool = True):
+                 chat_template: str | None = None, add_bos: bool = False, byte_level: bool = True,
+                 gguf_pre: str | None = None):
         self.backend = backend
+        self.gguf_pre = gguf_pre  # the source GGUF's `tokenizer.ggml.pre`, kept so that a GGUF export repeats it
         self.bos_id, self.eos_id = bos_id, eos_id
         self.add_bos = add_bos
         self.byte_level = byte_level
@@ -114,7 +116,7 @@ class Tokenizer:
         return cls(backend, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
                    eos_id=meta.get("tokenizer.ggml.eos_token_id"),
                    chat_template=meta.get("tokenizer.chat_template"),
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), gguf_pre=pre)
 
     @classmethod
     def from_file(cls, path, config: dict | None = None) -> "Tokenizer":

@@ -3,6 +3,7 @@
     plinth prompt smollm2-135m-instruct --labels negative,positive "A joyless, plodding mess."
     plinth prompt smollm2-135m-instruct --file texts.txt --labels negative,positive --shots 8 --examples train.jsonl
     plinth export runs/lora-sentiment/final --merge --to hf out/sentiment-hf
+    plinth export runs/lora-sentiment/final --merge --to gguf out/sentiment.gguf --gguf-type q8_0
 """
 from __future__ import annotations
 
@@ -51,10 +52,13 @@ def run_prompt(args, loaded):
 def add_export_parser(sub, func):
     p = sub.add_parser("export", help="write a model (adapters merged) for other tools",
                        description="Write a model as a Hugging Face folder (safetensors + config.json + "
-                       "tokenizer). Example: plinth export runs/lora-sentiment/final --merge --to hf out/sentiment")
+                       "tokenizer) or a llama.cpp/Ollama GGUF file. Example: plinth export "
+                       "runs/lora-sentiment/final --merge --to gguf out/sentiment.gguf")
     p.add_argument("model", help="a fine-tuning run folder, checkpoint, .gguf file or known name")
-    p.add_argument("--to", choices=["hf"], required=True, help="output format")
-    p.add_argument("out", help="output folder (must not exist yet)")
+    p.add_argument("--to", choices=["hf", "gguf"], required=True, help="output format")
+    p.add_argument("out", help="output folder (hf) or .gguf file (gguf); must not exist yet")
+    p.add_argument("--gguf-type", choices=["f16", "bf16", "f32", "q8_0"], default="f16",
+                   help="tensor type of a GGUF's matrices (norms stay f32); default f16")
     p.add_argument("--merge", action="store_true", help="merge LoRA adapters into the weights (required for "
                    "adapter folders: other tools read plain weights)")
     p.add_argument("--adapter", help="a LoRA adapter folder to merge into MODEL")
@@ -65,6 +69,7 @@ def run_export(args: argparse.Namespace) -> Path:
     from plinth import hub
     from plinth.adapt.finetune import read_adapted
     from plinth.adapt.lora import ADAPTER_CONFIG
+    from plinth.weights.gguf_writer import write_gguf
     from plinth.weights.hf import write_hf_folder
 
     path, out = hub.resolve(args.model), Path(args.out)
@@ -72,8 +77,13 @@ def run_export(args: argparse.Namespace) -> Path:
     if has_adapter and not args.merge:
         raise PlinthError(f"{args.adapter or path} is a LoRA adapter; export it merged into its base with --merge")
     if out.exists():
-        raise PlinthError(f"{out} already exists; choose a new folder (nothing was overwritten)")
+        raise PlinthError(f"{out} already exists; choose a new name (nothing was overwritten)")
     net, tokenizer, _, head = read_adapted(path, args.adapter)
+    if args.to == "gguf":
+        if head is not None:
+            raise PlinthError(f"{path} has a {head.kind} head, which a GGUF causal-LM file cannot hold; "
+                              "export it with --to hf (the head is saved beside the weights) or use plinth itself")
+        return write_gguf(net, tokenizer, out, args.gguf_type)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

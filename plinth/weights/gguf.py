@@ -53,6 +53,13 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `unpermute_rotary`: plinth's halves layout → llama.cpp's interleaved pairs."""
+    rows, cols = w.shape
+    assert rows % (2 * n_heads) == 0, f"{rows} rows do not split into {n_heads} heads of pairs"
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How to read one `general.architecture`: its config, and fixes to apply to named tensors."""

@@ -120,16 +120,26 @@ def read_hf_folder(folder) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return arch.config(raw), state
 
 
+# What the llama architecture is, in plinth's config flags: RMSNorm pre-norm, RoPE, SwiGLU, nothing more.
+LLAMA_FLAGS = dict(mlp="swiglu", norm="rms", bias=False, position="rope", post_norm=False, embed_norm=False,
+                   qk_norm=False, sandwich_norm=False, embed_scale=False, attn_scale=None, sliding_window=None,
+                   causal=True, final_softcap=None, rope_local_theta=None)
+
+
+def require_llama(config: ModelConfig, target: str):
+    """Raise, naming every flag that differs, unless `config` is one the llama architecture can express."""
+    different = [f"{name}={getattr(config, name)!r}" for name, value in LLAMA_FLAGS.items()
+                 if getattr(config, name) != value]
+    if different:
+        raise PlinthError(f"only llama-architecture models export to {target} for now; this one has "
+                          f"{', '.join(different)}, which the llama architecture cannot express")
+
+
 def write_hf_folder(model, folder):
     """A llama-architecture model → `model.safetensors` + `config.json` that Hugging Face
     `transformers` loads as LlamaForCausalLM (plinth's rotary layout is already theirs)."""
     c = model.config
-    plain = dict(mlp="swiglu", norm="rms", bias=False, position="rope", post_norm=False, embed_norm=False,
-                 qk_norm=False, sandwich_norm=False, embed_scale=False, attn_scale=None, sliding_window=None,
-                 causal=True, final_softcap=None, rope_local_theta=None)
-    different = [f"{name}={getattr(c, name)!r}" for name, value in plain.items() if getattr(c, name) != value]
-    if different:
-        raise PlinthError(f"only llama-architecture models export to Hugging Face for now; this one has {', '.join(different)}")
+    require_llama(c, "Hugging Face")
     to_hf = invert(LLAMA_TO_PLINTH)
     state = {name: tensor for name, tensor in model.state_dict().items() if not (c.tie_embeddings and name == "output.weight")}
     save_file({map_key(name, to_hf): t.detach().float().contiguous() for name, t in state.items()},
