@@ -21,6 +21,15 @@ TEXTS = ["Hello, world!", "The naïve café served 1234 guests 😀", "def f(x):
          "<|im_start|>user\nHi<|im_end|>"]
 
 
+def random_model(**overrides) -> Transformer:
+    """tiny_model with another vocabulary size."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", **overrides))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model.eval()
+
+
 def reread(path) -> Transformer:
     config, state, tokenizer, _ = read_gguf(path)
     model = Transformer(config)
@@ -64,15 +73,45 @@ def smollm2_tokenizer(smollm2_path) -> Tokenizer:
     return Tokenizer.from_gguf(metadata(open_gguf(smollm2_path)))
 
 
+def test_a_fused_inference_model_exports_its_parts(tmp_path):
+    model = tiny_model()
+    write_gguf(tiny_model().fuse(), byte_tokenizer(), tmp_path / "m.gguf", dtype="f32")  # wqkv, w_gate_up split
+    back, _ = reread(tmp_path / "m.gguf")
+    for name, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+
+
+def test_llama_cpp_runs_the_export(tmp_path):
+    """llama.cpp itself (through llama-cpp-python): same tokens, and the same next-token choices.
+    It quantises activations, so logits agree by top-1 and cosine, not exactly (see DESIGN.md)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tokenizer = Tokenizer.train([TEXTS[1] * 20, TEXTS[2] * 20], vocab_size=300)  # llama.cpp needs merges
+    model = random_model(vocab_size=320)  # 20 embedding rows past the tokenizer: written as unused tokens
+    with torch.no_grad():
+        model.tok_embeddings.weight.mul_(10)
+    write_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f16")
+    assert metadata(open_gguf(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == "smollm"  # what plinth trains
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    try:
+        text = "The naïve café served 1234 guests<|im_end|>"
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text)
+        ids = tokenizer.encode(text)
+        llm.eval(ids)
+        theirs = torch.tensor(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+    ours = model(torch.tensor([ids]))[0]
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    assert float(torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).min()) > 0.999
+
+
+@pytest.mark.slow
 def test_transformers_loads_the_export(tmp_path, smollm2_tokenizer):
     """A small random model with SmolLM2's real tokenizer (transformers loads it in seconds; the
     135M model takes half a minute), exported f16: transformers' GGUF loader gives plinth's logits."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=49152, n_kv_heads=1, rope_theta=100000.0, tie_embeddings=False))
-    model.to_empty(device="cpu")
-    model.init_weights()
-    torch.nn.init.normal_(model.eval().output.weight, std=0.5)
+    model = random_model(vocab_size=49152, n_kv_heads=1, rope_theta=100000.0, tie_embeddings=False)
+    torch.nn.init.normal_(model.output.weight, std=0.5)
     write_gguf(model, smollm2_tokenizer, tmp_path / "small.gguf", dtype="f16")
     assert metadata(open_gguf(tmp_path / "small.gguf"))["tokenizer.ggml.pre"] == "smollm"  # kept from the source
 
@@ -101,7 +140,7 @@ def base(tmp_path):
 
 
 def test_cli_exports_a_checkpoint_and_never_overwrites(tmp_path, base, capsys):
-    out = tmp_path / "out.gguf"
+    out = tmp_path / "new" / "out.gguf"
     assert main(["export", str(base), "--to", "gguf", str(out), "--gguf-type", "f32"]) == 0
     ours, theirs = plinth.load(str(base), dtype="float32"), plinth.load(str(out), dtype="float32")
     torch.testing.assert_close(theirs.model(IDS), ours.model(IDS), atol=1e-5, rtol=1e-5)
@@ -109,7 +148,7 @@ def test_cli_exports_a_checkpoint_and_never_overwrites(tmp_path, base, capsys):
     before = out.read_bytes()
     assert main(["export", str(base), "--to", "gguf", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(out.parent.glob(".*.tmp"))
 
 
 def test_a_head_cannot_go_into_gguf(tmp_path, base, capsys):

@@ -4,7 +4,7 @@ The `gguf` package's GGUFWriter writes the binary format and `gguf.quants` quant
 supplies llama.cpp's metadata keys and tensor names (GGUF_TO_PLINTH inverted), puts Q/K back into
 llama.cpp's interleaved rotary layout, and describes the tokenizer.
 
-    from plinth.weights.gguf_writer import write_gguf
+    loaded = plinth.load("runs/pretrain-tiny/final", dtype="float32")
     write_gguf(loaded.model, loaded.tokenizer, "out/model.gguf", dtype="q8_0")
 
 or from the shell: `plinth export runs/lora-sentiment/final --merge --to gguf out/model.gguf`.
@@ -50,6 +50,7 @@ def write_gguf(model, tokenizer: Tokenizer, path, dtype: str = "f16") -> Path:
     require_llama(config, "GGUF")
     if path.exists():
         raise PlinthError(f"{path} already exists; choose a new file name (nothing was overwritten)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(tmp, "llama")
     writer.add_name(path.stem)
@@ -84,19 +85,39 @@ def _write_config(writer: gguf.GGUFWriter, c: ModelConfig, vocab_size: int, file
     writer.add_rope_dimension_count(c.head_dim)
     writer.add_vocab_size(vocab_size)
     writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _llama_tensors(model):
     """(llama.cpp name, float32 tensor in PyTorch order) for each weight; no `output.weight` when tied."""
     c, to_gguf = model.config, invert(GGUF_TO_PLINTH)
-    for name, tensor in model.state_dict().items():
+    for name, tensor in _unfused(model.state_dict(), c).items():
         if c.tie_embeddings and name == "output.weight":
             continue
+        if not tensor.is_floating_point():
+            raise PlinthError(f"{name} is stored as {tensor.dtype}; export from float weights: "
+                              "plinth.load(MODEL, dtype='float32'), or `plinth export`")
         value = tensor.detach().float().cpu()
         for suffix, fix in LLAMA_FIXES.items():
             if name.endswith(suffix):
                 value = fix(value, c)
         yield map_key(name, to_gguf), value
+
+
+def _unfused(state: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
+    """Split the projections an inference model fused (`Transformer.fuse`) back into their parts."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(".attn.wqkv.weight"):  # rows: (H*D | K*D | K*D)
+            prefix = name.removesuffix("wqkv.weight")
+            parts = tensor.split([c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2)
+            out.update({f"{prefix}{w}.weight": part for w, part in zip(("wq", "wk", "wv"), parts)})
+        elif name.endswith(".mlp.w_gate_up.weight"):  # rows: (ffn_dim gate | ffn_dim up)
+            prefix = name.removesuffix("w_gate_up.weight")
+            out.update(dict(zip((f"{prefix}w_gate.weight", f"{prefix}w_up.weight"), tensor.chunk(2))))
+        else:
+            out[name] = tensor
+    return out
 
 
 def _encode(tensor: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
