@@ -260,6 +260,13 @@ class MLP(nn.Module):
         return self.w_down(gate * up)
 
 
+def fused_parts(config: ModelConfig) -> dict[str, dict[str, int]]:
+    """What `Transformer.fuse` joins: each fused layer's parts, in the order its output holds them,
+    with each part's output width."""
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    return {"wqkv": {"wq": q, "wk": kv, "wv": kv}, "w_gate_up": {"w_gate": config.ffn_dim, "w_up": config.ffn_dim}}
+
+
 def fuse_linears(*layers: nn.Linear) -> nn.Linear:
     """One linear layer computing the given layers' outputs side by side."""
     weight = torch.cat([layer.weight for layer in layers])

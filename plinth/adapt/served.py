@@ -19,10 +19,7 @@ from safetensors.torch import load_file
 
 from plinth.adapt.lora import ADAPTER_FILE, PROJECTIONS, base_fingerprint, read_adapter_config
 from plinth.errors import PlinthError
-
-# The parts of each inference layer, in the order its output holds them.
-FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
-
+from plinth.model import fused_parts
 
 class AdapterRows:
     """Which adapter each row of the next forward pass uses: (B,) ids, 0 = the base model."""
@@ -53,13 +50,9 @@ class MultiLoRALinear(nn.Module):
         return y
 
 
-def part_sizes(config, name: str, layer: nn.Module) -> dict[str, int]:
-    """Output width of each part of a projection (one part unless fused)."""
-    if name not in FUSED:
-        return {name: layer.out_features}
-    widths = {"wq": config.n_heads * config.head_dim, "wk": config.n_kv_heads * config.head_dim,
-              "wv": config.n_kv_heads * config.head_dim, "w_gate": config.ffn_dim, "w_up": config.ffn_dim}
-    return {part: widths[part] for part in FUSED[name]}
+def part_sizes(fused: dict, name: str, layer: nn.Module) -> dict[str, int]:
+    """Output width of each part of a projection (one part unless fused; `fused`: model.fused_parts)."""
+    return fused.get(name, {name: layer.out_features})
 
 
 def stacked_update(tensors: dict, layer: str, name: str, sizes: dict[str, int], used: set):
@@ -86,7 +79,7 @@ def serve_adapters(model: nn.Module, adapters: dict[str, str]) -> tuple[AdapterR
     """Attach every adapter to an inference model (in place). Returns the row selection the engine
     sets before each forward pass, and each adapter name's id (1, 2, ...)."""
     selection, ids, updates = AdapterRows(), {}, {}
-    fingerprint = base_fingerprint(model)
+    fingerprint, fused = base_fingerprint(model), fused_parts(model.config)
     for number, (name, folder) in enumerate(adapters.items(), 1):
         config = read_adapter_config(folder)
         if config["base_fingerprint"] != fingerprint:
@@ -96,9 +89,9 @@ def serve_adapters(model: nn.Module, adapters: dict[str, str]) -> tuple[AdapterR
         scale, used = config["alpha"] / config["rank"], set()
         for layer_name, module in model.named_modules():
             for child_name, child in module.named_children():
-                if child_name not in FUSED and child_name not in PROJECTIONS:
+                if child_name not in fused and child_name not in PROJECTIONS:
                     continue
-                update = stacked_update(tensors, layer_name, child_name, part_sizes(model.config, child_name, child), used)
+                update = stacked_update(tensors, layer_name, child_name, part_sizes(fused, child_name, child), used)
                 if update is not None:
                     updates.setdefault(f"{layer_name}.{child_name}", {})[number] = (*update, scale)
         if used != set(tensors):

@@ -25,6 +25,7 @@ from tokenizers import models
 
 from plinth.config import ModelConfig
 from plinth.errors import PlinthError
+from plinth.model import fused_parts
 from plinth.tokenizer import CONTROL, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED, Tokenizer
 from plinth.weights.gguf import GGUF_TO_PLINTH, permute_rotary
 from plinth.weights.hf import require_llama
@@ -106,17 +107,15 @@ def _llama_tensors(model):
 
 def _unfused(state: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
     """Split the projections an inference model fused (`Transformer.fuse`) back into their parts."""
-    out = {}
+    fused, out = fused_parts(c), {}
     for name, tensor in state.items():
-        if name.endswith(".attn.wqkv.weight"):  # rows: (H*D | K*D | K*D)
-            prefix = name.removesuffix("wqkv.weight")
-            parts = tensor.split([c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2)
-            out.update({f"{prefix}{w}.weight": part for w, part in zip(("wq", "wk", "wv"), parts)})
-        elif name.endswith(".mlp.w_gate_up.weight"):  # rows: (ffn_dim gate | ffn_dim up)
-            prefix = name.removesuffix("w_gate_up.weight")
-            out.update(dict(zip((f"{prefix}w_gate.weight", f"{prefix}w_up.weight"), tensor.chunk(2))))
-        else:
+        layer, _, leaf = name.rpartition(".")       # "layers.0.attn.wqkv", "weight"
+        prefix, _, projection = layer.rpartition(".")
+        if projection not in fused:
             out[name] = tensor
+            continue
+        parts = fused[projection]
+        out.update({f"{prefix}.{part}.{leaf}": piece for part, piece in zip(parts, tensor.split(list(parts.values())))})
     return out
 
 
