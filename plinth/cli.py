@@ -318,8 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context tokens per sequence")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
-    p.add_argument("--threads", type=int, help="model compute threads (default: all cores but one, "
-                   "which the HTTP layer keeps)")
+    p.add_argument("--threads", type=int, help="model compute threads (default: all cores)")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "
                    "so that the same request always gets the same answer")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a LoRA adapter "

@@ -4,7 +4,7 @@ import torch
 
 from plinth.config import ModelConfig, preset
 from plinth.errors import PlinthError
-from plinth.model import Transformer, attention_mask
+from plinth.model import KVCache, Positions, Transformer, attention_mask
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -50,6 +50,32 @@ def test_batched_rows_at_different_positions_match_single_runs():
     out = model(step, cache=cache, slots=slots, start_pos=torch.tensor([10, 6]))
     torch.testing.assert_close(out[0, 0], model(torch.cat([a, step[:1]], 1))[0, -1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1, 0], model(torch.cat([b, step[1:]], 1))[0, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 70])
+def test_decoding_attention_gives_a_row_the_same_bits_alone_or_in_any_batch(window):
+    """What lets the server batch without changing outputs: a decoding row's attention output is
+    bit-identical alone or beside rows of other lengths, in cache slots with gaps between them."""
+    config = preset("tiny", vocab_size=259, dim=256, n_heads=4, n_kv_heads=2, sliding_window=window, global_every=2)
+    attn = Transformer(config).layers[0].attn  # _decode uses no weights; head_dim 64 like real models
+    cache = KVCache(config, slots=8, max_len=256)
+    generator = torch.Generator().manual_seed(0)
+    cache.k.normal_(generator=generator), cache.v.normal_(generator=generator)
+    lengths, slots = torch.tensor([5, 130, 64, 200]), torch.tensor([0, 2, 3, 7])  # keys straddle blocks
+    q = torch.randn(4, 4, 1, 64, generator=generator)
+
+    def decode(rows):
+        return attn._decode(q[rows], Positions(len(rows), 1, lengths[rows] - 1, slots[rows], "cpu"), cache)
+
+    batched = decode([0, 1, 2, 3])
+    for row in range(4):
+        assert torch.equal(decode([row])[0], batched[row])
+        assert torch.equal(decode(list(range(row, 4)))[0], batched[row])
+    keys, values = cache.k[0, 7, :, :200], cache.v[0, 7, :, :200]  # and row 3 is attention over its keys
+    if window:
+        keys, values = keys[:, -window:], values[:, -window:]
+    expected = torch.softmax(q[3].view(2, 2, 64) @ keys.transpose(1, 2) * attn.scale, -1) @ values
+    torch.testing.assert_close(batched[3].view(2, 2, 64), expected)
 
 
 def test_attention_mask_against_loops():
