@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -88,7 +87,8 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device="cpu"):
         shape = (config.n_layers, slots, config.n_kv_heads, -(-max_len // KEY_BLOCK) * KEY_BLOCK, config.head_dim)
-        self.k, self.v = zeros(shape, dtype, device), zeros(shape, dtype, device)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
     def write(self, layer: int, k, v, where: "Positions"):
@@ -109,15 +109,6 @@ class KVCache:
         if where.slots is None:  # rows 0..B-1: views, no copies
             return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
         return self.k[layer, where.slots, :, :end], self.v[layer, where.slots, :, :end]
-
-
-def zeros(shape, dtype, device) -> torch.Tensor:
-    """Zeros that take memory only where written, on CPU: numpy's zeros come from calloc, whose
-    untouched pages stay unmapped, so a server's cache for 16 long sequences costs RSS only for the
-    tokens it holds. (Masked cache positions are still read, so they must be finite: not `empty`.)"""
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.from_numpy(np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class Positions:
