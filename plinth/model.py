@@ -43,13 +43,13 @@ def rope_tables(head_dim: int, theta: float, length: int) -> tuple[torch.Tensor,
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x, cos, sin, dtype=None):
     """Rotate (x1, x2) halves of each head (the "rotate_half" layout of Hugging Face checkpoints).
 
-    x: (B, T, heads, D); cos, sin: (B, T, 1, D/2).
+    x: (B, T, heads, D); cos, sin: (B, T, 1, D/2). The result is in `dtype` (default x's).
     """
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype or x.dtype)
 
 
 def attention_mask(q_pos, key_len: int, causal: bool, window: int | None):
@@ -150,13 +150,14 @@ class Positions:
             return None  # a single new token (or bidirectional) attends to all keys so far
         return attention_mask(self.q_pos, self.key_len, causal, window)
 
-    def decode_bias(self, window: int | None, dtype) -> torch.Tensor:
-        """(S, 1, 1, decode_len) for the S rows of the span: 0 where a row's new token may attend
-        (its own keys so far, within `window`), -inf elsewhere; added to the attention scores."""
+    def decode_bias(self, window: int | None, dtype, heads: int) -> torch.Tensor:
+        """(S·heads, 1, decode_len) for the S rows of the span, each repeated for its key heads: 0
+        where a row's new token may attend (its own keys so far, within `window`), -inf elsewhere;
+        added to the attention scores."""
         if window not in self._biases:
-            allowed = attention_mask(self.span_ends[:, None] - 1, self.decode_len, True, window)
-            self._biases[window] = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-                ~allowed, -math.inf)
+            allowed = attention_mask(self.span_ends[:, None] - 1, self.decode_len, True, window)  # (S, 1, 1, L)
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
+            self._biases[window] = bias.repeat_interleave(heads, dim=0).view(-1, 1, self.decode_len)
         return self._biases[window]
 
     def plain_causal(self, causal: bool, window: int | None) -> bool:
@@ -200,7 +201,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         if rope is not None:  # queries and keys rotate together: one pass over (B, T, H+K, D)
-            qk = apply_rope(qk, *rope)
+            qk = apply_rope(qk, *rope, cache.k.dtype if cache is not None else None)  # the dtype attention runs in
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
             cache.write(self.layer, k, v, where)
@@ -232,16 +233,16 @@ class Attention(nn.Module):
         B, H, _, D = q.shape
         K = self.n_kv_heads
         (lo, hi), length = where.span, where.decode_len
-        keys, values = cache.k[self.layer, lo:hi, :, :length], cache.v[self.layer, lo:hi, :, :length]
+        # (span rows · K) batches of the `group` queries sharing a key head: views, no copies
+        keys = cache.k[self.layer, lo:hi, :, :length].flatten(0, 1)
+        values = cache.v[self.layer, lo:hi, :, :length].flatten(0, 1)
         q = q.reshape(B, K, H // K, D).to(keys.dtype)
         if where.span_rows is not None:
             q = q.new_zeros(hi - lo, *q.shape[1:]).index_copy_(0, where.span_rows, q)
-        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(self.scale)
-        scores += where.decode_bias(self.window, scores.dtype)
-        out = torch.matmul(torch.softmax(scores, dim=-1), values)
-        if where.span_rows is not None:
-            out = out.index_select(0, where.span_rows)
-        return out.view(B, H, 1, D)
+        bias = where.decode_bias(self.window, keys.dtype, K)
+        scores = torch.baddbmm(bias, q.flatten(0, 1), keys.transpose(1, 2), alpha=self.scale)
+        out = torch.bmm(torch.softmax(scores, dim=-1), values).view(hi - lo, H, 1, D)
+        return out if where.span_rows is None else out.index_select(0, where.span_rows)
 
     def _grouped(self, q, k, v, mask):
         """Attention where the H/K query heads sharing a key head are folded into the query axis,
