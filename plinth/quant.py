@@ -79,7 +79,8 @@ class Int4Linear(nn.Module):
         zero = lo + 8 * scale
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
         self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous())
-        dense = (q.reshape(N, K // group, group) - 8) * scale.bfloat16().float()[..., None] + zero.bfloat16().float()[..., None]
+        scale_bf16, zero_bf16 = scale.bfloat16().float()[..., None], zero.bfloat16().float()[..., None]  # as the kernel has them
+        dense = (q.reshape(N, K // group, group) - 8) * scale_bf16 + zero_bf16
         self.register_buffer("dense", dense.reshape(N, K).to(torch.bfloat16), persistent=False)
         self.group, self.in_features, self.out_features = group, K, N
 
