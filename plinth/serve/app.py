@@ -290,7 +290,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     state = ServerState(engine, loaded.tokenizer, model, strict_models, api_key or os.environ.get("PLINTH_API_KEY"),
                         embedder, seed, served_indexes, adapter_ids)
     base = f"http://{host}:{port}"
+    cache_gb = 2 * engine.cache.k.numel() * engine.cache.k.element_size() / 2**30
     print(f"plinth: serving {model} — chat page {base}/  ·  OpenAI API {base}/v1", flush=True)
+    print(f"plinth: KV cache {cache_gb:.1f} GiB for {max_batch} sequences × {engine.max_len} tokens "
+          "(--max-batch, --max-model-len)", flush=True)
     server = GracefulServer(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"), state, grace)
     try:
         server.run()
