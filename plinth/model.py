@@ -77,6 +77,11 @@ def positions_in_documents(documents):
 KEY_BLOCK = 64  # decoding reads each row's keys in whole blocks of this many positions (see Attention._decode)
 
 
+def whole_key_blocks(positions: int) -> int:
+    """`positions` rounded up to a whole number of KEY_BLOCKs."""
+    return -(-positions // KEY_BLOCK) * KEY_BLOCK
+
+
 class KVCache:
     """Keys and values of past tokens for up to `slots` sequences.
 
@@ -86,7 +91,7 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device="cpu"):
-        shape = (config.n_layers, slots, config.n_kv_heads, -(-max_len // KEY_BLOCK) * KEY_BLOCK, config.head_dim)
+        shape = (config.n_layers, slots, config.n_kv_heads, whole_key_blocks(max_len), config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
@@ -131,7 +136,7 @@ class Positions:
             self.span = int(rows.min()), int(rows.max()) + 1  # cache rows lo..hi-1 hold every row of the pass
             gaps = not torch.equal(rows, torch.arange(*self.span, device=device))
             self.span_rows = rows - self.span[0] if gaps else None  # where each row sits within the span
-            self.decode_len = -(-self.key_len // KEY_BLOCK) * KEY_BLOCK
+            self.decode_len = whole_key_blocks(self.key_len)
             self.span_ends = torch.ones(self.span[1] - self.span[0], dtype=torch.long, device=device)
             self.span_ends[rows - self.span[0]] = start_t + 1  # rows of the span outside the pass see key 0
             self._biases = {}

@@ -21,6 +21,7 @@ from plinth.adapt.lora import ADAPTER_FILE, PROJECTIONS, base_fingerprint, read_
 from plinth.errors import PlinthError
 from plinth.model import fused_parts
 
+
 class AdapterRows:
     """Which adapter each row of the next forward pass uses: (B,) ids, 0 = the base model."""
 
