@@ -10,6 +10,10 @@ dequantises the GGUF exactly, so both compute the same function).
 Both are timed from a loaded model to the accuracy (lm-eval's time includes building its
 requests from the task file, a small part). Targets (issue 7): the same accuracy within ±0.5
 point, and plinth ≥ 2× faster. Results go to benchmarks/results/eval.json.
+
+plinth's scorer sends its float32 products to oneDNN where that keeps float32 precision
+(plinth/onednn.py; about twice MKL's speed on AMD CPUs). A last row, for information, runs lm-eval
+under the same setting, to show how much of the lead that accounts for (`--no-anchor-onednn` skips it).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import argparse
 import json
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,6 +32,7 @@ from plinth.eval import datasets
 from plinth.eval.run import write_atomic
 from plinth.eval.tasks import EvalOptions, multiple_choice
 from plinth.loglik import BATCH_TOKENS
+from plinth.onednn import float32_on_onednn, keeps_float32
 
 TASK_YAML = """task: bench_mc
 dataset_path: json
@@ -57,7 +63,7 @@ def run_plinth(items, batch_tokens: int, dtype: str) -> dict:
             "choices_per_s": result["choices_scored"] / seconds}
 
 
-def run_lm_eval_hf(items, batch_size: int) -> dict:
+def run_lm_eval_hf(items, batch_size: int, onednn: bool = False) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -71,8 +77,9 @@ def run_lm_eval_hf(items, batch_size: int) -> dict:
                                 for i in items))
         Path(folder, "bench_mc.yaml").write_text(TASK_YAML.format(data=data))
         start = time.perf_counter()
-        out = simple_evaluate(model=lm, tasks=["bench_mc"], task_manager=TaskManager(include_path=folder),
-                              batch_size=batch_size)
+        with float32_on_onednn() if onednn else nullcontext():
+            out = simple_evaluate(model=lm, tasks=["bench_mc"], task_manager=TaskManager(include_path=folder),
+                                  batch_size=batch_size)
         seconds = time.perf_counter() - start
     choices = sum(len(i.choices) for i in items)
     return {"accuracy": out["results"]["bench_mc"]["acc,none"], "seconds": seconds,
@@ -89,6 +96,8 @@ def main():
                         "machine shared with other work, 1 avoids OpenMP threads waiting for each other")
     parser.add_argument("--extra-dtypes", default="", help="plinth rows besides float32, for information "
                         "(e.g. bfloat16: faster where the CPU has bf16 instructions, but not the same function)")
+    parser.add_argument("--no-anchor-onednn", dest="anchor_onednn", action="store_false",
+                        help="skip the informational lm-eval run with float32 products on oneDNN")
     parser.add_argument("--out", default="benchmarks/results/eval.json")
     args = parser.parse_args()
     if args.threads:
@@ -101,14 +110,16 @@ def main():
         rows[name] = run_plinth(items, args.batch_tokens, dtype)
         print(f"{name}: {rows[name]}", flush=True)
     rows["lm-eval hf"] = run_lm_eval_hf(items, args.hf_batch_size)
+    if args.anchor_onednn and keeps_float32():
+        rows["lm-eval hf+onednn"] = run_lm_eval_hf(items, args.hf_batch_size, onednn=True)
     ours, theirs = rows["plinth"], rows["lm-eval hf"]
     summary = {"accuracy_difference_points": 100 * (ours["accuracy"] - theirs["accuracy"]),
                "speedup": ours["items_per_s"] / theirs["items_per_s"]}
     print(f"{args.task}: {len(items)} items, {sum(len(i.choices) for i in items)} choices, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'engine':15} {'accuracy':>9} {'seconds':>8} {'items/s':>8} {'choices/s':>10}")
+    print(f"{'engine':17} {'accuracy':>9} {'seconds':>8} {'items/s':>8} {'choices/s':>10}")
     for name, r in rows.items():
-        print(f"{name:15} {r['accuracy']:9.4f} {r['seconds']:8.1f} {r['items_per_s']:8.2f} {r['choices_per_s']:10.2f}")
+        print(f"{name:17} {r['accuracy']:9.4f} {r['seconds']:8.1f} {r['items_per_s']:8.2f} {r['choices_per_s']:10.2f}")
     print(f"accuracy difference {summary['accuracy_difference_points']:+.2f} points (target ±0.5); "
           f"plinth {summary['speedup']:.2f}× faster (target ≥ 2×)")
     out = Path(args.out)

@@ -8,10 +8,16 @@ Each engine runs warm-up steps, then timed optimizer steps (forward, backward, A
 token batches, in float32 and under bfloat16 autocast (plinth's default where the CPU has native
 bf16); reported: tokens/s, MFU against a measured float32 matmul peak, and the ratios.
 Results go to benchmarks/results/train.json.
+
+plinth's training loop sends float32 products to oneDNN where that keeps float32 precision
+(plinth/onednn.py; about twice MKL's speed on AMD CPUs), so plinth runs that way here and the
+peak is measured that way. A last row, for information, runs transformers in float32 under the same
+setting, to show how much of the lead that accounts for.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 
 from plinth.config import preset
 from plinth.model import Transformer
+from plinth.onednn import float32_on_onednn, keeps_float32
 from plinth.train.loop import flops_per_token, measured_peak_flops
 
 
@@ -60,11 +67,12 @@ def transformers_step_fn(args):
     return model, step
 
 
-def measure(name, build, args, peak, precision):
+def measure(name, build, args, peak, precision, onednn: bool):
     model, raw_step = build(args)
 
     def step(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"), \
+                float32_on_onednn() if onednn else contextlib.nullcontext():
             raw_step(x, y)
     g = torch.Generator().manual_seed(1)
     batch = lambda: torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)  # noqa: E731
@@ -81,7 +89,7 @@ def measure(name, build, args, peak, precision):
     tokens = args.batch * args.seq
     params = sum(p.numel() for p in model.parameters())
     mfu = flops_per_token(params, args.layers, args.dim, args.seq) * tokens / seconds / peak
-    return {"engine": name, "precision": precision, "params": params, "step_s": seconds, "tok_s": tokens / seconds, "mfu": mfu}
+    return {"engine": name + ("+onednn" if onednn and name != "plinth" else ""), "precision": precision, "params": params, "step_s": seconds, "tok_s": tokens / seconds, "mfu": mfu}
 
 
 def main():
@@ -91,23 +99,29 @@ def main():
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--out", default="benchmarks/results/train.json")
     args = parser.parse_args()
-    peak = measured_peak_flops()
+    with float32_on_onednn():
+        peak = measured_peak_flops()
     rows = []
     for precision in ("float32", "bfloat16"):
-        rows.append(measure("plinth", plinth_step_fn, args, peak, precision))
+        rows.append(measure("plinth", plinth_step_fn, args, peak, precision, onednn=True))
         try:
-            rows.append(measure("transformers", transformers_step_fn, args, peak, precision))
+            rows.append(measure("transformers", transformers_step_fn, args, peak, precision, onednn=False))
         except ImportError:
             print("transformers is not installed: skipping it")
-    print(f"{'engine':14} {'precision':10} {'params':>10} {'step s':>8} {'tokens/s':>10} {'MFU':>6}")
+    if keeps_float32() and any(r["engine"] == "transformers" for r in rows):
+        rows.append(measure("transformers", transformers_step_fn, args, peak, "float32", onednn=True))
+    print(f"{'engine':20} {'precision':10} {'params':>10} {'step s':>8} {'tokens/s':>10} {'MFU':>6}")
     for r in rows:
-        print(f"{r['engine']:14} {r['precision']:10} {r['params']:>10,} {r['step_s']:>8.3f} {r['tok_s']:>10.0f} "
+        print(f"{r['engine']:20} {r['precision']:10} {r['params']:>10,} {r['step_s']:>8.3f} {r['tok_s']:>10.0f} "
               f"{r['mfu']:>6.1%}")
     speed = {(r["engine"], r["precision"]): r["tok_s"] for r in rows}
     for precision in ("float32", "bfloat16"):
         if ("transformers", precision) in speed:
             print(f"plinth / transformers, both {precision}: "
                   f"{speed[('plinth', precision)] / speed[('transformers', precision)]:.2f}×")
+    if ("transformers+onednn", "float32") in speed:
+        print(f"plinth / transformers with float32 products on oneDNN too, both float32: "
+              f"{speed[('plinth', 'float32')] / speed[('transformers+onednn', 'float32')]:.2f}×")
     if ("transformers", "float32") in speed:
         print(f"plinth's default (bf16 autocast) / transformers' default (float32): "
               f"{speed[('plinth', 'bfloat16')] / speed[('transformers', 'float32')]:.2f}×")

@@ -6,7 +6,8 @@ continuation token given everything before it. Where the time is saved:
   `batch_tokens` tokens (right padding never changes a causal model's earlier positions);
 - requests with the same context (the choices of one question) compute it once, into the KV
   cache, and then only their own continuation tokens;
-- the output layer, the largest matrix of a small model, runs only at the scored positions.
+- the output layer, the largest matrix of a small model, runs only at the scored positions;
+- float32 products run on oneDNN's kernels where they stay float32 (plinth/onednn.py).
 
     scored = score(model, [(tok.encode("The sky is"), tok.encode(" blue"))])
     sum(scored[0].logprobs), scored[0].greedy
@@ -20,6 +21,7 @@ from typing import Callable
 import torch
 
 from plinth.errors import PlinthError
+from plinth.onednn import float32_on_onednn
 
 # Padded tokens per forward pass. Bigger batches are slower per token on a CPU once a layer's
 # activations outgrow the caches (200 sentiment items, float32, one thread: 15.9 s at 1024, 28.2 s at 4096).
@@ -134,9 +136,11 @@ def score(model, requests: list[tuple[list[int], list[int]]], top: int = 0, batc
     work += [(None, batch) for batch in _batches(shared, shared_size, batch_tokens, length=lambda g: len(g[0]))]
     results: list[Scored | None] = [None] * len(requests)
     for group, batch in work:
-        order, hidden = (group, _plain_hidden(model, windows, group)) if batch is None \
-            else _shared_hidden(model, windows, batch)
-        picked, best, tops = _token_logprobs(model, hidden, torch.tensor([t for i in order for t in requests[i][1]]), top)
+        with float32_on_onednn():  # padded batches are large float32 products (see plinth/onednn.py)
+            order, hidden = (group, _plain_hidden(model, windows, group)) if batch is None \
+                else _shared_hidden(model, windows, batch)
+            picked, best, tops = _token_logprobs(model, hidden, torch.tensor([t for i in order for t in requests[i][1]]),
+                                                 top)
         start = 0
         for i in order:
             n = windows[i][1]

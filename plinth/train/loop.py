@@ -22,6 +22,7 @@ from plinth.data.shards import TokenData
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
 from plinth.model import Block, Transformer
+from plinth.onednn import float32_on_onednn
 from plinth.tokenizer import Tokenizer
 from plinth.train import checkpoint
 from plinth.train.dist import Dist, setup
@@ -160,6 +161,7 @@ def pretrain(recipe, resume: bool = False, log=print, dist_mode: str = "none") -
 
 
 @torch.enable_grad()  # whatever the caller's autograd mode
+@float32_on_onednn()  # float32 products (and the MFU peak) on oneDNN's kernels where they stay float32
 def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
           store: checkpoint.Weights = checkpoint.MODEL_WEIGHTS, d: Dist = Dist()) -> Path:
     """Train `model` on `data.batch(step, micro)` → (inputs, targets); targets equal to IGNORE take
