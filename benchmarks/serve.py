@@ -4,8 +4,10 @@ same run against llama-cpp-python's OpenAI server when it is installed.
     .venv/bin/python benchmarks/serve.py                     # clients 1, 4, 16, 64; max_tokens 128
     .venv/bin/python benchmarks/serve.py --clients 1 16 --max-tokens 64
 
-Each client sends one streamed chat completion (fixed prompts, greedy, max_tokens). Reported per
-server and concurrency, from the median of --repeats runs by tokens/s: aggregate output tokens/s
+Each client sends one streamed chat completion (fixed prompts, greedy, max_tokens). The
+concurrencies run in rounds (1, 4, 16, 64, then again), so that the machine's slow drifts in speed
+reach every concurrency alike and the ratios between them hold. Reported per server and
+concurrency, from the median of --repeats runs by tokens/s: aggregate output tokens/s
 (all tokens / wall time), median and p99 time to first token and inter-token latency (gaps between
 streamed chunks), and the server's peak RSS.
 Results go to benchmarks/results/serve.json.
@@ -97,9 +99,13 @@ def bench_server(name: str, command: list[str], port: int, health: str, args) ->
     try:
         wait_ready(proc, base + health)
         one_client(base, 0, 8)  # warm-up
+        measured = {clients: [] for clients in args.clients}
+        for _ in range(args.repeats):
+            for clients in args.clients:
+                measured[clients].append(measure(base, clients, args.max_tokens))
         rows = []
         for clients in args.clients:
-            runs = sorted((measure(base, clients, args.max_tokens) for _ in range(args.repeats)), key=lambda r: r["tok_s"])
+            runs = sorted(measured[clients], key=lambda r: r["tok_s"])
             row = {"server": name, **runs[len(runs) // 2], "tok_s_runs": [r["tok_s"] for r in runs],
                    "peak_rss_mb": peak_rss_mb(proc.pid)}
             print(f"{name:12} {clients:4d} clients  {row['tok_s']:7.1f} tok/s  ttft p50 {row['ttft_p50_s']:.2f}s "
