@@ -11,6 +11,10 @@ precision; on any other machine the block runs exactly as before.
 
     with float32_on_onednn():
         loss = model(x)...           # training, log-likelihood scoring: large float32 products
+
+Attention runs with the switch off (`paused()`): PyTorch's CPU attention kernel multiplies many
+small blocks, and through oneDNN each of those calls costs more (200 sentiment items: attention
+0.3 s on MKL, 1.4 s on oneDNN).
 """
 from __future__ import annotations
 
@@ -48,6 +52,9 @@ def _route(precision: str):
         torch.backends.mkldnn.matmul.fp32_precision = before
 
 
+_outside: list[str] = []  # the setting before each open float32_on_onednn() block that switched it
+
+
 @contextmanager
 def float32_on_onednn():
     """Run the block's float32 matmuls on oneDNN's kernels where `keeps_float32()`; the setting
@@ -55,5 +62,19 @@ def float32_on_onednn():
     if not keeps_float32():
         yield
         return
-    with _route(ROUTE):
+    _outside.append(torch.backends.mkldnn.matmul.fp32_precision)
+    try:
+        with _route(ROUTE):
+            yield
+    finally:
+        _outside.pop()
+
+
+@contextmanager
+def paused():
+    """Inside a float32_on_onednn() block, run this part with the setting it had outside."""
+    if not _outside:
+        yield
+        return
+    with _route(_outside[0]):
         yield

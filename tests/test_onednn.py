@@ -46,3 +46,15 @@ def test_the_probe_rejects_bfloat16_arithmetic(monkeypatch):
     finally:
         monkeypatch.undo()
         onednn.keeps_float32.cache_clear()
+
+
+def test_paused_runs_a_part_of_the_block_with_the_setting_from_outside():
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with onednn.paused():  # outside any block: nothing to pause
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+    with onednn.float32_on_onednn():
+        inside = torch.backends.mkldnn.matmul.fp32_precision
+        with onednn.paused():
+            assert torch.backends.mkldnn.matmul.fp32_precision == before
+        assert torch.backends.mkldnn.matmul.fp32_precision == inside
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
