@@ -89,7 +89,7 @@ def measure(name, build, args, peak, precision, onednn: bool):
     tokens = args.batch * args.seq
     params = sum(p.numel() for p in model.parameters())
     mfu = flops_per_token(params, args.layers, args.dim, args.seq) * tokens / seconds / peak
-    return {"engine": name + ("+onednn" if onednn and name != "plinth" else ""), "precision": precision, "params": params, "step_s": seconds, "tok_s": tokens / seconds, "mfu": mfu}
+    return {"engine": name, "precision": precision, "params": params, "step_s": seconds, "tok_s": tokens / seconds, "mfu": mfu}
 
 
 def main():
@@ -109,7 +109,7 @@ def main():
         except ImportError:
             print("transformers is not installed: skipping it")
     if keeps_float32() and any(r["engine"] == "transformers" for r in rows):
-        rows.append(measure("transformers", transformers_step_fn, args, peak, "float32", onednn=True))
+        rows.append(measure("transformers+onednn", transformers_step_fn, args, peak, "float32", onednn=True))
     print(f"{'engine':20} {'precision':10} {'params':>10} {'step s':>8} {'tokens/s':>10} {'MFU':>6}")
     for r in rows:
         print(f"{r['engine']:20} {r['precision']:10} {r['params']:>10,} {r['step_s']:>8.3f} {r['tok_s']:>10.0f} "

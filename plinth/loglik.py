@@ -114,6 +114,7 @@ def _shared_hidden(model, windows, batch: list[tuple[list[int], list[int]]]):
 
 
 @torch.inference_mode()
+@float32_on_onednn()  # padded batches are large float32 products (see plinth/onednn.py)
 def score(model, requests: list[tuple[list[int], list[int]]], top: int = 0, batch_tokens: int = BATCH_TOKENS,
           progress: Callable[[int], None] | None = None) -> list[Scored]:
     """Score every (context, continuation) request; results come back in the requests' order.
@@ -136,11 +137,9 @@ def score(model, requests: list[tuple[list[int], list[int]]], top: int = 0, batc
     work += [(None, batch) for batch in _batches(shared, shared_size, batch_tokens, length=lambda g: len(g[0]))]
     results: list[Scored | None] = [None] * len(requests)
     for group, batch in work:
-        with float32_on_onednn():  # padded batches are large float32 products (see plinth/onednn.py)
-            order, hidden = (group, _plain_hidden(model, windows, group)) if batch is None \
-                else _shared_hidden(model, windows, batch)
-            picked, best, tops = _token_logprobs(model, hidden, torch.tensor([t for i in order for t in requests[i][1]]),
-                                                 top)
+        order, hidden = (group, _plain_hidden(model, windows, group)) if batch is None \
+            else _shared_hidden(model, windows, batch)
+        picked, best, tops = _token_logprobs(model, hidden, torch.tensor([t for i in order for t in requests[i][1]]), top)
         start = 0
         for i in order:
             n = windows[i][1]
