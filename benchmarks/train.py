@@ -6,19 +6,22 @@ LlamaForCausalLM + torch.optim.AdamW, same shapes, batch and sequence length, in
 
 Each engine runs warm-up steps, then timed optimizer steps (forward, backward, AdamW) on random
 token batches, in float32 and under bfloat16 autocast (plinth's default where the CPU has native
-bf16); reported: tokens/s, MFU against a measured float32 matmul peak, and the ratios.
+bf16); reported: tokens/s, MFU against a measured float32 matmul peak, and the ratios. Every row
+runs in a fresh process, so none inherits another's allocator or kernel settings.
 Results go to benchmarks/results/train.json.
 
-plinth's training loop sends float32 products to oneDNN where that keeps float32 precision
-(plinth/onednn.py; about twice MKL's speed on AMD CPUs), so plinth runs that way here and the
-peak is measured that way. A last row, for information, runs transformers in float32 under the same
-setting, to show how much of the lead that accounts for.
+plinth's training loop runs under `training_runtime()`: float32 products on oneDNN where that
+keeps float32 precision (plinth/onednn.py; about twice MKL's speed on AMD CPUs) and freed memory
+kept for the next step (plinth/heap.py); plinth runs that way here and the peak is measured that
+way. Two last rows, for information, run transformers under the same runtime settings: what is
+left of the lead there comes from the model and loss themselves.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -28,8 +31,8 @@ import torch.nn.functional as F
 
 from plinth.config import preset
 from plinth.model import Transformer
-from plinth.onednn import float32_on_onednn, keeps_float32
-from plinth.train.loop import flops_per_token, measured_peak_flops
+from plinth.onednn import float32_on_onednn
+from plinth.train.loop import flops_per_token, measured_peak_flops, training_runtime
 
 
 def plinth_step_fn(args):
@@ -41,8 +44,8 @@ def plinth_step_fn(args):
     model.init_weights()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    def step(x, y):
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    def step(x, y):  # as the training loop: the model's loss fused with its output layer, summed
+        loss = model(x, targets=y) / y.numel()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -67,12 +70,18 @@ def transformers_step_fn(args):
     return model, step
 
 
-def measure(name, build, args, peak, precision, onednn: bool):
+def measure(name, build, args, peak, precision, runtime: bool):
+    """One row, in a fresh process."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure_here, (name, build, args, peak, precision, runtime))
+
+
+def measure_here(name, build, args, peak, precision, runtime: bool):
     model, raw_step = build(args)
 
     def step(x, y):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"), \
-                float32_on_onednn() if onednn else contextlib.nullcontext():
+                training_runtime() if runtime else contextlib.nullcontext():
             raw_step(x, y)
     g = torch.Generator().manual_seed(1)
     batch = lambda: torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)  # noqa: E731
@@ -103,13 +112,14 @@ def main():
         peak = measured_peak_flops()
     rows = []
     for precision in ("float32", "bfloat16"):
-        rows.append(measure("plinth", plinth_step_fn, args, peak, precision, onednn=True))
+        rows.append(measure("plinth", plinth_step_fn, args, peak, precision, runtime=True))
         try:
-            rows.append(measure("transformers", transformers_step_fn, args, peak, precision, onednn=False))
+            rows.append(measure("transformers", transformers_step_fn, args, peak, precision, runtime=False))
         except ImportError:
             print("transformers is not installed: skipping it")
-    if keeps_float32() and any(r["engine"] == "transformers" for r in rows):
-        rows.append(measure("transformers+onednn", transformers_step_fn, args, peak, "float32", onednn=True))
+    if any(r["engine"] == "transformers" for r in rows):
+        for precision in ("float32", "bfloat16"):
+            rows.append(measure("transformers+runtime", transformers_step_fn, args, peak, precision, runtime=True))
     print(f"{'engine':20} {'precision':10} {'params':>10} {'step s':>8} {'tokens/s':>10} {'MFU':>6}")
     for r in rows:
         print(f"{r['engine']:20} {r['precision']:10} {r['params']:>10,} {r['step_s']:>8.3f} {r['tok_s']:>10.0f} "
@@ -119,9 +129,10 @@ def main():
         if ("transformers", precision) in speed:
             print(f"plinth / transformers, both {precision}: "
                   f"{speed[('plinth', precision)] / speed[('transformers', precision)]:.2f}×")
-    if ("transformers+onednn", "float32") in speed:
-        print(f"plinth / transformers with float32 products on oneDNN too, both float32: "
-              f"{speed[('plinth', 'float32')] / speed[('transformers+onednn', 'float32')]:.2f}×")
+    for precision in ("float32", "bfloat16"):
+        if ("transformers+runtime", precision) in speed:
+            print(f"plinth / transformers under plinth's runtime settings too, both {precision}: "
+                  f"{speed[('plinth', precision)] / speed[('transformers+runtime', precision)]:.2f}×")
     if ("transformers", "float32") in speed:
         print(f"plinth's default (bf16 autocast) / transformers' default (float32): "
               f"{speed[('plinth', 'bfloat16')] / speed[('transformers', 'float32')]:.2f}×")

@@ -15,7 +15,7 @@ from plinth.adapt.finetune import FinetuneRecipe, finetune, prepare
 from plinth.cli import main
 from plinth.errors import PlinthError
 from plinth.train import checkpoint
-from plinth.train.loop import IGNORE
+from plinth.loss import IGNORE
 from plinth.train.recipe import load_recipe
 from tests.conftest import byte_tokenizer, tiny_model
 
@@ -184,15 +184,14 @@ def test_recipes_parse_and_unknown_keys_are_errors():
 def test_recompute_and_target_only_logits_leave_the_gradients_unchanged(tmp_path, base, reviews):
     """Activation checkpointing and projecting only target positions are pure savings: the same
     loss and the same gradients as the plain forward over every position."""
-    from plinth.train.loop import scored_outputs
     grads = {}
     for recompute in (False, True):
         model, _, data = prepare(recipe(tmp_path, base, reviews, activation_checkpointing=recompute, lora_dropout=0.0), log=quiet)
         x, y = data.batch(0, 0)
-        logits, kept = scored_outputs(model, x, y)
+        logits, kept = model.logits_at_targets(x, y)
         full = model(x)
         torch.testing.assert_close(logits, full[y != IGNORE])  # only the counted positions, same values
-        torch.nn.functional.cross_entropy(logits, kept).backward()
+        model(x, targets=y).backward()  # the training loss, fused with the output layer
         grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad)

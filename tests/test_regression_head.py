@@ -12,7 +12,8 @@ from plinth.adapt.classify import Head
 from plinth.adapt.finetune import evaluate, finetune, prepare
 from plinth.errors import PlinthError
 from plinth.cli import main
-from plinth.train.loop import summed_loss, target_count
+from plinth.loss import summed_loss
+from plinth.train.loop import target_count
 from tests.test_finetune import BAD, GOOD, base, quiet, recipe, write_lines  # noqa: F401 (base is a fixture)
 
 

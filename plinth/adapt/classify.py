@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from plinth.adapt.examples import model_inputs
 from plinth.errors import PlinthError
-from plinth.train.loop import IGNORE
+from plinth.loss import IGNORE, summed_loss
 
 POOLING = ("last", "mean")
 KINDS = ("classification", "regression")
@@ -87,7 +87,13 @@ class Finetuned(nn.Module):
         self.backbone, self.head = backbone, head
         self.config = backbone.config
 
-    def forward(self, x):
+    def forward(self, x, targets=None):
+        """The outputs above; with `targets` (B, T) token ids, or (B, 1) class ids or numbers for
+        a head: instead, the loss summed over the targets that count (see plinth/loss.py)."""
+        if targets is not None:
+            if self.head is not None:
+                return summed_loss(self(x), targets[:, 0])
+            return self.backbone.output_loss(*self._features_at_targets(x, targets))
         tokens, documents = model_inputs(x)
         mask = tokens >= 0
         tokens = tokens.clamp(min=0)  # padding becomes token 0 at the end of each row: causal, so unseen
@@ -96,16 +102,20 @@ class Finetuned(nn.Module):
         return self.head(self.backbone.features(tokens, documents=documents), mask)
 
     def logits_at_targets(self, x, y):
-        """Training: scores only where a target counts, (N, V) and (N,) (see train/loop.py). With a
-        head, one target per row: (B, labels) and (B,) class ids, or (B,) and (B,) numbers."""
+        """Evaluation: scores only where a target counts, (N, V) and (N,). With a head, one target
+        per row: (B, labels) and (B,) class ids, or (B,) and (B,) numbers."""
         if self.head is not None:
             return self(x), y[:, 0]
+        hidden, kept = self._features_at_targets(x, y)
+        return self.backbone.project(hidden), kept
+
+    def _features_at_targets(self, x, y):
+        """Final hidden states (N, C) and targets (N,) of the positions whose target counts: most
+        positions of fine-tuning data are masked, and the vocabulary projection is the largest
+        matmul (and activation) of a small model."""
         tokens, documents = model_inputs(x)
         keep = y != IGNORE
-        hidden = self.backbone.features(tokens.clamp(min=0), documents=documents)[keep]  # (N, C)
-        logits = self.backbone.output(hidden)
-        cap = self.config.final_softcap
-        return (torch.tanh(logits / cap) * cap if cap is not None else logits), y[keep]
+        return self.backbone.features(tokens.clamp(min=0), documents=documents)[keep], y[keep]
 
 
 @torch.inference_mode()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from plinth.errors import PlinthError
-from plinth.train.loop import IGNORE
+from plinth.loss import IGNORE
 
 PAD = -1
 

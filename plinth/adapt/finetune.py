@@ -36,7 +36,8 @@ from plinth.adapt.prompting import PromptTask, answer_tokens, check_label
 from plinth.errors import PlinthError
 from plinth.loaded import read_model
 from plinth.train import checkpoint
-from plinth.train.loop import IGNORE, autocast, scored_outputs, summed_loss, train
+from plinth.loss import IGNORE, summed_loss
+from plinth.train.loop import autocast, train
 from plinth.train.recipe import LoopRecipe
 
 TASKS, METHODS = ("label", "classify", "regress", "chat"), ("full", "lora", "qlora", "probe")
@@ -222,7 +223,7 @@ def evaluate(model, data: ExampleData, r) -> dict:
     predicted_numbers, true_numbers = [], []
     for x, y in data.val_batches(r.eval_batches):
         with autocast(r):
-            logits, kept = scored_outputs(model, x, y)  # (N, V) and (N,), row after row
+            logits, kept = model.logits_at_targets(x, y)  # (N, V) and (N,), row after row
         logits = logits.float()
         loss_sum += float(summed_loss(logits, kept))
         targets += len(kept)

@@ -15,7 +15,7 @@ import json
 from plinth.adapt.examples import Example, read_jsonl
 from plinth.data.chitchat import chitchat_conversations
 from plinth.errors import PlinthError
-from plinth.train.loop import IGNORE
+from plinth.loss import IGNORE
 
 ROLES = ("system", "user", "assistant")
 

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from plinth.config import preset
 from plinth.data.shards import TokenData
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
+from plinth.heap import freed_memory_kept
+from plinth.loss import IGNORE
 from plinth.model import Block, Transformer
 from plinth.onednn import float32_on_onednn
 from plinth.tokenizer import Tokenizer
@@ -28,7 +29,13 @@ from plinth.train import checkpoint
 from plinth.train.dist import Dist, setup
 from plinth.train.memory import check_fits
 
-IGNORE = -100  # target id that takes no part in the loss (padding, masked prompt tokens)
+@contextlib.contextmanager
+def training_runtime():
+    """What training runs under: float32 products on oneDNN's kernels where they stay float32
+    (plinth/onednn.py; the MFU peak is measured the same way), and freed memory kept for the next
+    step instead of faulted in anew (plinth/heap.py)."""
+    with float32_on_onednn(), freed_memory_kept():
+        yield
 
 
 def lr_multiplier(step: int, r) -> float:
@@ -88,24 +95,6 @@ def flops_per_token(params: int, n_layers: int, dim: int, seq_len: int, trainabl
     return 4 * params + 2 * trainable + 12 * n_layers * dim * seq_len
 
 
-def scored_outputs(model, x, y):
-    """Logits (N, V) and targets (N,) of a micro-batch. A model with `logits_at_targets` (fine-tuning)
-    projects only the positions whose target counts: most positions of fine-tuning data are masked,
-    and the vocabulary projection is the largest matmul (and activation) of a small model."""
-    if hasattr(model, "logits_at_targets"):
-        return model.logits_at_targets(x, y)
-    return model(x).flatten(0, 1), y.flatten()
-
-
-def summed_loss(scores, targets):
-    """A micro-batch's loss, summed over its targets (the loop divides by the step's target count).
-    The targets say which loss: token or class ids → cross-entropy (IGNORE takes no part); float
-    numbers → squared error (a regression head)."""
-    if targets.is_floating_point():
-        return F.mse_loss(scores.float(), targets, reduction="sum")
-    return F.cross_entropy(scores.float(), targets, ignore_index=IGNORE, reduction="sum")
-
-
 def target_count(y) -> int:
     """How many targets of a batch take part in the loss: every float target (regression has one
     per row, never padded), the ids other than IGNORE otherwise."""
@@ -124,8 +113,7 @@ def evaluate(model, data: TokenData, r) -> dict:
         for x, y in data.val_batches(r.eval_batches, source):
             x, y = x.to(device), y.to(device)
             with autocast(r, device):
-                logits = model(x)
-            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+                total += float(model(x, targets=y))
             count += y.numel()
         loss = total / count
         suffix = f"/{source}" if source else ""
@@ -161,11 +149,11 @@ def pretrain(recipe, resume: bool = False, log=print, dist_mode: str = "none") -
 
 
 @torch.enable_grad()  # whatever the caller's autograd mode
-@float32_on_onednn()  # float32 products (and the MFU peak) on oneDNN's kernels where they stay float32
+@training_runtime()
 def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
           store: checkpoint.Weights = checkpoint.MODEL_WEIGHTS, d: Dist = Dist()) -> Path:
-    """Train `model` on `data.batch(step, micro)` → (inputs, targets); targets equal to IGNORE take
-    no part in the loss. Fine-tuning passes its own `evaluate(model, data, r)` and a `store` that
+    """Train `model` on `data.batch(step, micro)` → (inputs, targets); `model(inputs, targets=targets)`
+    returns the loss summed over the targets other than IGNORE. Fine-tuning passes its own `evaluate(model, data, r)` and a `store` that
     saves only what it trains (e.g. a LoRA adapter); pretraining under torchrun passes `d`."""
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -215,8 +203,7 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
                 x, y = d.rows(x), d.rows(y)
                 with d.gradient_sync(model, micro == len(batches) - 1):
                     with autocast(r, d.device):
-                        logits, kept = scored_outputs(model, x, y)
-                    loss = summed_loss(logits, kept)
+                        loss = model(x, targets=y)
                     (loss * d.loss_scale / targets).backward()
                 loss_sum += float(loss.detach())
             train_loss = d.sum(loss_sum) / targets

@@ -1,0 +1,58 @@
+"""Keep freed memory in the process while training, instead of handing it back to the OS (glibc).
+
+glibc returns large freed blocks to the operating system: blocks over its mmap threshold are
+unmapped on free, and free space at the top of the heap over its trim threshold is trimmed. A
+training step frees its activations and gradients and allocates the same sizes again in the next
+step, so the kernel maps, faults in and zeroes every 4 KiB page anew, every step. For the
+pretrain-tiny model on this machine that was about 100,000 page faults and 0.25 CPU-seconds in the
+kernel per 0.66-second step. Inside `freed_memory_kept()` every block comes from the heap and the
+heap is never trimmed, so from the second step on the same memory is reused: no page faults.
+The process keeps its peak memory until the block ends; then glibc's trimming comes back.
+
+On other C libraries (macOS, musl) nothing changes.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from contextlib import contextmanager
+
+# mallopt() parameters and glibc's defaults for them (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+NEVER_TRIM = 2 ** 31 - 1  # mallopt takes an int: the largest "top of the heap" glibc then keeps
+
+
+@functools.cache
+def _mallopt():
+    """glibc's mallopt, or None on another C library."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 -- only glibc has it (and mallopt's parameters above)
+        return libc.mallopt
+    except (OSError, AttributeError):
+        return None
+
+
+_depth = 0  # open freed_memory_kept() blocks: only the outermost one restores glibc's settings
+
+
+@contextmanager
+def freed_memory_kept():
+    global _depth
+    mallopt = _mallopt()
+    if mallopt is None:
+        yield
+        return
+    if _depth == 0:
+        mallopt(M_MMAP_MAX, 0)  # every block from the heap, which free() does not unmap
+        mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0:
+            mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+            mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
