@@ -7,7 +7,9 @@ step, so the kernel maps, faults in and zeroes every 4 KiB page anew, every step
 pretrain-tiny model on this machine that was about 100,000 page faults and 0.25 CPU-seconds in the
 kernel per 0.66-second step. Inside `freed_memory_kept()` every block comes from the heap and the
 heap is never trimmed, so from the second step on the same memory is reused: no page faults.
-The process keeps its peak memory until the block ends; then glibc's trimming comes back.
+The process keeps its peak memory until the block ends; then it is handed back and glibc's
+default settings come back (as fixed thresholds: setting them turns off glibc's adaptive mmap
+threshold for the rest of the process).
 
 On other C libraries (macOS, musl) nothing changes.
 """
@@ -25,12 +27,12 @@ NEVER_TRIM = 2 ** 31 - 1  # mallopt takes an int: the largest "top of the heap" 
 
 
 @functools.cache
-def _mallopt():
-    """glibc's mallopt, or None on another C library."""
+def _glibc():
+    """The C library if it is glibc (whose mallopt takes the parameters above), else None."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 -- only glibc has it (and mallopt's parameters above)
-        return libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 -- only glibc has it
+        return libc
     except (OSError, AttributeError):
         return None
 
@@ -41,18 +43,19 @@ _depth = 0  # open freed_memory_kept() blocks: only the outermost one restores g
 @contextmanager
 def freed_memory_kept():
     global _depth
-    mallopt = _mallopt()
-    if mallopt is None:
+    libc = _glibc()
+    if libc is None:
         yield
         return
     if _depth == 0:
-        mallopt(M_MMAP_MAX, 0)  # every block from the heap, which free() does not unmap
-        mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
+        libc.mallopt(M_MMAP_MAX, 0)  # every block from the heap, which free() does not unmap
+        libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
     _depth += 1
     try:
         yield
     finally:
         _depth -= 1
         if _depth == 0:
-            mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-            mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+            libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+            libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+            libc.malloc_trim(0)  # hand back what the block kept
