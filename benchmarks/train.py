@@ -7,7 +7,8 @@ LlamaForCausalLM + torch.optim.AdamW, same shapes, batch and sequence length, in
 Each engine runs warm-up steps, then timed optimizer steps (forward, backward, AdamW) on random
 token batches, in float32 and under bfloat16 autocast (plinth's default where the CPU has native
 bf16); reported: tokens/s, MFU against a measured float32 matmul peak, and the ratios. Every row
-runs in a fresh process, so none inherits another's allocator or kernel settings.
+runs in a fresh process, so none inherits another's allocator or kernel settings, and the rows
+run in interleaved rounds (--rounds), the median round reported.
 Results go to benchmarks/results/train.json.
 
 plinth's training loop runs under `training_runtime()`: float32 products on oneDNN where that
@@ -77,23 +78,21 @@ def measure(name, build, args, peak, precision, runtime: bool):
 
 
 def measure_here(name, build, args, peak, precision, runtime: bool):
-    model, raw_step = build(args)
-
-    def step(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"), \
-                training_runtime() if runtime else contextlib.nullcontext():
-            raw_step(x, y)
+    model, step = build(args)
     g = torch.Generator().manual_seed(1)
     batch = lambda: torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)  # noqa: E731
-    for _ in range(args.warmup):
-        rows = batch()
-        step(rows[:, :-1], rows[:, 1:])
     times = []
-    for _ in range(args.steps):
-        rows = batch()
-        start = time.perf_counter()
-        step(rows[:, :-1], rows[:, 1:])
-        times.append(time.perf_counter() - start)
+    # around all steps, as around the training loop: kept memory is reused from one step to the next
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"), \
+            training_runtime() if runtime else contextlib.nullcontext():
+        for _ in range(args.warmup):
+            rows = batch()
+            step(rows[:, :-1], rows[:, 1:])
+        for _ in range(args.steps):
+            rows = batch()
+            start = time.perf_counter()
+            step(rows[:, :-1], rows[:, 1:])
+            times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     tokens = args.batch * args.seq
     params = sum(p.numel() for p in model.parameters())
@@ -104,26 +103,32 @@ def measure_here(name, build, args, peak, precision, runtime: bool):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in [("vocab", 4096), ("dim", 256), ("layers", 4), ("heads", 4), ("kv-heads", 2),
-                          ("ffn", 768), ("seq", 256), ("batch", 16), ("warmup", 3), ("steps", 10)]:
+                          ("ffn", 768), ("seq", 256), ("batch", 16), ("warmup", 3), ("steps", 10), ("rounds", 3)]:
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--out", default="benchmarks/results/train.json")
     args = parser.parse_args()
     with float32_on_onednn():
         peak = measured_peak_flops()
+    specs = [(engine, build, precision, engine == "plinth") for precision in ("float32", "bfloat16")
+             for engine, build in (("plinth", plinth_step_fn), ("transformers", transformers_step_fn))]
+    try:
+        import transformers  # noqa: F401
+        specs += [("transformers+runtime", transformers_step_fn, precision, True) for precision in ("float32", "bfloat16")]
+    except ImportError:
+        print("transformers is not installed: skipping it")
+        specs = [spec for spec in specs if spec[0] == "plinth"]
+    runs = {(engine, precision): [] for engine, _, precision, _ in specs}
+    for _ in range(args.rounds):  # rounds of every row, so the machine's drifts in speed reach all rows alike
+        for engine, build, precision, runtime in specs:
+            runs[engine, precision].append(measure(engine, build, args, peak, precision, runtime))
     rows = []
-    for precision in ("float32", "bfloat16"):
-        rows.append(measure("plinth", plinth_step_fn, args, peak, precision, runtime=True))
-        try:
-            rows.append(measure("transformers", transformers_step_fn, args, peak, precision, runtime=False))
-        except ImportError:
-            print("transformers is not installed: skipping it")
-    if any(r["engine"] == "transformers" for r in rows):
-        for precision in ("float32", "bfloat16"):
-            rows.append(measure("transformers+runtime", transformers_step_fn, args, peak, precision, runtime=True))
-    print(f"{'engine':20} {'precision':10} {'params':>10} {'step s':>8} {'tokens/s':>10} {'MFU':>6}")
+    for measured in runs.values():
+        middle = sorted(measured, key=lambda r: r["step_s"])[len(measured) // 2]
+        rows.append({**middle, "tok_s_runs": [r["tok_s"] for r in measured]})
+    print(f"{'engine':20} {'precision':10} {'params':>10} {'step s':>8} {'tokens/s':>10} {'MFU':>6}  tokens/s per round")
     for r in rows:
         print(f"{r['engine']:20} {r['precision']:10} {r['params']:>10,} {r['step_s']:>8.3f} {r['tok_s']:>10.0f} "
-              f"{r['mfu']:>6.1%}")
+              f"{r['mfu']:>6.1%}  {' '.join(f'{t:.0f}' for t in r['tok_s_runs'])}")
     speed = {(r["engine"], r["precision"]): r["tok_s"] for r in rows}
     for precision in ("float32", "bfloat16"):
         if ("transformers", precision) in speed:
