@@ -6,7 +6,7 @@ LlamaForCausalLM + torch.optim.AdamW, same shapes, batch and sequence length, in
 
 Each engine runs warm-up steps, then timed optimizer steps (forward, backward, AdamW) on random
 token batches, in float32 and under bfloat16 autocast (plinth's default where the CPU has native
-bf16); reported: tokens/s, MFU against a measured float32 matmul peak, and the ratios. Every row
+bf16); reported: tokens/s, MFU against the measured matmul peak in that precision, and the ratios. Every row
 runs in a fresh process, so none inherits another's allocator or kernel settings, and the rows
 run in interleaved rounds (--rounds), the median round reported.
 Results go to benchmarks/results/train.json.
@@ -107,25 +107,27 @@ def main():
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--out", default="benchmarks/results/train.json")
     args = parser.parse_args()
-    with float32_on_onednn():
-        peak = measured_peak_flops()
+    with float32_on_onednn():  # each precision's MFU against the peak of products in that precision
+        peaks = {"float32": measured_peak_flops(torch.float32), "bfloat16": measured_peak_flops(torch.bfloat16)}
     specs = [(engine, build, precision, engine == "plinth") for precision in ("float32", "bfloat16")
              for engine, build in (("plinth", plinth_step_fn), ("transformers", transformers_step_fn))]
     try:
         import transformers  # noqa: F401
-        specs += [("transformers+runtime", transformers_step_fn, precision, True) for precision in ("float32", "bfloat16")]
+        specs += [("transformers+runtime", transformers_step_fn, precision, True)
+                  for precision in ("float32", "bfloat16")]
     except ImportError:
         print("transformers is not installed: skipping it")
         specs = [spec for spec in specs if spec[0] == "plinth"]
     runs = {(engine, precision): [] for engine, _, precision, _ in specs}
     for _ in range(args.rounds):  # rounds of every row, so the machine's drifts in speed reach all rows alike
         for engine, build, precision, runtime in specs:
-            runs[engine, precision].append(measure(engine, build, args, peak, precision, runtime))
+            runs[engine, precision].append(measure(engine, build, args, peaks[precision], precision, runtime))
     rows = []
     for measured in runs.values():
         middle = sorted(measured, key=lambda r: r["step_s"])[len(measured) // 2]
         rows.append({**middle, "tok_s_runs": [r["tok_s"] for r in measured]})
-    print(f"{'engine':20} {'precision':10} {'params':>10} {'step s':>8} {'tokens/s':>10} {'MFU':>6}  tokens/s per round")
+    print(f"{'engine':20} {'precision':10} {'params':>10} {'step s':>8} {'tokens/s':>10} {'MFU':>6}  "
+          "tokens/s per round")
     for r in rows:
         print(f"{r['engine']:20} {r['precision']:10} {r['params']:>10,} {r['step_s']:>8.3f} {r['tok_s']:>10.0f} "
               f"{r['mfu']:>6.1%}  {' '.join(f'{t:.0f}' for t in r['tok_s_runs'])}")
@@ -142,7 +144,7 @@ def main():
         print(f"plinth's default (bf16 autocast) / transformers' default (float32): "
               f"{speed[('plinth', 'bfloat16')] / speed[('transformers', 'float32')]:.2f}×")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": vars(args), "peak_flops": peak, "results": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"settings": vars(args), "peak_flops": peaks, "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

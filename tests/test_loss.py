@@ -21,7 +21,8 @@ def test_model_forward_with_targets_is_the_summed_loss_of_its_logits(softcap):
         if through_forward:
             total = model(tokens, targets=targets)
         else:
-            total = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+            logits = model(tokens).flatten(0, 1)
+            total = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
         total.backward()
         results.append((float(total.detach()), [p.grad.clone() for p in model.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)

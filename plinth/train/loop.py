@@ -70,20 +70,32 @@ def bf16_supported(device: torch.device = torch.device("cpu")) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def autocast(r, device: torch.device = torch.device("cpu")):
+def autocast_dtype(r, device: torch.device = torch.device("cpu")) -> torch.dtype | None:
+    """bfloat16 where the recipe's `autocast` asks for it ("auto": where the hardware has native
+    bfloat16 matmuls), else None (float32)."""
     if r.autocast == "bfloat16" or (r.autocast == "auto" and bf16_supported(device)):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.bfloat16
+    return None
 
 
-def measured_peak_flops(size: int = 2048, tries: int = 5) -> float:
-    """Best FLOP/s of a large float32 matmul on this machine: the denominator of the MFU estimate
-    (CPUs publish no single peak figure; the best of several runs approaches what the cores do)."""
-    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))  # leaves the global RNG (dropout) alone
+def autocast(r, device: torch.device = torch.device("cpu")):
+    dtype = autocast_dtype(r, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def measured_peak_flops(dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
+                        size: int = 2048, tries: int = 5) -> float:
+    """Best FLOP/s of a large matmul in `dtype` (the one training's products run in) on `device`:
+    the denominator of the MFU estimate (CPUs publish no single peak figure; the best of several
+    runs approaches what the cores do)."""
+    generator = torch.Generator().manual_seed(0)  # leaves the global RNG (dropout) alone
+    a = torch.randn(size, size, generator=generator).to(device, dtype)
     best = float("inf")
-    for _ in range(tries):
+    for _ in range(tries + 1):  # the first product also pays for kernel set-up: one more try
         start = time.perf_counter()
         a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best
 
@@ -187,7 +199,7 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
     model.train()
     step_tokens = r.batch_size * r.seq_len * r.grad_accum
     step_flops = flops_per_token(params, config.n_layers, config.dim, r.seq_len, trainable) * step_tokens
-    peak = measured_peak_flops() * d.world
+    peak = measured_peak_flops(autocast_dtype(r, d.device) or torch.float32, d.device) * d.world
     started, first_step = time.perf_counter(), step
     with open(metrics_path, "a") if d.main else contextlib.nullcontext() as metrics:
         while step < r.max_steps:
