@@ -31,7 +31,7 @@ def test_freed_memory_is_reused_inside_the_block_and_returned_outside():
             pass
         page_faults_per_allocation()  # the heap settles over the first few blocks
         assert page_faults_per_allocation() < 100
-        assert resident_mib() > resident + 64  # kept, though freed
+        assert resident_mib() > resident + 48  # the 64 MiB block kept, though freed
     assert resident_mib() < resident + 32  # handed back when the block ends
     assert page_faults_per_allocation() > 4000
 
