@@ -2,6 +2,7 @@
 outside it glibc hands large blocks back to the OS and every allocation faults its pages in again.
 Measured in a fresh interpreter: what glibc does with a block depends on the heap's history."""
 import json
+import os
 import subprocess
 import sys
 
@@ -41,12 +42,22 @@ print(json.dumps(seen))
 '''
 
 
+def run_child(**env) -> dict:
+    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True,
+                          env={**os.environ, **env})
+    return json.loads(done.stdout)
+
+
 def test_freed_memory_is_reused_inside_the_block_and_handed_back_after_it():
-    seen = json.loads(subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
-                                     check=True).stdout)
+    seen = run_child()
     assert seen["outside"] > 4000  # 16,384 pages of 4 KiB: each faulted in again
     assert seen["inside"] < 100
     assert seen["resident_inside"] > seen["resident"] + 48  # the 64 MiB block kept, though freed
     assert seen["resident_after"] < seen["resident"] + 32  # handed back when the block ends
     assert seen["after"] > 4000 and seen["after_error"] > 4000  # glibc's settings back, also after an error
     assert seen["depth"] == 0
+
+
+def test_a_user_tuned_allocator_is_left_alone():
+    seen = run_child(MALLOC_ARENA_MAX="2")  # any glibc allocator setting of the user's
+    assert seen["outside"] > 4000 and seen["inside"] > 4000

@@ -30,10 +30,13 @@ from plinth.train.dist import Dist, setup
 from plinth.train.memory import check_fits
 
 @contextlib.contextmanager
-def training_runtime():
-    """What training runs under: float32 products on oneDNN's kernels where they stay float32
-    (plinth/onednn.py; the MFU peak is measured the same way), and freed memory kept for the next
-    step instead of faulted in anew (plinth/heap.py)."""
+def training_runtime(device: torch.device = torch.device("cpu")):
+    """What training on CPU runs under: float32 products on oneDNN's kernels where they stay
+    float32 (plinth/onednn.py; the MFU peak is measured the same way), and freed memory kept for
+    the next step instead of faulted in anew (plinth/heap.py). GPU memory has its own allocator."""
+    if device.type != "cpu":
+        yield
+        return
     with float32_on_onednn(), freed_memory_kept():
         yield
 
@@ -161,7 +164,6 @@ def pretrain(recipe, resume: bool = False, log=print, dist_mode: str = "none") -
 
 
 @torch.enable_grad()  # whatever the caller's autograd mode
-@training_runtime()
 def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
           store: checkpoint.Weights = checkpoint.MODEL_WEIGHTS, d: Dist = Dist()) -> Path:
     """Train `model` on `data.batch(step, micro)` → (inputs, targets); `model(inputs, targets=targets)`
@@ -199,9 +201,9 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
     model.train()
     step_tokens = r.batch_size * r.seq_len * r.grad_accum
     step_flops = flops_per_token(params, config.n_layers, config.dim, r.seq_len, trainable) * step_tokens
-    peak = measured_peak_flops(autocast_dtype(r, d.device) or torch.float32, d.device) * d.world
-    started, first_step = time.perf_counter(), step
-    with open(metrics_path, "a") if d.main else contextlib.nullcontext() as metrics:
+    with training_runtime(d.device), open(metrics_path, "a") if d.main else contextlib.nullcontext() as metrics:
+        peak = measured_peak_flops(autocast_dtype(r, d.device) or torch.float32, d.device) * d.world
+        started, first_step = time.perf_counter(), step
         while step < r.max_steps:
             last_step = step == r.max_steps - 1
             lr = r.lr * lr_multiplier(step, r)
