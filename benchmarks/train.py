@@ -6,9 +6,9 @@ LlamaForCausalLM + torch.optim.AdamW, same shapes, batch and sequence length, in
 
 Each engine runs warm-up steps, then timed optimizer steps (forward, backward, AdamW) on random
 token batches, in float32 and under bfloat16 autocast (plinth's default where the CPU has native
-bf16); reported: tokens/s, MFU against the measured matmul peak in that precision, and the ratios. Every row
-runs in a fresh process, so none inherits another's allocator or kernel settings, and the rows
-run in interleaved rounds (--rounds), the median round reported.
+bf16); reported: tokens/s, MFU against the measured matmul peak in that precision, and the
+ratios. Every row runs in a fresh process, so none inherits another's allocator or kernel
+settings, and the rows run in interleaved rounds (--rounds), the median round reported.
 Results go to benchmarks/results/train.json.
 
 plinth's training loop runs under `training_runtime()`: float32 products on oneDNN where that
@@ -45,7 +45,7 @@ def plinth_step_fn(args):
     model.init_weights()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    def step(x, y):  # as the training loop: the model's loss fused with its output layer, summed
+    def step(x, y):  # as the training loop: the model computes the summed loss itself
         loss = model(x, targets=y) / y.numel()
         loss.backward()
         optimizer.step()

@@ -92,7 +92,7 @@ class Finetuned(nn.Module):
         a head: instead, the loss summed over the targets that count (see plinth/loss.py)."""
         if targets is not None:
             if self.head is not None:
-                return summed_loss(self(x), targets[:, 0])
+                return summed_loss(*self.logits_at_targets(x, targets))
             return self.backbone.output_loss(*self._features_at_targets(x, targets))
         tokens, documents = model_inputs(x)
         mask = tokens >= 0

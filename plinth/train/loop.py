@@ -29,6 +29,7 @@ from plinth.train import checkpoint
 from plinth.train.dist import Dist, setup
 from plinth.train.memory import check_fits
 
+
 @contextlib.contextmanager
 def training_runtime(device: torch.device = torch.device("cpu")):
     """What training on CPU runs under: float32 products on oneDNN's kernels where they stay
@@ -166,9 +167,10 @@ def pretrain(recipe, resume: bool = False, log=print, dist_mode: str = "none") -
 @torch.enable_grad()  # whatever the caller's autograd mode
 def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
           store: checkpoint.Weights = checkpoint.MODEL_WEIGHTS, d: Dist = Dist()) -> Path:
-    """Train `model` on `data.batch(step, micro)` → (inputs, targets); `model(inputs, targets=targets)`
-    returns the loss summed over the targets other than IGNORE. Fine-tuning passes its own `evaluate(model, data, r)` and a `store` that
-    saves only what it trains (e.g. a LoRA adapter); pretraining under torchrun passes `d`."""
+    """Train `model` on `data.batch(step, micro)` → (inputs, targets); `model(inputs,
+    targets=targets)` returns the loss summed over the targets other than IGNORE. Fine-tuning
+    passes its own `evaluate(model, data, r)` and a `store` that saves only what it trains (e.g. a
+    LoRA adapter); pretraining under torchrun passes `d`."""
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.config
