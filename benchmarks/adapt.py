@@ -62,7 +62,7 @@ def run_prompting(method: str, args, train, test) -> dict:
     from plinth import hub
     from plinth.adapt.prompting import PromptTask, pick_shots, score
     from plinth.adapt.finetune import FinetuneRecipe
-    from plinth.loaded import read_model
+    from plinth.weights.load import read_model
 
     r = FinetuneRecipe()
     net, tokenizer, _ = read_model(hub.resolve(r.base))
@@ -81,15 +81,15 @@ def random_twin(checkpoint_dir: Path, out: Path) -> Path:
     """The same architecture and tokenizer as a checkpoint, with fresh random weights."""
     from plinth.model import Transformer
     from plinth.tokenizer import Tokenizer
-    from plinth.train import checkpoint
+    from plinth.weights.native import read_native, write_model
 
-    config, _ = checkpoint.read_checkpoint(checkpoint_dir)
+    config, _ = read_native(checkpoint_dir)
     torch.manual_seed(0)
     out.mkdir(parents=True)
     model = Transformer(config)
     model.to_empty(device="cpu")
     model.init_weights()
-    checkpoint.write_model(model, out)
+    write_model(model, out)
     Tokenizer.from_folder(checkpoint_dir).save(out)
     return out
 

@@ -26,7 +26,7 @@ How each figure is measured:
                  5 (other passages of the page, or of other pages, may answer a question too).
   answers        SmolLM2-135M-Instruct, greedy, at most --max-tokens tokens: once with the question
                  alone, once with the --k best passages (hybrid search) in the prompt, as
-                 `plinth.adapt.rag.ask` does; replies are cached in --replies for later runs. A
+                 `plinth.retrieval.rag.ask` does; replies are cached in --replies for later runs. A
                  reply is correct when one of the question's keywords appears in it as a whole word,
                  case-insensitive, after citation marks like [1] are removed.
   build s        wall time of `Index.build` (read, chunk, embed every chunk), from index.json when reused.
@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from plinth.data.documents import load_file  # noqa: E402
-from plinth.adapt.index import Index  # noqa: E402
-from plinth.adapt.rag import with_sources  # noqa: E402
+from plinth.retrieval.index import Index  # noqa: E402
+from plinth.retrieval.rag import with_sources  # noqa: E402
 
 DOCS = Path("/usr/share/doc/python3.11/html")
 EXCLUDE = ["_*/*", "c-api/*", "whatsnew/*", "distutils/*", "install/*", "genindex*", "contents.html",
@@ -139,7 +139,7 @@ def answers(model, index: Index | None, embedder, questions: list[dict], args) -
     for i, q in enumerate(questions, 1):
         question = [{"role": "user", "content": q["question"]}]
         q["reply_without"] = replies.get(model, args.model, question, options)
-        if index is not None:  # what `plinth.adapt.rag.ask` does, with the prompt in view for the cache
+        if index is not None:  # what `plinth.retrieval.rag.ask` does, with the prompt in view for the cache
             hits = index.search(embedder, q["question"], k=args.k)
             room = min(args.context_tokens, model.model.config.max_seq_len - args.max_tokens)
             messages, q["sources"] = with_sources(question, hits, model.tokenizer, room)
@@ -173,7 +173,7 @@ def main():
         print(f"skipped: {args.docs} is not here; install Debian's python3.11-doc (apt-get install python3.11-doc) "
               "or pass --docs FOLDER")
         return
-    from plinth.embed import Embedder
+    from plinth.retrieval.embedder import Embedder
     embedder, index, results = Embedder.load(), None, {}
     questions = load_questions(args.questions)[:args.limit]
     if args.answers != "without":

@@ -35,7 +35,7 @@ import jsonschema
 import torch
 
 import plinth
-from plinth.adapt import tools as toolkit
+from plinth import tools as toolkit
 from plinth.constrain import json_schema_grammar
 from plinth.generate import SamplingParams, generate_stream
 

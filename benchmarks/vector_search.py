@@ -6,7 +6,7 @@
 For each size N: N random unit vectors of 384 dimensions (all-MiniLM-L6-v2's width; the shape, not
 the values, sets the cost) and 200 queries near stored vectors. Each method builds its index, then
 answers the queries one at a time for the top 10:
-  numpy exact      `vectors @ query` + `argpartition` (what `plinth.adapt.index` does)
+  numpy exact      `vectors @ query` + `argpartition` (what `plinth.retrieval.index` does)
   faiss flat       `IndexFlatIP`, exact too
   faiss hnsw       `IndexHNSWFlat` (M=32, efSearch=64), approximate
   hnswlib          `Index(space="ip")` (M=32, ef_construction=200, ef=64), approximate

@@ -3,9 +3,38 @@
     import plinth
     m = plinth.load("smollm2-135m-instruct")
     print(m.chat([{"role": "user", "content": "Hello!"}]))
+
+`plinth.load` is the facade over the loaders: `plinth.hub` turns a name into a path,
+`plinth.adapt.adapted` reads fine-tuning runs on top of `plinth.weights.load` (GGUF, Hugging Face
+folders, plinth checkpoints), and `plinth.quant` makes the weights compact for inference. It sits
+here, at the top of the package, because reading a fine-tuned run needs adapt/ (LoRA, heads).
 """
+from __future__ import annotations
+
+import time
+
+import torch
+
+from plinth import hub
+from plinth.adapt.adapted import read_adapted
 from plinth.errors import PlinthError
-from plinth.loaded import LoadedModel, load
+from plinth.loaded import LoadedModel
+from plinth.quant import compact_
 
 __all__ = ["load", "LoadedModel", "PlinthError"]
 __version__ = "0.1.0"
+
+
+def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str | None = None) -> LoadedModel:
+    """Load a known model name, a .gguf file, a Hugging Face folder, or a plinth checkpoint / fine-tuning run folder.
+
+    dtype: float32, bfloat16, int8 or int4. The default on CPU keeps weights compact, because decoding
+    reads every weight once per token: int4 for 4-bit files (their exact codes), else int8.
+    adapter: a LoRA adapter folder, merged into the weights before they are made compact.
+    """
+    start = time.perf_counter()
+    net, tokenizer, compact, head = read_adapted(hub.resolve(model), adapter)
+    if dtype is None:
+        dtype = compact if hasattr(torch, "_weight_int4pack_mm_for_cpu") else "float32"
+    compact_(net, dtype)
+    return LoadedModel(net, tokenizer, name=model, load_seconds=time.perf_counter() - start, head=head)

@@ -1,4 +1,5 @@
-"""`plinth.load(MODEL)`: a model plus its tokenizer, ready to generate, chat, score and embed.
+"""What `plinth.load(MODEL)` returns: a model plus its tokenizer, ready to generate, chat, score,
+embed and (with a fine-tuned head) classify.
 
     m = plinth.load("smollm2-135m-instruct")
     print(m.chat([{"role": "user", "content": "What is the capital of France?"}]))
@@ -6,38 +7,14 @@
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import torch
 
-from plinth import hub
-from plinth.adapt.tools import run_tools as tools_loop
 from plinth.constrain import response_format_grammar
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
 from plinth.model import Transformer
-from plinth.quant import compact_
 from plinth.tokenizer import Tokenizer
-from plinth.train import checkpoint
-from plinth.weights.gguf import read_gguf
-from plinth.weights.hf import is_hf_folder, read_hf_folder
-
-
-def read_model(path: Path) -> tuple[Transformer, Tokenizer, str]:
-    """A float32 model, its tokenizer, and the compact dtype suited to the file's precision."""
-    if path.is_file() and path.suffix == ".gguf":
-        config, state_dict, tokenizer, dtype = read_gguf(path)
-    elif is_hf_folder(path):
-        (config, state_dict), tokenizer, dtype = read_hf_folder(path), Tokenizer.from_folder(path), "int8"
-    elif checkpoint.is_checkpoint(path):
-        (config, state_dict), tokenizer, dtype = checkpoint.read_checkpoint(path), Tokenizer.from_folder(path), "int8"
-    else:
-        raise PlinthError(f"cannot load {path}: plinth reads .gguf files, Hugging Face model folders and plinth "
-                          "checkpoint folders; give the path of one or a known model name (`plinth list`)")
-    model = Transformer(config)
-    model.load_weights(state_dict)
-    return model.eval(), tokenizer, dtype
+from plinth.tools import run_tools as tools_loop
 
 
 class LoadedModel:
@@ -71,7 +48,7 @@ class LoadedModel:
 
     def run_tools(self, messages: list[dict], tools: list[dict] | None = None, functions=(), **options) -> list[dict]:
         """Chat while letting the model call Python `functions`; returns the conversation, answer last
-        (plinth.adapt.tools.run_tools)."""
+        (plinth.tools.run_tools)."""
         return tools_loop(self, messages, tools, functions, **options)
 
     @torch.inference_mode()
@@ -87,29 +64,17 @@ class LoadedModel:
         rows = [self.model.features(torch.tensor([self.tokenizer.encode(t) or [0]]))[0].float().mean(0) for t in texts]
         return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
-
     def classify(self, texts: list[str] | str) -> list[str]:
         """Labels from the classifier head of a model fine-tuned with task=classify."""
-        from plinth.adapt.classify import classify
-        return classify(self, texts)
+        return self._fine_tuned_head().classify(self, texts)
 
     def predict(self, texts: list[str] | str) -> list:
         """The head's answer per text: a label (task=classify) or a number (task=regress)."""
-        from plinth.adapt.classify import predict
-        return predict(self, texts)
+        return self._fine_tuned_head().predict(self, texts)
 
-
-def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str | None = None) -> LoadedModel:
-    """Load a known model name, a .gguf file path, or a plinth checkpoint / fine-tuning run folder.
-
-    dtype: float32, bfloat16, int8 or int4. The default on CPU keeps weights compact, because decoding
-    reads every weight once per token: int4 for 4-bit files (their exact codes), else int8.
-    adapter: a LoRA adapter folder, merged into the weights before they are made compact.
-    """
-    from plinth.adapt.finetune import read_adapted  # deferred: adapt builds on this module
-    start = time.perf_counter()
-    net, tokenizer, compact, head = read_adapted(hub.resolve(model), adapter)
-    if dtype is None:
-        dtype = compact if hasattr(torch, "_weight_int4pack_mm_for_cpu") else "float32"
-    compact_(net, dtype)
-    return LoadedModel(net, tokenizer, name=model, load_seconds=time.perf_counter() - start, head=head)
+    def _fine_tuned_head(self):
+        if self.head is None:
+            raise PlinthError(f"{self.name} has no classification or regression head; train one with `plinth "
+                              "finetune recipes/classify-sentiment.yaml` (or regress-sentiment.yaml), or label by "
+                              "prompting (plinth.adapt.prompting)")
+        return self.head

@@ -8,7 +8,7 @@ import pytest
 from pydantic import Field
 
 from plinth.serve.app import ServerState, create_app
-from plinth.serve.engine import Engine
+from plinth.engine import Engine
 from tests.conftest import tiny_model
 
 agents = pytest.importorskip("agents")

@@ -7,7 +7,7 @@ import pytest
 
 from plinth.generate import SamplingParams
 from plinth.serve.app import ServerState, create_app
-from plinth.serve.engine import Engine
+from plinth.engine import Engine
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from plinth.constrain import json_schema_grammar, lark_grammar, response_format_
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams
 from plinth.loaded import LoadedModel
-from plinth.serve.engine import Engine
+from plinth.engine import Engine
 from tests.conftest import byte_tokenizer, tiny_model
 from tests.test_cli import plinth
 

@@ -4,7 +4,7 @@ import threading
 import pytest
 
 from plinth.generate import SamplingParams, generate_stream
-from plinth.serve.engine import Engine
+from plinth.engine import Engine
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 

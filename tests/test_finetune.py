@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import plinth
-import plinth.loaded
+from plinth.weights.load import read_model
 from plinth.adapt import sft
 from plinth.adapt.lora import load_adapter
 from plinth.adapt.finetune import FinetuneRecipe, finetune, prepare
 from plinth.cli import main
 from plinth.errors import PlinthError
-from plinth.train import checkpoint
+from plinth.weights.native import write_model
 from plinth.loss import IGNORE
 from plinth.train.recipe import load_recipe
 from tests.conftest import byte_tokenizer, tiny_model
@@ -33,7 +33,7 @@ def base(tmp_path_factory) -> Path:
     model = tiny_model()
     with torch.no_grad():  # tied embeddings of std 0.02 cap logits near ±1.3: a frozen base could fit nothing
         model.tok_embeddings.weight.mul_(10)
-    checkpoint.write_model(model, folder)
+    write_model(model, folder)
     byte_tokenizer().save(folder)
     return folder
 
@@ -67,7 +67,7 @@ def test_lora_label_task_learns_and_saves_only_the_adapter(tmp_path, base, revie
     assert {"adapter.safetensors", "adapter.json", "finetune.json"} <= files and "model.safetensors" not in files
     assert (final / "adapter.safetensors").stat().st_size < 200_000
     # plinth.load merges the adapter into its base: the same logits as base + unmerged adapter
-    unmerged = plinth.loaded.read_model(base)[0]
+    unmerged = read_model(base)[0]
     load_adapter(unmerged, final)
     merged = plinth.load(str(final), dtype="float32").model
     ids = torch.tensor([list(b"great fun")])
@@ -237,7 +237,7 @@ def test_qlora_adapter_merges_onto_the_4bit_base_it_was_trained_with(tmp_path, b
     from plinth.adapt.lora import NF4Linear, quantize_base
     final = finetune(recipe(tmp_path, base, reviews, method="qlora", max_steps=4, save_every=4, eval_every=4), log=quiet)
     assert json.loads((final / "adapter.json").read_text())["nf4_base"] is True
-    trained = quantize_base(plinth.loaded.read_model(base)[0])
+    trained = quantize_base(read_model(base)[0])
     load_adapter(trained, final)  # the training-time model: NF4 base + LoRA, unmerged
     assert any(isinstance(m, NF4Linear) for m in trained.modules())
     ids = torch.tensor([list(b"lovely")])

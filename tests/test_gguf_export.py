@@ -9,7 +9,7 @@ from plinth.adapt.classify import Head
 from plinth.cli import main
 from plinth.errors import PlinthError
 from plinth.model import Transformer
-from plinth.train import checkpoint
+from plinth.weights.native import write_model
 from plinth.weights.gguf import metadata, open_gguf, read_gguf
 from plinth.weights.gguf_writer import write_gguf
 from plinth.tokenizer import Tokenizer
@@ -134,7 +134,7 @@ def test_transformers_loads_the_export(tmp_path, smollm2_tokenizer):
 def base(tmp_path):
     folder = tmp_path / "base"
     folder.mkdir()
-    checkpoint.write_model(tiny_model(), folder)
+    write_model(tiny_model(), folder)
     byte_tokenizer().save(folder)
     return folder
 

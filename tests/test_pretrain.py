@@ -85,12 +85,12 @@ def test_cleaning_removes_exact_and_near_duplicates_and_reports_them():
     from collections import Counter
 
     from plinth.data.clean import clean
-    from plinth.data.sources import Document
+    from plinth.data.sources import CorpusText
     base = " ".join(f"word{i} is followed by word{i + 1} in this sentence" for i in range(60))
     edited = base.replace("word30 is", "word30 was")  # one word changed: a near copy
-    docs = [Document("s", "a", base), Document("s", "b", "  " + base.replace(" ", "\t")), Document("s", "c", edited),
-            Document("s", "d", "short"), Document("s", "e", "x\n" * 40),
-            Document("s", "f", "an entirely different text about gardens and rivers " * 20)]
+    docs = [CorpusText("s", "a", base), CorpusText("s", "b", "  " + base.replace(" ", "\t")), CorpusText("s", "c", edited),
+            CorpusText("s", "d", "short"), CorpusText("s", "e", "x\n" * 40),
+            CorpusText("s", "f", "an entirely different text about gardens and rivers " * 20)]
     report = Counter()
     kept = [d.id for d in clean(docs, min_chars=20, report=report)]
     assert kept == ["a", "f"]

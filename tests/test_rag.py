@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from plinth.adapt.chunking import chunk_documents, plain_tokenizer
+from plinth.retrieval.chunking import chunk_documents, plain_tokenizer
 from plinth.data.documents import Document, load_folder
-from plinth.adapt.index import Index
-from plinth.adapt.rag import with_sources
+from plinth.retrieval.index import Index
+from plinth.retrieval.rag import with_sources
 from plinth.errors import PlinthError
 
 MARKDOWN = """# Garden guide
@@ -84,7 +84,7 @@ def docs_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embedder():
-    from plinth.embed import Embedder
+    from plinth.retrieval.embedder import Embedder
     return Embedder.load()
 
 
@@ -208,7 +208,7 @@ def test_index_round_trips_through_disk_atomically(index, embedder, tmp_path):
 
 
 def test_bad_indexes_and_queries_are_clear_errors(index, embedder, tmp_path):
-    from plinth.embed import Embedder
+    from plinth.retrieval.embedder import Embedder
     other = Embedder(embedder.model, embedder.tokenizer, "some-other-encoder", embedder.max_tokens)
     with pytest.raises(PlinthError, match="built with the embedder 'all-minilm-l6-v2', not 'some-other-encoder'"):
         index.search(other, "roses")
@@ -245,7 +245,7 @@ def test_prompt_holds_the_best_sources_that_fit_and_cites_them(index, embedder, 
 
 
 def test_hybrid_scores_are_a_weighted_sum_of_scaled_scores():
-    from plinth.adapt.index import DENSE_WEIGHT, fuse
+    from plinth.retrieval.index import DENSE_WEIGHT, fuse
     fused = fuse(np.array([0.9, 0.8, 0.1]), np.array([0.0, 5.0, 0.0]))  # scaled: [1, 7/8, 0] and [0, 1, 0]
     assert fused == pytest.approx([DENSE_WEIGHT, DENSE_WEIGHT * 7 / 8 + (1 - DENSE_WEIGHT), 0.0])
     assert list(np.argsort(-fused)) == [1, 0, 2]  # second by meaning, first by words: first overall
@@ -259,7 +259,7 @@ def test_lexical_search_matches_other_forms_of_a_word(index, embedder):
 
 
 def test_ask_answers_from_the_best_sources_that_fit(index, embedder, tokenizer):
-    from plinth.adapt.rag import ask
+    from plinth.retrieval.rag import ask
     from plinth.loaded import LoadedModel
     from tests.conftest import tiny_model
     model = LoadedModel(tiny_model(max_seq_len=1024), tokenizer)

@@ -3,10 +3,10 @@ in-process app: a tiny random model answers, the real all-MiniLM-L6-v2 retrieves
 import httpx
 import pytest
 
-from plinth.adapt.index import Index
+from plinth.retrieval.index import Index
 from plinth.errors import PlinthError
 from plinth.serve.app import ServerState, create_app
-from plinth.serve.engine import Engine
+from plinth.engine import Engine
 from plinth.serve.retrieval import load_indexes
 from tests.conftest import tiny_model
 
@@ -16,7 +16,7 @@ QUESTION = [{"role": "user", "content": "How long should bread dough be kneaded?
 
 @pytest.fixture(scope="module")
 def embedder():
-    from plinth.embed import Embedder
+    from plinth.retrieval.embedder import Embedder
     return Embedder.load()
 
 
@@ -82,7 +82,7 @@ async def test_bad_retrieval_requests_are_400(served, retrieval, message):
 
 
 def test_an_index_from_another_embedder_or_without_one_is_refused(embedder, index_folder):
-    from plinth.embed import Embedder
+    from plinth.retrieval.embedder import Embedder
     other = Embedder(embedder.model, embedder.tokenizer, "other-encoder", embedder.max_tokens)
     with pytest.raises(PlinthError, match="built with the embedder 'all-minilm-l6-v2', but the server embeds with "
                                           "'other-encoder': start it with --embedding-model all-minilm-l6-v2"):

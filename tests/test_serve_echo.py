@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from plinth.serve.app import ServerState, create_app
-from plinth.serve.engine import Engine
+from plinth.engine import Engine
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from plinth.adapt.lora import attach_lora, load_adapter, lora_layers, merge_lora, save_adapter
-from plinth.adapt.served import serve_adapters
+from plinth.adapt.multi_lora import serve_adapters
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
 from plinth.quant import compact_
 from plinth.serve.app import ServerState, create_app
-from plinth.serve.engine import Engine
+from plinth.engine import Engine
 from tests.conftest import tiny_model
 
 PROMPT = [72, 101, 108, 108, 111, 32]  # "Hello "

@@ -7,10 +7,10 @@ import httpx
 import jsonschema
 import pytest
 
-from plinth.adapt import tools as toolkit
+from plinth import tools as toolkit
 from plinth.errors import PlinthError
 from plinth.serve.app import ServerState, create_app
-from plinth.serve.engine import Engine
+from plinth.engine import Engine
 from tests.conftest import tiny_model
 
 openai = pytest.importorskip("openai")

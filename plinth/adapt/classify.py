@@ -57,6 +57,16 @@ class Head(nn.Module):
         out = self.linear(pool(hidden, mask, self.pooling).float())
         return out[:, 0] if self.labels is None else out
 
+    def predict(self, loaded, texts: list[str] | str) -> list:
+        """This head's answers for `texts` on `loaded`'s backbone: labels or numbers."""
+        return predict(loaded, texts)
+
+    def classify(self, loaded, texts: list[str] | str) -> list[str]:
+        if self.labels is None:
+            raise PlinthError(f"{loaded.name} has a regression head: it predicts numbers, not labels; "
+                              "call .predict(texts)")
+        return predict(loaded, texts)
+
     def save(self, folder):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(Path(folder) / HEAD_FILE))
         config = {"kind": self.kind, "labels": self.labels, "pooling": self.pooling}
@@ -120,11 +130,8 @@ class Finetuned(nn.Module):
 
 @torch.inference_mode()
 def predict(loaded, texts: list[str] | str, batch_size: int = 16) -> list:
-    """The head's answer for each of `texts`: a label (classification head) or a number (regression)."""
-    if loaded.head is None:
-        raise PlinthError(f"{loaded.name} has no classification or regression head; train one with `plinth "
-                          "finetune recipes/classify-sentiment.yaml` (or regress-sentiment.yaml), or label by "
-                          "prompting (plinth.adapt.prompting)")
+    """The answer of `loaded.head` for each of `texts`: a label (classification head) or a number
+    (regression). `LoadedModel.predict` and `.classify` call this through the head."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     model, head = Finetuned(loaded.model, loaded.head), loaded.head
     answers = []
@@ -136,11 +143,3 @@ def predict(loaded, texts: list[str] | str, batch_size: int = 16) -> list:
         out = model(x)
         answers += out.tolist() if head.labels is None else [head.labels[i] for i in out.argmax(-1).tolist()]
     return answers
-
-
-def classify(loaded, texts: list[str] | str, batch_size: int = 16) -> list[str]:
-    """Labels for `texts` from a loaded model that carries a classification head."""
-    if loaded.head is not None and loaded.head.labels is None:
-        raise PlinthError(f"{loaded.name} has a regression head: it predicts numbers, not labels; "
-                          "call .predict(texts)")
-    return predict(loaded, texts, batch_size)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,19 +29,21 @@ from safetensors.torch import load_file
 
 from plinth import hub
 from plinth.adapt import lora, sft
-from plinth.adapt.classify import HEAD_CONFIG, POOLING, Finetuned, Head
+from plinth.adapt.adapted import FINETUNE_CONFIG, base_reference
+from plinth.adapt.classify import POOLING, Finetuned, Head
 from plinth.adapt.examples import Example, ExampleData, pack, read_jsonl
 from plinth.adapt.prompting import PromptTask, answer_tokens, check_label
 from plinth.errors import PlinthError
-from plinth.loaded import read_model
-from plinth.train import checkpoint
+from plinth.files import point_link
 from plinth.loss import IGNORE, summed_loss
+from plinth.train import checkpoint
 from plinth.train.loop import autocast, train
 from plinth.train.recipe import LoopRecipe
+from plinth.weights.load import read_model
+from plinth.weights.native import read_native, write_model
 
 TASKS, METHODS = ("label", "classify", "regress", "chat"), ("full", "lora", "qlora", "probe")
 HEAD_TASKS = ("classify", "regress")  # the tasks trained through a head on pooled hidden states
-FINETUNE_CONFIG = "finetune.json"
 
 
 @dataclass
@@ -162,11 +163,6 @@ def build_data(r: FinetuneRecipe, tokenizer) -> ExampleData:
 
 
 # ---- model -----------------------------------------------------------------------------------------
-def base_reference(base: str) -> str:
-    """How finetune.json names the base: a known name as is, a path made absolute."""
-    return base if base in hub.KNOWN_MODELS else str(Path(base).resolve())
-
-
 def build_model(r: FinetuneRecipe, net) -> Finetuned:
     """Make the recipe's parameters trainable: all, LoRA adapters (on a 4-bit base for QLoRA), or none
     of the backbone (linear probe); a head always trains."""
@@ -194,7 +190,7 @@ class FinetuneWeights(checkpoint.Weights):
         if r.method in ("lora", "qlora"):
             lora.save_adapter(model.backbone, folder, base=base_reference(r.base), nf4_base=r.method == "qlora")
         elif r.method == "full":
-            checkpoint.write_model(model.backbone, folder)
+            write_model(model.backbone, folder)
         if model.head is not None:
             model.head.save(folder)
         labelled = r.task in ("label", "classify")  # regression and chat have no label set
@@ -206,7 +202,7 @@ class FinetuneWeights(checkpoint.Weights):
         if self.r.method in ("lora", "qlora"):
             lora.load_adapter_weights(model.backbone, load_file(str(folder / lora.ADAPTER_FILE)))
         elif self.r.method == "full":
-            model.backbone.load_weights(checkpoint.read_checkpoint(folder)[1])
+            model.backbone.load_weights(read_native(folder)[1])
         if model.head is not None:
             model.head.load_state_dict(Head.load(folder).state_dict())
 
@@ -280,28 +276,5 @@ def finetune(r: FinetuneRecipe, resume: bool = False, log=print) -> Path:
     model, tokenizer, data = prepare(r, log)
     latest = train(model, tokenizer, data, r, resume, log, evaluate=evaluate, store=FinetuneWeights(r))
     final = Path(r.out_dir) / "final"
-    link = Path(r.out_dir) / ".final.tmp"
-    link.unlink(missing_ok=True)
-    link.symlink_to(latest.resolve().name)
-    os.replace(link, final)
+    point_link(final, latest.resolve().name)
     return final
-
-
-def read_adapted(path: Path, adapter: str | None = None):
-    """What `plinth.load` needs from a model path that may be a fine-tuning output: the float model
-    (adapters merged in), its tokenizer, the compact dtype, and a classification/regression head or None."""
-    head = None
-    config_path = path / FINETUNE_CONFIG if path.is_dir() else None
-    if config_path is not None and config_path.is_file():
-        config = json.loads(config_path.read_text())
-        source = path if checkpoint.is_checkpoint(path) else hub.resolve(config["base"])
-        net, tokenizer, dtype = read_model(source)
-        if (path / lora.ADAPTER_CONFIG).is_file():
-            lora.load_adapter(net, path)
-    else:
-        net, tokenizer, dtype = read_model(path)
-    if path.is_dir() and (path / HEAD_CONFIG).is_file():  # a run's output, or a folder exported from one
-        head = Head.load(path)
-    if adapter is not None:
-        lora.load_adapter(net, adapter)
-    return lora.merge_lora(net), tokenizer, dtype, head

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 from datasketch import MinHash, MinHashLSH
 
-from plinth.data.sources import Document
+from plinth.data.sources import CorpusText
 
 NEAR_DUPLICATE = 0.8   # estimated Jaccard similarity of word 5-gram sets that counts as a copy
 PERMUTATIONS = 64
@@ -29,7 +29,7 @@ def too_repetitive(text: str) -> bool:
     return len(lines) >= 10 and len(set(lines)) < len(lines) / 2
 
 
-def clean(docs: Iterable[Document], min_chars: int, report: Counter) -> Iterator[Document]:
+def clean(docs: Iterable[CorpusText], min_chars: int, report: Counter) -> Iterator[CorpusText]:
     """Yield the documents that pass; count removed documents and bytes per reason in `report`."""
     seen: set[bytes] = set()
     near = MinHashLSH(threshold=NEAR_DUPLICATE, num_perm=PERMUTATIONS)

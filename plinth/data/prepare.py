@@ -8,7 +8,6 @@ tokenizer into <out_dir>/data.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 
 from plinth import hub
@@ -67,13 +66,9 @@ def train_tokenizer(recipe, docs, log=print) -> Tokenizer:
     log(f"training a {recipe.vocab_size}-token BPE on {len(train_texts)} documents")
     tokenizer = Tokenizer.train(train_texts, recipe.vocab_size)
     folder = recipe.tokenizer_dir
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tokenizer.save(tmp)
-    (tmp / "compression.json").write_text(json.dumps(compression(docs, tokenizer, log), indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.replace(folder)
+    with atomic_folder(folder) as tmp:
+        tokenizer.save(tmp)
+        (tmp / "compression.json").write_text(json.dumps(compression(docs, tokenizer, log), indent=2))
     log(f"wrote {folder / 'tokenizer.json'}")
     return tokenizer
 
@@ -94,17 +89,14 @@ def prepare(recipe, log=print) -> dict:
     if tokenizer is None:
         tokenizer = train_tokenizer(recipe, docs, log)
     folder = recipe.data_dir
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    writer = ShardWriter(tmp, tokenizer.vocab_size, tokenizer.eos_id)
-    for doc in docs:
-        writer.add(split_of(doc.id, recipe.val_fraction), doc.source, tokenizer.encode(doc.text),
-                   len(doc.text.encode("utf-8", errors="replace")))
-    ratios = json.loads((recipe.tokenizer_dir / "compression.json").read_text())
-    writer.close({"cleaning": report, "compression": ratios})
-    tokenizer.save(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.replace(folder)
+    with atomic_folder(folder) as tmp:
+        writer = ShardWriter(tmp, tokenizer.vocab_size, tokenizer.eos_id)
+        for doc in docs:
+            writer.add(split_of(doc.id, recipe.val_fraction), doc.source, tokenizer.encode(doc.text),
+                       len(doc.text.encode("utf-8", errors="replace")))
+        ratios = json.loads((recipe.tokenizer_dir / "compression.json").read_text())
+        writer.close({"cleaning": report, "compression": ratios})
+        tokenizer.save(tmp)
     for source, stats in writer.per_source.items():
         log(f"{source}: {stats['documents']} documents, {stats['tokens']} tokens")
     log(f"wrote {writer.tokens['train']} train and {writer.tokens['val']} validation tokens to {folder}")

@@ -27,14 +27,15 @@ def split_of(doc_id: str, val_fraction: float) -> str:
 
 
 class ShardWriter:
-    """Appends tokenized documents to train.bin / val.bin, written under temporary names and
-    renamed by `close()`, so a half-written data folder is never mistaken for a finished one."""
+    """Appends tokenized documents to train.bin / val.bin in `folder`, which the caller fills as a
+    temporary folder (plinth.files.atomic_folder), so a half-written data folder is never mistaken
+    for a finished one."""
 
     def __init__(self, folder: Path, vocab_size: int, eos_id: int):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.dtype = np.uint16 if vocab_size <= 2**16 - 1 else np.uint32
-        self.files = {split: open(folder / f"{split}.bin.tmp", "wb") for split in ("train", "val")}
+        self.files = {split: open(folder / f"{split}.bin", "wb") for split in ("train", "val")}
         self.tokens = {"train": 0, "val": 0}
         self.bytes = {"train": 0, "val": 0}
         self.per_source: dict[str, dict] = {}
@@ -57,7 +58,6 @@ class ShardWriter:
     def close(self, extra: dict):
         for split, f in self.files.items():
             f.close()
-            (self.folder / f"{split}.bin.tmp").replace(self.folder / f"{split}.bin")
         meta = {"dtype": np.dtype(self.dtype).name, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
                 "tokens": self.tokens, "bytes": self.bytes, "sources": self.per_source,
                 "train_sources": self.ranges["train"], "val_sources": self.ranges["val"], **extra}

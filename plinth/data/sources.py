@@ -25,27 +25,27 @@ TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
 
 
 @dataclass
-class Document:
+class CorpusText:
     source: str
     id: str
     text: str
 
 
-def python_stdlib() -> Iterator[Document]:
+def python_stdlib() -> Iterator[CorpusText]:
     """The standard library's Python source (tests left out: they are repetitive)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         if "site-packages" in rel or "/test" in f"/{rel}" or rel.startswith(("idlelib", "lib2to3/tests")):
             continue
-        yield Document("python-stdlib", rel, path.read_text(encoding="utf-8", errors="replace"))
+        yield CorpusText("python-stdlib", rel, path.read_text(encoding="utf-8", errors="replace"))
 
 
-def python_docs() -> Iterator[Document]:
+def python_docs() -> Iterator[CorpusText]:
     """Language-reference prose shipped with Python (pydoc's topic texts)."""
     from pydoc_data.topics import topics
     for name in sorted(topics):
-        yield Document("python-docs", name, topics[name])
+        yield CorpusText("python-docs", name, topics[name])
 
 
 def debian_file(path: str, package: str) -> Path:
@@ -58,7 +58,7 @@ def debian_file(path: str, package: str) -> Path:
 GCIDE_INDEX_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
-def gcide() -> Iterator[Document]:
+def gcide() -> Iterator[CorpusText]:
     """The GCIDE dictionary (Webster 1913 + additions), one document per entry, from the dictd
     files: the index gives each headword's offset and length (base-64 numbers) in the data."""
     data = gzip.open(debian_file("/usr/share/dictd/gcide.dict.dz", "dict-gcide")).read()
@@ -80,51 +80,51 @@ def gcide() -> Iterator[Document]:
         start = number(offset)
         text = data[start:start + number(length)].decode("utf-8", errors="replace")
         text = re.sub(r"[ \t]*\[[^\]\n]*(Webster|WordNet|PJC|Century)[^\]\n]*\]", "", text)  # source tags
-        yield Document("gcide", f"{word}@{offset}", re.sub(r"\n{3,}", "\n\n", text.replace("{", "").replace("}", "")).strip())
+        yield CorpusText("gcide", f"{word}@{offset}", re.sub(r"\n{3,}", "\n\n", text.replace("{", "").replace("}", "")).strip())
 
 
-def fortunes() -> Iterator[Document]:
+def fortunes() -> Iterator[CorpusText]:
     """Quotations from the `fortunes` package: each category file holds quotes split by '%' lines."""
     folder = debian_file("/usr/share/games/fortunes", "fortunes")
     for path in sorted(folder.iterdir()):
         if path.suffix or not path.is_file():  # .dat indexes and .u8 copies
             continue
         for n, quote in enumerate(path.read_text(encoding="utf-8", errors="replace").split("\n%\n")):
-            yield Document("fortunes", f"{path.name}:{n}", quote.strip())
+            yield CorpusText("fortunes", f"{path.name}:{n}", quote.strip())
 
 
 PYTHON_HTML_DOCS = "/usr/share/doc/python3.11/html"
 
 
-def python_html_docs() -> Iterator[Document]:
+def python_html_docs() -> Iterator[CorpusText]:
     """Python's HTML documentation (tutorial, library reference, HOWTOs, FAQ) as the text a reader sees."""
     root = debian_file(PYTHON_HTML_DOCS, "python3.11-doc")
     for path in sorted(root.rglob("*.html")):
         rel = path.relative_to(root).as_posix()
         if not rel.startswith(("_", "genindex", "py-modindex", "search")):  # assets and generated indexes
-            yield Document("python-html-docs", rel, read_html(path, rel).text)
+            yield CorpusText("python-html-docs", rel, read_html(path, rel).text)
 
 
-def wordnet() -> Iterator[Document]:
+def wordnet() -> Iterator[CorpusText]:
     """WordNet glosses as dictionary prose: `words: definition; "example"`."""
     from plinth.data.wordnet import synsets
     for synset in synsets():
-        yield Document("wordnet", synset.id, f"{', '.join(synset.words)}: {synset.gloss}")
+        yield CorpusText("wordnet", synset.id, f"{', '.join(synset.words)}: {synset.gloss}")
 
 
-def chitchat() -> Iterator[Document]:
+def chitchat() -> Iterator[CorpusText]:
     """Human–human chats (PyPI chitchat-dataset) as dialogue text, one speaker per line."""
     from plinth.data.chitchat import chitchat_conversations
     for n, conversation in enumerate(chitchat_conversations()):
         lines = [f"{'AB'[i % 2]}: {m['content']}" for i, m in enumerate(conversation)]
-        yield Document("chitchat", str(n), "\n".join(lines))
+        yield CorpusText("chitchat", str(n), "\n".join(lines))
 
 
 SOURCES = {"python-stdlib": python_stdlib, "python-docs": python_docs, "python-html-docs": python_html_docs,
            "gcide": gcide, "wordnet": wordnet, "fortunes": fortunes, "chitchat": chitchat}
 
 
-def from_path(path: Path) -> Iterator[Document]:
+def from_path(path: Path) -> Iterator[CorpusText]:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         if f.suffix == ".jsonl":
@@ -135,16 +135,16 @@ def from_path(path: Path) -> Iterator[Document]:
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise PlinthError(f"{f}:{n}: each line must be a JSON object with a 'text' field ({e})") from e
-                yield Document(str(path), f"{f.name}:{n}", text)
+                yield CorpusText(str(path), f"{f.name}:{n}", text)
         elif f.suffix == ".parquet":
             yield from from_parquet(f, str(path))
         elif f.suffix in (".html", ".htm"):
-            yield Document(str(path), f.name, read_html(f, f.name).text)
+            yield CorpusText(str(path), f.name, read_html(f, f.name).text)
         elif f.suffix in TEXT_SUFFIXES:
-            yield Document(str(path), f.name, f.read_text(encoding="utf-8", errors="replace"))
+            yield CorpusText(str(path), f.name, f.read_text(encoding="utf-8", errors="replace"))
 
 
-def from_parquet(f: Path, source: str) -> Iterator[Document]:
+def from_parquet(f: Path, source: str) -> Iterator[CorpusText]:
     """A Parquet file's `text` column, read a row group at a time (files can be far larger than memory)."""
     try:
         import pyarrow.parquet as pq
@@ -157,11 +157,11 @@ def from_parquet(f: Path, source: str) -> Iterator[Document]:
     for group in range(table.num_row_groups):
         for text in table.read_row_group(group, columns=["text"]).column("text").to_pylist():
             if text:
-                yield Document(source, f"{f.name}:{row}", text)
+                yield CorpusText(source, f"{f.name}:{row}", text)
             row += 1
 
 
-def read_source(name: str, limit: int = 0) -> Iterator[Document]:
+def read_source(name: str, limit: int = 0) -> Iterator[CorpusText]:
     if name in SOURCES:
         docs = SOURCES[name]()
     elif Path(name).exists():

@@ -20,7 +20,7 @@ from plinth.errors import PlinthError
 from plinth.eval.sandbox import run_python
 from plinth.eval.stats import mean_stderr, pass_at_k
 from plinth.generate import SamplingParams
-from plinth.serve.engine import Engine
+from plinth.engine import Engine
 
 # A completion ends where the model starts something at the top level after the function body.
 STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]

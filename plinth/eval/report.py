@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from plinth.errors import PlinthError
-from plinth.eval.run import write_atomic
+from plinth.files import write_atomic
 from plinth.train.plot import read_metrics
 
 

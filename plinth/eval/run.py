@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -19,17 +18,11 @@ from plinth import hub
 from plinth.data.sources import read_source
 from plinth.errors import PlinthError
 from plinth.eval.tasks import EvalOptions, check_tasks, run_task
+from plinth.files import write_atomic
 
 # Scoring runs in padded batches (compute-bound), where compact weights buy little; float32 is the
 # exact dequantisation, so the numbers match other tools that evaluate the same file.
 DEFAULT_DTYPE = "float32"
-
-
-def write_atomic(path: Path, data: str | bytes):
-    """Write to a temporary file beside `path`, then rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def training_run(model_path: Path) -> str | None:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plinth import hub
 from plinth.errors import PlinthError
-from plinth.serve.engine import Engine, EngineDown, QueueFull
+from plinth.engine import Engine, EngineDown, QueueFull
 from plinth.serve.metrics import Metrics
 from plinth.serve.openai_api import APIError, router
 from plinth.serve.retrieval import load_indexes
@@ -272,8 +272,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     import torch
 
     import plinth
-    from plinth.adapt.served import serve_adapters
-    from plinth.embed import Embedder
+    from plinth.adapt.multi_lora import serve_adapters
+    from plinth.retrieval.embedder import Embedder
     # All model compute runs on the engine thread, with its own OpenMP team of `threads`. Loading
     # on all cores here would give this thread a second team: libgomp then counts more threads
     # than cores and stops its workers spin-waiting between parallel regions, which made a 13-row

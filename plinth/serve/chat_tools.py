@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plinth.adapt import tools as toolkit
+from plinth import tools as toolkit
 from plinth.constrain import response_format_grammar
 from plinth.errors import PlinthError
 

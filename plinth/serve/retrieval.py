@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from plinth.adapt.index import Index
-from plinth.adapt.rag import last_user_turn, with_sources
+from plinth.retrieval.index import Index
+from plinth.retrieval.rag import last_user_turn, with_sources
 from plinth.errors import PlinthError
 
 

@@ -6,16 +6,13 @@ a `latest` link switched atomically, so a kill at any moment leaves the last goo
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from plinth.config import ModelConfig
-from plinth.errors import PlinthError
+from plinth.files import atomic_folder, point_link
+from plinth.weights.native import read_native, write_model
 
 KEEP = 2  # checkpoints kept besides the newest
 
@@ -28,7 +25,7 @@ class Weights:
         write_model(model, folder)
 
     def read(self, model, folder: Path):
-        model.load_weights(read_checkpoint(folder)[1])
+        model.load_weights(read_native(folder)[1])
 
 
 MODEL_WEIGHTS = Weights()
@@ -44,31 +41,15 @@ class GatheredWeights(Weights):
         write_model(model, folder, self.state)
 
 
-def write_model(model, folder: Path, state: dict | None = None):
-    """model.safetensors + config.json: a folder `plinth.load` reads."""
-    state = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
-    if model.config.tie_embeddings:
-        state.pop("output.weight", None)  # the same tensor as the token embedding
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(model.config.to_json())
-
-
 def save(out_dir, step: int, model, tokenizer, trainer_state: dict, weights: Weights = MODEL_WEIGHTS):
     out_dir = Path(out_dir)
-    final = out_dir / f"step-{step:06d}"
-    tmp = out_dir / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights.write(model, tmp)
-    tokenizer.save(tmp)
-    torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / "COMPLETE").write_text(str(step))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.replace(final)
-    link = out_dir / ".latest.tmp"
-    link.unlink(missing_ok=True)
-    link.symlink_to(final.name)
-    os.replace(link, out_dir / "latest")
+    name = f"step-{step:06d}"
+    with atomic_folder(out_dir / name) as tmp:
+        weights.write(model, tmp)
+        tokenizer.save(tmp)
+        torch.save(trainer_state, tmp / "trainer.pt")
+        (tmp / "COMPLETE").write_text(str(step))
+    point_link(out_dir / "latest", name)
     for old in sorted(out_dir.glob("step-*"))[:-(KEEP + 1)]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -77,18 +58,6 @@ def latest(out_dir) -> Path | None:
     """The newest complete checkpoint folder, or None."""
     done = [p for p in sorted(Path(out_dir).glob("step-*")) if (p / "COMPLETE").is_file()]
     return done[-1] if done else None
-
-
-def is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / "model.safetensors").is_file() and (path / "config.json").is_file()
-
-
-def read_checkpoint(folder) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    folder = Path(folder)
-    if not is_checkpoint(folder):
-        raise PlinthError(f"{folder} is not a plinth checkpoint (model.safetensors + config.json)")
-    config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    return config, load_file(str(folder / "model.safetensors"))
 
 
 def trainer_state(folder) -> dict:

@@ -12,7 +12,6 @@ or from the shell: `plinth export runs/lora-sentiment/final --merge --to gguf ou
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import gguf
@@ -25,6 +24,7 @@ from tokenizers import models
 
 from plinth.config import ModelConfig
 from plinth.errors import PlinthError
+from plinth.files import atomic_file
 from plinth.model import fused_parts
 from plinth.tokenizer import CONTROL, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED, Tokenizer
 from plinth.weights.gguf import GGUF_TO_PLINTH, permute_rotary
@@ -51,23 +51,18 @@ def write_gguf(model, tokenizer: Tokenizer, path, dtype: str = "f16") -> Path:
     require_llama(config, "GGUF")
     if path.exists():
         raise PlinthError(f"{path} already exists; choose a new file name (nothing was overwritten)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, "llama")
-    writer.add_name(path.stem)
-    tokens = _write_tokenizer(writer, tokenizer, config.vocab_size)
-    _write_config(writer, config, len(tokens), DTYPES[dtype][1])
-    for name, tensor in _llama_tensors(model):
-        data, qtype = _encode(tensor, DTYPES[dtype][0])
-        writer.add_tensor(name, data, raw_dtype=qtype)
-    try:
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_name(path.stem)
+        tokens = _write_tokenizer(writer, tokenizer, config.vocab_size)
+        _write_config(writer, config, len(tokens), DTYPES[dtype][1])
+        for name, tensor in _llama_tensors(model):
+            data, qtype = _encode(tensor, DTYPES[dtype][0])
+            writer.add_tensor(name, data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

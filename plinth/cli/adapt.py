@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from plinth.errors import PlinthError
+from plinth.files import atomic_folder
 
 
 def add_prompt_parser(sub, add_model_args, func):
@@ -67,7 +67,7 @@ def add_export_parser(sub, func):
 
 def run_export(args: argparse.Namespace) -> Path:
     from plinth import hub
-    from plinth.adapt.finetune import read_adapted
+    from plinth.adapt.adapted import read_adapted
     from plinth.adapt.lora import ADAPTER_CONFIG
     from plinth.weights.gguf_writer import write_gguf
     from plinth.weights.hf import write_hf_folder
@@ -84,12 +84,9 @@ def run_export(args: argparse.Namespace) -> Path:
             raise PlinthError(f"{path} has a {head.kind} head, which a GGUF causal-LM file cannot hold; "
                               "export it with --to hf (the head is saved beside the weights) or use plinth itself")
         return write_gguf(net, tokenizer, out, args.gguf_type)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_hf_folder(net, tmp)
-    tokenizer.save(tmp)
-    if head is not None:  # not part of the HF causal-LM layout; kept beside it for plinth
-        head.save(tmp)
-    tmp.replace(out)
+    with atomic_folder(out) as tmp:
+        write_hf_folder(net, tmp)
+        tokenizer.save(tmp)
+        if head is not None:  # not part of the HF causal-LM layout; kept beside it for plinth
+            head.save(tmp)
     return out

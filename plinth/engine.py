@@ -39,7 +39,7 @@ class Request:
     computed: int = 0                         # tokens already in the KV cache
     slot: int | None = None
     cancelled: bool = False
-    adapter: int = 0                          # LoRA adapter id (plinth/adapt/served.py); 0 = base model
+    adapter: int = 0                          # LoRA adapter id (plinth/adapt/multi_lora.py); 0 = base model
     arrived: float = field(default_factory=time.monotonic)
     first_token: float | None = None
 

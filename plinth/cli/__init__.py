@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from plinth import hub
-from plinth.adapt import rag_cli
+from plinth.cli import retrieval as rag_cli
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams
 from plinth.loglik import BATCH_TOKENS
@@ -177,12 +177,12 @@ def cmd_finetune(args):
 
 
 def cmd_prompt(args):
-    from plinth.adapt.cli import run_prompt
+    from plinth.cli.adapt import run_prompt
     run_prompt(args, load(args))
 
 
 def cmd_export(args):
-    from plinth.adapt.cli import run_export
+    from plinth.cli.adapt import run_export
     print(run_export(args))
 
 
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.set_defaults(func=cmd_finetune)
 
-    from plinth.adapt.cli import add_export_parser, add_prompt_parser
+    from plinth.cli.adapt import add_export_parser, add_prompt_parser
     add_prompt_parser(sub, add_model_args, cmd_prompt)
     add_export_parser(sub, cmd_export)
 

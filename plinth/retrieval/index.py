@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import shutil
 import time
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -30,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from plinth.adapt.chunking import Chunk, chunk_documents
+from plinth.retrieval.chunking import Chunk, chunk_documents
 from plinth.data.documents import load_folder
 from plinth.errors import PlinthError
+from plinth.files import atomic_folder
 
 FORMAT = 1
 MODES = ("hybrid", "dense", "lexical")
@@ -90,21 +90,14 @@ class Index:
     def save(self, folder) -> Path:
         """Write to a temporary folder beside `folder`, then swap it in with renames."""
         final = Path(folder).expanduser().resolve()
-        tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
         if final.exists() and not (final / "index.json").is_file():
             raise PlinthError(f"{final} exists and is not a plinth index; choose another --out")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "vectors.npy", self.vectors)
-        with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as f:
-            for chunk in self.chunks:
-                f.write(json.dumps(chunk.to_dict(), ensure_ascii=False) + "\n")
-        (tmp / "index.json").write_text(json.dumps(self.info, indent=2))  # written last: marks the folder complete
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.replace(old)
-        tmp.replace(final)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_folder(final) as tmp:
+            np.save(tmp / "vectors.npy", self.vectors)
+            with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as f:
+                for chunk in self.chunks:
+                    f.write(json.dumps(chunk.to_dict(), ensure_ascii=False) + "\n")
+            (tmp / "index.json").write_text(json.dumps(self.info, indent=2))  # last: marks the folder complete
         return final
 
     @classmethod
@@ -127,7 +120,7 @@ class Index:
     # ---- search --------------------------------------------------------------------------------
     def load_embedder(self, name_or_folder: str | None = None):
         """The embedder this index was built with (or the one named, which must be the same)."""
-        from plinth.embed import Embedder
+        from plinth.retrieval.embedder import Embedder
         embedder = Embedder.load(name_or_folder or self.info.get("embedder_source") or self.embedder_name)
         self.check_embedder(embedder)
         return embedder

@@ -1,5 +1,5 @@
-"""`plinth index build|query` and `plinth rag`: the command-line face of `plinth.adapt.index` and
-`plinth.adapt.rag`. `cli.py` registers them with `register(...)`, handing over its shared helpers.
+"""`plinth index build|query` and `plinth rag`: the command-line face of `plinth.retrieval.index` and
+`plinth.retrieval.rag`. `cli.py` registers them with `register(...)`, handing over its shared helpers.
 
     plinth index build docs/ --out idx/
     plinth index query idx/ "how do I open a file?" --k 5 --where kind=markdown
@@ -11,7 +11,7 @@ import json
 import sys
 
 from plinth import hub
-from plinth.adapt.index import MODES
+from plinth.retrieval.index import MODES
 from plinth.errors import PlinthError
 
 
@@ -29,8 +29,8 @@ def parse_where(pairs: list[str]) -> dict | None:
 def cmd_index_build(args):
     from tqdm import tqdm
 
-    from plinth.adapt.index import Index
-    from plinth.embed import Embedder
+    from plinth.retrieval.index import Index
+    from plinth.retrieval.embedder import Embedder
     embedder = Embedder.load(args.embedder)
     source = args.embedder if args.embedder in hub.KNOWN_MODELS else str(hub.resolve(args.embedder).resolve())
     with tqdm(desc="embedding", unit="chunk", disable=args.quiet) as bar:
@@ -46,7 +46,7 @@ def cmd_index_build(args):
 
 
 def cmd_index_query(args):
-    from plinth.adapt.index import Index
+    from plinth.retrieval.index import Index
     index = Index.load(args.index)
     hits = index.search(index.load_embedder(args.embedder), args.question, k=args.k, where=parse_where(args.where),
                         mode=args.mode)
@@ -62,8 +62,8 @@ def register(sub, add_model_args, add_sampling_args, load_model, sampling):
     """Add `index` and `rag` to the `plinth` parser. The helpers are cli.py's, so these commands take
     model and sampling options exactly as `plinth generate` does."""
     def cmd_rag(args):
-        from plinth.adapt.index import Index
-        from plinth.adapt.rag import ask
+        from plinth.retrieval.index import Index
+        from plinth.retrieval.rag import ask
         index = Index.load(args.index)
         embedder = index.load_embedder(args.embedder)
         reply = ask(load_model(args), index, embedder, args.question, k=args.k, where=parse_where(args.where),

@@ -1,9 +1,9 @@
 """Retrieval-augmented generation: find the passages of an index that answer a question, put them
 in the prompt as numbered sources that fit the context window, and answer citing them.
 
-    from plinth.adapt.index import Index
-    from plinth.adapt.rag import ask
-    from plinth.embed import Embedder
+    from plinth.retrieval.index import Index
+    from plinth.retrieval.rag import ask
+    from plinth.retrieval.embedder import Embedder
     model, index, embedder = plinth.load("smollm2-135m-instruct"), Index.load("idx/"), Embedder.load()
     reply = ask(model, index, embedder, "How do I read a file line by line?")
     print(reply.text); [print(s["id"], s["source"], s["line"]) for s in reply.sources]
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plinth.adapt.index import Hit, Index
+from plinth.retrieval.index import Hit, Index
 from plinth.errors import PlinthError
 
 INSTRUCTIONS = ("Answer the question using the sources below. Cite the sources you use by number, like [1]. "
