@@ -284,13 +284,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     embedder = Embedder.load(embedding_model) if embedding_model != "none" else None
     served_indexes = load_indexes(list(indexes), embedder)  # before the model: a bad --index fails fast
     loaded = plinth.load(model, dtype=dtype)
-    adapter_ids = serve_adapters(loaded.model, adapters)[1] if adapters else {}
+    adapter_ids = serve_adapters(loaded.model, adapters) if adapters else {}
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads)
     engine.start()
     state = ServerState(engine, loaded.tokenizer, model, strict_models, api_key or os.environ.get("PLINTH_API_KEY"),
                         embedder, seed, served_indexes, adapter_ids)
     base = f"http://{host}:{port}"
-    cache_gb = 2 * engine.cache.k.numel() * engine.cache.k.element_size() / 2**30
+    cache_gb = engine.cache.nbytes / 2**30
     print(f"plinth: serving {model} — chat page {base}/  ·  OpenAI API {base}/v1", flush=True)
     print(f"plinth: KV cache {cache_gb:.1f} GiB for {max_batch} sequences × {engine.max_len} tokens "
           "(--max-batch, --max-model-len)", flush=True)
