@@ -6,12 +6,17 @@ Each request's state is two counters: `computed` (tokens whose keys/values are i
 others decode, and a request joins or leaves the batch at any step. All requests that feed one
 token share a single batched forward pass (the weights are read once for all of them).
 
-One thread owns the model (see DESIGN.md: several threads calling into PyTorch oversubscribe the
-cores); other threads only `submit()` and `cancel()`, and receive `Step`s through a callback.
+One thread owns the model: when several threads take turns calling into PyTorch, each becomes
+the master of its own OpenMP team, the teams oversubscribe the cores and every barrier sleeps.
+Other threads only `submit()` and `cancel()`, and receive `Step`s through a callback. Without a
+thread, `generate_many` drives the same steps from the caller's thread (eval, tests, scripts).
 
     engine = Engine(model, tokenizer, max_batch=16)
     engine.start()
     engine.submit(prompt_ids, SamplingParams(max_tokens=32), emit=print)
+
+    completions = Engine(model, tokenizer).generate_many(prompts, SamplingParams(max_tokens=32))
+    completions[0].text, completions[0].tokens, completions[0].finish_reason
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import torch
 
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, Sequence, Step, check_prompt
+from plinth.kv_cache import KVCache
 
 
 @dataclass
@@ -40,12 +46,35 @@ class Request:
     slot: int | None = None
     cancelled: bool = False
     adapter: int = 0                          # LoRA adapter id (plinth/adapt/multi_lora.py); 0 = base model
-    arrived: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
 
     @property
     def pending(self) -> int:
         return len(self.tokens) - self.computed
+
+
+@dataclass
+class Completion:
+    """What one request of `generate_many` produced: its steps (one per token), or an error."""
+    steps: list[Step] = field(default_factory=list)
+    error: Exception | None = None
+
+    def add(self, event: Step | Exception):
+        if isinstance(event, Exception):
+            self.error = event
+        else:
+            self.steps.append(event)
+
+    @property
+    def text(self) -> str:
+        return "".join(step.text for step in self.steps)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [step.choice.token for step in self.steps]
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.steps[-1].finish_reason if self.steps else None
 
 
 @dataclass
@@ -68,7 +97,7 @@ class Engine:
         self.threads = threads or default_threads()
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.chunk, self.max_queue = chunk, max_queue
-        self.cache = model.new_cache(max_batch, self.max_len)
+        self.cache = KVCache.for_model(model, max_batch, self.max_len)
         self.free_slots = list(range(max_batch))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -109,6 +138,37 @@ class Engine:
             self.tasks.append((lambda: fn(*args), future))
             self._wake.notify()
         return future
+
+    def generate_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                      adapters: list[int] | None = None) -> list[Completion]:
+        """Generate for every prompt (one `params` for all, or one each), batched continuously, and
+        return when all have finished: one Completion per prompt, in order. On the engine thread
+        once `start()`ed; otherwise this thread runs the steps (then it is the one model thread).
+        A request's error is raised once every request has ended."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        completions = [Completion() for _ in prompts]
+        left, done = [len(prompts)], threading.Event()
+
+        def receiver(completion: Completion):
+            def emit(event: Step | Exception):
+                completion.add(event)
+                if isinstance(event, Exception) or event.finish_reason:
+                    left[0] -= 1  # only the thread that runs the steps calls emit: no race
+                    if not left[0]:
+                        done.set()
+            return emit
+
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            self.submit(prompt, p, receiver(completions[i]), adapter=adapters[i] if adapters else 0)
+        if self.thread_alive():
+            done.wait()
+        with torch.no_grad():
+            while not done.is_set():
+                self._step_or_fail_all()
+        for completion in completions:
+            if completion.error is not None:
+                raise completion.error
+        return completions
 
     @property
     def queue_depth(self) -> int:
@@ -152,10 +212,13 @@ class Engine:
                         future.set_exception(e)
                 self.stats.heartbeat = time.monotonic()
             if self.waiting or self.running:
-                try:
-                    self.step()
-                except Exception as e:  # a bug outside any one request: fail them all, keep serving
-                    self._fail_all(e)
+                self._step_or_fail_all()
+
+    def _step_or_fail_all(self):
+        try:
+            self.step()
+        except Exception as e:  # a bug outside any one request: fail them all, keep serving
+            self._fail_all(e)
 
     def step(self):
         """schedule → run → postprocess. All sequences feeding one token decode together; prompts
@@ -205,11 +268,9 @@ class Engine:
         slots = [r.slot for r in group]
         in_order = slots == list(range(len(group)))
         start = group[0].computed if len(group) == 1 and in_order else torch.tensor([r.computed for r in group])
-        if hasattr(self.model, "adapter_rows"):  # several LoRA adapters served: each row's own
-            self.model.adapter_rows.rows = torch.tensor([r.adapter for r in group])
-        logits = self.model(tokens, cache=self.cache, start_pos=start,
-                            slots=None if in_order else torch.tensor(slots),
-                            last=torch.tensor(counts) - 1)
+        adapters = torch.tensor([r.adapter for r in group]) if any(r.adapter for r in group) else None
+        logits = self.model(tokens, cache=self.cache.view(start, None if in_order else torch.tensor(slots)),
+                            last=torch.tensor(counts) - 1, adapters=adapters)
         for r, n in zip(group, counts):
             r.computed += n
         self.stats.last_batch = len(group)
@@ -222,7 +283,6 @@ class Engine:
             try:
                 step = request.seq.step(row)
                 request.tokens.append(step.choice.token)
-                request.first_token = request.first_token or time.monotonic()
                 self.stats.generated_tokens += 1
                 request.emit(step)
             except Exception as e:  # one request's failure is its own

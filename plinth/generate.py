@@ -19,6 +19,7 @@ import torch
 
 from plinth.constrain import Constraint
 from plinth.errors import PlinthError
+from plinth.kv_cache import KVCache
 
 
 @dataclass
@@ -259,15 +260,16 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams)
     context = model.config.max_seq_len
     check_prompt(len(prompt), context)
     seq = Sequence(prompt, params, tokenizer, model.config.vocab_size, max_new=context - len(prompt))
-    cache = model.new_cache(1, len(prompt) + seq.max_new)
+    cache = KVCache.for_model(model, 1, len(prompt) + seq.max_new)
     device = model.tok_embeddings.weight.device
-    logits = model(torch.tensor([prompt], device=device), cache=cache, last=torch.tensor([len(prompt) - 1], device=device))
+    logits = model(torch.tensor([prompt], device=device), cache=cache.view(),
+                   last=torch.tensor([len(prompt) - 1], device=device))
     position = len(prompt)
     while True:
         step = seq.step(logits[0].cpu())
         yield step
         if step.finish_reason:
             return
-        logits = model(torch.tensor([[step.choice.token]], device=device), cache=cache, start_pos=position,
+        logits = model(torch.tensor([[step.choice.token]], device=device), cache=cache.view(position),
                        last=torch.tensor([0], device=device))
         position += 1

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from plinth.errors import PlinthError
+from plinth.kv_cache import KVCache
 from plinth.onednn import float32_on_onednn
 
 # Padded tokens per forward pass. Bigger batches are slower per token on a CPU once a layer's
@@ -91,8 +92,8 @@ def _shared_hidden(model, windows, batch: list[tuple[list[int], list[int]]]):
     if not tail:  # one-token continuations: the context's last position predicts them all
         context_h = model.features(tokens)  # (G, width, C)
     else:
-        cache = model.new_cache(len(order), width + tail)
-        context_h = model.features(tokens, cache=cache)  # contexts into slots 0..G-1 (plain slicing)
+        cache = KVCache.for_model(model, len(order), width + tail)
+        context_h = model.features(tokens, cache=cache.view())  # contexts into slots 0..G-1 (plain slicing)
         cache.k, cache.v = cache.k[:, slot_of_context], cache.v[:, slot_of_context]  # slot s: request order[s]
         # Continuations run longest first in chunks of similar length, so little of the work is padding.
         running = sorted((s for s, i in enumerate(order) if suffix[i]), key=lambda s: -len(suffix[order[s]]))
@@ -102,7 +103,7 @@ def _shared_hidden(model, windows, batch: list[tuple[list[int], list[int]]]):
             for row, s in enumerate(chunk):
                 tail_tokens[row, :len(suffix[order[s]])] = torch.tensor(suffix[order[s]])
             starts = torch.tensor([len(windows[order[s]][0]) - len(suffix[order[s]]) for s in chunk])
-            h = model.features(tail_tokens, cache=cache, start_pos=starts, slots=torch.tensor(chunk))
+            h = model.features(tail_tokens, cache=cache.view(starts, torch.tensor(chunk)))
             tail_h.update((s, h[row, :len(suffix[order[s]])]) for row, s in enumerate(chunk))
     rows = []
     for slot, i in enumerate(order):

@@ -1,7 +1,8 @@
 """The Transformer: one model definition for pretraining, fine-tuning, loading real weights and serving.
 
-Read top to bottom: RMSNorm, rotary embeddings, the attention mask, the KV cache, attention, MLP,
-block, model. Every architecture difference is a `ModelConfig` field (see plinth/config.py).
+Read top to bottom: RMSNorm, rotary embeddings, the attention mask, positions, attention, MLP,
+block, model. A KV cache reaches attention through the small interface of a cache view
+(plinth/kv_cache.py); the model knows nothing of who owns the cache or how its rows are assigned. Every architecture difference is a `ModelConfig` field (see plinth/config.py).
 Shapes in comments: B batch, T new tokens, L keys (past + new), H query heads, K key/value heads,
 D head dim, C model width, V vocabulary.
 
@@ -13,6 +14,7 @@ D head dim, C model width, V vocabulary.
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 
 import torch
 import torch.nn as nn
@@ -78,75 +80,27 @@ def positions_in_documents(documents):
 
 
 SHORT_ROWS = 512  # bfloat16 rows up to this long: attention by plain matmuls (see Attention._causal_by_matmuls)
-KEY_BLOCK = 64  # decoding reads each row's keys in whole blocks of this many positions (see Attention._decode)
-
-
-def whole_key_blocks(positions: int) -> int:
-    """`positions` rounded up to a whole number of KEY_BLOCKs."""
-    return -(-positions // KEY_BLOCK) * KEY_BLOCK
-
-
-class KVCache:
-    """Keys and values of past tokens for up to `slots` sequences.
-
-    k, v: (layers, slots, K, positions, D), positions = max_len rounded up to a whole KEY_BLOCK. A
-    forward pass writes the new tokens' keys at their absolute positions and attends over positions
-    0..start+T-1 of its rows.
-    """
-
-    def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device="cpu"):
-        shape = (config.n_layers, slots, config.n_kv_heads, whole_key_blocks(max_len), config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-
-    def write(self, layer: int, k, v, where: "Positions"):
-        """Store the new tokens' keys and values k, v (B, K, T, D) at their rows and positions."""
-        keys, values = self.k[layer], self.v[layer]
-        k, v = k.to(keys.dtype), v.to(values.dtype)
-        if where.slots is None and isinstance(where.start, int):  # rows 0..B-1 at one offset: slicing
-            keys[:k.shape[0], :, where.start:where.key_len] = k
-            values[:k.shape[0], :, where.start:where.key_len] = v
-        else:  # each row at its own position (and maybe its own slot)
-            slots = where.slot_index(k.shape[0])
-            keys[slots[:, None], :, where.q_pos] = k.transpose(1, 2)  # indexed view is (B, T, K, D)
-            values[slots[:, None], :, where.q_pos] = v.transpose(1, 2)
-
-    def read(self, layer: int, B: int, where: "Positions"):
-        """All keys and values of the pass's B rows, positions 0..key_len-1: (B, K, L, D)."""
-        end = where.key_len
-        if where.slots is None:  # rows 0..B-1: views, no copies
-            return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
-        return self.k[layer, where.slots, :, :end], self.v[layer, where.slots, :, :end]
+ADAPTER_ROWS: ContextVar[torch.Tensor | None] = ContextVar("adapter_rows", default=None)
+"""During a forward pass with `adapters`: (B,) which LoRA adapter each row uses (0 = none), read by
+layers that serve several adapters at once (plinth/adapt/multi_lora.py)."""
 
 
 class Positions:
-    """Where a forward pass's tokens sit: absolute positions, cache rows, and which keys to see.
+    """Where a forward pass's tokens sit: absolute positions, and which keys each may see.
 
-    documents: (B, T) for packed training rows (several examples one after another, see
-    plinth/adapt/examples.py `pack`): positions restart at 0 with each document and a token attends
-    only within its own. Whole sequences from position 0 only, no cache."""
+    start: the absolute position of each row's first new token, an int or (B,) (from the KV cache
+    view; 0 without a cache). documents: (B, T) for packed training rows (several examples one
+    after another, see plinth/adapt/examples.py `pack`): positions restart at 0 with each document
+    and a token attends only within its own. Whole sequences from position 0 only, no cache."""
 
-    def __init__(self, B: int, T: int, start, slots, device, documents=None):
-        self.start, self.slots, self.T, self.documents = start, slots, T, documents
-        start_t = torch.as_tensor(start, device=device).reshape(-1).expand(B)
+    def __init__(self, B: int, T: int, start, device, documents=None):
+        self.start, self.T, self.documents = start, T, documents
         if documents is None:
+            start_t = torch.as_tensor(start, device=device).reshape(-1).expand(B)
             self.q_pos = start_t[:, None] + torch.arange(T, device=device)  # (B, T)
         else:
             self.q_pos = positions_in_documents(documents)
-        self.key_len = int(start_t.max()) + T if isinstance(start, torch.Tensor) else start + T
-        if T == 1:  # decoding: which cache rows and positions the layers read, worked out once for all
-            rows = self.slot_index(B)
-            self.span = int(rows.min()), int(rows.max()) + 1  # cache rows lo..hi-1 hold every row of the pass
-            gaps = not torch.equal(rows, torch.arange(*self.span, device=device))
-            self.span_rows = rows - self.span[0] if gaps else None  # where each row sits within the span
-            self.decode_len = whole_key_blocks(self.key_len)
-            self.span_ends = torch.ones(self.span[1] - self.span[0], dtype=torch.long, device=device)
-            self.span_ends[rows - self.span[0]] = start_t + 1  # rows of the span outside the pass see key 0
-            self._biases = {}
-
-    def slot_index(self, B: int):
-        return torch.arange(B, device=self.q_pos.device) if self.slots is None else self.slots
+        self.key_len = int(start.max()) + T if isinstance(start, torch.Tensor) else start + T
 
     def mask(self, causal: bool, window: int | None):
         """None when every query sees every key up to itself in the simple way SDPA understands."""
@@ -158,16 +112,6 @@ class Positions:
         if uniform and window is None and (self.T == 1 or not causal):
             return None  # a single new token (or bidirectional) attends to all keys so far
         return attention_mask(self.q_pos, self.key_len, causal, window)
-
-    def decode_bias(self, window: int | None, dtype, heads: int) -> torch.Tensor:
-        """(S·heads, 1, decode_len) for the S rows of the span, each repeated for its key heads: 0
-        where a row's new token may attend (its own keys so far, within `window`), -inf elsewhere;
-        added to the attention scores."""
-        if window not in self._biases:
-            allowed = attention_mask(self.span_ends[:, None] - 1, self.decode_len, True, window)  # (S, 1, 1, L)
-            bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
-            self._biases[window] = bias.repeat_interleave(heads, dim=0).view(-1, 1, self.decode_len)
-        return self._biases[window]
 
     def plain_causal(self, causal: bool, window: int | None) -> bool:
         """True for a causal pass over a whole sequence from position 0 (training, first prefill)."""
@@ -198,7 +142,7 @@ class Attention(nn.Module):
         self.wqkv = fuse_linears(self.wq, self.wk, self.wv)
         self.wq = self.wk = self.wv = None
 
-    def forward(self, x, rope, where: Positions, cache: KVCache | None):
+    def forward(self, x, rope, where: Positions, cache):
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None:
@@ -210,15 +154,15 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         if rope is not None:  # queries and keys rotate together: one pass over (B, T, H+K, D)
-            qk = apply_rope(qk, *rope, cache.k.dtype if cache is not None else None)  # the dtype attention runs in
+            qk = apply_rope(qk, *rope, cache.dtype if cache is not None else None)  # the dtype attention runs in
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
-            cache.write(self.layer, k, v, where)
+            cache.write(self.layer, k, v)
         if T == 1 and self.causal and cache is not None:
-            out = self._decode(q, where, cache)
+            out = self._decode(q, cache)
         else:
             if cache is not None:
-                k, v = cache.read(self.layer, B, where)  # (B, K, L, D)
+                k, v = cache.read(self.layer, B, where.key_len)  # (B, K, L, D)
             with onednn.paused():  # its many small block products run faster on the default path
                 out = self._prefill(q.to(k.dtype), k, v, where)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))
@@ -233,10 +177,9 @@ class Attention(nn.Module):
     def _causal_by_matmuls(self, q, k, v):
         """Causal attention as two batched matmuls and a float32 softmax, the query heads sharing
         a key head folded into the query axis (no copies of keys and values). In bfloat16 on a CPU
-        without AMX, PyTorch's fused attention kernel takes twice as long for short rows (forward
-        and backward of a layer over 16 rows of 256 tokens: 24.9 against 11.6 ms; 8 rows of 512:
-        40.5 against 22.5 ms). Past SHORT_ROWS tokens the (T, T) scores no longer fit in cache
-        and the fused kernel wins (4 rows of 1024: 49.5 against 110 ms)."""
+        without AMX, PyTorch's fused attention kernel is slower than these two matmuls for short
+        rows, forward and backward; past SHORT_ROWS tokens the (T, T) scores no longer fit in the
+        CPU's cache and the fused kernel wins (benchmarks/train.py measures the training step)."""
         B, H, T, D = q.shape
         K, group = self.n_kv_heads, self.n_heads // self.n_kv_heads
         scores = torch.matmul((q * self.scale).reshape(B, K, group * T, D), k.transpose(-1, -2))
@@ -245,28 +188,20 @@ class Attention(nn.Module):
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         return torch.matmul(weights.view(B, K, group * T, T), v).view(B, H, T, D)
 
-    def _decode(self, q, where: Positions, cache: KVCache):
-        """One new token per row, attending to keys read in place from the cache, all rows at once.
-
-        Every row reads a whole number of KEY_BLOCKs of keys, the positions it may not see masked
-        out. The matmul and softmax kernels then sum each row's scores in the same blocks whether
-        the row runs alone or in a batch, so batching never changes a sequence's output (padding to
-        the batch's exact longest row, or calling SDPA, changes low bits with the batch). Rows whose
-        cache slots have gaps between them run as the whole span of slots; the extra rows are
-        dropped after."""
+    def _decode(self, q, cache):
+        """One new token per row, attending to keys read in place from the cache, all rows at once:
+        each key head's `group` queries form one batch of a batched matmul over that head's keys.
+        The cache's view decides which rows (S ≥ B) and how many keys the batch spans, and masks
+        what a row may not see, so that a row gets the same bits alone or in any batch (see
+        plinth/kv_cache.py)."""
         B, H, _, D = q.shape
         K = self.n_kv_heads
-        (lo, hi), length = where.span, where.decode_len
-        # (span rows · K) batches of the `group` queries sharing a key head: views, no copies
-        keys = cache.k[self.layer, lo:hi, :, :length].flatten(0, 1)
-        values = cache.v[self.layer, lo:hi, :, :length].flatten(0, 1)
-        q = q.reshape(B, K, H // K, D).to(keys.dtype)
-        if where.span_rows is not None:
-            q = q.new_zeros(hi - lo, *q.shape[1:]).index_copy_(0, where.span_rows, q)
-        bias = where.decode_bias(self.window, keys.dtype, K)
+        keys, values = cache.decode_keys(self.layer, B)  # (S·K, L, D)
+        q = cache.spread(q.reshape(B, K, H // K, D).to(keys.dtype))  # (S, K, group, D)
+        bias = cache.decode_bias(self.window, K)
         scores = torch.baddbmm(bias, q.flatten(0, 1), keys.transpose(1, 2), alpha=self.scale)
-        out = torch.bmm(torch.softmax(scores, dim=-1), values).view(hi - lo, H, 1, D)
-        return out if where.span_rows is None else out.index_select(0, where.span_rows)
+        out = torch.bmm(torch.softmax(scores, dim=-1), values).view(q.shape[0], H, 1, D)
+        return cache.gather(out)
 
     def _grouped(self, q, k, v, mask):
         """Attention where the H/K query heads sharing a key head are folded into the query axis,
@@ -428,21 +363,12 @@ class Transformer(nn.Module):
         return self
 
     # ---- running -------------------------------------------------------------------------------
-    def new_cache(self, slots: int, max_len: int | None = None) -> KVCache:
-        """On CPU the cache, and so attention over it, is float32 even for bfloat16 or int4 weights:
-        without AMX, float32 attention is faster than bfloat16 (320 against 580 µs a layer for 16
-        decoding rows of 256 keys) and its batched kernels give a row the same bits in any batch."""
-        weight = self.tok_embeddings.weight
-        dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
-        return KVCache(self.config, slots, max_len or self.config.max_seq_len, dtype, weight.device)
-
-    def features(self, tokens=None, *, embeds=None, cache: KVCache | None = None, start_pos=0, slots=None,
-                 documents=None):
+    def features(self, tokens=None, *, embeds=None, cache=None, documents=None):
         """Final normalised hidden states (B, T, C).
 
         tokens: (B, T) ids, or embeds: (B, T, C) input vectors (image patches, soft prompts);
-        start_pos: absolute position of the first token, an int or a (B,) tensor;
-        slots: (B,) rows of `cache` these sequences use (default: rows 0..B-1);
+        cache: a KV cache view for this pass (plinth/kv_cache.py `KVCache.view`): where each row's
+        new tokens start, and where past keys and values are kept; None = whole sequences from 0;
         documents: (B, T) for packed training rows: which example each token belongs to (positions
         restart and attention stays within each; see `Positions`).
         """
@@ -452,9 +378,9 @@ class Transformer(nn.Module):
         if self.config.embed_scale:
             x = x * torch.tensor(math.sqrt(self.config.dim), dtype=x.dtype)
         B, T, _ = x.shape
-        if documents is not None and (cache is not None or isinstance(start_pos, torch.Tensor) or start_pos != 0):
-            raise ValueError("packed rows (documents) are whole sequences: no cache, start_pos 0")
-        where = Positions(B, T, start_pos, slots, x.device, documents)
+        if documents is not None and cache is not None:
+            raise ValueError("packed rows (documents) are whole sequences: no cache")
+        where = Positions(B, T, cache.start if cache is not None else 0, x.device, documents)
         if where.key_len > self.config.max_seq_len:
             raise ValueError(f"position {where.key_len - 1} is past the context window "
                              f"({self.config.max_seq_len} tokens)")
@@ -475,16 +401,21 @@ class Transformer(nn.Module):
                 x = block(x, rope, where, cache)
         return self.norm(x) if self.norm is not None else x
 
-    def forward(self, tokens=None, *, embeds=None, cache=None, start_pos=0, slots=None, last=None, documents=None,
-                targets=None):
+    def forward(self, tokens=None, *, embeds=None, cache=None, last=None, documents=None, targets=None,
+                adapters=None):
         """Logits (B, T, V); with `last` (B,) indices, only at those positions: (B, V).
         With `targets` (B, T) instead: the cross-entropy summed over targets other than IGNORE.
+        adapters: (B,) the LoRA adapter each row uses, where several are served (see ADAPTER_ROWS).
 
         Computing the output layer only where a next token is sampled saves most of the work of a
         long prompt (the vocabulary projection is the largest matrix in a small model). The loss
         is computed inside forward, where FSDP2's hooks have the output weights gathered.
         """
-        h = self.features(tokens, embeds=embeds, cache=cache, start_pos=start_pos, slots=slots, documents=documents)
+        selected = ADAPTER_ROWS.set(adapters)
+        try:
+            h = self.features(tokens, embeds=embeds, cache=cache, documents=documents)
+        finally:
+            ADAPTER_ROWS.reset(selected)
         if targets is not None:
             return self.output_loss(h.flatten(0, -2), targets.flatten())
         if last is not None:

@@ -4,7 +4,8 @@ import torch
 
 from plinth.config import ModelConfig, preset
 from plinth.errors import PlinthError
-from plinth.model import SHORT_ROWS, KVCache, Positions, Transformer, attention_mask
+from plinth.kv_cache import KVCache
+from plinth.model import SHORT_ROWS, Positions, Transformer, attention_mask
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -20,18 +21,18 @@ def test_kv_cache_decode_equals_full_recompute(overrides):
     model = tiny_model(**overrides)
     ids = tokens(20)
     full = model(ids)
-    cache = model.new_cache(1, 32)
-    pieces = [model(ids[:, :8], cache=cache)]  # prefill 8, then one token at a time
+    cache = KVCache.for_model(model, 1, 32)
+    pieces = [model(ids[:, :8], cache=cache.view())]  # prefill 8, then one token at a time
     for i in range(8, 20):
-        pieces.append(model(ids[:, i:i + 1], cache=cache, start_pos=i))
+        pieces.append(model(ids[:, i:i + 1], cache=cache.view(i)))
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_prefill_equals_full():
     model = tiny_model(sliding_window=5, global_every=2)
     ids = tokens(24)
-    cache = model.new_cache(1, 24)
-    chunks = [model(ids[:, i:i + 6], cache=cache, start_pos=i) for i in range(0, 24, 6)]
+    cache = KVCache.for_model(model, 1, 24)
+    chunks = [model(ids[:, i:i + 6], cache=cache.view(i)) for i in range(0, 24, 6)]
     torch.testing.assert_close(torch.cat(chunks, 1), model(ids), atol=1e-5, rtol=1e-5)
 
 
@@ -39,15 +40,15 @@ def test_batched_rows_at_different_positions_match_single_runs():
     """The serving path: rows in arbitrary cache slots, each at its own position, padded to one length."""
     model = tiny_model()
     a, b = tokens(10, seed=2), tokens(6, seed=3)
-    cache = model.new_cache(4, 16)
+    cache = KVCache.for_model(model, 4, 16)
     slots = torch.tensor([3, 1])
     padded = torch.zeros(2, 10, dtype=torch.long)
     padded[0], padded[1, :6] = a[0], b[0]
-    out = model(padded, cache=cache, slots=slots, last=torch.tensor([9, 5]))  # prefill both
+    out = model(padded, cache=cache.view(0, slots), last=torch.tensor([9, 5]))  # prefill both
     torch.testing.assert_close(out[0], model(a)[0, -1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1], model(b)[0, -1], atol=1e-5, rtol=1e-5)
     step = torch.tensor([[7], [9]])  # one decode step, each row at its own position
-    out = model(step, cache=cache, slots=slots, start_pos=torch.tensor([10, 6]))
+    out = model(step, cache=cache.view(torch.tensor([10, 6]), slots))
     torch.testing.assert_close(out[0, 0], model(torch.cat([a, step[:1]], 1))[0, -1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1, 0], model(torch.cat([b, step[1:]], 1))[0, -1], atol=1e-5, rtol=1e-5)
 
@@ -65,7 +66,7 @@ def test_decoding_attention_gives_a_row_the_same_bits_alone_or_in_any_batch(wind
     q = torch.randn(4, 4, 1, 64, generator=generator)
 
     def decode(rows):
-        return attn._decode(q[rows], Positions(len(rows), 1, lengths[rows] - 1, slots[rows], "cpu"), cache)
+        return attn._decode(q[rows], cache.view(lengths[rows] - 1, slots[rows]))
 
     batched = decode([0, 1, 2, 3])
     for row in range(4):
@@ -133,7 +134,7 @@ def test_load_weights_names_missing_and_unexpected_keys():
 def test_position_past_context_is_an_error():
     model = tiny_model()
     with pytest.raises(ValueError, match="context window"):
-        model(tokens(4), start_pos=254)
+        model(tokens(4), cache=KVCache.for_model(model, 1).view(254))
 
 
 @pytest.mark.parametrize("bad, message", [(dict(n_heads=3, n_kv_heads=2), "multiple of n_kv_heads"),
@@ -152,7 +153,7 @@ def test_short_bf16_rows_attend_by_matmuls_within_a_few_bfloat16_steps():
     attention = tiny_model(n_heads=4, n_kv_heads=2, dim=64).layers[0].attn
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, heads, 40, 16, generator=g) for heads in (4, 2, 2))
-    where = Positions(2, 40, 0, None, "cpu")
+    where = Positions(2, 40, 0, "cpu")
     assert where.plain_causal(True, None) and 40 <= SHORT_ROWS
     bf16 = [t.bfloat16() for t in (q, k, v)]
     assert torch.equal(attention._prefill(*bf16, where), attention._causal_by_matmuls(*bf16))

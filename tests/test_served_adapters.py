@@ -51,11 +51,11 @@ def reference(adapter, tokenizer) -> list[int]:
 
 def served_model(adapters):
     model = compact_(tiny_model(), "float32")
-    return model, *serve_adapters(model, adapters)
+    return model, serve_adapters(model, adapters)
 
 
 def test_one_batch_serves_each_request_its_own_adapter(adapters, tokenizer):
-    model, _, ids = served_model(adapters)
+    model, ids = served_model(adapters)
     assert ids == {"terse": 1, "chatty": 2}
     engine = Engine(model, tokenizer, max_batch=4, max_len=64)
     outputs = {name: [] for name in ("base", "terse", "chatty")}
@@ -81,7 +81,7 @@ def test_one_batch_serves_each_request_its_own_adapter(adapters, tokenizer):
 
 
 async def test_api_lists_adapters_and_routes_by_model_name(adapters, tokenizer):
-    model, _, ids = served_model(adapters)
+    model, ids = served_model(adapters)
     engine = Engine(model, tokenizer, max_batch=2, max_len=64)
     engine.start()
     state = ServerState(engine, tokenizer, "tiny", strict_models=True, adapters=ids)

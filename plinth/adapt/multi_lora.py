@@ -6,8 +6,11 @@ adapter's low-rank update (x · Aᵀ · Bᵀ · alpha/r) — a few small matmuls
 Adapters of fused projections (q/k/v, gate/up) are stacked: A's rows side by side, B block-diagonal
 into the fused output, so one pair of matmuls serves all parts.
 
-    selection = serve_adapters(loaded.model, {"sentiment": "runs/lora-sentiment/final"})
-    selection.rows = torch.tensor([0, 1])   # row 0: base model, row 1: "sentiment" (the engine sets this)
+    ids = serve_adapters(loaded.model, {"sentiment": "runs/lora-sentiment/final"})   # {"sentiment": 1}
+    loaded.model(tokens, adapters=torch.tensor([0, ids["sentiment"]]))   # row 0: base model, row 1: "sentiment"
+
+Each forward pass names its rows' adapters explicitly (`adapters=`, the engine passes every
+request's own); the layers read them from `plinth.model.ADAPTER_ROWS` for the pass's duration.
 """
 from __future__ import annotations
 
@@ -19,26 +22,19 @@ from safetensors.torch import load_file
 
 from plinth.adapt.lora import ADAPTER_FILE, PROJECTIONS, base_fingerprint, read_adapter_config
 from plinth.errors import PlinthError
-from plinth.model import fused_parts
-
-
-class AdapterRows:
-    """Which adapter each row of the next forward pass uses: (B,) ids, 0 = the base model."""
-
-    def __init__(self):
-        self.rows: torch.Tensor | None = None
+from plinth.model import ADAPTER_ROWS, fused_parts
 
 
 class MultiLoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, selection: AdapterRows, updates: dict[int, tuple]):
+    def __init__(self, base: nn.Module, updates: dict[int, tuple]):
         super().__init__()
-        self.base, self.selection = base, selection
+        self.base = base
         self.updates = updates  # adapter id → (A (r', in), B (out, r'), scale), float32
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x):
         y = self.base(x)
-        rows = self.selection.rows
+        rows = ADAPTER_ROWS.get()  # (B,) adapter ids of this forward pass's rows, or None
         if rows is None:
             return y
         for adapter in rows.unique().tolist():
@@ -76,10 +72,10 @@ def stacked_update(tensors: dict, layer: str, name: str, sizes: dict[str, int], 
     return A, B
 
 
-def serve_adapters(model: nn.Module, adapters: dict[str, str]) -> tuple[AdapterRows, dict[str, int]]:
-    """Attach every adapter to an inference model (in place). Returns the row selection the engine
-    sets before each forward pass, and each adapter name's id (1, 2, ...)."""
-    selection, ids, updates = AdapterRows(), {}, {}
+def serve_adapters(model: nn.Module, adapters: dict[str, str]) -> dict[str, int]:
+    """Attach every adapter to an inference model (in place). Returns each adapter name's id
+    (1, 2, ...), what a forward pass's `adapters=` rows hold."""
+    ids, updates = {}, {}
     fingerprint, fused = base_fingerprint(model), fused_parts(model.config)
     for number, (name, folder) in enumerate(adapters.items(), 1):
         config = read_adapter_config(folder)
@@ -102,6 +98,5 @@ def serve_adapters(model: nn.Module, adapters: dict[str, str]) -> tuple[AdapterR
     for full_name, per_adapter in updates.items():
         parent_name, child_name = full_name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, MultiLoRALinear(getattr(parent, child_name), selection, per_adapter))
-    model.adapter_rows = selection
-    return selection, ids
+        setattr(parent, child_name, MultiLoRALinear(getattr(parent, child_name), per_adapter))
+    return ids

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from plinth.errors import PlinthError
+from plinth.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,13 @@ def score(model, tokenizer, task: PromptTask, texts: list[str]) -> list[str]:
     shared = min(len(p) for p in prompts) - 1  # keep at least one token of each prompt to run
     for p in prompts[1:]:
         shared = next((i for i in range(shared) if p[i] != prompts[0][i]), shared)
-    cache = model.new_cache(1, longest)
+    cache = KVCache.for_model(model, 1, longest)
     if shared:
-        model(torch.tensor([prompts[0][:shared]]), cache=cache, last=torch.tensor([shared - 1]))
+        model(torch.tensor([prompts[0][:shared]]), cache=cache.view(), last=torch.tensor([shared - 1]))
     predictions = []
     for ids in prompts:
         rest = ids[shared:]
-        logits = model(torch.tensor([rest]), cache=cache, start_pos=shared, last=torch.tensor([len(rest) - 1]))[0]
+        logits = model(torch.tensor([rest]), cache=cache.view(shared), last=torch.tensor([len(rest) - 1]))[0]
         predictions.append(task.labels[int(logits[choices].argmax())])
     return predictions
 

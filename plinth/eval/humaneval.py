@@ -10,11 +10,8 @@ With one sample per problem the completion is greedy and the score is pass@1; wi
 from __future__ import annotations
 
 import os
-import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-
-import torch
 
 from plinth.errors import PlinthError
 from plinth.eval.sandbox import run_python
@@ -42,36 +39,10 @@ def program(problem: dict, completion: str) -> str:
 
 
 def generate_all(loaded, prompts: list[list[int]], params: list[SamplingParams]) -> list[str]:
-    """Completions of many prompts, decoded together by the serving engine's continuous batching."""
-    texts: list[list[str]] = [[] for _ in prompts]
-    errors: list[Exception] = []
-    left, done = [len(prompts)], threading.Event()
-
-    def collector(i):
-        def emit(event):
-            if isinstance(event, Exception):
-                errors.append(event)
-            else:
-                texts[i].append(event.text)
-            if isinstance(event, Exception) or event.finish_reason:
-                left[0] -= 1  # only the engine thread calls emit: no race
-                if not left[0]:
-                    done.set()
-        return emit
-
+    """Completions of many prompts, decoded together by the engine's continuous batching."""
     longest = max(len(p) + s.max_tokens for p, s in zip(prompts, params))
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch=min(16, len(prompts)), max_len=longest,
-                    threads=torch.get_num_threads())  # the engine thread computes with as many as this one would
-    engine.start()
-    try:
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            engine.submit(prompt, p, collector(i))
-        done.wait()
-    finally:
-        engine.stop()
-    if errors:
-        raise errors[0]
-    return ["".join(t) for t in texts]
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=min(16, len(prompts)), max_len=longest)
+    return [completion.text for completion in engine.generate_many(prompts, params)]
 
 
 def evaluate(loaded, limit: int = 0, samples: int = 1, ks: tuple[int, ...] = (1,), max_tokens: int = 384,
