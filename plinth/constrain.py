@@ -2,8 +2,8 @@
 (OpenAI's `response_format`) or a Lark grammar (tool calls).
 
 The grammar work is llguidance's (a Rust Earley parser and lexer walked over a trie of the
-vocabulary; DESIGN.md, dependencies): it compiles a JSON schema in about a millisecond and computes
-the set of allowed next tokens in tens of microseconds. plinth only turns requests into grammars,
+vocabulary, a well-kept library rather than a hand-written parser): it compiles a JSON schema and
+computes the set of allowed next tokens fast enough to run at every decoding step. plinth only turns requests into grammars,
 gives each sequence its own `Constraint`, and applies the mask before sampling.
 
     grammar = response_format_grammar({"type": "json_schema", "json_schema": {"schema": schema}})

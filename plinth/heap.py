@@ -3,15 +3,14 @@
 glibc returns large freed blocks to the operating system: blocks over its mmap threshold are
 unmapped on free, and free space at the top of the heap over its trim threshold is trimmed. A
 training step frees its activations and gradients and allocates the same sizes again in the next
-step, so the kernel maps, faults in and zeroes every 4 KiB page anew, every step. For the
-pretrain-tiny model on this machine that was about 100,000 page faults and 0.25 CPU-seconds in the
-kernel per 0.66-second step. Inside `freed_memory_kept()` every block comes from the heap and the
+step, so the kernel maps, faults in and zeroes every 4 KiB page anew, every step: for a small
+model a large share of each step's time goes to the kernel (docs/pretraining.md). Inside `freed_memory_kept()` every block comes from the heap and the
 heap is never trimmed, so from the second step on the same memory is reused: no page faults.
 
 The cost is memory. The process keeps its peak until the block ends, and more than the peak: a
 freed block can be reused only by requests that fit it at their alignment, so resident memory
-grows by what does not fit (pretrain-tiny: flat at 1.4 GB over a whole run; one tensor of
-1.5 GiB freed and allocated again over and over: up to twice its size). When the block ends the
+grows by what does not fit (a training run's resident memory stays flat, but one large tensor
+freed and allocated again over and over can take up to twice its size). When the block ends the
 memory is handed back and glibc's default settings come back (as fixed thresholds: setting them
 turns off glibc's adaptive mmap threshold for the rest of the process).
 

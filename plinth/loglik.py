@@ -25,7 +25,7 @@ from plinth.kv_cache import KVCache
 from plinth.onednn import float32_on_onednn
 
 # Padded tokens per forward pass. Bigger batches are slower per token on a CPU once a layer's
-# activations outgrow the caches (200 sentiment items, float32, one thread: 15.9 s at 1024, 28.2 s at 4096).
+# activations outgrow the CPU's caches (benchmarks/eval.py --batch-tokens compares sizes).
 BATCH_TOKENS = 1024
 TAIL_TOKENS = 1024  # padded continuation tokens per forward pass when continuations follow a shared context
 PROJECT_ROWS = 512  # positions projected to the vocabulary at once: bounds the (rows, V) logits in memory

@@ -1,20 +1,19 @@
 """Float32 matrix products on CPU through oneDNN instead of MKL, where that keeps them float32.
 
 PyTorch hands a float32 matmul on CPU to MKL. On AMD CPUs MKL runs a generic AVX2 code path
-while oneDNN's AVX-512 kernels run at twice the speed (this machine's 2-core EPYC, a
-1024×576 @ 576×1536 product: MKL 180, oneDNN 400 GFLOP/s). The one switch PyTorch has for
+while oneDNN's AVX-512 kernels run about twice as fast (benchmarks/train.py and
+benchmarks/eval.py measure it; docs/benchmarks.md). The one switch PyTorch has for
 sending float32 matmuls to oneDNN is `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`,
 which also allows oneDNN to compute them in bfloat16; oneDNN only does that on CPUs with AMX
 tiles, and elsewhere runs its float32 kernels. So `float32_on_onednn()` turns the switch on
-for a block of code only after a probe product on this machine has come back with float32
-precision; on any other machine the block runs exactly as before.
+for a block of code only after a probe product on the running machine has come back with float32
+precision; where it does not, the block runs exactly as before.
 
     with float32_on_onednn():
         loss = model(x)...           # training, log-likelihood scoring: large float32 products
 
 Attention runs with the switch off (`paused()`): PyTorch's CPU attention kernel multiplies many
-small blocks, and through oneDNN each of those calls costs more (200 sentiment items: attention
-0.3 s on MKL, 1.4 s on oneDNN).
+small blocks, and through oneDNN each of those calls costs more.
 """
 from __future__ import annotations
 

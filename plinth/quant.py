@@ -59,8 +59,8 @@ class Int4Linear(nn.Module):
 
     The int4 kernel unpacks the weights again for every 4 input rows, which suits decoding (a few
     rows, bound by reading weights) but not a prompt: rows of `PROMPT_ROWS` tokens or more (B, T, C)
-    multiply a bfloat16 copy of the same weights instead, 1.8× faster at 45 tokens and 2.9× at
-    256 (2 threads). The path depends only on T, so a sequence decodes the same bits alone or in
+    multiply a bfloat16 copy of the same weights instead (benchmarks/decode.py measures prefill).
+    The path depends only on T, so a sequence decodes the same bits alone or in
     any batch."""
 
     PROMPT_ROWS = 16

@@ -35,13 +35,32 @@ PARAMS = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
 
 def test_batched_results_equal_running_each_alone(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=4, max_len=128, chunk=16)  # the long prompt prefills in chunks
-    out = {}
-    for prompt, params in zip(PROMPTS, PARAMS):
-        collect(engine, prompt, params, out)
-    drain(engine)
-    for (prompt, params), record in zip(zip(PROMPTS, PARAMS), out.values()):
-        assert [s.choice.token for s in record] == alone(model, tokenizer, prompt, params)
-        assert record[-1].finish_reason in ("stop", "length")
+    for (prompt, params), record in zip(zip(PROMPTS, PARAMS), engine.generate_many(PROMPTS, PARAMS)):
+        assert record.tokens == alone(model, tokenizer, prompt, params)
+        assert record.finish_reason in ("stop", "length")
+
+
+def test_generate_many_on_the_engine_thread_gives_the_same_tokens_and_raises_a_request_error(model, tokenizer):
+    """With the engine thread started, generate_many waits for it; a failing request's error is
+    raised once every request has ended, and the engine goes on serving."""
+    engine = Engine(model, tokenizer, max_batch=2, max_len=128)
+    engine.start()
+    try:
+        assert [c.tokens for c in engine.generate_many(PROMPTS, PARAMS)] == \
+            [alone(model, tokenizer, p, s) for p, s in zip(PROMPTS, PARAMS)]
+        original = engine._run
+
+        def fail_the_one_token_prompt(group):  # PROMPTS[1] is one token long; PROMPTS[0] decodes on
+            if len(group[0].tokens) == 1:
+                raise RuntimeError("boom")
+            return original(group)
+        engine._run = fail_the_one_token_prompt
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.generate_many([PROMPTS[0], PROMPTS[1]], PARAMS[0])
+        engine._run = original
+        assert engine.generate_many([PROMPTS[0]], PARAMS[0])[0].tokens == alone(model, tokenizer, PROMPTS[0], PARAMS[0])
+    finally:
+        engine.stop()
 
 
 def test_requests_join_and_leave_while_others_decode(model, tokenizer):

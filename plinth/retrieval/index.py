@@ -11,12 +11,10 @@ float32 unit vectors, `chunks.jsonl` (one chunk's text and source position per l
 Search is hybrid by default: the embedding's scores fused with BM25's over stemmed words (see `search`).
 Why exact search rather than faiss or hnswlib: one matrix-vector product over every chunk is
 exact, filters apply before the top-k instead of after (an approximate index can return fewer than
-k filtered hits), and nothing needs building. `benchmarks/vector_search.py` measured, at 10,000
-chunks of 384 dimensions on one shared core: numpy 0.46 ms a query, faiss HNSW 0.29 ms at 76%
-recall@10 after 4.8 s of building, hnswlib 0.38 ms at 92% after 17 s; at 100,000 chunks numpy
-takes 23 ms (faiss's exact flat index 27 ms). Embedding the query takes 10-50 ms, so up to about
-100,000 chunks (a few thousand documents) exact search costs less than the query's embedding; an
-approximate index is the step to take beyond that.
+k filtered hits), and nothing needs building. Up to about 100,000 chunks (a few thousand
+documents) exact search costs less than embedding the query (`benchmarks/vector_search.py`
+compares it with faiss and hnswlib; docs/retrieval.md has the figures); an approximate index is
+the step to take beyond that.
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def build_optimizer(model, r) -> torch.optim.AdamW:
 
 def bf16_supported(device: torch.device = torch.device("cpu")) -> bool:
     """Native bfloat16 matmuls (AVX-512 BF16 / AMX on CPU, Ampere or newer on GPU): where autocast
-    pays (2× on this CPU)."""
+    pays."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
