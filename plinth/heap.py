@@ -4,8 +4,9 @@ glibc returns large freed blocks to the operating system: blocks over its mmap t
 unmapped on free, and free space at the top of the heap over its trim threshold is trimmed. A
 training step frees its activations and gradients and allocates the same sizes again in the next
 step, so the kernel maps, faults in and zeroes every 4 KiB page anew, every step: for a small
-model a large share of each step's time goes to the kernel (docs/pretraining.md). Inside `freed_memory_kept()` every block comes from the heap and the
-heap is never trimmed, so from the second step on the same memory is reused: no page faults.
+model a large share of each step's time goes to the kernel (docs/benchmarks.md). Inside
+`freed_memory_kept()` every block comes from the heap and the heap is never trimmed, so from the
+second step on the same memory is reused: no page faults.
 
 The cost is memory. The process keeps its peak until the block ends, and more than the peak: a
 freed block can be reused only by requests that fit it at their alignment, so resident memory

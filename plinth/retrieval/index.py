@@ -13,8 +13,8 @@ Why exact search rather than faiss or hnswlib: one matrix-vector product over ev
 exact, filters apply before the top-k instead of after (an approximate index can return fewer than
 k filtered hits), and nothing needs building. Up to about 100,000 chunks (a few thousand
 documents) exact search costs less than embedding the query (`benchmarks/vector_search.py`
-compares it with faiss and hnswlib; docs/retrieval.md has the figures); an approximate index is
-the step to take beyond that.
+compares it with faiss and hnswlib; docs/benchmarks.md has the figures); an approximate index
+is the step to take beyond that.
 """
 from __future__ import annotations
 
