@@ -7,7 +7,7 @@ import random
 import jsonschema
 import pytest
 
-from plinth.cli import output_grammar
+from plinth.cli.common import output_grammar
 from plinth.constrain import json_schema_grammar, lark_grammar, response_format_grammar
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams

@@ -59,9 +59,9 @@ def test_shots_take_turns_over_the_labels():
 
 
 def test_prompt_command_labels_texts(tmp_path, capsys, monkeypatch, model, tokenizer):
-    import plinth.cli
+    import plinth.cli.adapt
     from plinth.loaded import LoadedModel
-    monkeypatch.setattr(plinth.cli, "load", lambda args: LoadedModel(model, tokenizer))
+    monkeypatch.setattr(plinth.cli.adapt, "load_model", lambda args: LoadedModel(model, tokenizer))
     examples = tmp_path / "train.jsonl"
     examples.write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in
                                   [("fun", "positive"), ("bad", "negative")] * 2))

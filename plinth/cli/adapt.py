@@ -1,5 +1,7 @@
-"""The `plinth prompt` and `plinth export` subcommands (registered by plinth/cli.py).
+"""`plinth finetune`, `prompt` and `export`: adapt a model to a task by training or by prompting, and
+write the result for other tools.
 
+    plinth finetune recipes/lora-sentiment.yaml --max_steps=50    # then --resume after a stop
     plinth prompt smollm2-135m-instruct --labels negative,positive "A joyless, plodding mess."
     plinth prompt smollm2-135m-instruct --file texts.txt --labels negative,positive --shots 8 --examples train.jsonl
     plinth export runs/lora-sentiment/final --merge --to hf out/sentiment-hf
@@ -10,32 +12,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from plinth.cli.common import add_model_args, add_recipe_arg, load_model
 from plinth.errors import PlinthError
 from plinth.files import atomic_folder
 
 
-def add_prompt_parser(sub, add_model_args, func):
-    p = sub.add_parser("prompt", help="label texts by zero-/k-shot prompting (no training)",
-                       description="Label texts with a chat prompt, no training. Example: plinth prompt "
-                       "smollm2-135m-instruct --labels negative,positive \"A joyless, plodding mess.\"")
-    add_model_args(p)
-    p.add_argument("texts", nargs="*", help="texts to label, right after MODEL (or --file)")
-    p.add_argument("--file", help="a text file, one text per line")
-    p.add_argument("--labels", required=True, help="comma-separated label set, e.g. negative,positive")
-    p.add_argument("--instruction", default="Classify the sentiment of this text.", help="the question asked")
-    p.add_argument("--examples", help="JSONL of {\"text\", \"label\"} to draw k-shot examples from")
-    p.add_argument("--shots", type=int, default=0, help="labelled examples shown first (default 0: zero-shot)")
-    p.add_argument("--mode", choices=["score", "generate"], default="score",
-                   help="score: most likely label's first token; generate: read a short greedy reply")
-    p.add_argument("--adapter", help="a LoRA adapter folder, merged in at load")
-    p.set_defaults(func=func)
+def cmd_finetune(args):
+    from plinth.adapt.finetune import FinetuneRecipe, finetune
+    from plinth.train.recipe import load_recipe
+    print(f"fine-tuned: {finetune(load_recipe(FinetuneRecipe, args.recipe, args.overrides), resume=args.resume)}")
 
 
-def run_prompt(args, loaded):
+def cmd_prompt(args):
     from plinth.adapt.examples import read_jsonl
     from plinth.adapt.prompting import PromptTask, pick_shots, predict
     from plinth.data.sentiment import LabelledText
 
+    loaded = load_model(args)
     task = PromptTask(args.instruction, tuple(label.strip() for label in args.labels.split(",")))
     if args.shots:
         if not args.examples:
@@ -49,23 +42,12 @@ def run_prompt(args, loaded):
         print(f"{label or '?'}\t{text}")
 
 
-def add_export_parser(sub, func):
-    p = sub.add_parser("export", help="write a model (adapters merged) for other tools",
-                       description="Write a model as a Hugging Face folder (safetensors + config.json + "
-                       "tokenizer) or a llama.cpp/Ollama GGUF file. Example: plinth export "
-                       "runs/lora-sentiment/final --merge --to gguf out/sentiment.gguf")
-    p.add_argument("model", help="a fine-tuning run folder, checkpoint, .gguf file or known name")
-    p.add_argument("--to", choices=["hf", "gguf"], required=True, help="output format")
-    p.add_argument("out", help="output folder (hf) or .gguf file (gguf); must not exist yet")
-    p.add_argument("--gguf-type", choices=["f16", "bf16", "f32", "q8_0"], default="f16",
-                   help="tensor type of a GGUF's matrices (norms stay f32); default f16")
-    p.add_argument("--merge", action="store_true", help="merge LoRA adapters into the weights (required for "
-                   "adapter folders: other tools read plain weights)")
-    p.add_argument("--adapter", help="a LoRA adapter folder to merge into MODEL")
-    p.set_defaults(func=func)
+def cmd_export(args):
+    print(export(args))
 
 
-def run_export(args: argparse.Namespace) -> Path:
+def export(args: argparse.Namespace) -> Path:
+    """Write MODEL (its adapter merged in) as --to's format at OUT; returns OUT."""
     from plinth import hub
     from plinth.adapt.adapted import read_adapted
     from plinth.adapt.lora import ADAPTER_CONFIG
@@ -90,3 +72,41 @@ def run_export(args: argparse.Namespace) -> Path:
         if head is not None:  # not part of the HF causal-LM layout; kept beside it for plinth
             head.save(tmp)
     return out
+
+
+def register(sub):
+    p = sub.add_parser("finetune", help="adapt a model: full, LoRA, QLoRA, chat SFT, classification/regression head",
+                       description="Fine-tune from a recipe; any recipe field can be overridden with --key=value. "
+                       "Example: plinth finetune recipes/lora-sentiment.yaml --max_steps=50 (then --resume after a stop)")
+    add_recipe_arg(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("prompt", help="label texts by zero-/k-shot prompting (no training)",
+                       description="Label texts with a chat prompt, no training. Example: plinth prompt "
+                       "smollm2-135m-instruct --labels negative,positive \"A joyless, plodding mess.\"")
+    add_model_args(p)
+    p.add_argument("texts", nargs="*", help="texts to label, right after MODEL (or --file)")
+    p.add_argument("--file", help="a text file, one text per line")
+    p.add_argument("--labels", required=True, help="comma-separated label set, e.g. negative,positive")
+    p.add_argument("--instruction", default="Classify the sentiment of this text.", help="the question asked")
+    p.add_argument("--examples", help="JSONL of {\"text\", \"label\"} to draw k-shot examples from")
+    p.add_argument("--shots", type=int, default=0, help="labelled examples shown first (default 0: zero-shot)")
+    p.add_argument("--mode", choices=["score", "generate"], default="score",
+                   help="score: most likely label's first token; generate: read a short greedy reply")
+    p.add_argument("--adapter", help="a LoRA adapter folder, merged in at load")
+    p.set_defaults(func=cmd_prompt, intermixed=True)
+
+    p = sub.add_parser("export", help="write a model (adapters merged) for other tools",
+                       description="Write a model as a Hugging Face folder (safetensors + config.json + "
+                       "tokenizer) or a llama.cpp/Ollama GGUF file. Example: plinth export "
+                       "runs/lora-sentiment/final --merge --to gguf out/sentiment.gguf")
+    p.add_argument("model", help="a fine-tuning run folder, checkpoint, .gguf file or known name")
+    p.add_argument("--to", choices=["hf", "gguf"], required=True, help="output format")
+    p.add_argument("out", help="output folder (hf) or .gguf file (gguf); must not exist yet")
+    p.add_argument("--gguf-type", choices=["f16", "bf16", "f32", "q8_0"], default="f16",
+                   help="tensor type of a GGUF's matrices (norms stay f32); default f16")
+    p.add_argument("--merge", action="store_true", help="merge LoRA adapters into the weights (required for "
+                   "adapter folders: other tools read plain weights)")
+    p.add_argument("--adapter", help="a LoRA adapter folder to merge into MODEL")
+    p.set_defaults(func=cmd_export)

@@ -15,6 +15,7 @@ from plinth.data.clean import clean
 from plinth.data.shards import ShardWriter, split_of
 from plinth.data.sources import read_source
 from plinth.errors import PlinthError
+from plinth.files import atomic_folder
 from plinth.tokenizer import Tokenizer
 from plinth.weights.gguf import metadata, open_gguf
 

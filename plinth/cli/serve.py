@@ -1,0 +1,46 @@
+"""`plinth serve`: a model over OpenAI- and Ollama-compatible HTTP APIs, with a chat page at /.
+
+    plinth serve smollm2-135m-instruct --port 8000 --api-key secret
+    plinth serve --adapter sentiment=runs/lora-sentiment/final --index docs=idx/
+"""
+from __future__ import annotations
+
+from plinth import hub
+from plinth.cli.common import add_model_args, name_values
+
+
+def cmd_serve(args):
+    from plinth.serve.app import serve
+    # Malformed items fail here, before seconds are spent loading anything.
+    adapters = name_values(args.adapter,
+                           "--adapter {} must look like NAME=DIR, e.g. sentiment=runs/lora-sentiment/final")
+    indexes = name_values(args.index, "--index takes NAME=FOLDER (e.g. --index docs=idx/), got {}")
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
+          max_batch=args.max_batch, max_len=args.max_model_len, grace=args.grace, dtype=args.dtype,
+          embedding_model=args.embedding_model, seed=args.seed, threads=args.threads, indexes=indexes,
+          adapters=adapters)
+
+
+def register(sub):
+    p = sub.add_parser("serve", help="OpenAI-compatible server + chat page", description="Serve a model over an "
+                       "OpenAI-compatible HTTP API with continuous batching, and a chat page at /. "
+                       "Example: plinth serve smollm2-135m-instruct --port 8000")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set PLINTH_API_KEY)")
+    p.add_argument("--strict-models", action="store_true", help="404 for model names not served (default: "
+                   "any name is answered by the served model)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context tokens per sequence")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--threads", type=int, help="model compute threads (default: all cores)")
+    p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "
+                   "so that the same request always gets the same answer")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a LoRA adapter "
+                   "as model NAME, beside the base (repeatable; requests choose by model name)")
+    p.add_argument("--embedding-model", default="auto", help=f"model for /v1/embeddings: a name, a folder, "
+                   f"'none', or 'auto' ({hub.DEFAULT_EMBEDDER} when installed)")
+    p.add_argument("--index", action="append", default=[], metavar="NAME=FOLDER", help="serve a retrieval index "
+                   "that chat requests may name (see README, Retrieval); repeatable")
+    p.set_defaults(func=cmd_serve)
