@@ -15,6 +15,7 @@ from plinth import hub
 from plinth.errors import PlinthError
 from plinth.model import Transformer
 from plinth.weights.hf import read_hf_folder
+from plinth.weights.load import build
 from tokenizers import Tokenizer as HFTokenizer
 
 
@@ -30,15 +31,14 @@ class Embedder:
         config, state = read_hf_folder(folder)
         if config.causal:
             raise PlinthError(f"{folder} is a causal language model; embeddings need a bidirectional encoder")
-        model = Transformer(config)
-        model.load_weights(state)
+        model = build(config, state)
         settings = folder / "sentence_bert_config.json"
         max_tokens = json.loads(settings.read_text()).get("max_seq_length", config.max_seq_len) if settings.is_file() \
             else config.max_seq_len
         tokenizer = HFTokenizer.from_file(str(folder / "tokenizer.json"))
         tokenizer.no_padding()
         tokenizer.enable_truncation(min(max_tokens, config.max_seq_len))  # as sentence-transformers truncates
-        return cls(model.eval(), tokenizer, name_or_folder if name_or_folder in hub.KNOWN_MODELS else folder.name,
+        return cls(model, tokenizer, name_or_folder if name_or_folder in hub.KNOWN_MODELS else folder.name,
                    max_tokens)
 
     @torch.inference_mode()

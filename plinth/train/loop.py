@@ -19,6 +19,7 @@ import torch
 from plinth.config import preset
 from plinth.data.shards import TokenData
 from plinth.errors import PlinthError
+from plinth.files import write_atomic
 from plinth.generate import SamplingParams, generate_stream
 from plinth.heap import freed_memory_kept
 from plinth.loss import IGNORE
@@ -199,7 +200,7 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
         torch.set_rng_state(trainer["rng"])
         log(f"resumed from step {step}")
     if d.main:
-        (out / "recipe.json").write_text(json.dumps(r.__dict__, indent=2))
+        write_atomic(out / "recipe.json", json.dumps(r.__dict__, indent=2))
     model.train()
     step_tokens = r.batch_size * r.seq_len * r.grad_accum
     step_flops = flops_per_token(params, config.n_layers, config.dim, r.seq_len, trainable) * step_tokens
@@ -270,5 +271,5 @@ def restore(out: Path, model, metrics_path: Path | None, store: checkpoint.Weigh
     step = trainer["step"]
     if metrics_path is not None and metrics_path.is_file():
         lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        metrics_path.write_text("".join(line + "\n" for line in lines))
+        write_atomic(metrics_path, "".join(line + "\n" for line in lines))
     return step, trainer

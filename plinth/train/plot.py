@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from plinth.errors import PlinthError
+from plinth.files import atomic_file
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -41,6 +42,7 @@ def plot_run(run_dir, out=None) -> Path:
     fig.suptitle(Path(run_dir).resolve().name)
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=100)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out
