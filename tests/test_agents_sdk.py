@@ -7,7 +7,8 @@ import httpx
 import pytest
 from pydantic import Field
 
-from plinth.serve.app import ServerState, create_app
+from plinth.serve.app import create_app
+from plinth.serve.state import ServerState
 from plinth.engine import Engine
 from tests.conftest import tiny_model
 

@@ -6,7 +6,8 @@ import httpx
 import pytest
 
 from plinth.generate import SamplingParams
-from plinth.serve.app import ServerState, create_app
+from plinth.serve.app import create_app
+from plinth.serve.state import ServerState
 from plinth.engine import Engine
 
 

@@ -5,7 +5,8 @@ import pytest
 
 from plinth.retrieval.index import Index
 from plinth.errors import PlinthError
-from plinth.serve.app import ServerState, create_app
+from plinth.serve.app import create_app
+from plinth.serve.state import ServerState
 from plinth.engine import Engine
 from plinth.serve.retrieval import load_indexes
 from tests.conftest import tiny_model
@@ -33,7 +34,7 @@ def index_folder(tmp_path_factory, embedder):
 def served(tokenizer, embedder, index_folder):
     engine = Engine(tiny_model(max_seq_len=1024), tokenizer, max_batch=2, max_len=1024)  # room for sources
     engine.start()
-    state = ServerState(engine, tokenizer, "tiny", embedder=embedder, indexes=load_indexes([f"docs={index_folder}"], embedder))
+    state = ServerState(engine, tokenizer, "tiny", embedder=embedder, indexes=load_indexes({"docs": str(index_folder)}, embedder))
     prompts = []
     submit = engine.submit
     engine.submit = lambda prompt, params, emit, *rest: prompts.append(tokenizer.decode(prompt)) or submit(prompt, params, emit, *rest)
@@ -86,8 +87,8 @@ def test_an_index_from_another_embedder_or_without_one_is_refused(embedder, inde
     other = Embedder(embedder.model, embedder.tokenizer, "other-encoder", embedder.max_tokens)
     with pytest.raises(PlinthError, match="built with the embedder 'all-minilm-l6-v2', but the server embeds with "
                                           "'other-encoder': start it with --embedding-model all-minilm-l6-v2"):
-        load_indexes([f"docs={index_folder}"], other)
+        load_indexes({"docs": str(index_folder)}, other)
     with pytest.raises(PlinthError, match="needs an embedding model"):
-        load_indexes([f"docs={index_folder}"], None)
+        load_indexes({"docs": str(index_folder)}, None)
     with pytest.raises(PlinthError, match="NAME=FOLDER"):
-        load_indexes([str(index_folder)], embedder)
+        load_indexes({"": str(index_folder)}, embedder)

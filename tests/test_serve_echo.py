@@ -4,7 +4,8 @@ import httpx
 import pytest
 import torch
 
-from plinth.serve.app import ServerState, create_app
+from plinth.serve.app import create_app
+from plinth.serve.state import ServerState
 from plinth.engine import Engine
 
 

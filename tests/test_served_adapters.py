@@ -12,7 +12,8 @@ from plinth.adapt.multi_lora import serve_adapters
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
 from plinth.quant import compact_
-from plinth.serve.app import ServerState, create_app
+from plinth.serve.app import create_app
+from plinth.serve.state import ServerState
 from plinth.engine import Engine
 from tests.conftest import tiny_model
 

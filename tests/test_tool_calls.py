@@ -9,7 +9,8 @@ import pytest
 
 from plinth import tools as toolkit
 from plinth.errors import PlinthError
-from plinth.serve.app import ServerState, create_app
+from plinth.serve.app import create_app
+from plinth.serve.state import ServerState
 from plinth.engine import Engine
 from tests.conftest import tiny_model
 

@@ -9,134 +9,28 @@ anything the client did, so the official client does not retry a bad request as 
 """
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
 import os
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plinth import hub
 from plinth.errors import PlinthError
-from plinth.engine import Engine, EngineDown, QueueFull
-from plinth.serve.metrics import Metrics
-from plinth.serve.openai_api import APIError, router
+from plinth.engine import Engine
+from plinth.serve.openai_api import router
 from plinth.serve.retrieval import load_indexes
-from plinth.serve.schemas import error_body
+from plinth.serve.schemas import APIError, error_body
+from plinth.serve.state import ServerState
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 8 * 1024 * 1024
-
-
-class ServerState:
-    """What the handlers share: the engine, the names served, and the server's options."""
-
-    def __init__(self, engine: Engine, tokenizer, name: str, strict_models: bool = False,
-                 api_key: str | None = None, embedder=None, seed: int | None = None, indexes: dict | None = None,
-                 adapters: dict[str, int] | None = None):
-        self.engine, self.tokenizer, self.name, self.seed = engine, tokenizer, name, seed
-        self.indexes = indexes or {}  # name → retrieval Index that chat requests may name
-        self.adapters = adapters or {}  # served LoRA adapter name → engine adapter id
-        self.strict_models, self.api_key, self.embedder = strict_models, api_key, embedder
-        self.started = int(time.time())
-        self.sampling_defaults = hub.sampling_defaults(name)
-        self.metrics = Metrics(engine)
-        self.draining = False
-        self.in_flight = 0
-
-    def model_names(self) -> list[str]:
-        return [self.name, *self.adapters] + ([self.embedder.name] if self.embedder else [])
-
-    def resolve_model(self, requested: str) -> str:
-        """The model that answers: the requested one, or (unless --strict-models) the served one."""
-        if requested in self.adapters:
-            return requested
-        if requested == self.name or not self.strict_models:
-            return self.name
-        raise APIError(404, f"The model '{requested}' does not exist; this server has: {', '.join(self.model_names())}",
-                       param="model", code="model_not_found")
-
-    def default_seed(self, prompt: list[int]) -> int | None:
-        """With --seed, a request that sets no seed is seeded from the server's seed and its prompt,
-        so the same request always gets the same answer (reproducible deployments and tests)."""
-        if self.seed is None:
-            return None
-        return (self.seed + zlib.crc32(json.dumps(prompt).encode())) % 2**31
-
-    def check_length(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        """The completion's token limit, or a 400 naming both numbers when it cannot fit."""
-        window = self.engine.max_len
-        wanted = prompt_tokens + (max_tokens or 1)
-        if wanted > window:
-            raise APIError(400, f"This model's maximum context length is {window} tokens. However, you requested "
-                                f"{wanted} tokens ({prompt_tokens} in the prompt, {max_tokens or 1} for the completion). "
-                                "Please reduce the prompt or max_tokens.", param="max_tokens",
-                           code="context_length_exceeded")
-        return max_tokens or window - prompt_tokens
-
-    def run(self, jobs, http_request: Request | None = None, model: str | None = None):
-        """Submit one engine request per job now (so errors come before any response). Returns an
-        async iterator of (choice index, Step), and a function that cancels whatever is unfinished:
-        call it when the response ends, however it ends (a stream may never start iterating)."""
-        if len(jobs) > self.engine.max_queue:
-            raise APIError(400, f"this request asks for {len(jobs)} completions (prompts × n); this server "
-                                f"queues at most {self.engine.max_queue}: send fewer", param="n")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        submitted = []
-        try:
-            for index, prompt, params in jobs:
-                emit = (lambda i: lambda event: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))(index)
-                submitted.append(self.engine.submit(prompt, params, emit, self.adapters.get(model, 0)))
-        except PlinthError as e:  # nothing of a request runs unless all of it was accepted
-            self._cancel(submitted)
-            if isinstance(e, QueueFull):
-                raise APIError(429, f"server busy: {e}", type_="rate_limit_error", headers={"Retry-After": "1"}) from e
-            if isinstance(e, EngineDown):
-                raise APIError(503, str(e), type_="server_error") from e
-            raise APIError(400, str(e)) from e
-        return self._events(queue, submitted, http_request), lambda: self._cancel(submitted)
-
-    async def _events(self, queue: asyncio.Queue, requests, http_request):
-        remaining, started, last = len(requests), time.monotonic(), {}
-        checked = started
-        try:
-            while remaining:
-                try:
-                    index, event = await asyncio.wait_for(queue.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if not self.engine.thread_alive():
-                        raise APIError(503, "the engine thread has stopped", type_="server_error")
-                    index = event = None
-                now = time.monotonic()
-                if http_request is not None and now - checked > 0.25:  # non-streamed: watch for a hang-up
-                    checked = now
-                    if await http_request.is_disconnected():
-                        return
-                if event is None:
-                    continue
-                if isinstance(event, Exception):
-                    raise event
-                self.metrics.token_latency(now - last.get(index, started), first=index not in last)
-                last[index] = now
-                if event.finish_reason:
-                    remaining -= 1
-                yield index, event
-        finally:
-            self._cancel(requests)
-
-    def _cancel(self, requests):
-        for r in requests:
-            if r.seq.finish_reason is None:
-                self.engine.cancel(r)
 
 
 class Gate:
@@ -148,13 +42,13 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        s, path = self.state, scope["path"]
+        state, path = self.state, scope["path"]
         headers = {k.decode().lower(): v.decode(errors="replace") for k, v in scope["headers"]}
-        if s.draining:
+        if state.draining:
             return await reply(send, 503, error_body("the server is shutting down; retry on another instance",
                                                      "server_error"), {"Retry-After": "5"})
-        given = headers.get("authorization", "").encode()
-        if path.startswith("/v1/") and s.api_key and not hmac.compare_digest(given, f"Bearer {s.api_key}".encode()):
+        given, wanted = headers.get("authorization", "").encode(), f"Bearer {state.api_key}".encode()
+        if path.startswith("/v1/") and state.api_key and not hmac.compare_digest(given, wanted):
             return await reply(send, 401, error_body("Incorrect or missing API key: send 'Authorization: Bearer KEY'",
                                                      code="invalid_api_key"))
         if int(headers.get("content-length", "0") or 0) > MAX_BODY_BYTES:
@@ -177,12 +71,12 @@ class Gate:
                 return {"type": "http.disconnect"}  # the route stops reading and its reply is dropped
             return message
 
-        s.in_flight += 1
+        state.in_flight += 1
         try:
             await self.app(scope, receive_within_limit, send_and_count)
         finally:
-            s.in_flight -= 1
-            s.metrics.request(path, status.get("code", 499))
+            state.in_flight -= 1
+            state.metrics.request(path, status.get("code", 499))
 
 
 async def reply(send, status: int, body: dict, headers: dict | None = None):
@@ -268,7 +162,7 @@ class GracefulServer(uvicorn.Server):
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           strict_models: bool = False, max_batch: int = 16, max_len: int = 2048, grace: float = 30.0,
           embedding_model: str = "auto", dtype: str | None = None, seed: int | None = None,
-          threads: int | None = None, indexes: list[str] = (), adapters: dict[str, str] | None = None):
+          threads: int | None = None, indexes: dict[str, str] | None = None, adapters: dict[str, str] | None = None):
     import torch
 
     import plinth
@@ -276,19 +170,20 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from plinth.retrieval.embedder import Embedder
     # All model compute runs on the engine thread, with its own OpenMP team of `threads`. Loading
     # on all cores here would give this thread a second team: libgomp then counts more threads
-    # than cores and stops its workers spin-waiting between parallel regions, which made a 13-row
-    # decoding step 43 ms instead of 34 ms with 2 threads. Loading is no slower on one thread.
+    # than cores and stops its workers spin-waiting between parallel regions, so every decoding
+    # step waits for sleeping workers to wake. Loading is no slower on one thread.
     torch.set_num_threads(1)
     if embedding_model == "auto":
         embedding_model = hub.DEFAULT_EMBEDDER if hub.known_path(hub.DEFAULT_EMBEDDER) else "none"
     embedder = Embedder.load(embedding_model) if embedding_model != "none" else None
-    served_indexes = load_indexes(list(indexes), embedder)  # before the model: a bad --index fails fast
+    served_indexes = load_indexes(indexes or {}, embedder)  # before the model: a bad --index fails fast
     loaded = plinth.load(model, dtype=dtype)
     adapter_ids = serve_adapters(loaded.model, adapters) if adapters else {}
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads)
     engine.start()
-    state = ServerState(engine, loaded.tokenizer, model, strict_models, api_key or os.environ.get("PLINTH_API_KEY"),
-                        embedder, seed, served_indexes, adapter_ids)
+    state = ServerState(engine, loaded.tokenizer, model, strict_models=strict_models,
+                        api_key=api_key or os.environ.get("PLINTH_API_KEY"), embedder=embedder, seed=seed,
+                        indexes=served_indexes, adapters=adapter_ids)
     base = f"http://{host}:{port}"
     cache_gb = engine.cache.nbytes / 2**30
     print(f"plinth: serving {model} — chat page {base}/  ·  OpenAI API {base}/v1", flush=True)

@@ -13,6 +13,8 @@ import time
 import uuid
 
 from plinth.loglik import score
+from plinth.serve.schemas import CompletionRequest
+from plinth.serve.state import ServerState
 
 
 def prompt_logprobs(model, prompts: list[list[int]], top: int):
@@ -64,13 +66,13 @@ def nothing_generated(model: str, prompts: list[list[int]], n: int, with_logprob
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
 
 
-async def echo_response(s, body, prompts: list[list[int]], response: dict) -> dict:
+async def echo_response(state: ServerState, body: CompletionRequest, prompts: list[list[int]], response: dict) -> dict:
     """`response` (the completions, or `nothing_generated`) with each choice echoing its prompt."""
     top = body.logprob_count()
-    scored = (await asyncio.wrap_future(s.engine.call(prompt_logprobs, s.engine.model, prompts, top or 0))
+    scored = (await asyncio.wrap_future(state.engine.call(prompt_logprobs, state.engine.model, prompts, top or 0))
               if top is not None else [None] * len(prompts))
     choices = []
     for choice in response["choices"]:
         p = choice["index"] // body.n  # choices come n per prompt
-        choices.append(join(*echoed(s.tokenizer, prompts[p], scored[p], top), choice))
+        choices.append(join(*echoed(state.tokenizer, prompts[p], scored[p], top), choice))
     return {**response, "choices": choices}

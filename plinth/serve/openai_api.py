@@ -18,21 +18,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from plinth.errors import PlinthError
 from plinth.generate import Step
-from plinth.serve.retrieval import add_sources, with_sources_field
-from plinth.serve.echo import echo_response, nothing_generated
 from plinth.serve.chat_tools import CallDeltas, ChatPlan, plan, reply_message
-from plinth.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
+from plinth.serve.echo import echo_response, nothing_generated
+from plinth.serve.retrieval import add_sources
+from plinth.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
+from plinth.serve.state import ServerState
 
 router = APIRouter()
-
-
-class APIError(Exception):
-    """An error with an HTTP status, rendered in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
 
 @dataclass
@@ -46,92 +38,96 @@ class Choice:
     finish_reason: str | None = None
 
 
-def state(request: Request):
-    return request.app.state.plinth
+def server_state(request: Request) -> ServerState:
+    return request.app.state.plinth  # put there by create_app
 
 
 # ---- models ----------------------------------------------------------------------------------------
 @router.get("/v1/models")
 async def list_models(request: Request):
-    s = state(request)
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": s.started, "owned_by": "plinth"}
-                                       for name in s.model_names()]}
+    state = server_state(request)
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": state.started, "owned_by": "plinth"}
+                                       for name in state.model_names()]}
 
 
 # ---- generation ------------------------------------------------------------------------------------
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    s = state(request)
-    model = s.resolve_model(body.model)
+    state = server_state(request)
+    model = state.resolve_model(body.model)
     messages, sources = [m.as_template_input() for m in body.messages], None
     if body.retrieval is not None:
         try:
-            messages, sources = await add_sources(s, body.retrieval, messages,
-                                                  body.token_limit() or min(512, s.engine.max_len // 4))
+            messages, sources = await add_sources(state, body.retrieval, messages,
+                                                  body.token_limit() or min(512, state.engine.max_len // 4))
         except PlinthError as e:
             raise APIError(400, str(e), param="retrieval") from e
     try:
-        chat_plan = plan(body, s.tokenizer, messages)
+        chat_plan = plan(body, state.tokenizer, messages)
     except PlinthError as e:
         raise APIError(400, str(e), param=getattr(e, "param", "messages")) from e
-    prompt = s.tokenizer.encode(chat_plan.prompt, add_bos=False)
-    response = await respond(s, request, body, model, [prompt], chat_plan)
-    return response if sources is None else with_sources_field(response, sources)
+    prompt = state.tokenizer.encode(chat_plan.prompt, add_bos=False)
+    return await respond(state, request, body, model, [prompt], chat_plan, sources)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    s = state(request)
-    model = s.resolve_model(body.model)
+    state = server_state(request)
+    model = state.resolve_model(body.model)
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model", param="suffix")
     if body.echo and body.stream:
         raise APIError(400, "echo is not supported with stream; request without streaming", param="echo")
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens: 0 generates nothing; it is only useful with echo", param="max_tokens")
-    prompts = [s.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
+    prompts = [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
     for ids in prompts:
-        if any(not 0 <= t < s.tokenizer.vocab_size for t in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {s.tokenizer.vocab_size})", param="prompt")
+        if any(not 0 <= t < state.tokenizer.vocab_size for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {state.tokenizer.vocab_size})", param="prompt")
     if body.echo and body.max_tokens == 0:  # score the prompt, generate nothing
         for ids in prompts:
             if not ids:
                 raise APIError(400, "the prompt is empty; give at least one token of text", param="prompt")
-            s.check_length(len(ids), None)
-        return await echo_response(s, body, prompts, nothing_generated(model, prompts, body.n, body.logprobs is not None))
-    response = await respond(s, request, body, model, prompts)
-    return await echo_response(s, body, prompts, response) if body.echo else response
+            state.check_length(len(ids), None)
+        nothing = nothing_generated(model, prompts, body.n, body.logprobs is not None)
+        return await echo_response(state, body, prompts, nothing)
+    response = await respond(state, request, body, model, prompts)
+    return await echo_response(state, body, prompts, response) if body.echo else response
 
 
-async def respond(s, request: Request, body, model: str, prompts: list[list[int]], chat_plan: ChatPlan | None = None):
-    """Run a request and answer it; `chat_plan` for chat completions (None: text completions)."""
+async def respond(state: ServerState, request: Request, body: ChatCompletionRequest | CompletionRequest, model: str,
+                  prompts: list[list[int]], chat_plan: ChatPlan | None = None, sources: list[dict] | None = None):
+    """Run a request and answer it; `chat_plan` for chat completions (None: text completions).
+    `sources`, from retrieval, go in the body's `sources` field, or in a stream's first chunk."""
     chat = chat_plan is not None
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     jobs = []  # (choice index, prompt, params)
     for p, prompt in enumerate(prompts):
-        limit = s.check_length(len(prompt), body.token_limit())
+        limit = state.check_length(len(prompt), body.token_limit())
         for i in range(body.n):
-            params = body.sampling(limit, body.logprob_count(), i, s.sampling_defaults, s.default_seed(prompt),
+            params = body.sampling(limit, body.logprob_count(), i, state.sampling_defaults, state.default_seed(prompt),
                                    chat_plan.grammar if chat_plan else None)
             jobs.append((p * body.n + i, prompt, params))
     kind = "chat.completion" if chat else "text_completion"
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    events, cancel = s.run(jobs, request if not body.stream else None, model)
+    events, cancel = state.run(jobs, request if not body.stream else None, model)
     prompt_tokens = sum(len(p) for p in prompts)
+    cited = {"sources": sources} if sources is not None else {}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return CancellingStream(stream(events, s, model, kind, response_id, created, chat_plan, prompt_tokens,
-                                       include_usage, len(jobs)), cancel)
+        return CancellingStream(stream(events, state, model, kind, response_id, created, chat_plan, prompt_tokens,
+                                       include_usage, len(jobs), cited), cancel)
     choices = {index: Choice(index) for index, _, _ in jobs}
     try:
         async for index, step in events:
-            add_step(choices[index], step, s.tokenizer)
+            add_step(choices[index], step, state.tokenizer)
     finally:
         cancel()
     return {"id": response_id, "object": kind, "created": created, "model": model, "system_fingerprint": None,
-            "choices": [choice_body(c, chat_plan) for c in choices.values()], "usage": usage(prompt_tokens, choices.values())}
+            "choices": [choice_body(c, chat_plan) for c in choices.values()],
+            "usage": usage(prompt_tokens, choices.values()), **cited}
 
 
 class CancellingStream(StreamingResponse):
@@ -191,25 +187,27 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def stream(events, s, model, kind, response_id, created, chat_plan, prompt_tokens, include_usage, n_choices):
+async def stream(events, state: ServerState, model, kind, response_id, created, chat_plan, prompt_tokens, include_usage,
+                 n_choices, cited: dict):
+    """The response as server-sent events; `cited` ({"sources": ...} or {}) goes in the first chunk."""
     chat = chat_plan is not None
     kind += ".chunk" if chat else ""
     choices: dict[int, Choice] = {}
     deltas = {index: CallDeltas(chat_plan) for index in range(n_choices)} if chat else {}
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(choice_list):
+    def chunk(choice_list, **fields):
         return sse({"id": response_id, "object": kind, "created": created, "model": model,
-                    "system_fingerprint": None, "choices": choice_list, **extra})
+                    "system_fingerprint": None, "choices": choice_list, **extra, **fields})
 
     try:
-        if chat:  # OpenAI opens every choice with the role
+        if chat:  # OpenAI opens every choice with the role; the sources come before any token
             for index in range(n_choices):
                 yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
+                              "finish_reason": None}], **(cited if index == 0 else {}))
         async for index, step in events:
             c = choices.setdefault(index, Choice(index))
-            add_step(c, step, s.tokenizer)
+            add_step(c, step, state.tokenizer)
             if not step.text and not step.finish_reason and step.choice.logprob is None:
                 continue  # nothing to show yet (half a character, or text that may be a stop string)
             entry = [c.logprobs[-1]] if step.choice.logprob is not None else None
@@ -238,23 +236,23 @@ async def stream(events, s, model, kind, response_id, created, chat_plan, prompt
 # ---- embeddings ------------------------------------------------------------------------------------
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request):
-    s = state(request)
-    if s.embedder is None:
+    state = server_state(request)
+    if state.embedder is None:
         raise APIError(404, "this server has no embedding model; start it with --embedding-model", param="model",
                        code="model_not_found")
-    if s.strict_models and body.model != s.embedder.name:
-        raise APIError(404, f"The model '{body.model}' does not exist; embeddings come from '{s.embedder.name}'",
+    if state.strict_models and body.model != state.embedder.name:
+        raise APIError(404, f"The model '{body.model}' does not exist; embeddings come from '{state.embedder.name}'",
                        param="model", code="model_not_found")
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or not all(isinstance(t, str) for t in texts):
         raise APIError(400, "input must be a non-empty string or list of strings", param="input")
-    vectors, tokens = await asyncio.wrap_future(s.engine.call(s.embedder.embed_with_counts, texts))
+    vectors, tokens = await asyncio.wrap_future(state.engine.call(state.embedder.embed_with_counts, texts))
     if body.dimensions is not None and body.dimensions != vectors.shape[1]:
         raise APIError(400, f"this model's embeddings have {vectors.shape[1]} dimensions", param="dimensions")
     if body.encoding_format == "base64":  # what the official client asks for: little-endian float32 bytes
         encoded = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
     else:
         encoded = vectors.tolist()
-    return JSONResponse({"object": "list", "model": s.embedder.name,
+    return JSONResponse({"object": "list", "model": state.embedder.name,
                          "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(encoded)],
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})

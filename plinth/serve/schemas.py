@@ -1,4 +1,5 @@
-"""Request bodies of the OpenAI-compatible API (pydantic), and their mapping to `SamplingParams`.
+"""Request bodies of the OpenAI-compatible API (pydantic) and their mapping to `SamplingParams`;
+the error shape (`error_body`) and `APIError`, which carries it with an HTTP status.
 
 Field names and ranges follow OpenAI's API reference, so the official client's requests validate
 unchanged; a few common extensions (top_k, min_p, repetition_penalty) are accepted as vLLM does.
@@ -12,7 +13,16 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from plinth.generate import SamplingParams
-from plinth.serve.retrieval import RetrievalOptions
+
+
+class RetrievalOptions(BaseModel):
+    """plinth's extension to chat completions: add passages from a served index (plinth.serve.retrieval).
+    Unlike the other bodies it refuses unknown fields, so a misspelt option is an error, not ignored."""
+    model_config = ConfigDict(extra="forbid")
+    index: str                                    # a NAME from `plinth serve --index NAME=FOLDER`
+    k: int = Field(4, ge=1, le=50)                # passages to retrieve (those that fit the context are used)
+    where: dict[str, Any] | None = None           # chunk field → shell pattern or value, as `plinth index query --where`
+    mode: Literal["hybrid", "dense", "lexical"] = "hybrid"  # ranking, as `Index.search`
 
 
 class StreamOptions(BaseModel):
@@ -150,3 +160,12 @@ class EmbeddingRequest(BaseModel):
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """An error with an HTTP status, rendered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers

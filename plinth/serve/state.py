@@ -1,0 +1,136 @@
+"""What every route of the server shares, as one typed object: the engine and tokenizer, the names
+served (model, LoRA adapters, embedder), the retrieval indexes, the server's options, its metrics,
+and the drain flag and in-flight count that a graceful shutdown waits on.
+
+`create_app(state)` puts it on the app; routes read it back with `request.app.state.plinth`. Its
+methods are the checks and the engine calls that every generation route makes the same way:
+`resolve_model`, `default_seed`, `check_length` and `run`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import zlib
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from plinth import hub
+from plinth.engine import Engine, EngineDown, QueueFull
+from plinth.errors import PlinthError
+from plinth.retrieval.embedder import Embedder
+from plinth.retrieval.index import Index
+from plinth.serve.metrics import Metrics
+from plinth.serve.schemas import APIError
+from plinth.tokenizer import Tokenizer
+
+
+@dataclass(eq=False)
+class ServerState:
+    """What the routes share: the engine, the names served, and the server's options."""
+    engine: Engine
+    tokenizer: Tokenizer
+    name: str                                   # the served model, as requests name it
+    strict_models: bool = False                 # refuse a request naming another model (else it is served anyway)
+    api_key: str | None = None                  # the Bearer token /v1/ routes require, if any
+    embedder: Embedder | None = None            # answers /v1/embeddings and searches the indexes
+    seed: int | None = None                     # seeds requests that give none (see default_seed)
+    indexes: dict[str, Index] = field(default_factory=dict)  # name → retrieval Index that chat requests may name
+    adapters: dict[str, int] = field(default_factory=dict)   # served LoRA adapter name → engine adapter id
+    started: int = field(init=False)            # Unix time, the `created` of /v1/models
+    sampling_defaults: dict = field(init=False)  # the model's recommended sampling, under the request's own
+    metrics: Metrics = field(init=False)
+    draining: bool = field(init=False, default=False)  # shutting down: new requests get 503
+    in_flight: int = field(init=False, default=0)      # requests being answered, which draining waits for
+
+    def __post_init__(self):
+        self.started = int(time.time())
+        self.sampling_defaults = hub.sampling_defaults(self.name)
+        self.metrics = Metrics(self.engine)
+
+    def model_names(self) -> list[str]:
+        return [self.name, *self.adapters] + ([self.embedder.name] if self.embedder else [])
+
+    def resolve_model(self, requested: str) -> str:
+        """The model that answers: the requested one, or (unless --strict-models) the served one."""
+        if requested in self.adapters:
+            return requested
+        if requested == self.name or not self.strict_models:
+            return self.name
+        raise APIError(404, f"The model '{requested}' does not exist; this server has: {', '.join(self.model_names())}",
+                       param="model", code="model_not_found")
+
+    def default_seed(self, prompt: list[int]) -> int | None:
+        """With --seed, a request that sets no seed is seeded from the server's seed and its prompt,
+        so the same request always gets the same answer (reproducible deployments and tests)."""
+        if self.seed is None:
+            return None
+        return (self.seed + zlib.crc32(json.dumps(prompt).encode())) % 2**31
+
+    def check_length(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The completion's token limit, or a 400 naming both numbers when it cannot fit."""
+        window = self.engine.max_len
+        wanted = prompt_tokens + (max_tokens or 1)
+        if wanted > window:
+            raise APIError(400, f"This model's maximum context length is {window} tokens. However, you requested "
+                                f"{wanted} tokens ({prompt_tokens} in the prompt, {max_tokens or 1} for the completion). "
+                                "Please reduce the prompt or max_tokens.", param="max_tokens",
+                           code="context_length_exceeded")
+        return max_tokens or window - prompt_tokens
+
+    def run(self, jobs, http_request: Request | None = None, model: str | None = None):
+        """Submit one engine request per job now (so errors come before any response). Returns an
+        async iterator of (choice index, Step), and a function that cancels whatever is unfinished:
+        call it when the response ends, however it ends (a stream may never start iterating)."""
+        if len(jobs) > self.engine.max_queue:
+            raise APIError(400, f"this request asks for {len(jobs)} completions (prompts × n); this server "
+                                f"queues at most {self.engine.max_queue}: send fewer", param="n")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        submitted = []
+        try:
+            for index, prompt, params in jobs:
+                emit = (lambda i: lambda event: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))(index)
+                submitted.append(self.engine.submit(prompt, params, emit, self.adapters.get(model, 0)))
+        except PlinthError as e:  # nothing of a request runs unless all of it was accepted
+            self._cancel(submitted)
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"server busy: {e}", type_="rate_limit_error", headers={"Retry-After": "1"}) from e
+            if isinstance(e, EngineDown):
+                raise APIError(503, str(e), type_="server_error") from e
+            raise APIError(400, str(e)) from e
+        return self._events(queue, submitted, http_request), lambda: self._cancel(submitted)
+
+    async def _events(self, queue: asyncio.Queue, requests, http_request):
+        remaining, started, last = len(requests), time.monotonic(), {}
+        checked = started
+        try:
+            while remaining:
+                try:
+                    index, event = await asyncio.wait_for(queue.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if not self.engine.thread_alive():
+                        raise APIError(503, "the engine thread has stopped", type_="server_error")
+                    index = event = None
+                now = time.monotonic()
+                if http_request is not None and now - checked > 0.25:  # non-streamed: watch for a hang-up
+                    checked = now
+                    if await http_request.is_disconnected():
+                        return
+                if event is None:
+                    continue
+                if isinstance(event, Exception):
+                    raise event
+                self.metrics.token_latency(now - last.get(index, started), first=index not in last)
+                last[index] = now
+                if event.finish_reason:
+                    remaining -= 1
+                yield index, event
+        finally:
+            self._cancel(requests)
+
+    def _cancel(self, requests):
+        for r in requests:
+            if r.seq.finish_reason is None:
+                self.engine.cancel(r)
