@@ -50,11 +50,11 @@ def test_generate_many_on_the_engine_thread_gives_the_same_tokens_and_raises_a_r
             [alone(model, tokenizer, p, s) for p, s in zip(PROMPTS, PARAMS)]
         original = engine._run
 
-        def fail_the_one_token_prompt(group):  # PROMPTS[1] is one token long; PROMPTS[0] decodes on
-            if len(group[0].tokens) == 1:
+        def fail_while_prefilling_the_second(group):  # the pass fails whichever rows share it
+            if any(r.tokens == PROMPTS[1] for r in group):
                 raise RuntimeError("boom")
             return original(group)
-        engine._run = fail_the_one_token_prompt
+        engine._run = fail_while_prefilling_the_second
         with pytest.raises(RuntimeError, match="boom"):
             engine.generate_many([PROMPTS[0], PROMPTS[1]], PARAMS[0])
         engine._run = original
