@@ -1,4 +1,4 @@
-"""`plinth serve`: a model over OpenAI- and Ollama-compatible HTTP APIs, with a chat page at /.
+"""`plinth serve`: a model over an OpenAI-compatible HTTP API with continuous batching, and a chat page at /.
 
     plinth serve smollm2-135m-instruct --port 8000 --api-key secret
     plinth serve --adapter sentiment=runs/lora-sentiment/final --index docs=idx/
