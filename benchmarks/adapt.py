@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from plinth.files import write_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("zero-shot", "8-shot", "probe", "lora", "qlora", "full", "tiny-pretrained", "tiny-random",
            "regress", "regress-probe")
@@ -233,11 +235,9 @@ def report(results: dict, args):
                f"({a - b:+.1%} ± {se:.1%})"] = a - b > 2 * se
     for check, ok in checks.items():
         print(f"{'met ' if ok else 'NOT met'}  {check}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items() if k not in ("child", "result")},
-                               "results": results, "checks": checks}, indent=2))
-    tmp.replace(args.out)
+    write_atomic(args.out, json.dumps({"settings": {k: str(v) for k, v in vars(args).items()
+                                                    if k not in ("child", "result")},
+                                       "results": results, "checks": checks}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -39,6 +39,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from plinth.files import write_atomic
+
 ENGINES = ("plinth", "transformers", "llama_cpp")
 THREADS = 2
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,8 +266,7 @@ def write(args, results: list[dict]):
     settings = {k: v for k, v in vars(args).items() if k not in ("engine", "out")}
     settings.update(threads=THREADS, torch=version("torch"), machine=platform.platform(),
                     python=platform.python_version())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    write_atomic(args.out, json.dumps({"settings": settings, "results": results}, indent=1))
     print(f"\nwrote {args.out}")
 
 

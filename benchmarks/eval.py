@@ -29,8 +29,8 @@ import torch
 import plinth
 from plinth import hub
 from plinth.eval import datasets
-from plinth.eval.run import write_atomic
 from plinth.eval.tasks import EvalOptions, multiple_choice
+from plinth.files import write_atomic
 from plinth.loglik import BATCH_TOKENS
 from plinth.onednn import float32_on_onednn, keeps_float32
 

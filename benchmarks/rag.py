@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from plinth.data.documents import load_file  # noqa: E402
+from plinth.files import write_atomic  # noqa: E402
 from plinth.retrieval.index import Index  # noqa: E402
 from plinth.retrieval.rag import with_sources  # noqa: E402
 
@@ -190,10 +191,7 @@ def main():
     report(results)
     settings = {**{k: str(v) for k, v in vars(args).items()}, "load_average_1m": os.getloadavg()[0],
                 "threads": __import__("torch").get_num_threads(), "machine": platform.platform()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "results": results, "questions": questions}, indent=1))
-    tmp.replace(args.out)
+    write_atomic(args.out, json.dumps({"settings": settings, "results": results, "questions": questions}, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from plinth import hub
+from plinth.files import write_atomic
 
 PROMPTS = ["Write a story about a robot who learns to paint.", "Explain how a bicycle works.",
            "Describe the water cycle in detail.", "Write a letter to a friend about your holiday.",
@@ -158,8 +159,7 @@ def main():
         if ("llama.cpp", clients) in by:
             line += f", {ours['tok_s'] / by[('llama.cpp', clients)]['tok_s']:.2f}× llama.cpp's server"
         print(line)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"max_tokens": args.max_tokens, "results": rows}, indent=1))
+    write_atomic(args.out, json.dumps({"max_tokens": args.max_tokens, "results": rows}, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -37,6 +37,7 @@ import torch
 import plinth
 from plinth import tools as toolkit
 from plinth.constrain import json_schema_grammar
+from plinth.files import write_atomic
 from plinth.generate import SamplingParams, generate_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,12 +179,7 @@ def main():
     print(f"{s['generations']:>14} {s['valid_pct']:>6.1f}% {s['constrained_tok_s']:>18.1f} "
           f"{s['unconstrained_tok_s']:>20.1f} {s['slowdown_pct']:>6.1f}%")
     print(f"two-tool task: {t['successes']}/{t['runs']} runs succeeded")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)  # atomic: a reader never sees half a file
-    print(f"wrote {out}")
+    print(f"wrote {write_atomic(args.out, json.dumps(result, indent=2))}")
 
 
 if __name__ == "__main__":

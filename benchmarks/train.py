@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from plinth.config import preset
+from plinth.files import write_atomic
 from plinth.model import Transformer
 from plinth.onednn import float32_on_onednn
 from plinth.train.loop import flops_per_token, measured_peak_flops, training_runtime
@@ -143,8 +144,7 @@ def main():
     if ("transformers", "float32") in speed:
         print(f"plinth's default (bf16 autocast) / transformers' default (float32): "
               f"{speed[('plinth', 'bfloat16')] / speed[('transformers', 'float32')]:.2f}×")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": vars(args), "peak_flops": peaks, "results": rows}, indent=1))
+    write_atomic(args.out, json.dumps({"settings": vars(args), "peak_flops": peaks, "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plinth.files import write_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 DIM, K, QUERIES = 384, 10, 200
 
@@ -107,9 +109,8 @@ def main():
             print(f"{r['n']:>8} {r['method']:12} skipped: {r['skipped']}")
         else:
             print(f"{r['n']:>8} {r['method']:12} {r['build_s']:8.2f} {r['query_ms']:9.3f} {r['recall@10']:9.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"load_average_1m": os.getloadavg()[0], "threads": os.cpu_count(), "rows": rows},
-                                   indent=1))
+    write_atomic(args.out, json.dumps({"load_average_1m": os.getloadavg()[0], "threads": os.cpu_count(),
+                                       "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
 

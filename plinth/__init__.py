@@ -8,33 +8,44 @@
 `plinth.adapt.adapted` reads fine-tuning runs on top of `plinth.weights.load` (GGUF, Hugging Face
 folders, plinth checkpoints), and `plinth.quant` makes the weights compact for inference. It sits
 here, at the top of the package, because reading a fine-tuned run needs adapt/ (LoRA, heads).
+Importing `plinth` (or a light module such as `plinth.files`) does not import torch: the loaders
+are imported on the first `load`.
 """
 from __future__ import annotations
 
 import time
 
-import torch
-
 from plinth import hub
-from plinth.adapt.adapted import read_adapted
 from plinth.errors import PlinthError
-from plinth.loaded import LoadedModel
-from plinth.quant import compact_
 
 __all__ = ["load", "LoadedModel", "PlinthError"]
 __version__ = "0.1.0"
 
 
-def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str | None = None) -> LoadedModel:
-    """Load a known model name, a .gguf file, a Hugging Face folder, or a plinth checkpoint / fine-tuning run folder.
+def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str | None = None):
+    """Load a known model name, a .gguf file, a Hugging Face folder, or a plinth checkpoint /
+    fine-tuning run folder; returns a `plinth.loaded.LoadedModel`.
 
     dtype: float32, bfloat16, int8 or int4. The default on CPU keeps weights compact, because decoding
     reads every weight once per token: int4 for 4-bit files (their exact codes), else int8.
     adapter: a LoRA adapter folder, merged into the weights before they are made compact.
     """
+    import torch
+
+    from plinth.adapt.adapted import read_adapted
+    from plinth.loaded import LoadedModel
+    from plinth.quant import compact_
+
     start = time.perf_counter()
     net, tokenizer, compact, head = read_adapted(hub.resolve(model), adapter)
     if dtype is None:
         dtype = compact if hasattr(torch, "_weight_int4pack_mm_for_cpu") else "float32"
     compact_(net, dtype)
     return LoadedModel(net, tokenizer, name=model, load_seconds=time.perf_counter() - start, head=head)
+
+
+def __getattr__(name: str):
+    if name == "LoadedModel":  # `plinth.LoadedModel` without importing torch at `import plinth`
+        from plinth.loaded import LoadedModel
+        return LoadedModel
+    raise AttributeError(f"module 'plinth' has no attribute {name!r}")

@@ -3,8 +3,9 @@
 
 The grammar work is llguidance's (a Rust Earley parser and lexer walked over a trie of the
 vocabulary, a well-kept library rather than a hand-written parser): it compiles a JSON schema and
-computes the set of allowed next tokens fast enough to run at every decoding step. plinth only turns requests into grammars,
-gives each sequence its own `Constraint`, and applies the mask before sampling.
+computes the set of allowed next tokens fast enough to run at every decoding step. plinth only
+turns requests into grammars, gives each sequence its own `Constraint`, and applies the mask
+before sampling.
 
     grammar = response_format_grammar({"type": "json_schema", "json_schema": {"schema": schema}})
     m.generate(prompt, grammar=grammar)      # or SamplingParams(grammar=grammar)

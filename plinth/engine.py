@@ -110,19 +110,26 @@ class Engine:
 
     # ---- called from any thread ----------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, emit, adapter: int = 0) -> Request:
+        request = self._request(prompt, params, emit, adapter)
+        self._enqueue([request], limit=self.max_queue)
+        return request
+
+    def _request(self, prompt: list[int], params: SamplingParams, emit, adapter: int) -> Request:
+        """A request checked against the model: bad parameters or a prompt too long raise here."""
         if self._thread is not None and not self._thread.is_alive():
             raise EngineDown("the engine thread has stopped; restart the server")
         vocab = self.model.config.vocab_size
         params.validate(vocab)
         check_prompt(len(prompt), self.max_len)
         seq = Sequence(prompt, params, self.tokenizer, vocab, max_new=self.max_len - len(prompt))
-        request = Request(next(self._ids), seq, emit, list(prompt), adapter=adapter)
+        return Request(next(self._ids), seq, emit, list(prompt), adapter=adapter)
+
+    def _enqueue(self, requests: list[Request], limit: int | None):
         with self._wake:
-            if len(self.waiting) >= self.max_queue:
+            if limit is not None and len(self.waiting) + len(requests) > limit:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry shortly")
-            self.waiting.append(request)
+            self.waiting.extend(requests)
             self._wake.notify()
-        return request
 
     def cancel(self, request: Request):
         """Stop a request wherever it is (queued, prefilling or decoding); its slot frees next step."""
@@ -140,11 +147,14 @@ class Engine:
         return future
 
     def generate_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                      adapters: list[int] | None = None) -> list[Completion]:
+                      adapters: list[int] | None = None, timeout: float | None = None) -> list[Completion]:
         """Generate for every prompt (one `params` for all, or one each), batched continuously, and
         return when all have finished: one Completion per prompt, in order. On the engine thread
         once `start()`ed; otherwise this thread runs the steps (then it is the one model thread).
-        A request's error is raised once every request has ended."""
+
+        Every prompt is checked before any is queued, and the server's queue limit does not apply
+        (the caller chose the batch). A request's error is raised once every request has ended;
+        after `timeout` seconds the unfinished requests are cancelled and TimeoutError is raised."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         completions = [Completion() for _ in prompts]
         left, done = [len(prompts)], threading.Event()
@@ -158,13 +168,22 @@ class Engine:
                         done.set()
             return emit
 
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            self.submit(prompt, p, receiver(completions[i]), adapter=adapters[i] if adapters else 0)
+        requests = [self._request(prompt, p, receiver(c), adapters[i] if adapters else 0)
+                    for i, (prompt, p, c) in enumerate(zip(prompts, params, completions))]
+        if not requests:
+            return []
+        self._enqueue(requests, limit=None)
         if self.thread_alive():
-            done.wait()
-        with torch.no_grad():
-            while not done.is_set():
-                self._step_or_fail_all()
+            done.wait(timeout)
+        else:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            with torch.no_grad():
+                while not done.is_set() and (deadline is None or time.monotonic() < deadline):
+                    self._step_or_fail_all()
+        if not done.is_set():
+            for request in requests:
+                self.cancel(request)
+            raise TimeoutError(f"generate_many: {left[0]} of {len(requests)} requests unfinished after {timeout} s")
         for completion in completions:
             if completion.error is not None:
                 raise completion.error

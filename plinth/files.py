@@ -48,7 +48,8 @@ def atomic_file(path) -> Iterator[Path]:
 @contextmanager
 def atomic_folder(path) -> Iterator[Path]:
     """An empty temporary folder to fill; when the block ends without error it takes the place of
-    `path` (an existing folder there is swapped out, then deleted), and when it raises it is deleted."""
+    `path` (an existing folder there is swapped out, then deleted), and when it raises it is deleted.
+    Replacing a folder takes two renames: a kill between them leaves the old one at `.NAME.old`."""
     path = Path(path)
     tmp, old = sibling(path, "tmp"), sibling(path, "old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -60,8 +61,13 @@ def atomic_folder(path) -> Iterator[Path]:
         raise
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
-        path.replace(old)
-    tmp.replace(path)
+        path.replace(old)  # two renames: a folder cannot replace a non-empty one in one step
+    try:
+        tmp.replace(path)
+    except BaseException:
+        if old.exists():
+            old.replace(path)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

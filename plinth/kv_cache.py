@@ -101,8 +101,8 @@ class CacheView:
     # changes low bits with the batch). Rows whose slots have gaps between them are computed as
     # the whole span of slots; `spread` and `gather` move the pass's rows in and out of it.
     def decode_keys(self, layer: int, B: int):
-        """Keys and values of the span's S rows, each K key heads as its own batch: two
-        (S·K, decode_len, D) views, no copies."""
+        """Keys and values of the span's S rows, each of the K key heads its own batch: two
+        (S·K, L, D) views, no copies; L is the longest row's keys rounded up to whole KEY_BLOCKs."""
         span = self._span(B)
         (lo, hi), length = span["span"], span["length"]
         keys = self.cache.k[layer, lo:hi, :, :length].flatten(0, 1)
@@ -122,7 +122,7 @@ class CacheView:
         return x if rows is None else x.index_select(0, rows)
 
     def decode_bias(self, window: int | None, heads: int) -> torch.Tensor:
-        """(S·heads, 1, decode_len): 0 where a row's new token may attend (its own keys so far,
+        """(S·heads, 1, L): 0 where a row's new token may attend (its own keys so far,
         within `window`), -inf elsewhere; added to the attention scores."""
         span = self._decode
         if window not in span["biases"]:

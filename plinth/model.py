@@ -1,8 +1,9 @@
 """The Transformer: one model definition for pretraining, fine-tuning, loading real weights and serving.
 
 Read top to bottom: RMSNorm, rotary embeddings, the attention mask, positions, attention, MLP,
-block, model. A KV cache reaches attention through the small interface of a cache view
-(plinth/kv_cache.py); the model knows nothing of who owns the cache or how its rows are assigned. Every architecture difference is a `ModelConfig` field (see plinth/config.py).
+block, model. Every architecture difference is a `ModelConfig` field (see plinth/config.py). A KV
+cache reaches attention through the small interface of a per-pass cache view (plinth/kv_cache.py):
+the model knows nothing of who owns the cache or which cache rows (slots) a pass's rows use.
 Shapes in comments: B batch, T new tokens, L keys (past + new), H query heads, K key/value heads,
 D head dim, C model width, V vocabulary.
 
@@ -363,15 +364,23 @@ class Transformer(nn.Module):
         return self
 
     # ---- running -------------------------------------------------------------------------------
-    def features(self, tokens=None, *, embeds=None, cache=None, documents=None):
+    def features(self, tokens=None, *, embeds=None, cache=None, documents=None, adapters=None):
         """Final normalised hidden states (B, T, C).
 
         tokens: (B, T) ids, or embeds: (B, T, C) input vectors (image patches, soft prompts);
         cache: a KV cache view for this pass (plinth/kv_cache.py `KVCache.view`): where each row's
         new tokens start, and where past keys and values are kept; None = whole sequences from 0;
         documents: (B, T) for packed training rows: which example each token belongs to (positions
-        restart and attention stays within each; see `Positions`).
+        restart and attention stays within each; see `Positions`);
+        adapters: (B,) the LoRA adapter each row uses, where several are served (see ADAPTER_ROWS).
         """
+        selected = ADAPTER_ROWS.set(adapters)
+        try:
+            return self._features(tokens, embeds, cache, documents)
+        finally:
+            ADAPTER_ROWS.reset(selected)
+
+    def _features(self, tokens, embeds, cache, documents):
         if embeds is None:
             embeds = self.tok_embeddings(tokens)
         x = embeds.to(self.tok_embeddings.weight.dtype)
@@ -405,17 +414,13 @@ class Transformer(nn.Module):
                 adapters=None):
         """Logits (B, T, V); with `last` (B,) indices, only at those positions: (B, V).
         With `targets` (B, T) instead: the cross-entropy summed over targets other than IGNORE.
-        adapters: (B,) the LoRA adapter each row uses, where several are served (see ADAPTER_ROWS).
+        The other keywords are those of `features`.
 
         Computing the output layer only where a next token is sampled saves most of the work of a
         long prompt (the vocabulary projection is the largest matrix in a small model). The loss
         is computed inside forward, where FSDP2's hooks have the output weights gathered.
         """
-        selected = ADAPTER_ROWS.set(adapters)
-        try:
-            h = self.features(tokens, embeds=embeds, cache=cache, documents=documents)
-        finally:
-            ADAPTER_ROWS.reset(selected)
+        h = self.features(tokens, embeds=embeds, cache=cache, documents=documents, adapters=adapters)
         if targets is not None:
             return self.output_loss(h.flatten(0, -2), targets.flatten())
         if last is not None:

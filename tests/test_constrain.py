@@ -95,7 +95,7 @@ def test_each_engine_sequence_follows_its_own_schema(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=4, max_len=256)
     params = [SamplingParams(max_tokens=60, seed=i, grammar=json_schema_grammar(schema) if schema else None)
               for i, schema in enumerate(schemas + [None])]  # the last one is unconstrained, in the same batch
-    results = engine.generate_many([[65, 66]] * len(params), params)
+    results = engine.generate_many([[65, 66]] * len(params), params, timeout=60)
     for i, schema in enumerate(schemas):
         jsonschema.validate(json.loads(results[i].text), schema)
 

@@ -3,6 +3,7 @@ import threading
 
 import pytest
 
+from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
 from plinth.engine import Engine
 
@@ -35,7 +36,7 @@ PARAMS = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
 
 def test_batched_results_equal_running_each_alone(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=4, max_len=128, chunk=16)  # the long prompt prefills in chunks
-    for (prompt, params), record in zip(zip(PROMPTS, PARAMS), engine.generate_many(PROMPTS, PARAMS)):
+    for (prompt, params), record in zip(zip(PROMPTS, PARAMS), engine.generate_many(PROMPTS, PARAMS, timeout=60)):
         assert record.tokens == alone(model, tokenizer, prompt, params)
         assert record.finish_reason in ("stop", "length")
 
@@ -46,7 +47,7 @@ def test_generate_many_on_the_engine_thread_gives_the_same_tokens_and_raises_a_r
     engine = Engine(model, tokenizer, max_batch=2, max_len=128)
     engine.start()
     try:
-        assert [c.tokens for c in engine.generate_many(PROMPTS, PARAMS)] == \
+        assert [c.tokens for c in engine.generate_many(PROMPTS, PARAMS, timeout=60)] == \
             [alone(model, tokenizer, p, s) for p, s in zip(PROMPTS, PARAMS)]
         original = engine._run
 
@@ -56,11 +57,26 @@ def test_generate_many_on_the_engine_thread_gives_the_same_tokens_and_raises_a_r
             return original(group)
         engine._run = fail_while_prefilling_the_second
         with pytest.raises(RuntimeError, match="boom"):
-            engine.generate_many([PROMPTS[0], PROMPTS[1]], PARAMS[0])
+            engine.generate_many([PROMPTS[0], PROMPTS[1]], PARAMS[0], timeout=60)
         engine._run = original
-        assert engine.generate_many([PROMPTS[0]], PARAMS[0])[0].tokens == alone(model, tokenizer, PROMPTS[0], PARAMS[0])
+        assert engine.generate_many([PROMPTS[0]], PARAMS[0], timeout=60)[0].tokens == alone(model, tokenizer, PROMPTS[0], PARAMS[0])
     finally:
         engine.stop()
+
+
+def test_generate_many_checks_every_prompt_first_ignores_the_queue_limit_and_keeps_its_deadline(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64, max_queue=2)
+    assert engine.generate_many([], PARAMS[0]) == []
+    short = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    out = engine.generate_many([[65]] * 5, short, timeout=60)  # more prompts than the queue takes from clients
+    assert [c.tokens for c in out] == [alone(model, tokenizer, [65], short)] * 5
+    with pytest.raises(PlinthError, match="context window"):  # the second prompt cannot fit: nothing is queued
+        engine.generate_many([[65], [65] * 64], short)
+    assert not engine.waiting and not engine.running
+    with pytest.raises(TimeoutError, match="1 of 1 requests unfinished"):
+        engine.generate_many([[65]], SamplingParams(max_tokens=50, ignore_eos=True), timeout=0)
+    engine.step()  # the timed-out request was cancelled: it leaves at the next step
+    assert not engine.waiting and not engine.running and engine.stats.cancelled == 1
 
 
 def test_requests_join_and_leave_while_others_decode(model, tokenizer):

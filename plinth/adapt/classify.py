@@ -57,15 +57,28 @@ class Head(nn.Module):
         out = self.linear(pool(hidden, mask, self.pooling).float())
         return out[:, 0] if self.labels is None else out
 
-    def predict(self, loaded, texts: list[str] | str) -> list:
-        """This head's answers for `texts` on `loaded`'s backbone: labels or numbers."""
-        return predict(loaded, texts)
+    @torch.inference_mode()
+    def predict(self, loaded, texts: list[str] | str, batch_size: int = 16) -> list:
+        """This head's answer for each of `texts` on the backbone `loaded.model` (with its tokenizer):
+        a label (classification) or a number (regression). `LoadedModel.predict` calls this."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        model = Finetuned(loaded.model, self)
+        answers = []
+        for start in range(0, len(texts), batch_size):
+            rows = [loaded.tokenizer.encode(t) or [0] for t in texts[start:start + batch_size]]
+            x = torch.full((len(rows), max(map(len, rows))), -1)
+            for i, row in enumerate(rows):
+                x[i, :len(row)] = torch.tensor(row)
+            out = model(x)
+            answers += out.tolist() if self.labels is None else [self.labels[i] for i in out.argmax(-1).tolist()]
+        return answers
 
-    def classify(self, loaded, texts: list[str] | str) -> list[str]:
+    def classify(self, loaded, texts: list[str] | str, batch_size: int = 16) -> list[str]:
+        """Labels for `texts`, from a classification head. `LoadedModel.classify` calls this."""
         if self.labels is None:
             raise PlinthError(f"{loaded.name} has a regression head: it predicts numbers, not labels; "
                               "call .predict(texts)")
-        return predict(loaded, texts)
+        return self.predict(loaded, texts, batch_size)
 
     def save(self, folder):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(Path(folder) / HEAD_FILE))
@@ -126,20 +139,3 @@ class Finetuned(nn.Module):
         tokens, documents = model_inputs(x)
         keep = y != IGNORE
         return self.backbone.features(tokens.clamp(min=0), documents=documents)[keep], y[keep]
-
-
-@torch.inference_mode()
-def predict(loaded, texts: list[str] | str, batch_size: int = 16) -> list:
-    """The answer of `loaded.head` for each of `texts`: a label (classification head) or a number
-    (regression). `LoadedModel.predict` and `.classify` call this through the head."""
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    model, head = Finetuned(loaded.model, loaded.head), loaded.head
-    answers = []
-    for start in range(0, len(texts), batch_size):
-        rows = [loaded.tokenizer.encode(t) or [0] for t in texts[start:start + batch_size]]
-        x = torch.full((len(rows), max(map(len, rows))), -1)
-        for i, row in enumerate(rows):
-            x[i, :len(row)] = torch.tensor(row)
-        out = model(x)
-        answers += out.tolist() if head.labels is None else [head.labels[i] for i in out.argmax(-1).tolist()]
-    return answers

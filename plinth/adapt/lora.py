@@ -144,7 +144,7 @@ def attach_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: f
     targets = check_targets(targets)
     if getattr(model.layers[0].attn, "wqkv", None) is not None:
         raise PlinthError("this model's projections are fused for inference; attach LoRA to an unfused model "
-                          "(plinth.loaded.read_model) or load the adapter with plinth.load(..., adapter=DIR)")
+                          "(plinth.weights.load.read_model) or load the adapter with plinth.load(..., adapter=DIR)")
     for p in model.parameters():
         p.requires_grad_(False)
     return _swap(model, lambda name, m: LoRALinear(m, rank, alpha, dropout, name),

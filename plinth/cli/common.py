@@ -27,7 +27,8 @@ def add_subcommands(sub, name: str, help: str, description: str):
 
 def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "int4 for 4-bit files, else int8"):
     p.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL,
-                   help=f"known name, or path to a .gguf file (default: {hub.DEFAULT_MODEL})")
+                   help=f"known name, or path to a .gguf file, Hugging Face folder, plinth checkpoint or "
+                   f"fine-tuning run (default: {hub.DEFAULT_MODEL})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "int4"],
                    help=f"weights in memory (default: {dtype_default})")
 
@@ -66,7 +67,7 @@ def output_grammar(args) -> str | None:
 
 
 def load_model(args):
-    import plinth  # deferred: torch takes a second to import, `plinth list` should not wait for it
+    import plinth
     from plinth.generate import SamplingParams
     params = sampling(args) if hasattr(args, "max_tokens") else {}
     SamplingParams(**params).validate()  # reject bad values before spending seconds on loading

@@ -51,7 +51,7 @@ def run_eval(model: str, tasks: list[str], options: EvalOptions, dtype: str | No
              out: str | Path = "runs", progress=print, adapter: str | None = None) -> Path:
     """Evaluate `model` (with a LoRA `adapter` merged in, if given) on `tasks`; returns the
     results.json path."""
-    import plinth  # deferred: torch takes a second to import
+    import plinth
 
     check_tasks(tasks)
     if "perplexity" in tasks:  # a mistyped source fails now, not after the model has loaded

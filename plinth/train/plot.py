@@ -43,6 +43,6 @@ def plot_run(run_dir, out=None) -> Path:
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "curves.png"
     with atomic_file(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=100, format=out.suffix[1:] or "png")  # the temporary name has no image suffix
     plt.close(fig)
     return out

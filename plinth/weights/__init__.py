@@ -1,1 +1,2 @@
-"""Reading and writing model weights in other tools' formats (one module per format)."""
+"""Model weights in and out: one module per format (GGUF, Hugging Face safetensors folders, plinth's own),
+and `load.py`, which recognises a path's format and builds the model."""
