@@ -146,6 +146,12 @@ class Engine:
             self._wake.notify()
         return future
 
+    def abort_all(self, error: Exception) -> Future:
+        """End every queued and running request with `error`, delivered to its emit as a fault would
+        be (e.g. a server whose shutdown grace is over). The engine thread does it between steps,
+        since only it may touch the batch; the future is done once it has."""
+        return self.call(self._fail_all, error)
+
     def generate_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                       adapters: list[int] | None = None, timeout: float | None = None) -> list[Completion]:
         """Generate for every prompt (one `params` for all, or one each), batched continuously, and

@@ -217,7 +217,7 @@ def test_metrics_exposition(server, client):
 
 
 def test_strict_models_and_sigterm_drain():
-    proc, base = start_server("--strict-models", "--grace", "20")
+    proc, base = start_server("--strict-models", "--grace", "60")
     try:
         r = httpx.post(f"{base}/v1/completions", json={"model": "gpt-4o-mini", "prompt": "x"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

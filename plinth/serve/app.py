@@ -31,6 +31,7 @@ from plinth.serve.state import ServerState
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 8 * 1024 * 1024
+LAST_WRITE_SECONDS = 3.0  # how long shutdown waits for responses to finish once their requests were ended
 
 
 class Gate:
@@ -110,7 +111,8 @@ def create_app(state: ServerState) -> "Gate":
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, exc: StarletteHTTPException):
         code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(error_body(str(exc.detail), param=None, code=code), status_code=exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), param=None, code=code), status_code=exc.status_code,
+                            headers=exc.headers)  # e.g. a 405's Allow, which names the methods the route takes
 
     @app.exception_handler(PlinthError)
     async def plinth_error(_, exc: PlinthError):
@@ -140,22 +142,33 @@ def create_app(state: ServerState) -> "Gate":
 
 class GracefulServer(uvicorn.Server):
     """On SIGTERM/SIGINT: refuse new requests with 503, let in-flight ones finish for up to `grace`
-    seconds, then stop. A second signal stops at once."""
+    seconds, then end those still running with a final "server shutting down" error and exit. A
+    second signal ends them and exits at once.
+
+    uvicorn alone would wait for open connections without limit, so a stream of thousands of tokens
+    would outlive any grace an orchestrator gives before its SIGKILL."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, grace: float):
+        # After the abort, responses only have their last event to write; a client that does not
+        # read it must not hold the exit, so uvicorn stops waiting for connections after this.
+        config.timeout_graceful_shutdown = LAST_WRITE_SECONDS
         super().__init__(config)
         self.state, self.grace = state, grace
 
     def handle_exit(self, sig, frame):
-        if self.state.draining:
-            return super().handle_exit(sig, frame)
+        if self.state.draining:  # the second signal: _drain stops waiting, and nothing else waits
+            self.force_exit = True
+            return
         self.state.draining = True
+        # A thread, because this runs in a signal handler on the event loop's thread, which must go on
+        # serving the in-flight requests meanwhile.
         threading.Thread(target=self._drain, args=(sig, frame), daemon=True).start()
 
     def _drain(self, sig, frame):
         deadline = time.monotonic() + self.grace
-        while self.state.in_flight and time.monotonic() < deadline:
+        while self.state.in_flight and time.monotonic() < deadline and not self.force_exit:
             time.sleep(0.05)
+        self.state.abort_in_flight()  # before uvicorn's shutdown, so streams still write their last event
         super().handle_exit(sig, frame)
 
 

@@ -1,6 +1,6 @@
 """What every route of the server shares, as one typed object: the engine and tokenizer, the names
 served (model, LoRA adapters, embedder), the retrieval indexes, the server's options, its metrics,
-and the drain flag and in-flight count that a graceful shutdown waits on.
+and the drain flag and in-flight count that a graceful shutdown waits on (then `abort_in_flight`).
 
 `create_app(state)` puts it on the app; routes read it back with `request.app.state.plinth`. Its
 methods are the checks and the engine calls that every generation route makes the same way:
@@ -129,6 +129,12 @@ class ServerState:
                 yield index, event
         finally:
             self._cancel(requests)
+
+    def abort_in_flight(self):
+        """End every engine request still running, when the shutdown grace is over: a stream's last
+        event, or a non-streamed request's 503, says 'server shutting down' (the stream code sends an
+        APIError as it is), so the client knows to retry elsewhere instead of seeing a cut connection."""
+        self.engine.abort_all(APIError(503, "server shutting down", type_="server_error", headers={"Retry-After": "5"}))
 
     def _cancel(self, requests):
         for r in requests:
