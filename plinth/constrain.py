@@ -34,11 +34,26 @@ def json_schema_grammar(schema: dict) -> str:
     if not isinstance(schema, dict):
         raise PlinthError(f"a JSON schema must be an object, got {type(schema).__name__}: {schema!r}")
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        dialect_validator(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.path) or "the top level"
         raise PlinthError(f"invalid JSON schema at {where}: {e.message}") from e
     return checked(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT), "JSON schema")
+
+
+def dialect_validator(schema: dict) -> type:
+    """The jsonschema validator of the dialect the schema's `$schema` names (the latest without one).
+    jsonschema's own lookup fails with a TypeError on a `$schema` that is not a string and only warns
+    about an unknown URI (then llguidance fails fetching it), so both are a PlinthError here."""
+    if "$schema" not in schema:
+        return jsonschema.validators.validator_for(schema)
+    dialect = schema["$schema"]
+    validator = jsonschema.validators.validator_for(schema, default=None) if isinstance(dialect, str) else None
+    if validator is None:
+        latest = jsonschema.validators.validator_for({}).META_SCHEMA["$id"]
+        raise PlinthError(f"invalid JSON schema at $schema: {dialect!r} is not the URI of a JSON Schema draft; "
+                          f'use "{latest}" or leave $schema out')
+    return validator
 
 
 def lark_grammar(lark: str) -> str:

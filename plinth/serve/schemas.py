@@ -1,21 +1,66 @@
 """Request bodies of the OpenAI-compatible API (pydantic) and their mapping to `SamplingParams`;
 the error shape (`error_body`) and `APIError`, which carries it with an HTTP status.
 
-Field names and ranges follow OpenAI's API reference, so the official client's requests validate
-unchanged; a few common extensions (top_k, min_p, repetition_penalty) are accepted as vLLM does.
-Unknown fields are ignored, as OpenAI-compatible servers do.
+Field names, types and ranges follow OpenAI's API reference, so the official client's requests
+validate unchanged; a few common extensions (top_k, min_p, repetition_penalty) are accepted as vLLM
+does. Types are strict, as OpenAI's are: `"stream": "yes"` or `"echo": 0` is an error, not a guess
+(a number field still takes an integer). Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 from __future__ import annotations
 
 import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from plinth.generate import SamplingParams
 
+SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's \uXXXX escapes allow unpaired halves; Unicode text does not
 
-class RetrievalOptions(BaseModel):
+
+class Strict(BaseModel):
+    """Every part of a request: OpenAI's types, without pydantic's coercions (e.g. "yes" or 0 for a
+    boolean, "5" or 5.0 for an integer). Subclasses' own model_config adds to this one."""
+    model_config = ConfigDict(strict=True)
+
+
+class Body(Strict):
+    """A whole request body: also no lone UTF-16 surrogate in any string or key, used or not. JSON's
+    \\uXXXX escapes allow one; no tokenizer or UTF-8 encoder takes it, so it would fail far from here."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data):
+        found = lone_surrogate(data)
+        if found is not None:  # a ValidationError, not a ValueError: its loc names the field, not the body
+            loc, value, message = found
+            problem = PydanticCustomError("lone_surrogate", f"{message}; send the character or a full surrogate pair")
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(type=problem, loc=loc,
+                                                                                       input=value)])
+        return data
+
+
+def lone_surrogate(value, loc: tuple = ()) -> tuple[tuple, object, str] | None:
+    """(location, value, what is wrong) for the first lone surrogate in parsed JSON, or None. The
+    message shows it as an escape: with the character itself it could not be sent either."""
+    if isinstance(value, str):
+        match = SURROGATE.search(value)
+        return (loc, value, f"lone UTF-16 surrogate {escape(match)} at character {match.start()}") if match else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and (match := SURROGATE.search(key)):
+            return loc, value, f"lone UTF-16 surrogate {escape(match)} in a key"
+        if (found := lone_surrogate(item, (*loc, key))) is not None:
+            return found
+    return None
+
+
+def escape(match: re.Match) -> str:
+    return f"\\u{ord(match[0]):04x}"
+
+
+class RetrievalOptions(Strict):
     """plinth's extension to chat completions: add passages from a served index (plinth.serve.retrieval).
     Unlike the other bodies it refuses unknown fields, so a misspelt option is an error, not ignored."""
     model_config = ConfigDict(extra="forbid")
@@ -25,17 +70,17 @@ class RetrievalOptions(BaseModel):
     mode: Literal["hybrid", "dense", "lexical"] = "hybrid"  # ranking, as `Index.search`
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ContentPart(BaseModel):
+class ContentPart(Strict):
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Strict):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
@@ -52,7 +97,7 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content or "", **name, **extra}
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Body):
     """What chat and text completions share."""
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -149,7 +194,7 @@ class CompletionRequest(SamplingFields):
         return list(p)
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(Body):
     model_config = ConfigDict(extra="ignore")
     model: str
     input: Union[str, list[str], list[int], list[list[int]]]
