@@ -120,7 +120,10 @@ def create_app(state: ServerState) -> "Gate":
 
     @app.exception_handler(Exception)
     async def fault(_, exc: Exception):
-        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
+        # Starlette re-raises after sending this, and uvicorn then closes the connection: say so, or a
+        # client's next request on its pooled keep-alive connection fails.
+        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500,
+                            headers={"Connection": "close"})
 
     @app.get("/health")
     async def health():
