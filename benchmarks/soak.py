@@ -62,7 +62,8 @@ class Client:
         self.base, self.cut, self.random, self.tally, self.lock = base, cut, random.Random(seed), tally, lock
 
     def run(self, until: float):
-        with httpx.Client(timeout=120) as http:
+        # A stream waits in the queue, without a byte, while every slot is busy: a long read timeout.
+        with httpx.Client(timeout=httpx.Timeout(30, read=600)) as http:
             while time.monotonic() < until:
                 self.stream_once(http)
 
