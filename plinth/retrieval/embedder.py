@@ -41,16 +41,17 @@ class Embedder:
         return cls(model, tokenizer, name_or_folder if name_or_folder in hub.KNOWN_MODELS else folder.name,
                    max_tokens)
 
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, with [CLS] ... [SEP] and cut to the model's limit, as the reference
+        pipeline reads them."""
+        return [self.tokenizer.encode(text).ids for text in texts]
+
     @torch.inference_mode()
-    def embed_with_counts(self, texts: list[str]) -> tuple[torch.Tensor, int]:
-        """(N, dim) unit vectors, and the number of tokens read. One text per forward pass: no padding,
-        so no attention mask is needed and each vector is independent of its batch."""
-        vectors, tokens = [], 0
-        for text in texts:
-            ids = self.tokenizer.encode(text).ids  # with [CLS] ... [SEP], like the reference pipeline
-            tokens += len(ids)
-            vectors.append(self.model.features(torch.tensor([ids]))[0].mean(0))
-        return torch.nn.functional.normalize(torch.stack(vectors), dim=-1), tokens
+    def embed_ids(self, ids: list[list[int]]) -> torch.Tensor:
+        """(N, dim) unit vectors of `encode`d texts. One text per forward pass: no padding, so no
+        attention mask is needed and each vector is independent of its batch."""
+        vectors = [self.model.features(torch.tensor([row]))[0].mean(0) for row in ids]
+        return torch.nn.functional.normalize(torch.stack(vectors), dim=-1)
 
     def embed(self, texts: list[str] | str) -> torch.Tensor:
-        return self.embed_with_counts([texts] if isinstance(texts, str) else list(texts))[0]
+        return self.embed_ids(self.encode([texts] if isinstance(texts, str) else list(texts)))

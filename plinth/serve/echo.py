@@ -7,14 +7,31 @@ lm-evaluation-harness (`--model local-completions`) sends context + continuation
 """
 from __future__ import annotations
 
-import asyncio
 import codecs
 import time
 import uuid
+from functools import partial
 
-from plinth.loglik import score
-from plinth.serve.schemas import CompletionRequest
+from fastapi import Request
+
+from plinth.loglik import BATCH_TOKENS, score
+from plinth.serve.schemas import APIError, CompletionRequest
 from plinth.serve.state import ServerState
+
+
+# Prompt tokens scored per request: 16 full windows of the server's default 2,048-token context,
+# more than lm-evaluation-harness batches of a few dozen questions need. Scoring runs in engine
+# tasks of about one scoring batch each (`in_steps`), so the budget bounds a request's time and
+# memory, not how long decoding waits.
+MAX_SCORED_TOKENS = 32_768
+
+
+def check_scoring_budget(prompts: list[list[int]]):
+    """A 400 naming `prompt` when echo with logprobs would score more than MAX_SCORED_TOKENS."""
+    total = sum(len(p) for p in prompts)
+    if total > MAX_SCORED_TOKENS:
+        raise APIError(400, f"echo with logprobs would score {total} prompt tokens, max {MAX_SCORED_TOKENS} per "
+                            "request: send fewer or shorter prompts", param="prompt")
 
 
 def prompt_logprobs(model, prompts: list[list[int]], top: int):
@@ -66,10 +83,12 @@ def nothing_generated(model: str, prompts: list[list[int]], n: int, with_logprob
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
 
 
-async def echo_response(state: ServerState, body: CompletionRequest, prompts: list[list[int]], response: dict) -> dict:
+async def echo_response(state: ServerState, body: CompletionRequest, prompts: list[list[int]], response: dict,
+                        http_request: Request) -> dict:
     """`response` (the completions, or `nothing_generated`) with each choice echoing its prompt."""
     top = body.logprob_count()
-    scored = (await asyncio.wrap_future(state.engine.call(prompt_logprobs, state.engine.model, prompts, top or 0))
+    scored = (await state.in_steps(partial(prompt_logprobs, state.engine.model, top=top or 0), prompts, len,
+                                   BATCH_TOKENS, http_request)
               if top is not None else [None] * len(prompts))
     choices = []
     for choice in response["choices"]:

@@ -6,7 +6,6 @@ model: the engine thread owns it.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -19,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from plinth.errors import PlinthError
 from plinth.generate import Step
 from plinth.serve.chat_tools import CallDeltas, ChatPlan, plan, reply_message
-from plinth.serve.echo import echo_response, nothing_generated
+from plinth.serve.echo import check_scoring_budget, echo_response, nothing_generated
 from plinth.serve.retrieval import add_sources
 from plinth.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 from plinth.serve.state import ServerState
@@ -84,15 +83,17 @@ async def completions(body: CompletionRequest, request: Request):
     for ids in prompts:
         if any(not 0 <= t < state.tokenizer.vocab_size for t in ids):
             raise APIError(400, f"prompt token ids must be in [0, {state.tokenizer.vocab_size})", param="prompt")
+    if body.echo and body.logprobs is not None:
+        check_scoring_budget(prompts)
     if body.echo and body.max_tokens == 0:  # score the prompt, generate nothing
         for ids in prompts:
             if not ids:
                 raise APIError(400, "the prompt is empty; give at least one token of text", param="prompt")
             state.check_length(len(ids), None)
         nothing = nothing_generated(model, prompts, body.n, body.logprobs is not None)
-        return await echo_response(state, body, prompts, nothing)
+        return await echo_response(state, body, prompts, nothing, request)
     response = await respond(state, request, body, model, prompts)
-    return await echo_response(state, body, prompts, response) if body.echo else response
+    return await echo_response(state, body, prompts, response, request) if body.echo else response
 
 
 async def respond(state: ServerState, request: Request, body: ChatCompletionRequest | CompletionRequest, model: str,
@@ -234,6 +235,13 @@ async def stream(events, state: ServerState, model, kind, response_id, created, 
 
 
 # ---- embeddings ------------------------------------------------------------------------------------
+MAX_INPUTS = 2048         # inputs per embeddings request, as OpenAI allows
+MAX_INPUT_TOKENS = 300_000  # tokens per embeddings request, as OpenAI allows: clients size batches by these
+TASK_CHARS = 65_536       # characters tokenized per engine task (a longer single input goes alone)
+TASK_TOKENS = 1024        # tokens embedded per engine task...
+TASK_INPUTS = 32          # ...and inputs: a forward pass per input, whose fixed cost dominates short inputs
+
+
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request):
     state = server_state(request)
@@ -243,16 +251,31 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     if state.strict_models and body.model != state.embedder.name:
         raise APIError(404, f"The model '{body.model}' does not exist; embeddings come from '{state.embedder.name}'",
                        param="model", code="model_not_found")
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise APIError(400, "input must be a non-empty string or list of strings", param="input")
-    vectors, tokens = await asyncio.wrap_future(state.engine.call(state.embedder.embed_with_counts, texts))
-    if body.dimensions is not None and body.dimensions != vectors.shape[1]:
-        raise APIError(400, f"this model's embeddings have {vectors.shape[1]} dimensions", param="dimensions")
+    texts = embedding_texts(body)
+    # Tokenizing is work too (seconds for megabytes of text): it runs in engine tasks, off the event loop.
+    ids = await state.in_steps(state.embedder.encode, texts, len, TASK_CHARS, request)
+    tokens = sum(len(row) for row in ids)
+    if tokens > MAX_INPUT_TOKENS:
+        raise APIError(400, f"Requested {tokens} tokens, max {MAX_INPUT_TOKENS} tokens per request: send fewer or "
+                            "shorter inputs", param="input")
+    vectors = await state.in_steps(state.embedder.embed_ids, ids, len, TASK_TOKENS, request, most=TASK_INPUTS)
+    if body.dimensions is not None and body.dimensions != len(vectors[0]):
+        raise APIError(400, f"this model's embeddings have {len(vectors[0])} dimensions", param="dimensions")
     if body.encoding_format == "base64":  # what the official client asks for: little-endian float32 bytes
         encoded = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
     else:
-        encoded = vectors.tolist()
+        encoded = [v.tolist() for v in vectors]
     return JSONResponse({"object": "list", "model": state.embedder.name,
                          "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(encoded)],
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def embedding_texts(body: EmbeddingRequest) -> list[str]:
+    """The request's texts, or a 400 naming `input`."""
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if len(texts) > MAX_INPUTS:
+        raise APIError(400, f"'$.input' is invalid: {len(texts)} inputs, max {MAX_INPUTS} per request; split them "
+                            "into smaller batches", param="input")
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise APIError(400, "input must be a non-empty string or list of strings", param="input")
+    return texts

@@ -4,7 +4,8 @@ and the drain flag and in-flight count that a graceful shutdown waits on (then `
 
 `create_app(state)` puts it on the app; routes read it back with `request.app.state.plinth`. Its
 methods are the checks and the engine calls that every generation route makes the same way:
-`resolve_model`, `default_seed`, `check_length` and `run`.
+`resolve_model`, `default_seed`, `check_length` and `run`; `in_steps` runs other long model work
+(embeddings, echo scoring) as small engine tasks.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from fastapi import Request
 
@@ -130,6 +132,19 @@ class ServerState:
         finally:
             self._cancel(requests)
 
+    async def in_steps(self, fn: Callable, items: list, size: Callable, budget: int,
+                       http_request: Request | None = None, most: int | None = None) -> list:
+        """`fn(group)` for consecutive groups of `items` (see `groups`), each a separate engine task,
+        and their results concatenated. Between tasks the engine runs a decoding step and its
+        heartbeat advances, so long work neither stalls the streams being decoded nor reads as a
+        stalled engine on /health; a client that hangs up stops the work at the next group (499)."""
+        results = []
+        for group in groups(items, size, budget, most):
+            if http_request is not None and await http_request.is_disconnected():
+                raise APIError(499, "the client closed the request")
+            results.extend(await asyncio.wrap_future(self.engine.call(fn, group)))
+        return results
+
     def abort_in_flight(self):
         """End every engine request still running, when the shutdown grace is over: a stream's last
         event, or a non-streamed request's 503, says 'server shutting down' (the stream code sends an
@@ -140,3 +155,17 @@ class ServerState:
         for r in requests:
             if r.seq.finish_reason is None:
                 self.engine.cancel(r)
+
+
+def groups(items: list, size: Callable, budget: int, most: int | None = None) -> Iterator[list]:
+    """Consecutive items in groups whose `size`s add up to at most `budget` (an item bigger than
+    that goes alone) and of at most `most` items."""
+    group, total = [], 0
+    for item in items:
+        if group and (total + size(item) > budget or len(group) == most):
+            yield group
+            group, total = [], 0
+        group.append(item)
+        total += size(item)
+    if group:
+        yield group
