@@ -18,7 +18,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plinth import hub
@@ -26,12 +26,18 @@ from plinth.errors import PlinthError
 from plinth.engine import Engine
 from plinth.serve.openai_api import router
 from plinth.serve.retrieval import load_indexes
+from plinth.serve.openapi import ErrorResponse, Health, HealthError, error_responses
 from plinth.serve.schemas import APIError, error_body
 from plinth.serve.state import ServerState
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 LAST_WRITE_SECONDS = 3.0  # how long shutdown waits for responses to finish once their requests were ended
+
+
+class PrometheusText(PlainTextResponse):
+    """/metrics: Prometheus' text exposition format, which its scrapers recognise by this version."""
+    media_type = "text/plain; version=0.0.4"
 
 
 class Gate:
@@ -125,18 +131,20 @@ def create_app(state: ServerState) -> "Gate":
         return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500,
                             headers={"Connection": "close"})
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}, **error_responses(413), 503: {
+        "model": HealthError | ErrorResponse, "description": "The engine thread is stalled or has stopped "
+                                                            "(HealthError), or the server is shutting down"}})
     async def health():
         if state.engine.alive():
             return {"status": "ok", "running": len(state.engine.running), "waiting": state.engine.queue_depth}
         return JSONResponse({"status": "error", "message": "the engine thread is stalled or has stopped"},
                             status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PrometheusText, responses=error_responses(413, 503, json_route=False))
     async def metrics():
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PrometheusText(state.metrics.render())
 
-    @app.get("/")
+    @app.get("/", response_class=HTMLResponse, responses=error_responses(413, 503, json_route=False))
     async def chat_page():
         return FileResponse(STATIC / "index.html")
 

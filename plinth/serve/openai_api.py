@@ -20,10 +20,18 @@ from plinth.generate import Step
 from plinth.serve.chat_tools import CallDeltas, ChatPlan, plan, reply_message
 from plinth.serve.echo import check_scoring_budget, echo_response, nothing_generated
 from plinth.serve.retrieval import add_sources
+from plinth.serve.openapi import ChatCompletion, Completion, EmbeddingList, ModelList, error_responses
 from plinth.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 from plinth.serve.state import ServerState
 
 router = APIRouter()
+
+
+def streamed(model, chunk: str) -> dict:
+    """The 200 of a route that streams when asked: `model` as JSON, or server-sent events."""
+    return {200: {"model": model, "content": {"text/event-stream": {"schema": {
+        "type": "string", "description": f"With `stream: true`: `data: {{{chunk} JSON}}` events, an error object "
+                                          "if generation fails after the stream began, then `data: [DONE]`"}}}}}
 
 
 @dataclass
@@ -42,7 +50,7 @@ def server_state(request: Request) -> ServerState:
 
 
 # ---- models ----------------------------------------------------------------------------------------
-@router.get("/v1/models")
+@router.get("/v1/models", responses={200: {"model": ModelList}, **error_responses(401, 413, 503)})
 async def list_models(request: Request):
     state = server_state(request)
     return {"object": "list", "data": [{"id": name, "object": "model", "created": state.started, "owned_by": "plinth"}
@@ -50,7 +58,8 @@ async def list_models(request: Request):
 
 
 # ---- generation ------------------------------------------------------------------------------------
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={**streamed(ChatCompletion, "chat.completion.chunk"),
+                                                       **error_responses(400, 401, 404, 413, 429, 503)})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = server_state(request)
     model = state.resolve_model(body.model)
@@ -69,7 +78,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await respond(state, request, body, model, [prompt], chat_plan, sources)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={**streamed(Completion, "text_completion"),
+                                                  **error_responses(400, 401, 404, 413, 429, 503)})
 async def completions(body: CompletionRequest, request: Request):
     state = server_state(request)
     model = state.resolve_model(body.model)
@@ -242,7 +252,7 @@ TASK_TOKENS = 1024        # tokens embedded per engine task...
 TASK_INPUTS = 32          # ...and inputs: a forward pass per input, whose fixed cost dominates short inputs
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", responses={200: {"model": EmbeddingList}, **error_responses(400, 401, 404, 413, 503)})
 async def embeddings(body: EmbeddingRequest, request: Request):
     state = server_state(request)
     if state.embedder is None:

@@ -1,5 +1,7 @@
 """Request bodies of the OpenAI-compatible API (pydantic) and their mapping to `SamplingParams`;
-the error shape (`error_body`) and `APIError`, which carries it with an HTTP status.
+the error shape (`error_body`) and `APIError`, which carries it with an HTTP status; and the
+response models and error statuses that /openapi.json documents (the routes build their JSON
+themselves: these only describe it).
 
 Field names, types and ranges follow OpenAI's API reference, so the official client's requests
 validate unchanged; a few common extensions (top_k, min_p, repetition_penalty) are accepted as vLLM
@@ -9,9 +11,10 @@ does. Types are strict, as OpenAI's are: `"stream": "yes"` or `"echo": 0` is an 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from plinth.generate import SamplingParams
@@ -70,6 +73,20 @@ class RetrievalOptions(Strict):
     mode: Literal["hybrid", "dense", "lexical"] = "hybrid"  # ranking, as `Index.search`
 
 
+# What `_stops` enforces, for the schema only: the validator keeps its own message for a bad value.
+Stop = Union[Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})],
+             Annotated[list[str], WithJsonSchema({"type": "array", "items": {"type": "string", "minLength": 1},
+                                                  "maxItems": 4})], None]
+
+
+def requires(field: str, value, needs: str, needed) -> dict:
+    """A JSON Schema rule, for /openapi.json, that `field` set to `value` (any non-null value if None)
+    needs `needs` set to `needed`, as a request validator or handler enforces."""
+    given = {"not": {"type": "null"}} if value is None else {"const": value}
+    return {"if": {"properties": {field: given}, "required": [field]},
+            "then": {"properties": {needs: {"const": needed}}, "required": [needs]}}
+
+
 class StreamOptions(Strict):
     include_usage: bool = False
 
@@ -111,7 +128,7 @@ class SamplingFields(Body):
     repetition_penalty: float | None = Field(None, gt=0)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | list[str] | None = None
+    stop: Stop = None
     seed: int | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
@@ -150,6 +167,7 @@ class SamplingFields(Body):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra=requires("top_logprobs", None, "logprobs", True))
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -175,6 +193,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra=requires("max_tokens", 0, "echo", True))
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(min_length=1)
     max_tokens: int | None = Field(16, ge=0)  # 0: only with echo, to score the prompt
     logprobs: int | None = Field(None, ge=0, le=5)
@@ -199,7 +218,7 @@ class EmbeddingRequest(Body):
     model: str
     input: Union[str, list[str], list[int], list[list[int]]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, description="Only the model's own number of dimensions is served")
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

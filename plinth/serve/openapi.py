@@ -1,0 +1,167 @@
+"""What /openapi.json documents besides the request bodies (plinth/serve/schemas.py): each route's
+response bodies and the error statuses it can answer, with OpenAI's error body.
+
+The routes build their JSON themselves (openai_api.py); these models only document it, so clients
+and fuzzers can check a response. They are never used to validate or serialise one.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str                                     # e.g. invalid_request_error, rate_limit_error, server_error
+    param: str | None = None                      # the request field at fault, if one is
+    code: str | None = None                       # e.g. model_not_found, invalid_api_key
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, which every non-2xx answer has (but /health's 503 from a stalled engine)."""
+    error: ErrorDetail
+
+
+ERRORS = {400: "Invalid request: the message names the bad value, `param` the field",
+          401: "Missing or wrong API key (only when the server was started with one)",
+          404: "Unknown model (with --strict-models), or no embedding model served",
+          413: "The request body is over 8 MiB",
+          429: "The engine's queue is full; retry after the Retry-After header's seconds",
+          503: "The server is shutting down or its engine has stopped; retry on another instance",
+          "default": "Any other error, e.g. 500 for a fault in the server"}
+
+
+def error_responses(*statuses, json_route: bool = True) -> dict:
+    """`responses=` for a route: OpenAI's error body under each status it can answer. Documenting
+    "default" also keeps FastAPI from adding a 422 the server never sends (it answers 400).
+
+    FastAPI files a `model` under the route's own media type, so a text route (`json_route=False`)
+    names the schema by reference instead; a JSON route of the same app puts it in the components."""
+    body = ({"model": ErrorResponse} if json_route else
+            {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+    return {status: {**body, "description": ERRORS[status]} for status in (*statuses, "default")}
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TokenLogprob):
+    top_logprobs: list[TokenLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    parse_error: str | None = None                # plinth's extension: the arguments did not parse
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    """A chat completion; streamed (`stream: true`), `chat.completion.chunk` server-sent events."""
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChatChoice]
+    usage: Usage
+    sources: list[dict[str, Any]] | None = None   # plinth's extension: with `retrieval`, the passages used
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy shape: parallel lists, one entry per token (null for an echoed prompt's first)."""
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    """A text completion; streamed (`stream: true`), `text_completion` server-sent events."""
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str                  # a string: base64 of little-endian float32 (encoding_format)
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"]
+    model: str
+    data: list[Embedding]
+    usage: EmbeddingUsage
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    running: int                                  # sequences holding a KV-cache slot
+    waiting: int                                  # requests queued for one
+
+
+class HealthError(BaseModel):
+    status: Literal["error"]
+    message: str
