@@ -28,10 +28,13 @@ router = APIRouter()
 
 
 def streamed(model, chunk: str) -> dict:
-    """The 200 of a route that streams when asked: `model` as JSON, or server-sent events."""
-    return {200: {"model": model, "content": {"text/event-stream": {"schema": {
-        "type": "string", "description": f"With `stream: true`: `data: {{{chunk} JSON}}` events, an error object "
-                                          "if generation fails after the stream began, then `data: [DONE]`"}}}}}
+    """The 200 of a route that streams when asked: `model` as JSON, or server-sent events, each
+    described as a parsed event (`data`, and the default `event` name), as SSE-aware tools read them."""
+    event = {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string", "enum": ["message"]},
+        "data": {"type": "string", "description": f"A {chunk} as JSON, an error object if generation fails after "
+                                                  "the stream began, then [DONE]"}}}
+    return {200: {"model": model, "content": {"text/event-stream": {"schema": event}}}}
 
 
 @dataclass
