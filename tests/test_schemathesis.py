@@ -1,7 +1,7 @@
 """schemathesis over the running server's own /openapi.json (issue 17): generated requests, valid
-and invalid, for every operation, with and without an API key (sent with every request), must get no server error and answers
-that match the documented response schemas, statuses and media types. Bounded: a fixed
-seed and a few dozen examples an operation.
+and invalid, for every operation, with and without an API key (sent with every request), must get
+no server error and answers that match the documented response schemas, statuses and media types.
+Bounded: a fixed seed and a few dozen examples an operation.
 
 `positive_data_acceptance` is left out: a few rules the server enforces are not in the schema yet
 (an empty prompt, `response_format: {}`, embedding `dimensions` other than the model's), so it
