@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import socket
 import statistics
@@ -94,11 +95,24 @@ def measure(base: str, clients: int, max_tokens: int) -> dict:
             "itl_p50_s": statistics.median(gaps) if gaps else float("nan"), "itl_p99_s": percentile(gaps, 0.99)}
 
 
-def bench_server(name: str, command: list[str], port: int, health: str, args) -> list[dict]:
+@contextlib.contextmanager
+def running(command: list[str], port: int, health: str):
+    """A server subprocess, ready at http://127.0.0.1:PORT (its `health` path answers 200), stopped after."""
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, base + health)
+        yield proc, base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bench_server(name: str, command: list[str], port: int, health: str, args) -> list[dict]:
+    with running(command, port, health) as (proc, base):
         one_client(base, 0, 8)  # warm-up
         measured = {clients: [] for clients in args.clients}
         for _ in range(args.repeats):
@@ -114,12 +128,6 @@ def bench_server(name: str, command: list[str], port: int, health: str, args) ->
                   f"p99 {row['itl_p99_s'] * 1000:.0f}ms  rss {row['peak_rss_mb']:.0f} MB", flush=True)
             rows.append(row)
         return rows
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -32,7 +31,7 @@ from plinth import hub
 from plinth.files import write_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import PROMPTS, free_port, wait_ready  # noqa: E402  (the serving benchmark's helpers)
+from serve import PROMPTS, free_port, running  # noqa: E402  (the serving benchmark's helpers)
 
 GREEDY = {"model": "m", "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32,
           "temperature": 0}
@@ -159,18 +158,9 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/soak.json"))
     args = parser.parse_args()
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "plinth", "serve", args.model, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(proc, f"{base}/health")
+    command = [sys.executable, "-m", "plinth", "serve", args.model, "--port", str(port)]
+    with running(command, port, "/health") as (proc, base):
         result = soak(base, proc.pid, args)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     verdict = checks(result, args.max_rss_growth_mb)
     print(f"{args.clients} streams for {args.minutes:g} min, {args.cut:.0%} cut: client {result['client']}, "
           f"server {result['server']}")

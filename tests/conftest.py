@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random model with a byte-level tokenizer (milliseconds), and the real
 SmolLM2-135M GGUF with Hugging Face transformers as the independent reference (seconds)."""
+import contextlib
 import json
 
 import pytest
@@ -93,3 +94,17 @@ def recipe(tmp_path, data_dir, name, **overrides):
 
 def losses(out_dir):
     return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def server_state(model, tokenizer, **engine_options):
+    """What a served app shares (plinth/serve/state.py) around a started engine of `model`; the
+    engine stops after."""
+    from plinth.engine import Engine
+    from plinth.serve.state import ServerState
+    engine = Engine(model, tokenizer, **engine_options)
+    engine.start()
+    try:
+        yield ServerState(engine, tokenizer, "tiny")
+    finally:
+        engine.stop()

@@ -11,10 +11,9 @@ import pytest
 import uvicorn
 
 from plinth.constrain import json_schema_grammar
-from plinth.engine import Engine
 from plinth.errors import PlinthError
 from plinth.serve.app import create_app
-from plinth.serve.state import ServerState
+from tests.conftest import server_state
 
 ASK = [{"role": "user", "content": "Hi"}]
 CHAT, TEXT, EMBED = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
@@ -23,10 +22,8 @@ LONE = "a\ud800b"  # json.dumps writes it as the escape "a\ud800b", which JSON a
 
 @pytest.fixture
 def state(model, tokenizer):
-    engine = Engine(model, tokenizer, max_batch=2, max_len=256)
-    engine.start()
-    yield ServerState(engine, tokenizer, "tiny")
-    engine.stop()
+    with server_state(model, tokenizer, max_batch=2, max_len=256) as state:
+        yield state
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ keeps its Allow header, and the engine's abort_all."""
 import contextlib
 import json
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from plinth.engine import Engine
 from plinth.generate import SamplingParams
 from plinth.serve.app import create_app
-from plinth.serve.state import ServerState
 from plinth.weights.native import write_model
-from tests.conftest import byte_tokenizer, tiny_model
+from tests.conftest import byte_tokenizer, server_state, tiny_model
 from tests.test_serve import start_server
 
 CONTEXT = 4096
@@ -95,10 +92,8 @@ def test_a_second_signal_exits_at_once(tiny_folder):
 
 @pytest.fixture
 def served(model, tokenizer):
-    engine = Engine(model, tokenizer, max_batch=1, max_len=128)
-    engine.start()
-    yield ServerState(engine, tokenizer, "tiny")
-    engine.stop()
+    with server_state(model, tokenizer, max_batch=1, max_len=128) as state:
+        yield state
 
 
 async def test_405_keeps_its_allow_header(served):
