@@ -110,9 +110,19 @@ class Engine:
 
     # ---- called from any thread ----------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, emit, adapter: int = 0) -> Request:
-        request = self._request(prompt, params, emit, adapter)
-        self._enqueue([request], limit=self.max_queue)
-        return request
+        return self.submit_all([(prompt, params, emit, adapter)])[0]
+
+    def submit_all(self, jobs: list[tuple], queue_limit: bool = True) -> list[Request]:
+        """Queue every (prompt, params, emit, adapter) job, or none: each is checked before any is
+        queued, and the queue limit applies to all of them together (`queue_limit=False`: the caller
+        chose the batch, as `generate_many` does)."""
+        requests = [self._request(*job) for job in jobs]
+        with self._wake:
+            if queue_limit and len(self.waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry shortly")
+            self.waiting.extend(requests)
+            self._wake.notify()
+        return requests
 
     def _request(self, prompt: list[int], params: SamplingParams, emit, adapter: int) -> Request:
         """A request checked against the model: bad parameters or a prompt too long raise here."""
@@ -123,13 +133,6 @@ class Engine:
         check_prompt(len(prompt), self.max_len)
         seq = Sequence(prompt, params, self.tokenizer, vocab, max_new=self.max_len - len(prompt))
         return Request(next(self._ids), seq, emit, list(prompt), adapter=adapter)
-
-    def _enqueue(self, requests: list[Request], limit: int | None):
-        with self._wake:
-            if limit is not None and len(self.waiting) + len(requests) > limit:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry shortly")
-            self.waiting.extend(requests)
-            self._wake.notify()
 
     def cancel(self, request: Request):
         """Stop a request wherever it is (queued, prefilling or decoding); its slot frees next step."""
@@ -174,11 +177,11 @@ class Engine:
                         done.set()
             return emit
 
-        requests = [self._request(prompt, p, receiver(c), adapters[i] if adapters else 0)
-                    for i, (prompt, p, c) in enumerate(zip(prompts, params, completions))]
-        if not requests:
+        if not prompts:
             return []
-        self._enqueue(requests, limit=None)
+        requests = self.submit_all([(prompt, p, receiver(c), adapters[i] if adapters else 0)
+                                    for i, (prompt, p, c) in enumerate(zip(prompts, params, completions))],
+                                   queue_limit=False)
         if self.thread_alive():
             done.wait(timeout)
         else:

@@ -36,8 +36,8 @@ def served(tokenizer, embedder, index_folder):
     engine.start()
     state = ServerState(engine, tokenizer, "tiny", embedder=embedder, indexes=load_indexes({"docs": str(index_folder)}, embedder))
     prompts = []
-    submit = engine.submit
-    engine.submit = lambda prompt, params, emit, *rest: prompts.append(tokenizer.decode(prompt)) or submit(prompt, params, emit, *rest)
+    submit_all = engine.submit_all  # what the server queues its requests with: record each prompt
+    engine.submit_all = lambda jobs, *rest: prompts.extend(tokenizer.decode(job[0]) for job in jobs) or submit_all(jobs, *rest)
     client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", max_retries=0,
                                 http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(state))))
     yield client, prompts

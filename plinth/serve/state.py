@@ -90,13 +90,15 @@ class ServerState:
                                 f"queues at most {self.engine.max_queue}: send fewer", param="n")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        submitted = []
-        try:
-            for index, prompt, params in jobs:
-                emit = (lambda i: lambda event: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))(index)
-                submitted.append(self.engine.submit(prompt, params, emit, self.adapters.get(model, 0)))
-        except PlinthError as e:  # nothing of a request runs unless all of it was accepted
-            self._cancel(submitted)
+        adapter = self.adapters.get(model, 0)
+
+        def emit_to(index):  # called on the engine thread: hand the event over to this event loop
+            return lambda event: loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+        try:  # nothing of a request runs unless all of it is accepted
+            submitted = self.engine.submit_all([(prompt, params, emit_to(index), adapter)
+                                                for index, prompt, params in jobs])
+        except PlinthError as e:
             if isinstance(e, QueueFull):
                 raise APIError(429, f"server busy: {e}", type_="rate_limit_error", headers={"Retry-After": "1"}) from e
             if isinstance(e, EngineDown):
