@@ -1,11 +1,14 @@
 """/openapi.json documents what the server really does (issue 17, defect 6): its error statuses with
 OpenAI's error body (400, never FastAPI's default 422), and 200 schemas that real responses from a
 tiny in-process server validate against."""
+import re
+
 import httpx
 import jsonschema
 import pytest
 
 from plinth.serve.app import create_app
+from plinth.serve.openapi import decimal_at_most
 from tests.test_serve_limits import serve, tiny_embedder
 
 V1 = {("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/embeddings", "post"),
@@ -91,8 +94,19 @@ async def test_request_schemas_carry_the_rules_the_server_enforces(served, doc):
         return doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
 
     chat, completion = request_schema("/v1/chat/completions"), request_schema("/v1/completions")
+    embeddings = request_schema("/v1/embeddings")
     messages = [{"role": "user", "content": "Hi"}]
     for path, schema, bad in [
+            ("/v1/completions", completion, {"model": "tiny", "prompt": ""}),
+            ("/v1/completions", completion, {"model": "tiny", "prompt": [[]]}),
+            ("/v1/completions", completion, {"model": "tiny", "prompt": [999_999]}),
+            ("/v1/completions", completion, {"model": "tiny", "prompt": "Hi", "logit_bias": {"999999": 1}}),
+            ("/v1/chat/completions", chat, {"model": "tiny", "messages": messages, "response_format": {}}),
+            ("/v1/chat/completions", chat, {"model": "tiny", "messages": messages, "tools": [{}]}),
+            ("/v1/chat/completions", chat, {"model": "tiny", "messages": messages, "response_format": {
+                "type": "json_schema", "json_schema": {"schema": {}, "strict": {}}}}),
+            ("/v1/embeddings", embeddings, {"model": "tiny-embed", "input": "Hi", "dimensions": 1}),
+            ("/v1/embeddings", embeddings, {"model": "tiny-embed", "input": [999_999]}),
             ("/v1/chat/completions", chat, {"model": "tiny", "messages": messages, "stop": list("abcde")}),
             ("/v1/chat/completions", chat, {"model": "tiny", "messages": messages, "top_logprobs": 2}),
             ("/v1/completions", completion, {"model": "tiny", "prompt": "Hi", "stop": ""}),
@@ -102,3 +116,32 @@ async def test_request_schemas_carry_the_rules_the_server_enforces(served, doc):
         assert (await served.post(path, json=bad)).status_code == 400  # the schema says what the server does
     check(doc, chat, {"model": "tiny", "messages": messages, "stop": list("abcd"), "logprobs": True, "top_logprobs": 2})
     check(doc, completion, {"model": "tiny", "prompt": "Hi", "max_tokens": 0, "echo": True})
+    tokens = {"model": "tiny-embed", "input": [[5, 6], [7]]}
+    check(doc, embeddings, tokens)
+    by_ids = await served.post("/v1/embeddings", json=tokens)
+    assert by_ids.status_code == 200 and len(by_ids.json()["data"]) == 2, by_ids.text
+
+
+@pytest.mark.parametrize("largest", [0, 5, 9, 10, 19, 100, 255, 999, 1000, 49151])
+def test_token_id_pattern_matches_exactly_the_ids_of_the_vocabulary(largest):
+    pattern = re.compile(decimal_at_most(largest))
+    assert [k for k in range(3 * largest + 50) if pattern.match(str(k))] == list(range(largest + 1))
+    assert not pattern.match("01") and not pattern.match("") and not pattern.match("-1")
+
+
+async def test_the_api_key_and_served_indexes_are_documented(tokenizer):
+    embedder, _ = tiny_embedder()
+    engine, state = serve(tokenizer, embedder)
+    try:
+        for key, secured in [(None, False), ("secret", True)]:
+            state.api_key = key
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(state)),
+                                         base_url="http://test") as http:
+                doc = (await http.get("/openapi.json")).json()
+            assert ("securitySchemes" in doc["components"]) is secured
+            for path, operations in doc["paths"].items():
+                for operation in operations.values():
+                    assert ("security" in operation) is (secured and path.startswith("/v1/")), path
+            assert doc["components"]["schemas"]["RetrievalOptions"]["properties"]["index"]["enum"] == []
+    finally:
+        engine.stop()

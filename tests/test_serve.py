@@ -248,6 +248,9 @@ def test_embeddings_match_sentence_transformers(client):
     for item, vector in zip(r.data, expected):
         cosine = sum(a * b for a, b in zip(item.embedding, vector.tolist()))
         assert cosine >= 0.999
+    ids = [reference.tokenizer(text, truncation=True, max_length=256)["input_ids"] for text in texts]
+    by_ids = client.embeddings.create(model="text-embedding-3-small", input=ids)  # the embedding model's token ids
+    assert [item.embedding for item in by_ids.data] == [item.embedding for item in r.data]
 
 
 def test_embeddings_as_float_lists(server):

@@ -93,19 +93,19 @@ async def test_a_schema_dialect_that_is_not_a_draft_uri_is_400_at_dollar_schema(
     (CHAT, {"stream": "yes"}, "stream"),
     (CHAT, {"logprobs": 1}, "logprobs"),
     (CHAT, {"parallel_tool_calls": "false"}, "parallel_tool_calls"),
-    (CHAT, {"n": 1.0}, "n"),
+    (CHAT, {"n": 1.5}, "n"),
     (CHAT, {"n": True}, "n"),
     (CHAT, {"max_tokens": "4"}, "max_tokens"),
     (CHAT, {"temperature": "0.5"}, "temperature"),
-    (CHAT, {"seed": 1.0}, "seed"),
+    (CHAT, {"seed": 1.5}, "seed"),
     (CHAT, {"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
     (CHAT, {"logit_bias": {"5": "1"}}, "logit_bias.5"),
     (CHAT, {"retrieval": {"index": "docs", "k": "2"}}, "retrieval.k"),
     (TEXT, {"echo": 0}, "echo"),
-    (TEXT, {"prompt": [1.0, 2.0]}, "prompt"),
+    (TEXT, {"prompt": [1.5, 2.0]}, "prompt"),
     (TEXT, {"logprobs": True}, "logprobs"),
     (EMBED, {"input": "Hi", "dimensions": "8"}, "dimensions"),
-    (EMBED, {"input": [[1.0]]}, "input"),
+    (EMBED, {"input": [[1.5]]}, "input"),
 ])
 async def test_a_field_of_the_wrong_type_is_400_naming_it(client, path, fields, param):
     body = {"model": "tiny", "messages": ASK, "prompt": "Hi", "max_tokens": 1, **fields}
@@ -119,3 +119,13 @@ async def test_numbers_take_integers_as_openai_does(client):
     r = await client.post(CHAT, json={"model": "tiny", "messages": ASK, "max_tokens": 1, "temperature": 1,
                                       "top_p": 1, "presence_penalty": 0, "logit_bias": {"5": 1}})
     assert r.status_code == 200, r.text
+
+
+async def test_integers_take_whole_numbers_as_json_schema_does(client):
+    # 2.0 is the integer 2 in JSON Schema (and so for schemathesis); 1.5 is refused above.
+    r = await client.post(CHAT, json={"model": "tiny", "messages": ASK, "max_tokens": 3.0, "n": 2.0, "seed": 7.0})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] <= 6
+    whole = await client.post(TEXT, json={"model": "tiny", "prompt": [72.0, 105.0], "max_tokens": 2, "seed": 7})
+    exact = await client.post(TEXT, json={"model": "tiny", "prompt": [72, 105], "max_tokens": 2, "seed": 7})
+    assert whole.status_code == 200 and whole.json()["choices"] == exact.json()["choices"]

@@ -150,7 +150,7 @@ async def test_response_format_through_the_official_client(client):
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools", "must be"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name", "required"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice", "'fly'"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice", "sometimes"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {

@@ -35,11 +35,20 @@ class Embedder:
         settings = folder / "sentence_bert_config.json"
         max_tokens = json.loads(settings.read_text()).get("max_seq_length", config.max_seq_len) if settings.is_file() \
             else config.max_seq_len
+        max_tokens = min(max_tokens, config.max_seq_len)
         tokenizer = HFTokenizer.from_file(str(folder / "tokenizer.json"))
         tokenizer.no_padding()
-        tokenizer.enable_truncation(min(max_tokens, config.max_seq_len))  # as sentence-transformers truncates
+        tokenizer.enable_truncation(max_tokens)  # as sentence-transformers truncates
         return cls(model, tokenizer, name_or_folder if name_or_folder in hub.KNOWN_MODELS else folder.name,
                    max_tokens)
+
+    @property
+    def dimensions(self) -> int:
+        return self.model.config.dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Each text's token ids, with [CLS] ... [SEP] and cut to the model's limit, as the reference

@@ -9,6 +9,7 @@ anything the client did, so the official client does not retry a bad request as 
 """
 from __future__ import annotations
 
+import copy
 import hmac
 import os
 import threading
@@ -26,7 +27,7 @@ from plinth.errors import PlinthError
 from plinth.engine import Engine
 from plinth.serve.openai_api import router
 from plinth.serve.retrieval import load_indexes
-from plinth.serve.openapi import ErrorResponse, Health, HealthError, error_responses
+from plinth.serve.openapi import ErrorResponse, Health, HealthError, describe_served, error_responses
 from plinth.serve.schemas import APIError, error_body
 from plinth.serve.state import ServerState
 
@@ -95,15 +96,42 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     error = exc.errors()[0]
     if error.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    return (f"invalid value for '{param}': {error.get('msg')}" if param else f"invalid request: {error.get('msg')}"), param
+    loc = list(error.get("loc", ()))
+    path = request_path(loc[1:] if loc[:1] == ["body"] else loc, exc.body, error.get("type") == "missing")
+    param = ".".join(map(str, path)) or None
+    given = error.get("input")
+    got = f" (got {given!r})" if isinstance(given, (str, int, float)) and len(repr(given)) <= 80 else ""
+    return (f"invalid value for '{param}': {error.get('msg')}{got}" if param else
+            f"invalid request: {error.get('msg')}{got}"), param
+
+
+def request_path(loc: list, body, missing: bool) -> list:
+    """The part of pydantic's error location that is a path in the request: without the names of
+    the union members it tried (e.g. `prompt.str` is `prompt`), plus the key of a missing field."""
+    path, node = [], body
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) \
+                and 0 <= part < len(node):
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and missing and i == len(loc) - 1:
+            path.append(part)
+    return path
 
 
 def create_app(state: ServerState) -> "Gate":
     app = FastAPI(title="plinth", docs_url=None, redoc_url=None)
     app.state.plinth = state
     app.include_router(router)
+    generated = app.openapi
+
+    def openapi():  # FastAPI's document, with what only the served models tell
+        if app.openapi_schema is None:
+            app.openapi_schema = describe_served(copy.deepcopy(generated()), state.tokenizer.vocab_size,
+                                                 state.embedder, state.indexes, bool(state.api_key))
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):

@@ -34,21 +34,24 @@ class PlanError(PlinthError):
 def plan(body, tokenizer, messages: list[dict]) -> ChatPlan:
     """`messages`: the request's, as template input (with retrieved passages, if it asked for them)."""
     try:
-        grammar = response_format_grammar(body.response_format)
+        grammar = response_format_grammar(body.response_format and body.response_format.model_dump(by_alias=True))
     except PlinthError as e:
         raise PlanError(str(e), "response_format") from e
-    choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
-    if not body.tools or choice == "none":
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    if not isinstance(choice, str):
+        choice = choice.model_dump()
+    if not tools or choice == "none":
         return ChatPlan(toolkit.render(tokenizer, messages, None), grammar)
     try:
-        schemas = toolkit.check_tools(body.tools)
+        schemas = toolkit.check_tools(tools)
     except PlinthError as e:
         raise PlanError(str(e), "tools") from e
     try:
         grammar = toolkit.forced_grammar(schemas, choice, body.parallel_tool_calls) or grammar
     except PlinthError as e:
         raise PlanError(str(e), "tool_choice") from e
-    return ChatPlan(toolkit.render(tokenizer, messages, body.tools), grammar, schemas, body.parallel_tool_calls)
+    return ChatPlan(toolkit.render(tokenizer, messages, tools), grammar, schemas, body.parallel_tool_calls)
 
 
 def reply_message(text: str, finish_reason: str | None, chat_plan: ChatPlan) -> tuple[dict, str | None]:

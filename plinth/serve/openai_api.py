@@ -21,7 +21,8 @@ from plinth.serve.chat_tools import CallDeltas, ChatPlan, plan, reply_message
 from plinth.serve.echo import check_scoring_budget, echo_response, nothing_generated
 from plinth.serve.retrieval import add_sources
 from plinth.serve.openapi import ChatCompletion, Completion, EmbeddingList, ModelList, error_responses
-from plinth.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
+from plinth.serve.schemas import (MAX_EMBEDDING_INPUTS, APIError, ChatCompletionRequest, CompletionRequest,
+                                  EmbeddingRequest, error_body)
 from plinth.serve.state import ServerState
 
 router = APIRouter()
@@ -248,7 +249,6 @@ async def stream(events, state: ServerState, model, kind, response_id, created, 
 
 
 # ---- embeddings ------------------------------------------------------------------------------------
-MAX_INPUTS = 2048         # inputs per embeddings request, as OpenAI allows
 MAX_INPUT_TOKENS = 300_000  # tokens per embeddings request, as OpenAI allows: clients size batches by these
 TASK_CHARS = 65_536       # characters tokenized per engine task (a longer single input goes alone)
 TASK_TOKENS = 1024        # tokens embedded per engine task...
@@ -264,16 +264,16 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     if state.strict_models and body.model != state.embedder.name:
         raise APIError(404, f"The model '{body.model}' does not exist; embeddings come from '{state.embedder.name}'",
                        param="model", code="model_not_found")
-    texts = embedding_texts(body)
-    # Tokenizing is work too (seconds for megabytes of text): it runs in engine tasks, off the event loop.
-    ids = await state.in_steps(state.embedder.encode, texts, len, TASK_CHARS, request)
+    if body.dimensions is not None and body.dimensions != state.embedder.dimensions:
+        raise APIError(400, f"this model's embeddings have {state.embedder.dimensions} dimensions", param="dimensions")
+    texts, ids = embedding_inputs(body, state.embedder)
+    if ids is None:  # tokenizing is work too (seconds for megabytes of text): engine tasks, off the event loop
+        ids = await state.in_steps(state.embedder.encode, texts, len, TASK_CHARS, request)
     tokens = sum(len(row) for row in ids)
     if tokens > MAX_INPUT_TOKENS:
         raise APIError(400, f"Requested {tokens} tokens, max {MAX_INPUT_TOKENS} tokens per request: send fewer or "
                             "shorter inputs", param="input")
     vectors = await state.in_steps(state.embedder.embed_ids, ids, len, TASK_TOKENS, request, most=TASK_INPUTS)
-    if body.dimensions is not None and body.dimensions != len(vectors[0]):
-        raise APIError(400, f"this model's embeddings have {len(vectors[0])} dimensions", param="dimensions")
     if body.encoding_format == "base64":  # what the official client asks for: little-endian float32 bytes
         encoded = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
     else:
@@ -283,12 +283,19 @@ async def embeddings(body: EmbeddingRequest, request: Request):
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
-def embedding_texts(body: EmbeddingRequest) -> list[str]:
-    """The request's texts, or a 400 naming `input`."""
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if len(texts) > MAX_INPUTS:
-        raise APIError(400, f"'$.input' is invalid: {len(texts)} inputs, max {MAX_INPUTS} per request; split them "
-                            "into smaller batches", param="input")
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise APIError(400, "input must be a non-empty string or list of strings", param="input")
-    return texts
+def embedding_inputs(body: EmbeddingRequest, embedder) -> tuple[list[str] | None, list[list[int]] | None]:
+    """The request's texts, or its token ids (the embedding model's own, cut to its limit as texts
+    are), or a 400 naming `input`."""
+    given = body.input
+    inputs = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else given
+    if not inputs:
+        raise APIError(400, "input must be a non-empty string, list of strings or list of token ids", param="input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise APIError(400, f"'$.input' is invalid: {len(inputs)} inputs, max {MAX_EMBEDDING_INPUTS} per request; "
+                            "split them into smaller batches", param="input")
+    if isinstance(inputs[0], str):
+        return inputs, None
+    if not all(row and all(0 <= t < embedder.vocab_size for t in row) for row in inputs):
+        raise APIError(400, f"token id inputs must be non-empty lists of ids in [0, {embedder.vocab_size})",
+                       param="input")
+    return None, [row[:embedder.max_tokens] for row in inputs]

@@ -43,6 +43,53 @@ def error_responses(*statuses, json_route: bool = True) -> dict:
     return {status: {**body, "description": ERRORS[status]} for status in (*statuses, "default")}
 
 
+def describe_served(schema: dict, vocab_size: int, embedder, indexes, api_key: bool) -> dict:
+    """What only the running server knows, added to the generated document: the range of token ids
+    (the language model's, and the embedding model's), the embeddings' dimensions, the names of the
+    served retrieval indexes, and whether /v1/ routes need the API key."""
+    if api_key:
+        schema["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+        for path, operations in schema["paths"].items():
+            for operation in operations.values() if path.startswith("/v1/") else ():
+                operation["security"] = [{"apiKey": []}]
+    parts = schema["components"]["schemas"]
+    parts["RetrievalOptions"]["properties"]["index"]["enum"] = sorted(indexes)  # none served: no retrieval
+    bound_token_ids(parts["CompletionRequest"]["properties"]["prompt"], vocab_size - 1)
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        for option in parts[request]["properties"]["logit_bias"]["anyOf"]:
+            if "propertyNames" in option:  # JSON object keys are strings: a pattern bounds the ids they name
+                option["propertyNames"]["pattern"] = decimal_at_most(vocab_size - 1)
+    if embedder is not None:
+        request = parts["EmbeddingRequest"]["properties"]
+        bound_token_ids(request["input"], embedder.vocab_size - 1)
+        request["dimensions"] = {"anyOf": [{"const": embedder.dimensions}, {"type": "null"}],
+                                 "description": "The embeddings' dimensions: only the model's own are served"}
+    return schema
+
+
+def bound_token_ids(node, largest: int):
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = largest
+        for child in node.values():
+            bound_token_ids(child, largest)
+    elif isinstance(node, list):
+        for child in node:
+            bound_token_ids(child, largest)
+
+
+def decimal_at_most(largest: int) -> str:
+    """A regular expression for the decimal integers 0 ... `largest`, without leading zeros: those
+    with fewer digits, then, digit by digit, those with `largest`'s first digits and a smaller next one."""
+    digits = str(largest)
+    forms = [digits] + ([f"0|[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) > 1 else [])
+    for i, digit in enumerate(digits):
+        lowest = 1 if i == 0 and len(digits) > 1 else 0
+        if int(digit) > lowest:
+            forms.append(f"{digits[:i]}[{lowest}-{int(digit) - 1}][0-9]{{{len(digits) - i - 1}}}")
+    return "^(" + "|".join(forms) + ")$"
+
+
 class Model(BaseModel):
     id: str
     object: Literal["model"]

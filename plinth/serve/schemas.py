@@ -6,7 +6,7 @@ themselves: these only describe it).
 Field names, types and ranges follow OpenAI's API reference, so the official client's requests
 validate unchanged; a few common extensions (top_k, min_p, repetition_penalty) are accepted as vLLM
 does. Types are strict, as OpenAI's are: `"stream": "yes"` or `"echo": 0` is an error, not a guess
-(a number field still takes an integer). Unknown fields are ignored, as OpenAI-compatible servers do.
+(a number field still takes an integer, an integer field a whole number such as 5.0). Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 from __future__ import annotations
 
@@ -24,24 +24,34 @@ SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's \uXXXX escapes allow unpaire
 
 class Strict(BaseModel):
     """Every part of a request: OpenAI's types, without pydantic's coercions (e.g. "yes" or 0 for a
-    boolean, "5" or 5.0 for an integer). Subclasses' own model_config adds to this one."""
+    boolean, "5" for an integer; an `int` field takes 5.0, as JSON Schema's integer does). Subclasses' own model_config adds to this one."""
     model_config = ConfigDict(strict=True)
 
 
 class Body(Strict):
-    """A whole request body: also no lone UTF-16 surrogate in any string or key, used or not. JSON's
-    \\uXXXX escapes allow one; no tokenizer or UTF-8 encoder takes it, so it would fail far from here."""
+    """A whole request body: also no lone UTF-16 surrogate in any string or key, used or not (JSON's
+    \\uXXXX escapes allow one; no tokenizer or UTF-8 encoder takes it, so it would fail far from here),
+    and a number without a fraction, such as 5.0, is an integer, as JSON Schema reads it (a float
+    field takes an integer all the same)."""
 
     @model_validator(mode="before")
     @classmethod
-    def _unicode_text(cls, data):
+    def _json_data(cls, data):
         found = lone_surrogate(data)
         if found is not None:  # a ValidationError, not a ValueError: its loc names the field, not the body
             loc, value, message = found
             problem = PydanticCustomError("lone_surrogate", f"{message}; send the character or a full surrogate pair")
             raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(type=problem, loc=loc,
                                                                                        input=value)])
-        return data
+        return whole_numbers(data)
+
+
+def whole_numbers(value):
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: whole_numbers(item) for key, item in value.items()}
+    return [whole_numbers(item) for item in value] if isinstance(value, list) else value
 
 
 def lone_surrogate(value, loc: tuple = ()) -> tuple[tuple, object, str] | None:
@@ -79,12 +89,77 @@ Stop = Union[Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})],
                                                   "maxItems": 4})], None]
 
 
-def requires(field: str, value, needs: str, needed) -> dict:
+# What the handlers enforce of prompts, embedding inputs and logit biases, for the schema
+# only: the handlers keep their own messages (OpenAI's wording) for a bad value. Token ids' upper
+# bound depends on the served model: /openapi.json adds it (plinth.serve.openapi.describe_served).
+MAX_EMBEDDING_INPUTS = 2048  # as OpenAI allows
+TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+
+
+def texts_or_tokens(most: int | None = None, **text) -> WithJsonSchema:
+    """A string, strings, token ids or lists of token ids; `most` bounds the list of inputs."""
+    bound = {"maxItems": most} if most else {}
+    return WithJsonSchema({"anyOf": [{"type": "string", **text},
+                                     {"type": "array", "items": {"type": "string", **text}, "minItems": 1, **bound},
+                                     TOKEN_IDS, {"type": "array", "items": TOKEN_IDS, "minItems": 1, **bound}]})
+
+
+LOGIT_BIAS = {"anyOf": [{"type": "null"}, {
+    "type": "object", "propertyNames": {"pattern": "^(0|[1-9][0-9]*)$", "description": "A token id"},
+    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}]}
+
+
+def requires(field: str, value, needs: str, needed, default=None) -> dict:
     """A JSON Schema rule, for /openapi.json, that `field` set to `value` (any non-null value if None)
-    needs `needs` set to `needed`, as a request validator or handler enforces."""
+    needs `needs` set to `needed` (left out, if that is its `default`), as a request validator or
+    handler enforces."""
     given = {"not": {"type": "null"}} if value is None else {"const": value}
+    then = {"properties": {needs: {"const": needed}}}
     return {"if": {"properties": {field: given}, "required": [field]},
-            "then": {"properties": {needs: {"const": needed}}, "required": [needs]}}
+            "then": then if needed == default else {**then, "required": [needs]}}
+
+
+class FunctionDefinition(Strict):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON Schema for the arguments")
+    strict: bool | None = None  # plinth always enforces the schema of a forced call
+
+
+class FunctionTool(Strict):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class ForcedFunction(Strict):
+    """tool_choice naming the one function to call."""
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class JsonSchemaFormat(Strict):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON Schema the reply must match")
+    strict: bool | None = None  # plinth always enforces the schema
+
+
+class TextFormat(Strict):
+    type: Literal["text", "json_object"]
+
+
+class SchemaFormat(Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[Union[TextFormat, SchemaFormat], Field(discriminator="type")]
 
 
 class StreamOptions(Strict):
@@ -130,7 +205,7 @@ class SamplingFields(Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stop: Stop = None
     seed: int | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float] | None, WithJsonSchema(LOGIT_BIAS)] = None
     ignore_eos: bool = False
 
     @field_validator("stop")
@@ -167,17 +242,18 @@ class SamplingFields(Body):
 
 
 class ChatCompletionRequest(SamplingFields):
-    model_config = ConfigDict(json_schema_extra=requires("top_logprobs", None, "logprobs", True))
+    model_config = ConfigDict(json_schema_extra={"allOf": [requires("top_logprobs", None, "logprobs", True),
+                                                           requires("stream_options", None, "stream", True)]})
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     retrieval: RetrievalOptions | None = None  # plinth's extension: add passages from a served index
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[str, dict[str, Any], None] = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], ForcedFunction, None] = None
     parallel_tool_calls: bool = True
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
@@ -193,12 +269,16 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    model_config = ConfigDict(json_schema_extra=requires("max_tokens", 0, "echo", True))
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(min_length=1)
+    model_config = ConfigDict(json_schema_extra={"allOf": [requires("max_tokens", 0, "echo", True),
+                                                           requires("stream_options", None, "stream", True),
+                                                           requires("echo", True, "stream", False, default=False)]})
+    prompt: Annotated[Union[str, list[str], list[int], list[list[int]]], texts_or_tokens(minLength=1)] = Field(
+        min_length=1)
     max_tokens: int | None = Field(16, ge=0)  # 0: only with echo, to score the prompt
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Annotated[str | None, WithJsonSchema({"anyOf": [{"const": ""}, {"type": "null"}],
+                                                  "description": "Not supported: fill-in-the-middle"})] = None
 
     def token_limit(self) -> int | None:
         return self.max_tokens
@@ -216,7 +296,7 @@ class CompletionRequest(SamplingFields):
 class EmbeddingRequest(Body):
     model_config = ConfigDict(extra="ignore")
     model: str
-    input: Union[str, list[str], list[int], list[list[int]]]
+    input: Annotated[Union[str, list[str], list[int], list[list[int]]], texts_or_tokens(most=MAX_EMBEDDING_INPUTS)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="Only the model's own number of dimensions is served")
 
