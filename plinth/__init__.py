@@ -26,8 +26,9 @@ def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str 
     """Load a known model name, a .gguf file, a Hugging Face folder, or a plinth checkpoint /
     fine-tuning run folder; returns a `plinth.loaded.LoadedModel`.
 
-    dtype: float32, bfloat16, int8 or int4. The default on CPU keeps weights compact, because decoding
-    reads every weight once per token: int4 for 4-bit files (their exact codes), else int8.
+    dtype: float32, bfloat16, int8 or int4. The default on CPU keeps a text model's weights compact,
+    because decoding reads every weight once per token: int4 for 4-bit files (their exact codes), else
+    int8; image models stay float32.
     adapter: a LoRA adapter folder, merged into the weights before they are made compact.
     """
     import torch
@@ -38,8 +39,8 @@ def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str 
 
     start = time.perf_counter()
     net, tokenizer, compact, head = read_adapted(hub.resolve(model), adapter)
-    if dtype is None:
-        dtype = compact if hasattr(torch, "_weight_int4pack_mm_for_cpu") else "float32"
+    if dtype is None:  # image models run batched, compute-bound forward passes: compact weights buy nothing
+        dtype = compact if hasattr(torch, "_weight_int4pack_mm_for_cpu") and not net.config.is_image else "float32"
     compact_(net, dtype)
     return LoadedModel(net, tokenizer, name=model, load_seconds=time.perf_counter() - start, head=head)
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from plinth.errors import PlinthError
 
 MLP_KINDS = ("swiglu", "geglu", "gelu")
 NORM_KINDS = ("rms", "layer")
-POSITION_KINDS = ("rope", "learned")
+POSITION_KINDS = ("rope", "learned", "sincos2d")
 
 
 @dataclass
@@ -45,6 +45,14 @@ class ModelConfig:
     global_every: int = 1                # with sliding_window: every Nth layer attends globally
     causal: bool = True                  # False: bidirectional (encoders, ViT)
     final_softcap: float | None = None   # tanh soft-capping of the output logits
+    # Images (a ViT): with patch_size set, inputs are square patches of an image, embedded by one
+    # linear layer, instead of token ids; the text-only fields (vocab_size, tie_embeddings) go unused.
+    patch_size: int = 0                  # side of each square patch in pixels; 0 = a text model
+    image_size: int = 0                  # images are resized to image_size × image_size (no crop)
+    channels: int = 1                    # 1 (grey) or 3 (RGB); other images are converted
+    pixel_mean: list[float] = field(default_factory=lambda: [0.5])  # per channel: (pixel/255 - mean) / std
+    pixel_std: list[float] = field(default_factory=lambda: [0.5])
+    class_token: bool = False            # prepend a learned vector that heads read (else they average the patches)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -71,6 +79,47 @@ class ModelConfig:
         for name, kinds in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("position", POSITION_KINDS)):
             if getattr(self, name) not in kinds:
                 bad(f"{name}={getattr(self, name)!r}; choose one of {', '.join(kinds)}")
+        if self.is_image:
+            self.validate_image(bad)
+        elif self.position == "sincos2d" or self.class_token:
+            bad("position=sincos2d and class_token are for images; set patch_size and image_size too")
+
+    def validate_image(self, bad):
+        if self.image_size <= 0 or self.image_size % self.patch_size:
+            bad(f"image_size={self.image_size} must be a positive multiple of patch_size={self.patch_size}")
+        if self.channels not in (1, 3):
+            bad(f"channels={self.channels}; images have 1 (grey) or 3 (RGB) channels")
+        if len(self.pixel_mean) != self.channels or len(self.pixel_std) != self.channels:
+            bad(f"pixel_mean and pixel_std need one value per channel ({self.channels}), got "
+                f"{self.pixel_mean} and {self.pixel_std}")
+        if not all(s > 0 for s in self.pixel_std):
+            bad(f"pixel_std={self.pixel_std}; every value must be positive")
+        if self.position == "rope" or self.causal:
+            bad("an image model attends both ways with learned or sincos2d positions: set causal: false and "
+                "position: learned or sincos2d")
+        if self.position == "sincos2d" and self.dim % 4:
+            bad(f"dim={self.dim}: 2-D sin-cos positions need a width divisible by 4")
+        if self.max_seq_len < self.n_patches + self.class_token:
+            bad(f"max_seq_len={self.max_seq_len} is shorter than the {self.n_patches} patches"
+                f"{' and class token' if self.class_token else ''} of an image")
+
+    @property
+    def is_image(self) -> bool:
+        return self.patch_size > 0
+
+    @property
+    def grid(self) -> int:
+        """Patches along each side of an image."""
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        """Pixels in one patch, over all channels: the width of the patch embedding's input."""
+        return self.channels * self.patch_size ** 2
 
     def is_sliding(self, layer: int) -> bool:
         """Whether `layer` uses local (sliding-window) attention."""
@@ -96,6 +145,13 @@ PRESETS: dict[str, dict] = {
     # Unit tests: small enough that a forward pass takes milliseconds.
     "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                  max_seq_len=256),
+    # Unit tests of image models: 8×8 grey images in 2×2 patches.
+    "vit-tiny": dict(dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=17, causal=False, norm="layer",
+                     mlp="gelu", bias=True, position="sincos2d", patch_size=2, image_size=8, class_token=True),
+    # Fashion-MNIST: 28×28 grey images in 49 patches of 4×4, a class token, ViT's pre-norm blocks.
+    "vit-fashion": dict(dim=192, n_layers=6, n_heads=3, ffn_dim=768, max_seq_len=50, causal=False, norm="layer",
+                        mlp="gelu", bias=True, position="sincos2d", patch_size=4, image_size=28, class_token=True,
+                        pixel_mean=[0.286], pixel_std=[0.353]),
     # SmolLM2-135M (llama architecture), as shipped in the default GGUF.
     "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
                          ffn_dim=1536, max_seq_len=8192, rope_theta=100000.0),

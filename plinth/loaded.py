@@ -64,9 +64,10 @@ class LoadedModel:
         rows = [self.model.features(torch.tensor([self.tokenizer.encode(t) or [0]]))[0].float().mean(0) for t in texts]
         return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
-    def classify(self, texts: list[str] | str) -> list[str]:
-        """Labels from the classifier head of a model fine-tuned with task=classify."""
-        return self._fine_tuned_head().classify(self, texts)
+    def classify(self, inputs) -> list[str]:
+        """Labels from the classifier head of a model fine-tuned with task=classify: of texts, or for
+        an image model of images (paths, PIL images or uint8 arrays; one or a list)."""
+        return self._fine_tuned_head().classify(self, inputs)
 
     def predict(self, texts: list[str] | str) -> list:
         """The head's answer per text: a label (task=classify) or a number (task=regress)."""

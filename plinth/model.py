@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from plinth import onednn
 from plinth.config import ModelConfig
 from plinth.loss import summed_loss
+from plinth.vision.patches import patchify, sincos_2d
 
 
 class RMSNorm(nn.Module):
@@ -80,7 +81,7 @@ def positions_in_documents(documents):
     return index - torch.where(starts, index, 0).cummax(dim=1).values
 
 
-SHORT_ROWS = 512  # bfloat16 rows up to this long: attention by plain matmuls (see Attention._causal_by_matmuls)
+SHORT_ROWS = 512  # bfloat16 rows up to this long: attention by plain matmuls (see Attention._by_matmuls)
 ADAPTER_ROWS: ContextVar[torch.Tensor | None] = ContextVar("adapter_rows", default=None)
 """During a forward pass with `adapters`: (B,) which LoRA adapter each row uses (0 = none), read by
 layers that serve several adapters at once (plinth/adapt/multi_lora.py)."""
@@ -114,10 +115,10 @@ class Positions:
             return None  # a single new token (or bidirectional) attends to all keys so far
         return attention_mask(self.q_pos, self.key_len, causal, window)
 
-    def plain_causal(self, causal: bool, window: int | None) -> bool:
-        """True for a causal pass over a whole sequence from position 0 (training, first prefill)."""
-        return (causal and window is None and isinstance(self.start, int) and self.start == 0 and self.T > 1
-                and self.documents is None)
+    def whole(self, window: int | None) -> bool:
+        """True for a pass over whole sequences from position 0 without a window (training, a
+        first prefill, an encoder): every query sees every key, or every key up to itself."""
+        return window is None and isinstance(self.start, int) and self.start == 0 and self.T > 1 and self.documents is None
 
 
 class Attention(nn.Module):
@@ -169,23 +170,26 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))
 
     def _prefill(self, q, k, v, where: Positions):
-        if where.plain_causal(self.causal, self.window):
+        if where.whole(self.window):
             if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[2] <= SHORT_ROWS:
-                return self._causal_by_matmuls(q, k, v)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+                return self._by_matmuls(q, k, v)
+            if self.causal:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
         return self._grouped(q, k, v, where.mask(self.causal, self.window))
 
-    def _causal_by_matmuls(self, q, k, v):
-        """Causal attention as two batched matmuls and a float32 softmax, the query heads sharing
-        a key head folded into the query axis (no copies of keys and values). In bfloat16 on a CPU
-        without AMX, PyTorch's fused attention kernel is slower than these two matmuls for short
-        rows, forward and backward; past SHORT_ROWS tokens the (T, T) scores no longer fit in the
-        CPU's cache and the fused kernel wins (benchmarks/train.py measures the training step)."""
+    def _by_matmuls(self, q, k, v):
+        """Attention over whole sequences as two batched matmuls and a float32 softmax, the query
+        heads sharing a key head folded into the query axis (no copies of keys and values). In
+        bfloat16 on a CPU without AMX, PyTorch's fused attention kernel is slower than these two
+        matmuls for short rows, forward and much more so backward (causal text and bidirectional
+        ViT alike); past SHORT_ROWS tokens the (T, T) scores no longer fit in the CPU's cache and
+        the fused kernel wins (benchmarks/train.py and benchmarks/vision.py measure the step)."""
         B, H, T, D = q.shape
         K, group = self.n_kv_heads, self.n_heads // self.n_kv_heads
         scores = torch.matmul((q * self.scale).reshape(B, K, group * T, D), k.transpose(-1, -2))
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-        scores = scores.view(B, K, group, T, T).masked_fill(future, -math.inf)
+        scores = scores.view(B, K, group, T, T)
+        if self.causal:
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), -math.inf)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         return torch.matmul(weights.view(B, K, group * T, T), v).view(B, H, T, D)
 
@@ -289,23 +293,35 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Text in (token ids → embeddings, logits out) or, with `config.patch_size`, images in (a ViT:
+    each patch's pixels → one linear layer, an optional class token, features out for a head or a
+    pixel decoder). The blocks are the same."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        text = not config.is_image
         with torch.device("meta"):
-            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim) if text else None
+            self.patch_embeddings = None if text else nn.Linear(config.patch_dim, config.dim)
+            self.class_token = nn.Parameter(torch.empty(1, 1, config.dim)) if config.class_token else None
             learned = config.position == "learned"
             self.pos_embeddings = nn.Embedding(config.max_seq_len, config.dim) if learned else None
             self.embed_norm = make_norm(config, config.dim) if config.embed_norm else None
             self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
             self.norm = make_norm(config, config.dim) if not config.post_norm else None
-            self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+            self.output = nn.Linear(config.dim, config.vocab_size, bias=False) if text else None
         self._tie()
         # Set by the training loop: keep only each block's input and recompute the rest in backward.
         self.activation_checkpointing = False
 
+    @property
+    def input_layer(self) -> nn.Module:
+        """The token embedding, or an image model's patch embedding: its dtype is the model's."""
+        return self.tok_embeddings if self.tok_embeddings is not None else self.patch_embeddings
+
     def _tie(self):
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
     # ---- weights -------------------------------------------------------------------------------
@@ -315,7 +331,7 @@ class Transformer(nn.Module):
         - token embeddings and every linear layer: normal(0, 0.02);
         - the last projection of each sublayer (attention `wo`, MLP `w_down`): normal(0, 0.02/sqrt(2 n_layers)),
           so the residual stream's variance does not grow with depth (GPT-2);
-        - learned position embeddings (if any): normal(0, 0.02);
+        - learned position embeddings and the class token (if any): normal(0, 0.02);
         - every norm weight: 1, and LayerNorm and linear biases: 0;
         - rotary tables: recomputed (see `init_buffers`).
         """
@@ -330,12 +346,16 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        if self.class_token is not None:
+            nn.init.normal_(self.class_token, 0.0, std)
         self._tie()
         self.init_buffers()
 
     def init_buffers(self):
-        """Rotary tables are derived data, not weights: rebuilt after loading, never saved."""
-        c, device = self.config, self.tok_embeddings.weight.device
+        """Rotary tables and 2-D sin-cos positions are derived data, not weights: rebuilt after
+        loading, never saved."""
+        c, device = self.config, self.input_layer.weight.device
+        self.patch_positions = sincos_2d(c.grid, c.dim).to(device) if c.position == "sincos2d" else None
         global_rope = rope_tables(c.head_dim, c.rope_theta, c.max_seq_len)
         local_theta = c.rope_local_theta or c.rope_theta
         local_rope = global_rope if local_theta == c.rope_theta else rope_tables(c.head_dim, local_theta, c.max_seq_len)
@@ -343,9 +363,9 @@ class Transformer(nn.Module):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]):
         """Load a full state dict (strict: a missing or unexpected key is an error naming it)."""
-        if self.config.tie_embeddings and "output.weight" not in state_dict:
+        if self.config.tie_embeddings and self.output is not None and "output.weight" not in state_dict:
             state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
-        if self.tok_embeddings.weight.is_meta:
+        if self.input_layer.weight.is_meta:
             self.to_empty(device="cpu")
         result = self.load_state_dict(state_dict, strict=False, assign=True)
         problems = [f"missing: {', '.join(result.missing_keys)}" if result.missing_keys else "",
@@ -364,10 +384,14 @@ class Transformer(nn.Module):
         return self
 
     # ---- running -------------------------------------------------------------------------------
-    def features(self, tokens=None, *, embeds=None, cache=None, documents=None, adapters=None):
+    def features(self, tokens=None, *, embeds=None, images=None, keep=None, cache=None, documents=None,
+                 adapters=None):
         """Final normalised hidden states (B, T, C).
 
-        tokens: (B, T) ids, or embeds: (B, T, C) input vectors (image patches, soft prompts);
+        tokens: (B, T) ids, or embeds: (B, T, C) input vectors (soft prompts, projected image
+        features), or, for an image model, images: (B, channels, S, S) normalised pixels, of which
+        only the patches `keep` (B, n) run when given (a masked autoencoder's visible patches); the
+        class token, if any, comes first;
         cache: a KV cache view for this pass (plinth/kv_cache.py `KVCache.view`): where each row's
         new tokens start, and where past keys and values are kept; None = whole sequences from 0;
         documents: (B, T) for packed training rows: which example each token belongs to (positions
@@ -376,14 +400,34 @@ class Transformer(nn.Module):
         """
         selected = ADAPTER_ROWS.set(adapters)
         try:
-            return self._features(tokens, embeds, cache, documents)
+            x = self._embed_image(images, keep) if images is not None else \
+                (embeds if embeds is not None else self.tok_embeddings(tokens))
+            return self._features(x, cache, documents, positioned=images is not None)
         finally:
             ADAPTER_ROWS.reset(selected)
 
-    def _features(self, tokens, embeds, cache, documents):
-        if embeds is None:
-            embeds = self.tok_embeddings(tokens)
-        x = embeds.to(self.tok_embeddings.weight.dtype)
+    def _embed_image(self, images, keep):
+        """(B, channels, S, S) → (B, [1 +] n, C): each patch embedded and given its position, then
+        the `keep` patches only, after the class token."""
+        layer = self.patch_embeddings
+        x = layer(patchify(images, self.config.patch_size).to(layer.weight.dtype))  # (B, N, C)
+        first = int(self.class_token is not None)  # learned positions: the class token has the first
+        if self.patch_positions is not None:
+            x = x + self.patch_positions.to(x.dtype)
+        elif self.pos_embeddings is not None:
+            x = x + self.pos_embeddings.weight[first:first + x.shape[1]]
+        if keep is not None:
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        if self.class_token is not None:
+            cls = self.class_token.to(x.dtype)
+            if self.pos_embeddings is not None:
+                cls = cls + self.pos_embeddings.weight[0]
+            x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
+        return x
+
+    def _features(self, embeds, cache, documents, positioned: bool):
+        """positioned: the inputs already carry their positions (image patches)."""
+        x = embeds.to(self.input_layer.weight.dtype)
         if self.config.embed_scale:
             x = x * torch.tensor(math.sqrt(self.config.dim), dtype=x.dtype)
         B, T, _ = x.shape
@@ -393,10 +437,10 @@ class Transformer(nn.Module):
         if where.key_len > self.config.max_seq_len:
             raise ValueError(f"position {where.key_len - 1} is past the context window "
                              f"({self.config.max_seq_len} tokens)")
-        if self.pos_embeddings is not None:
+        ropes = {False: None, True: None}
+        if self.pos_embeddings is not None and not positioned:
             x = x + self.pos_embeddings(where.q_pos)
-            ropes = {False: None, True: None}
-        else:
+        elif self.config.position == "rope":
             tables = {id(t): (t[0][where.q_pos][:, :, None], t[1][where.q_pos][:, :, None])  # (B, T, 1, D/2)
                       for t in self.rope.values()}
             ropes = {local: tables[id(t)] for local, t in self.rope.items()}

@@ -145,18 +145,20 @@ def test_bad_config_is_a_clear_error(bad, message):
         ModelConfig.from_dict({**dict(dim=64, n_heads=4), **bad})
 
 
+@pytest.mark.parametrize("causal", [True, False])  # text; and bidirectional: encoders, a ViT
 @torch.enable_grad()
-def test_short_bf16_rows_attend_by_matmuls_within_a_few_bfloat16_steps():
-    """bfloat16 rows up to SHORT_ROWS tokens take `_causal_by_matmuls`: outputs and gradients
-    within a few bfloat16 steps (2^-8 relative) of float64 causal attention, each key head shared
+def test_short_bf16_rows_attend_by_matmuls_within_a_few_bfloat16_steps(causal):
+    """bfloat16 rows up to SHORT_ROWS tokens take `_by_matmuls`: outputs and gradients
+    within a few bfloat16 steps (2^-8 relative) of float64 attention, each key head shared
     by its group of query heads; PyTorch's fused kernel in bfloat16 shown for scale."""
     attention = tiny_model(n_heads=4, n_kv_heads=2, dim=64).layers[0].attn
+    attention.causal = causal
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, heads, 40, 16, generator=g) for heads in (4, 2, 2))
     where = Positions(2, 40, 0, "cpu")
-    assert where.plain_causal(True, None) and 40 <= SHORT_ROWS
+    assert where.whole(None) and 40 <= SHORT_ROWS
     bf16 = [t.bfloat16() for t in (q, k, v)]
-    assert torch.equal(attention._prefill(*bf16, where), attention._causal_by_matmuls(*bf16))
+    assert torch.equal(attention._prefill(*bf16, where), attention._by_matmuls(*bf16))
 
     def run(fn, dtype):
         inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
@@ -165,10 +167,11 @@ def test_short_bf16_rows_attend_by_matmuls_within_a_few_bfloat16_steps():
         return [out.detach().double()] + [t.grad.double() for t in inputs]
 
     exact = run(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True, scale=attention.scale), torch.float64)
-    ours = run(attention._causal_by_matmuls, torch.bfloat16)
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=causal, scale=attention.scale),
+        torch.float64)
+    ours = run(attention._by_matmuls, torch.bfloat16)
     fused = run(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=attention.scale, enable_gqa=True), torch.bfloat16)
+        q, k, v, is_causal=causal, scale=attention.scale, enable_gqa=True), torch.bfloat16)
     for mine, theirs, truth in zip(ours, fused, exact):
         step = float(truth.abs().max()) * 2 ** -8
         assert (mine - truth).abs().max() < 4 * step and (theirs - truth).abs().max() < 4 * step

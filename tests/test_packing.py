@@ -73,9 +73,9 @@ def test_packed_training_loss_and_gradients_equal_unpacked():
 def test_unpacked_rows_keep_the_plain_causal_kernel():
     """No documents, no mask: unpacked training runs SDPA's is_causal path exactly as before."""
     plain = Positions(2, 8, 0, "cpu")
-    assert plain.plain_causal(True, None) and plain.q_pos[0].tolist() == list(range(8))
+    assert plain.whole(None) and plain.q_pos[0].tolist() == list(range(8))
     packed = Positions(1, 4, 0, "cpu", documents=torch.tensor([[0, 0, 1, 1]]))
-    assert not packed.plain_causal(True, None)
+    assert not packed.whole(None)
     assert packed.mask(True, None)[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
 
 

@@ -21,15 +21,21 @@ from safetensors.torch import load_file, save_file
 from plinth.adapt.examples import model_inputs
 from plinth.errors import PlinthError
 from plinth.loss import IGNORE, summed_loss
+from plinth.vision.images import ImagePrep
 
-POOLING = ("last", "mean")
+POOLING = ("last", "mean", "first")
 KINDS = ("classification", "regression")
 HEAD_FILE, HEAD_CONFIG = "head.safetensors", "head.json"
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """(B, T, C) hidden states → (B, C): the last real token's (in a causal model it has seen the
-    whole text), or the mean over real tokens. mask: (B, T), True on real tokens."""
+    whole text), the mean over real tokens, or the first position's (an image model's class
+    token). mask: (B, T), True on real tokens; None: every position is (image patches)."""
+    if how == "first":
+        return hidden[:, 0]
+    if mask is None:
+        mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
     if how == "last":
         last = mask.sum(1) - 1  # right padding: the last real token of each row
         return hidden[torch.arange(hidden.shape[0]), last]
@@ -58,27 +64,45 @@ class Head(nn.Module):
         return out[:, 0] if self.labels is None else out
 
     @torch.inference_mode()
-    def predict(self, loaded, texts: list[str] | str, batch_size: int = 16) -> list:
-        """This head's answer for each of `texts` on the backbone `loaded.model` (with its tokenizer):
-        a label (classification) or a number (regression). `LoadedModel.predict` calls this."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+    def outputs(self, loaded, inputs: list, batch_size: int = 16) -> torch.Tensor:
+        """The head's raw outputs on the backbone `loaded.model`: (N, labels) class scores or (N,)
+        numbers. `inputs`: texts, or for an image model, images (paths, PIL images or arrays),
+        prepared as in training (plinth/vision/images.py)."""
         model = Finetuned(loaded.model, self)
-        answers = []
-        for start in range(0, len(texts), batch_size):
-            rows = [loaded.tokenizer.encode(t) or [0] for t in texts[start:start + batch_size]]
+        if loaded.model.config.is_image:
+            prep = ImagePrep.from_config(loaded.model.config)
+            return torch.cat([model(prep.batch(inputs[i:i + batch_size])) for i in range(0, len(inputs), batch_size)])
+        out = []
+        for start in range(0, len(inputs), batch_size):
+            rows = [loaded.tokenizer.encode(t) or [0] for t in inputs[start:start + batch_size]]
             x = torch.full((len(rows), max(map(len, rows))), -1)
             for i, row in enumerate(rows):
                 x[i, :len(row)] = torch.tensor(row)
-            out = model(x)
-            answers += out.tolist() if self.labels is None else [self.labels[i] for i in out.argmax(-1).tolist()]
-        return answers
+            out.append(model(x))
+        return torch.cat(out)
 
-    def classify(self, loaded, texts: list[str] | str, batch_size: int = 16) -> list[str]:
-        """Labels for `texts`, from a classification head. `LoadedModel.classify` calls this."""
+    def predict(self, loaded, inputs, batch_size: int = 16) -> list:
+        """This head's answer for each input (see `outputs`): a label (classification) or a number
+        (regression). `LoadedModel.predict` calls this."""
+        inputs = [inputs] if isinstance(inputs, str) or not isinstance(inputs, (list, tuple)) else list(inputs)
+        out = self.outputs(loaded, inputs, batch_size)
+        return out.tolist() if self.labels is None else [self.labels[i] for i in out.argmax(-1).tolist()]
+
+    def top_labels(self, loaded, inputs: list, k: int = 3) -> list[list[tuple[str, float]]]:
+        """For each input, its `k` likeliest labels with their probabilities (a softmax of the scores)."""
+        if self.labels is None:
+            raise PlinthError(f"{loaded.name} has a regression head: it predicts numbers, not labels")
+        probabilities = self.outputs(loaded, list(inputs)).float().softmax(-1)
+        best = probabilities.topk(min(k, len(self.labels)), dim=-1)
+        return [[(self.labels[i], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist())]
+                for row_p, row_i in zip(best.values, best.indices)]
+
+    def classify(self, loaded, inputs, batch_size: int = 16) -> list[str]:
+        """Labels for texts (or images), from a classification head. `LoadedModel.classify` calls this."""
         if self.labels is None:
             raise PlinthError(f"{loaded.name} has a regression head: it predicts numbers, not labels; "
                               "call .predict(texts)")
-        return self.predict(loaded, texts, batch_size)
+        return self.predict(loaded, inputs, batch_size)
 
     def save(self, folder):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(Path(folder) / HEAD_FILE))
@@ -102,7 +126,7 @@ class Finetuned(nn.Module):
     """What the training loop trains: a backbone, with a head for classification or regression.
 
     Inputs are batches padded with negative ids, (B, T), or packed rows, (B, 2, T) (see
-    plinth/adapt/examples.py). Without a head it returns the language model's logits (B, T, V);
+    plinth/adapt/examples.py); for an image backbone, normalised images (B, C, S, S). Without a head it returns the language model's logits (B, T, V);
     with one, the head's outputs: (B, labels) class scores or (B,) numbers, one per row."""
 
     def __init__(self, backbone: nn.Module, head: Head | None = None):
@@ -117,6 +141,8 @@ class Finetuned(nn.Module):
             if self.head is not None:
                 return summed_loss(*self.logits_at_targets(x, targets))
             return self.backbone.output_loss(*self._features_at_targets(x, targets))
+        if self.config.is_image:
+            return self.head(self.backbone.features(images=x), None)
         tokens, documents = model_inputs(x)
         mask = tokens >= 0
         tokens = tokens.clamp(min=0)  # padding becomes token 0 at the end of each row: causal, so unseen

@@ -34,13 +34,16 @@ from plinth.adapt.classify import POOLING, Finetuned, Head
 from plinth.adapt.examples import Example, ExampleData, pack, read_jsonl
 from plinth.adapt.prompting import PromptTask, answer_tokens, check_label
 from plinth.errors import PlinthError
-from plinth.files import point_link
+from plinth.files import atomic_folder, point_link
 from plinth.loss import IGNORE, summed_loss
 from plinth.train import checkpoint
 from plinth.train.loop import autocast, train
 from plinth.train.recipe import LoopRecipe
 from plinth.weights.load import read_model
-from plinth.weights.native import read_native, write_model
+from plinth.model import Transformer
+from plinth.vision.data import ImageData
+from plinth.vision.images import ImagePrep, balanced_subset, labelled_images
+from plinth.weights.native import is_native, read_native, write_model
 
 TASKS, METHODS = ("label", "classify", "regress", "chat"), ("full", "lora", "qlora", "probe")
 HEAD_TASKS = ("classify", "regress")  # the tasks trained through a head on pooled hidden states
@@ -52,13 +55,19 @@ class FinetuneRecipe(LoopRecipe):
     base: str = hub.DEFAULT_MODEL        # model name, .gguf file, or plinth checkpoint folder
     task: str = "label"                  # label, classify, regress or chat (see the module docstring)
     method: str = "lora"                 # full, lora, qlora, or probe (classify and regress only)
-    # sentiment, chitchat, or a JSONL file: {"text","label"}, {"text","score"} (regress) or {"messages"}
+    # sentiment, chitchat, or a JSONL file: {"text","label"}, {"text","score"} (regress) or {"messages"};
+    # for an image model (task classify): fashion-mnist, a folder of class folders, or a JSONL {"image","label"}
     data: str = "sentiment"
+    init: str = "pretrained"             # "random": the base's architecture from fresh weights (the control run)
+    labels_fraction: float = 1.0         # label, classify: train on a fixed, class-balanced share of the labels
+    flip: bool = False                   # images: mirror training images left-right at random
     labels: list[str] = field(default_factory=lambda: ["negative", "positive"])
     instruction: str = "Is the sentiment of this movie review positive or negative?"
     max_examples: int = 0                # training examples used (0 = all)
     val_examples: int = 200              # examples held out of the training data for evaluation
-    pooling: str = "last"                # classify, regress: "last" token or "mean" of the hidden states
+    # classify, regress: "last" token, "mean" of the hidden states, or "first" (an image model's class
+    # token); "auto": last for text, first or mean for images (with or without a class token)
+    pooling: str = "auto"
     pack: bool = False                   # chat, label: concatenate short examples up to seq_len (attention stays within each)
     # Activations, not weights, are most of the memory of fine-tuning a small model (30 layers × every
     # token's attention and MLP tensors): without recomputing them LoRA would save little over full.
@@ -79,7 +88,8 @@ class FinetuneRecipe(LoopRecipe):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, allowed in (("task", TASKS), ("method", METHODS), ("pooling", POOLING)):
+        for name, allowed in (("task", TASKS), ("method", METHODS), ("pooling", ("auto", *POOLING)),
+                              ("init", ("pretrained", "random"))):
             if getattr(self, name) not in allowed:
                 raise PlinthError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.sample_prompt:
@@ -91,6 +101,10 @@ class FinetuneRecipe(LoopRecipe):
             raise PlinthError(f"pack=true joins language-model examples into one row; task={self.task} reads one "
                               "text per row with its head. Set pack: false")
         lora.check_targets(self.lora_targets)
+        if not 0 < self.labels_fraction <= 1:
+            raise PlinthError(f"labels_fraction={self.labels_fraction}; give a share in (0, 1], e.g. 0.01 for 1%")
+        if self.labels_fraction < 1 and self.task not in ("label", "classify"):
+            raise PlinthError(f"labels_fraction is for labelled tasks (label, classify), not task={self.task}")
         if self.task in ("label", "classify"):
             PromptTask(self.instruction, self.labels)  # checks the label set
 
@@ -154,12 +168,36 @@ def build_data(r: FinetuneRecipe, tokenizer) -> ExampleData:
     loss (attention stays within each), and accuracy reads one answer per validation row."""
     rows = records(r)
     order = np.random.default_rng(r.seed).permutation(len(rows))
-    kept = order[r.val_examples:][:r.max_examples] if r.max_examples else order[r.val_examples:]
+    kept = order[r.val_examples:]
+    if r.labels_fraction < 1:
+        kept = kept[balanced_subset(torch.tensor([r.labels.index(rows[i][1]) for i in kept]), r.labels_fraction,
+                                    r.seed).numpy()]
+    kept = kept[:r.max_examples] if r.max_examples else kept
     val, choices = build_examples(r, tokenizer, [rows[i] for i in order[:r.val_examples]])
     train_rows = build_examples(r, tokenizer, [rows[i] for i in kept])[0]
     if r.pack:
         train_rows = pack(train_rows, r.seq_len)
     return ExampleData(train_rows, val, r.batch_size, r.seed, choices)
+
+
+def build_image_data(r: FinetuneRecipe, config) -> ImageData:
+    """Labelled images: a fixed held-out set per seed, then the training images (a class-balanced
+    `labels_fraction` of them, then at most max_examples)."""
+    if r.task != "classify":
+        raise PlinthError(f"an image model is fine-tuned with task: classify, not task={r.task}")
+    prep = ImagePrep.from_config(config)
+    found = labelled_images(r.data, prep, r.labels)
+    order = torch.from_numpy(np.random.default_rng(r.seed).permutation(len(found.labels)))
+    val, kept = order[:r.val_examples], order[r.val_examples:]
+    if r.labels_fraction < 1:
+        kept = kept[balanced_subset(found.labels[kept], r.labels_fraction, r.seed)]
+    kept = kept[:r.max_examples] if r.max_examples else kept
+    if not len(kept):
+        raise PlinthError(f"{r.data} has {len(found.labels)} images and val_examples={r.val_examples} holds them all "
+                          "out: lower val_examples or add images")
+    return ImageData(found.pixels[kept], prep, r.batch_size, r.seed, r.grad_accum, labels=found.labels[kept],
+                     val=(found.pixels[val], found.labels[val]), classes=len(r.labels), flip=r.flip,
+                     tokens_per_image=config.n_patches + config.class_token)
 
 
 # ---- model -----------------------------------------------------------------------------------------
@@ -174,8 +212,16 @@ def build_model(r: FinetuneRecipe, net) -> Finetuned:
         net.requires_grad_(r.method == "full")
     head = None
     if r.task in HEAD_TASKS:
-        head = Head(net.config.dim, r.labels if r.task == "classify" else None, r.pooling)
+        head = Head(net.config.dim, r.labels if r.task == "classify" else None, pooling_of(r, net.config))
     return Finetuned(net, head)
+
+
+def pooling_of(r: FinetuneRecipe, config) -> str:
+    if r.pooling != "auto":
+        return r.pooling
+    if config.is_image:
+        return "first" if config.class_token else "mean"
+    return "last"  # a causal model's last token has seen the whole text
 
 
 class FinetuneWeights(checkpoint.Weights):
@@ -260,16 +306,37 @@ def correlations(predicted: torch.Tensor, truth: torch.Tensor) -> dict:
 
 
 # ---- the command -----------------------------------------------------------------------------------
-def prepare(r: FinetuneRecipe, log=print) -> tuple[Finetuned, object, ExampleData]:
+def prepare(r: FinetuneRecipe, log=print) -> tuple[Finetuned, object, ExampleData | ImageData]:
     """Everything before the first step, so that every input error surfaces before any training."""
     net, tokenizer, _ = read_model(hub.resolve(r.base))
-    data = build_data(r, tokenizer)
+    if r.init == "random":
+        net = random_base(r, net, tokenizer)
+    data = build_image_data(r, net.config) if net.config.is_image else build_data(r, tokenizer)
     torch.manual_seed(r.seed)  # adapter and head initialisation, and dropout, repeat run for run
     model = build_model(r, net)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"{r.task}/{r.method} on {r.base}: {len(data.train)} train / {len(data.val)} validation examples, "
-        f"{trainable:,} trainable parameters")
+    log(f"{r.task}/{r.method} on {r.base}{' (random init)' if r.init == 'random' else ''}: {len(data.train)} train / "
+        f"{len(data.val)} validation examples, {trainable:,} trainable parameters")
     return model, tokenizer, data
+
+
+def random_base(r: FinetuneRecipe, net: Transformer, tokenizer) -> Transformer:
+    """`init: random`: the base's architecture with fresh weights (seeded), kept in the run folder
+    as `init/` and named as the run's base, so the run can resume and its checkpoints (adapter or
+    head only, for lora and probe) load like any other."""
+    folder = Path(r.out_dir) / "init"
+    if not is_native(folder):
+        torch.manual_seed(r.seed)
+        fresh = Transformer(net.config)
+        fresh.to_empty(device="cpu")
+        fresh.init_weights()
+        Path(r.out_dir).mkdir(parents=True, exist_ok=True)
+        with atomic_folder(folder) as tmp:
+            write_model(fresh, tmp)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+    r.base = str(folder)
+    return read_model(folder)[0]
 
 
 def finetune(r: FinetuneRecipe, resume: bool = False, log=print) -> Path:

@@ -168,11 +168,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """A short hash of a base model's shape and token embeddings, to tell bases apart. Embeddings
-    are never quantised and are hashed at bfloat16 precision, so the float and compact loads of one
-    file agree."""
+    """A short hash of a base model's shape and input embeddings (tokens', or an image model's
+    patches'), to tell bases apart. Embeddings are never quantised and are hashed at bfloat16
+    precision, so the float and compact loads of one file agree."""
     config = json.dumps(model.config.to_dict(), sort_keys=True).encode()
-    rows = model.tok_embeddings.weight.detach()[:512].float().to(torch.bfloat16)
+    rows = model.input_layer.weight.detach()[:512].float().to(torch.bfloat16)
     return hashlib.sha256(config + rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
 

@@ -3,6 +3,7 @@ write the result for other tools.
 
     plinth finetune recipes/lora-sentiment.yaml --max_steps=50    # then --resume after a stop
     plinth prompt smollm2-135m-instruct --labels negative,positive "A joyless, plodding mess."
+    plinth classify runs/vit-fashion/final shoe.png shirt.jpg        # top-k labels with probabilities
     plinth prompt smollm2-135m-instruct --file texts.txt --labels negative,positive --shots 8 --examples train.jsonl
     plinth export runs/lora-sentiment/final --merge --to hf out/sentiment-hf
     plinth export runs/lora-sentiment/final --merge --to gguf out/sentiment.gguf --gguf-type q8_0
@@ -40,6 +41,19 @@ def cmd_prompt(args):
         raise PlinthError("no texts to label: give them as arguments or with --file")
     for text, label in zip(texts, predict(loaded, task, texts, args.mode)):
         print(f"{label or '?'}\t{text}")
+
+
+def cmd_classify(args):
+    if args.top_k < 1:
+        raise PlinthError(f"--top-k {args.top_k}: show at least 1 label per input")
+    loaded = load_model(args)
+    image = loaded.model.config.is_image
+    inputs = list(args.inputs) + (Path(args.file).read_text().splitlines() if args.file else [])
+    if not inputs:
+        raise PlinthError(f"nothing to classify: give {'image files' if image else 'texts'} after MODEL (or --file)")
+    head = loaded._fine_tuned_head()
+    for given, ranked in zip(inputs, head.top_labels(loaded, inputs, args.top_k)):
+        print(f"{given}\t" + "  ".join(f"{label} {p:.3f}" for label, p in ranked))
 
 
 def cmd_export(args):
@@ -96,6 +110,16 @@ def register(sub):
                    help="score: most likely label's first token; generate: read a short greedy reply")
     p.add_argument("--adapter", help="a LoRA adapter folder, merged in at load")
     p.set_defaults(func=cmd_prompt, intermixed=True)
+
+    p = sub.add_parser("classify", help="top labels with probabilities from a fine-tuned classifier",
+                       description="Label images (an image model) or texts with the classification head of a "
+                       "`plinth finetune` run (task: classify), the likeliest labels first. Example: plinth classify "
+                       "runs/vit-fashion/final shoe.png shirt.jpg")
+    add_model_args(p, dtype_default="float32 for image models")
+    p.add_argument("inputs", nargs="*", help="image files (or texts, for a text classifier), right after MODEL")
+    p.add_argument("--file", help="a text file, one image path (or text) per line")
+    p.add_argument("--top-k", type=int, default=3, help="labels shown per input (default 3)")
+    p.set_defaults(func=cmd_classify, intermixed=True)
 
     p = sub.add_parser("export", help="write a model (adapters merged) for other tools",
                        description="Write a model as a Hugging Face folder (safetensors + config.json + "

@@ -1,6 +1,7 @@
 """`plinth plot`, `eval` and `report`: how a training run went and how well a model does.
 
     plinth plot runs/pretrain-tiny
+    plinth plot runs/mae-fashion          # also reconstructions.png
     plinth eval smollm2-135m-instruct --tasks perplexity,sentiment,topic,humaneval --limit 200
     plinth report runs/eval-*/ --out report.html
 """
@@ -13,7 +14,10 @@ from plinth.loglik import BATCH_TOKENS
 
 def cmd_plot(args):
     from plinth.train.plot import plot_run
+    from plinth.vision.reconstructions import is_mae_run, plot_reconstructions
     print(plot_run(args.run, args.out))
+    if is_mae_run(args.run):
+        print(plot_reconstructions(args.run))
 
 
 def cmd_eval(args):

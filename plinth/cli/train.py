@@ -3,6 +3,7 @@ from scratch. Any recipe field can be overridden with --key=value.
 
     plinth data prepare recipes/pretrain-tiny.yaml --max_docs_per_source=500
     plinth pretrain recipes/pretrain-tiny.yaml --max_steps=100    # then --resume after a stop
+    plinth pretrain recipes/mae-fashion.yaml                      # images: objective: mae
     torchrun --nproc-per-node 2 -m plinth pretrain recipes/pretrain-tiny.yaml --dist ddp
 """
 from __future__ import annotations
@@ -29,8 +30,14 @@ def cmd_tokenizer_train(args):
 
 
 def cmd_pretrain(args):
-    from plinth.train.loop import pretrain
-    latest = pretrain(recipe_of(args), resume=args.resume, dist_mode=args.dist)
+    from plinth.train.recipe import load_recipe, recipe_values
+    if recipe_values(args.recipe, args.overrides).get("objective") == "mae":  # images: a masked autoencoder
+        from plinth.vision.pretrain import MaeRecipe, pretrain_mae
+        latest = pretrain_mae(load_recipe(MaeRecipe, args.recipe, args.overrides), resume=args.resume,
+                              dist_mode=args.dist)
+    else:
+        from plinth.train.loop import pretrain
+        latest = pretrain(recipe_of(args), resume=args.resume, dist_mode=args.dist)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {latest}")
 

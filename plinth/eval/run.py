@@ -60,7 +60,7 @@ def run_eval(model: str, tasks: list[str], options: EvalOptions, dtype: str | No
     dtype = dtype or DEFAULT_DTYPE
     loaded = plinth.load(model, dtype=dtype, adapter=adapter)
     path = hub.resolve(model)
-    folder = new_folder(Path(out), Path(adapter) if adapter else path)
+    folder = None  # made when the first task has a result: a run that fails at once leaves nothing
     results = {"model": model, "model_path": str(path), "adapter": adapter, "dtype": dtype,
                "training_run": training_run(Path(adapter) if adapter else path),
                "options": dataclasses.asdict(options), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tasks": {}}
@@ -68,6 +68,7 @@ def run_eval(model: str, tasks: list[str], options: EvalOptions, dtype: str | No
         progress(f"{name}: running")
         result = run_task(name, loaded, options)
         results["tasks"][name] = result
+        folder = folder or new_folder(Path(out), Path(adapter) if adapter else path)
         write_atomic(folder / "results.json", json.dumps(results, indent=2))
         progress(f"{name}: {result['metric']} {result['value']:.4f} ± {result['stderr']:.4f} "
                  f"({result['n']} {result['unit']}, {result['seconds']:.1f} s)")

@@ -7,6 +7,7 @@ standard error (and a few more numbers beside it).
   long choices are not penalised for being long), as lm-evaluation-harness's acc / acc_norm.
 - humaneval: generated code, scored by execution (pass@k).
 - perplexity: bits per byte of text sources (plinth.eval.perplexity).
+- fashion-mnist: an image classifier's accuracy on the test images (plinth.eval.image_classification).
 
     run_task("sentiment", plinth.load("smollm2-135m-instruct"), EvalOptions(limit=200))
 """
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from plinth.errors import PlinthError
 from plinth.eval import datasets, humaneval
+from plinth.eval.image_classification import image_accuracy
 from plinth.eval.perplexity import perplexity
 from plinth.eval.stats import mean_stderr
 from plinth.loglik import BATCH_TOKENS, score
@@ -100,6 +102,8 @@ TASKS: dict[str, Task] = {
                   lambda m, o: multiple_choice(m, datasets.topic_items(o.items), o)),
     "humaneval": Task("write a Python function from its docstring; pass@k by running the tests",
                       lambda m, o: humaneval.evaluate(m, o.items, o.samples, o.ks, timeout=o.timeout)),
+    "fashion-mnist": Task("an image classifier's accuracy on Fashion-MNIST's 10,000 test images",
+                          lambda m, o: image_accuracy(m, "fashion-mnist", o.items)),
 }
 
 

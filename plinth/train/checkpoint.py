@@ -27,6 +27,10 @@ class Weights:
     def read(self, model, folder: Path):
         model.load_weights(read_native(folder)[1])
 
+    def gathered(self, state: dict) -> "Weights":
+        """The same, writing `state`: the weights gathered from FSDP2 shards (see train/dist.py)."""
+        return GatheredWeights(state)
+
 
 MODEL_WEIGHTS = Weights()
 
@@ -46,7 +50,8 @@ def save(out_dir, step: int, model, tokenizer, trainer_state: dict, weights: Wei
     name = f"step-{step:06d}"
     with atomic_folder(out_dir / name) as tmp:
         weights.write(model, tmp)
-        tokenizer.save(tmp)
+        if tokenizer is not None:  # image models have none
+            tokenizer.save(tmp)
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "COMPLETE").write_text(str(step))
     point_link(out_dir / "latest", name)

@@ -105,11 +105,27 @@ def measured_peak_flops(dtype: torch.dtype = torch.float32, device: torch.device
     return 2 * size ** 3 / best
 
 
-def flops_per_token(params: int, n_layers: int, dim: int, seq_len: int, trainable: int | None = None) -> float:
+def flops_per_token(params: int, n_layers: int, dim: int, seq_len: int, trainable: int | None = None,
+                    through_blocks: bool = True) -> float:
     """Forward + backward: 6 per parameter per token, plus attention (PaLM's estimate). Frozen
-    parameters (LoRA, probes) skip their weight gradient: 4 per parameter, 2 more per trainable one."""
+    parameters (LoRA) skip their weight gradient: 4 per parameter, 2 more per trainable one.
+    Without anything to train in the blocks (a linear probe) nothing flows back through them: 2
+    per parameter and a third of the attention, plus the trainable ones' backward."""
     trainable = params if trainable is None else trainable
+    if not through_blocks:
+        return 2 * params + 4 * trainable + 4 * n_layers * dim * seq_len
     return 4 * params + 2 * trainable + 12 * n_layers * dim * seq_len
+
+
+def step_size(data, batches, seconds: float) -> tuple[int, dict]:
+    """Token positions a step computed (rows × positions, padding included; packed x: B, 2, T), and
+    its speed: tokens/s, and images/s for image data (which says how many positions an image is)."""
+    per_image = getattr(data, "tokens_per_image", None)
+    if per_image is None:
+        computed = sum(x.shape[0] * x.shape[-1] for x, _ in batches)
+        return computed, {"tok_s": computed / seconds}
+    images = sum(x.shape[0] for x, _ in batches)
+    return images * per_image, {"tok_s": images * per_image / seconds, "img_s": images / seconds}
 
 
 def target_count(y) -> int:
@@ -203,7 +219,9 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
         write_atomic(out / "recipe.json", json.dumps(r.__dict__, indent=2))
     model.train()
     step_tokens = r.batch_size * r.seq_len * r.grad_accum
-    step_flops = flops_per_token(params, config.n_layers, config.dim, r.seq_len, trainable) * step_tokens
+    through_blocks = any(p.requires_grad for m in model.modules() if isinstance(m, Block) for p in m.parameters())
+    length = getattr(data, "tokens_per_image", r.seq_len)  # how far each position attends
+    step_flops = flops_per_token(params, config.n_layers, config.dim, length, trainable, through_blocks) * step_tokens
     with training_runtime(d.device), open(metrics_path, "a") if d.main else contextlib.nullcontext() as metrics:
         peak = measured_peak_flops(autocast_dtype(r, d.device) or torch.float32, d.device) * d.world
         started, first_step = time.perf_counter(), step
@@ -233,10 +251,9 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - tick
-            computed = sum(x.shape[0] * x.shape[-1] for x, _ in batches)  # rows × positions, padding included (packed x: B, 2, T)
+            computed, speed = step_size(data, batches, seconds)
             record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": step * step_tokens, "tok_s": computed / seconds,
-                      "mfu": step_flops * computed / step_tokens / seconds / peak}
+                      "tokens": step * step_tokens, **speed, "mfu": step_flops * computed / step_tokens / seconds / peak}
             if step % r.eval_every == 0 or last_step:
                 record.update(evaluate(model, data, r))
                 if r.sample_prompt:
@@ -247,8 +264,9 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
             if step % r.log_every == 0 or last_step or "val_loss" in record:
                 eta = (time.perf_counter() - started) / (step - first_step) * (r.max_steps - step)
                 extra = "".join(f" {key} {record[key]:.3f}" for key in ("val_loss", "val_bpb", "val_acc", "val_pearson") if key in record)
+                rate = f"{record['img_s']:.0f} img/s" if "img_s" in record else f"{record['tok_s']:.0f} tok/s"
                 log(f"step {step}/{r.max_steps} loss {train_loss:.4f}{extra} lr {lr:.2e} "
-                    f"{record['tok_s']:.0f} tok/s mfu {record['mfu']:.1%} eta {eta:.0f}s")
+                    f"{rate} mfu {record['mfu']:.1%} eta {eta:.0f}s")
                 if "sample" in record:
                     log(f"  sample: {record['sample']!r}")
             if step % r.save_every == 0 or last_step:
@@ -256,7 +274,7 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
                 if d.main:
                     checkpoint.save(out, step, d.inner(model), tokenizer,
                                     {"optimizer": optimizer_state, "step": step, "rng": torch.get_rng_state()},
-                                    store if weights is None else checkpoint.GatheredWeights(weights))
+                                    store if weights is None else store.gathered(weights))
     return out / "latest"
 
 

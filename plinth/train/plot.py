@@ -1,4 +1,5 @@
-"""`plinth plot RUN_DIR`: training curves (loss and validation, learning rate, tokens/s) to a PNG.
+"""`plinth plot RUN_DIR`: training curves (loss and validation, learning rate, tokens/s or
+images/s) to a PNG; for a masked-autoencoder run, plinth/vision/reconstructions.py adds its figure.
 
     plinth plot runs/pretrain-tiny            # writes runs/pretrain-tiny/curves.png
 """
@@ -32,12 +33,13 @@ def plot_run(run_dir, out=None) -> Path:
     loss_ax.plot(steps, [r["loss"] for r in rows], label="train loss", linewidth=1)
     if evals:
         loss_ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
-    loss_ax.set_ylabel("loss (nats/token)")
+    loss_ax.set_ylabel("loss")
     loss_ax.legend()
     lr_ax.plot(steps, [r["lr"] for r in rows])
     lr_ax.set_ylabel("learning rate")
-    speed_ax.plot(steps, [r["tok_s"] for r in rows], linewidth=1)
-    speed_ax.set_ylabel("tokens/s")
+    images = all("img_s" in r for r in rows)  # an image run counts its speed in images
+    speed_ax.plot(steps, [r["img_s" if images else "tok_s"] for r in rows], linewidth=1)
+    speed_ax.set_ylabel("images/s" if images else "tokens/s")
     speed_ax.set_xlabel("step")
     fig.suptitle(Path(run_dir).resolve().name)
     fig.tight_layout()

@@ -59,6 +59,7 @@ class LoopRecipe:
 @dataclass
 class PretrainRecipe(LoopRecipe):
     name: str = "pretrain"
+    objective: str = "next-token"        # "next-token" (text); "mae" reads the recipe as plinth/vision/pretrain.py's
     # data (plinth data prepare)
     sources: list[str] = field(default_factory=lambda: ["python-stdlib", "python-docs"])
     max_docs_per_source: int = 0         # 0 = all
@@ -73,6 +74,9 @@ class PretrainRecipe(LoopRecipe):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.objective != "next-token":
+            raise PlinthError(f"objective={self.objective!r}; pretraining objectives are next-token (text) and mae "
+                              "(images)")
         smallest = 256 + len(TRAINED_SPECIALS) + 1
         if self.vocab_size < smallest:
             raise PlinthError(f"vocab_size={self.vocab_size} is too small: 256 byte tokens and "
@@ -103,7 +107,8 @@ def _coerce(name: str, value, kind):
     raise PlinthError(f"recipe field {name!r} must be {getattr(origin, '__name__', origin)}, got {value!r}")
 
 
-def load_recipe(cls, path=None, overrides: list[str] | None = None):
+def recipe_values(path=None, overrides: list[str] | None = None) -> dict:
+    """A recipe file's fields with the `--key=value` overrides on top, not yet checked."""
     values = {}
     if path is not None:
         path = Path(path)
@@ -117,6 +122,11 @@ def load_recipe(cls, path=None, overrides: list[str] | None = None):
         if not sep:
             raise PlinthError(f"override {item!r} must look like --key=value")
         values[key.replace("-", "_")] = value
+    return values
+
+
+def load_recipe(cls, path=None, overrides: list[str] | None = None):
+    values = recipe_values(path, overrides)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(fields))

@@ -20,14 +20,16 @@ from plinth.weights.hf import is_hf_folder, read_hf_folder
 from plinth.weights.native import is_native, read_native
 
 
-def read_model(path: Path) -> tuple[Transformer, Tokenizer, str]:
-    """A float32 model, its tokenizer, and the compact dtype suited to the file's precision."""
+def read_model(path: Path) -> tuple[Transformer, Tokenizer | None, str]:
+    """A float32 model, its tokenizer (None for an image model), and the compact dtype suited to
+    the file's precision."""
     if path.is_file() and path.suffix == ".gguf":
         config, state_dict, tokenizer, dtype = read_gguf(path)
     elif is_hf_folder(path):
         (config, state_dict), tokenizer, dtype = read_hf_folder(path), Tokenizer.from_folder(path), "int8"
     elif is_native(path):
-        (config, state_dict), tokenizer, dtype = read_native(path), Tokenizer.from_folder(path), "int8"
+        config, state_dict = read_native(path)
+        tokenizer, dtype = (None if config.is_image else Tokenizer.from_folder(path)), "int8"  # images need none
     else:
         raise PlinthError(f"cannot load {path}: plinth reads .gguf files, Hugging Face model folders, plinth "
                           "checkpoint folders and fine-tuning runs; give the path of one or a known model name "
