@@ -61,7 +61,7 @@ class ImageData:
             return labels[rows][:, None]
         return random_masks(len(rows), self.patches, self.mask_ratio, generator)
 
-    def val_batches(self, count: int = 0, source=None):
+    def val_batches(self, count: int = 0):
         """Held-out batches in order (count 0 = all of them); masks fixed per batch."""
         total = len(self.val)
         for i, start in enumerate(range(0, total, self.batch_size)):

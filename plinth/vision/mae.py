@@ -42,6 +42,11 @@ def visible(masks: torch.Tensor) -> torch.Tensor:
     return (masks == IGNORE).nonzero()[:, 1].view(B, -1)
 
 
+def patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's pixel mean and spread, (B, N, 1) each: what norm_pix_loss normalises by."""
+    return patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
 def decoder_config(encoder: ModelConfig, dim: int, layers: int, heads: int) -> ModelConfig:
     """The decoder's blocks: the encoder's kind of block, narrower and fewer."""
     return dataclasses.replace(encoder, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=heads, head_dim=None,
@@ -115,8 +120,8 @@ class MaskedAutoencoder(nn.Module):
         patches = patchify(images.float(), self.config.patch_size)
         if not self.norm_pix_loss:
             return patches
-        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
-        return (patches - mean) / (var + 1e-6).sqrt()
+        mean, spread = patch_stats(patches)
+        return (patches - mean) / spread
 
     def forward(self, images, targets):
         """Σ over hidden patches of the mean squared pixel error (the loop divides by their number)."""
@@ -132,8 +137,8 @@ class MaskedAutoencoder(nn.Module):
         patches = patchify(images.float(), p)
         predicted = self.predict(images, masks).float()
         if self.norm_pix_loss:
-            mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
-            predicted = predicted * (var + 1e-6).sqrt() + mean
+            mean, spread = patch_stats(patches)
+            predicted = predicted * spread + mean
         hidden = (masks != IGNORE)[..., None]
         masked = unpatchify(patches.masked_fill(hidden, 0.0), p, c)
         return masked, unpatchify(torch.where(hidden, predicted, patches), p, c)

@@ -128,13 +128,18 @@ def evaluate(model, data: ImageData, r) -> dict:
     return {"val_loss": total / max(1, count)}
 
 
+def held_out(total: int, seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the `count` images held out for validation, and of the rest, fixed by `seed`."""
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return order[:count], order[count:]
+
+
 def image_data(r: MaeRecipe, config: ModelConfig) -> ImageData:
     pixels = unlabelled_images(r.data, ImagePrep.from_config(config))
     if len(pixels) <= r.val_images:
         raise PlinthError(f"{r.data} has {len(pixels)} images, not more than val_images={r.val_images}; "
                           "lower val_images or add images")
-    order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(r.seed))
-    held, kept = order[:r.val_images], order[r.val_images:]
+    held, kept = held_out(len(pixels), r.seed, r.val_images)
     visible = config.n_patches - int(round(config.n_patches * r.mask_ratio))
     return ImageData(pixels[kept], ImagePrep.from_config(config), r.batch_size, r.seed, r.grad_accum,
                      val=(pixels[held], None), patches=config.n_patches, mask_ratio=r.mask_ratio, flip=r.flip,

@@ -15,7 +15,7 @@ from plinth.files import atomic_file
 from plinth.train import checkpoint
 from plinth.vision.images import ImagePrep, unlabelled_images
 from plinth.vision.mae import random_masks
-from plinth.vision.pretrain import MAE_CONFIG, read_mae
+from plinth.vision.pretrain import MAE_CONFIG, held_out, read_mae
 
 
 def is_mae_run(run_dir) -> bool:
@@ -38,8 +38,7 @@ def plot_reconstructions(run_dir, count: int = 8, out=None) -> Path:
     recipe = json.loads((run_dir / "recipe.json").read_text())
     prep = ImagePrep.from_config(model.config)
     pixels = unlabelled_images(recipe["data"], prep)
-    held = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(recipe["seed"]))
-    held = held[:min(count, recipe["val_images"])]  # held out of training, as pretrain.py chose them
+    held = held_out(len(pixels), recipe["seed"], recipe["val_images"])[0][:count]
     images = prep.normalize(pixels[held])
     masks = random_masks(len(images), model.config.n_patches, settings["mask_ratio"], torch.Generator().manual_seed(0))
     masked, rebuilt = model.reconstruct(images, masks)
