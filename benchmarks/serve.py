@@ -62,9 +62,11 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def one_client(base: str, i: int, max_tokens: int) -> dict:
-    body = {"model": "m", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "stream": True,
-            "max_tokens": max_tokens, "temperature": 0}
+def one_client(base: str, i: int, max_tokens: int, messages: list[dict] | None = None) -> dict:
+    """One streamed chat completion (`messages`, else the i-th fixed prompt): its time to first token,
+    its token count and the gaps between its tokens."""
+    messages = messages or [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+    body = {"model": "m", "messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 0}
     start, stamps = time.perf_counter(), []
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=900) as r:
         for line in r.iter_lines():

@@ -38,11 +38,11 @@ def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str 
     from plinth.quant import compact_
 
     start = time.perf_counter()
-    net, tokenizer, compact, head = read_adapted(hub.resolve(model), adapter)
+    net, tokenizer, compact, head, vision = read_adapted(hub.resolve(model), adapter)
     if dtype is None:  # image models run batched, compute-bound forward passes: compact weights buy nothing
         dtype = compact if hasattr(torch, "_weight_int4pack_mm_for_cpu") and not net.config.is_image else "float32"
     compact_(net, dtype)
-    return LoadedModel(net, tokenizer, name=model, load_seconds=time.perf_counter() - start, head=head)
+    return LoadedModel(net, tokenizer, name=model, load_seconds=time.perf_counter() - start, head=head, vision=vision)
 
 
 def __getattr__(name: str):

@@ -152,6 +152,10 @@ PRESETS: dict[str, dict] = {
     "vit-fashion": dict(dim=192, n_layers=6, n_heads=3, ffn_dim=768, max_seq_len=50, causal=False, norm="layer",
                         mlp="gelu", bias=True, position="sincos2d", patch_size=4, image_size=28, class_token=True,
                         pixel_mean=[0.286], pixel_std=[0.353]),
+    # easy-VQA's shapes: 64×64 colour images in 64 patches of 8×8, the image encoder of an image+text model.
+    "vit-shapes": dict(dim=192, n_layers=6, n_heads=3, ffn_dim=768, max_seq_len=65, causal=False, norm="layer",
+                       mlp="gelu", bias=True, position="sincos2d", patch_size=8, image_size=64, channels=3,
+                       class_token=True, pixel_mean=[0.904, 0.901, 0.895], pixel_std=[0.188, 0.195, 0.211]),
     # SmolLM2-135M (llama architecture), as shipped in the default GGUF.
     "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
                          ffn_dim=1536, max_seq_len=8192, rope_theta=100000.0),

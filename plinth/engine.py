@@ -6,6 +6,11 @@ Each request's state is two counters: `computed` (tokens whose keys/values are i
 others decode, and a request joins or leaves the batch at any step. All requests that feed one
 token share a single batched forward pass (the weights are read once for all of them).
 
+An image+text model's request also carries its images (normalised pixels) and the prompt positions
+its image tokens fill: the engine encodes a request's images, alone, when its prefill starts, and
+feeds those vectors in place of the token embeddings there — image tokens are prefilled like any
+prompt tokens, and a request's output does not depend on what it is batched with.
+
 One thread owns the model: when several threads take turns calling into PyTorch, each becomes
 the master of its own OpenMP team, the teams oversubscribe the cores and every barrier sleeps.
 Other threads only `submit()` and `cancel()`, and receive `Step`s through a callback. Without a
@@ -46,10 +51,18 @@ class Request:
     slot: int | None = None
     cancelled: bool = False
     adapter: int = 0                          # LoRA adapter id (plinth/adapt/multi_lora.py); 0 = base model
+    images: "ImageInput | None" = None        # an image+text model's images, and where their tokens go
 
     @property
     def pending(self) -> int:
         return len(self.tokens) - self.computed
+
+
+@dataclass
+class ImageInput:
+    pixels: torch.Tensor                      # (M, C, S, S) normalised images
+    positions: torch.Tensor                   # (M · tokens per image,) prompt positions of their tokens
+    vectors: torch.Tensor | None = None       # (M · tokens per image, C) once encoded, on the engine thread
 
 
 @dataclass
@@ -92,8 +105,9 @@ class Stats:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None, chunk: int = 256,
-                 max_queue: int = 256, threads: int | None = None):
-        self.model, self.tokenizer = model, tokenizer
+                 max_queue: int = 256, threads: int | None = None, vision=None):
+        """vision: an image+text model's image encoder (plinth/vision/multimodal.py ImageEncoder)."""
+        self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.threads = threads or default_threads()
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.chunk, self.max_queue = chunk, max_queue
@@ -109,11 +123,12 @@ class Engine:
         self._stopping = False
 
     # ---- called from any thread ----------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams, emit, adapter: int = 0) -> Request:
-        return self.submit_all([(prompt, params, emit, adapter)])[0]
+    def submit(self, prompt: list[int], params: SamplingParams, emit, adapter: int = 0,
+               images: ImageInput | None = None) -> Request:
+        return self.submit_all([(prompt, params, emit, adapter, images)])[0]
 
     def submit_all(self, jobs: list[tuple], queue_limit: bool = True) -> list[Request]:
-        """Queue every (prompt, params, emit, adapter) job, or none: each is checked before any is
+        """Queue every (prompt, params, emit, adapter[, images]) job, or none: each is checked before any is
         queued, and the queue limit applies to all of them together (`queue_limit=False`: the caller
         chose the batch, as `generate_many` does)."""
         requests = [self._request(*job) for job in jobs]
@@ -124,15 +139,31 @@ class Engine:
             self._wake.notify()
         return requests
 
-    def _request(self, prompt: list[int], params: SamplingParams, emit, adapter: int) -> Request:
+    def _request(self, prompt: list[int], params: SamplingParams, emit, adapter: int,
+                 images: ImageInput | None = None) -> Request:
         """A request checked against the model: bad parameters or a prompt too long raise here."""
         if self._thread is not None and not self._thread.is_alive():
             raise EngineDown("the engine thread has stopped; restart the server")
         vocab = self.model.config.vocab_size
         params.validate(vocab)
         check_prompt(len(prompt), self.max_len)
-        seq = Sequence(prompt, params, self.tokenizer, vocab, max_new=self.max_len - len(prompt))
-        return Request(next(self._ids), seq, emit, list(prompt), adapter=adapter)
+        seen = prompt  # what penalties count as seen: the prompt's tokens, not its image tokens' placeholders
+        if images is not None:
+            self._check_images(images, len(prompt))
+            slots = set(images.positions.tolist())
+            seen = [t for p, t in enumerate(prompt) if p not in slots]
+        seq = Sequence(seen, params, self.tokenizer, vocab, max_new=self.max_len - len(prompt))
+        return Request(next(self._ids), seq, emit, list(prompt), adapter=adapter, images=images)
+
+    def _check_images(self, images: ImageInput, prompt_len: int):
+        if self.vision is None:
+            raise PlinthError("this model reads text only: it has no image encoder; send text, or serve an "
+                              "image+text model (plinth finetune recipes/vqa-easy.yaml)")
+        expected = len(images.pixels) * self.vision.tokens_per_image
+        positions = images.positions
+        if len(positions) != expected or (len(positions) and not 0 <= int(positions.min()) <= int(positions.max()) < prompt_len):
+            raise PlinthError(f"{len(images.pixels)} images need {expected} image positions inside the prompt, "
+                              f"got {len(positions)}")
 
     def cancel(self, request: Request):
         """Stop a request wherever it is (queued, prefilling or decoding); its slot frees next step."""
@@ -156,7 +187,8 @@ class Engine:
         return self.call(self._fail_all, error)
 
     def generate_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                      adapters: list[int] | None = None, timeout: float | None = None) -> list[Completion]:
+                      adapters: list[int] | None = None, timeout: float | None = None,
+                      images: list[ImageInput | None] | None = None) -> list[Completion]:
         """Generate for every prompt (one `params` for all, or one each), batched continuously, and
         return when all have finished: one Completion per prompt, in order. On the engine thread
         once `start()`ed; otherwise this thread runs the steps (then it is the one model thread).
@@ -179,7 +211,7 @@ class Engine:
 
         if not prompts:
             return []
-        requests = self.submit_all([(prompt, p, receiver(c), adapters[i] if adapters else 0)
+        requests = self.submit_all([(prompt, p, receiver(c), adapters[i] if adapters else 0, images[i] if images else None)
                                     for i, (prompt, p, c) in enumerate(zip(prompts, params, completions))],
                                    queue_limit=False)
         if self.thread_alive():
@@ -297,12 +329,28 @@ class Engine:
         in_order = slots == list(range(len(group)))
         start = group[0].computed if len(group) == 1 and in_order else torch.tensor([r.computed for r in group])
         adapters = torch.tensor([r.adapter for r in group]) if any(r.adapter for r in group) else None
-        logits = self.model(tokens, cache=self.cache.view(start, None if in_order else torch.tensor(slots)),
+        embeds = self._with_images(group, tokens, counts) if any(r.images is not None for r in group) else None
+        logits = self.model(None if embeds is not None else tokens, embeds=embeds,
+                            cache=self.cache.view(start, None if in_order else torch.tensor(slots)),
                             last=torch.tensor(counts) - 1, adapters=adapters)
         for r, n in zip(group, counts):
             r.computed += n
         self.stats.last_batch = len(group)
         return logits.float()
+
+    def _with_images(self, group: list[Request], tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The token embeddings of this step's inputs (B, W, C), with image vectors where the fed
+        positions are image tokens. A request's images are encoded alone, when first needed."""
+        x = self.model.tok_embeddings(tokens)
+        for row, (r, n) in enumerate(zip(group, counts)):
+            if r.images is None:
+                continue
+            if r.images.vectors is None:
+                r.images.vectors = self.vision(r.images.pixels).flatten(0, 1)
+            at = r.images.positions - r.computed
+            inside = (at >= 0) & (at < n)
+            x[row, at[inside]] = r.images.vectors[inside].to(x.dtype)
+        return x
 
     def _postprocess(self, group: list[Request], logits: torch.Tensor):
         for request, row in zip(group, logits):

@@ -254,16 +254,18 @@ def check_prompt(prompt_len: int, context: int):
 
 
 @torch.inference_mode()
-def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
-    """Generate for one prompt, yielding a `Step` per token until a stop or the token limit."""
+def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams, embeds=None) -> Iterator[Step]:
+    """Generate for one prompt, yielding a `Step` per token until a stop or the token limit.
+    embeds: (1, len(prompt), C) the prompt's input vectors, where they are not its tokens'
+    embeddings (an image+text model's image tokens)."""
     params.validate(model.config.vocab_size)
     context = model.config.max_seq_len
     check_prompt(len(prompt), context)
     seq = Sequence(prompt, params, tokenizer, model.config.vocab_size, max_new=context - len(prompt))
     cache = KVCache.for_model(model, 1, len(prompt) + seq.max_new)
     device = model.tok_embeddings.weight.device
-    logits = model(torch.tensor([prompt], device=device), cache=cache.view(),
-                   last=torch.tensor([len(prompt) - 1], device=device))
+    logits = model(None if embeds is not None else torch.tensor([prompt], device=device), embeds=embeds,
+                   cache=cache.view(), last=torch.tensor([len(prompt) - 1], device=device))
     position = len(prompt)
     while True:
         step = seq.step(logits[0].cpu())

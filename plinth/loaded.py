@@ -3,6 +3,8 @@ embed and (with a fine-tuned head) classify.
 
     m = plinth.load("smollm2-135m-instruct")
     print(m.chat([{"role": "user", "content": "What is the capital of France?"}]))
+    print(plinth.load("runs/vqa-easy/final").chat([{"role": "user", "content": [
+        {"type": "image", "image": "shape.png"}, {"type": "text", "text": "What color is the shape?"}]}]))
     for piece in m.generate("def fib(n):", max_tokens=40, stream=True): print(piece, end="")
 """
 from __future__ import annotations
@@ -15,14 +17,17 @@ from plinth.generate import SamplingParams, generate_stream
 from plinth.model import Transformer
 from plinth.tokenizer import Tokenizer
 from plinth.tools import run_tools as tools_loop
+from plinth.vision.image_chat import image_prompt, split_images
+from plinth.vision.image_sources import ImageLimits
 
 
 class LoadedModel:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", load_seconds: float = 0.0,
-                 head=None):
+                 head=None, vision=None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.load_seconds = load_seconds
         self.head = head  # a classification or regression head, for models fine-tuned with task=classify/regress
+        self.vision = vision  # an image+text model's image encoder (plinth/vision/multimodal.py), else None
 
     def _params(self, response_format=None, **options) -> SamplingParams:
         if response_format is not None:  # OpenAI's shape or a pydantic model class: constrained decoding
@@ -37,14 +42,27 @@ class LoadedModel:
         of text pieces. Options are `SamplingParams` fields (max_tokens, temperature, top_p, stop, ...)
         and `response_format` (JSON object / JSON schema, enforced by constrained decoding)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        steps = generate_stream(self.model, self.tokenizer, ids, self._params(**options))
+        return self._reply(ids, None, stream, options)
+
+    def _reply(self, ids: list[int], embeds, stream: bool, options: dict):
+        steps = generate_stream(self.model, self.tokenizer, ids, self._params(**options), embeds=embeds)
         pieces = (step.text for step in steps if step.text)
         return pieces if stream else "".join(pieces)
 
     def chat(self, messages: list[dict], stream: bool = False, **options):
-        """Reply to a conversation rendered through the model's own chat template."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate(self.tokenizer.encode(prompt, add_bos=False), stream=stream, **options)
+        """Reply to a conversation rendered through the model's own chat template. A message's
+        content is text, or a list of parts: {"type": "text", "text"}, and for an image+text model
+        {"type": "image_url", "image_url": {"url"}} or {"type": "image", "image": PIL image, path or
+        uint8 array} (plinth/vision/image_chat.py)."""
+        messages, images = split_images(messages)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt, pictures = image_prompt(self.tokenizer, self.vision, text, images, ImageLimits(allow_files=True))
+        embeds = None
+        if pictures is not None:
+            with torch.inference_mode():
+                embeds = self.model.tok_embeddings(torch.tensor([prompt]))
+                embeds[0, pictures.positions] = self.vision(pictures.pixels).flatten(0, 1).to(embeds.dtype)
+        return self._reply(prompt, embeds, stream, options)
 
     def run_tools(self, messages: list[dict], tools: list[dict] | None = None, functions=(), **options) -> list[dict]:
         """Chat while letting the model call Python `functions`; returns the conversation, answer last

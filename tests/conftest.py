@@ -3,11 +3,15 @@ SmolLM2-135M GGUF with Hugging Face transformers as the independent reference (s
 import contextlib
 import json
 
+import numpy as np
+
 import pytest
 import torch
+from PIL import Image
 
 from plinth.config import preset
 from plinth.model import Transformer
+from plinth.vision.multimodal import ImageEncoder
 from plinth.tokenizer import BYTE_CHARS, Tokenizer
 
 # A pretraining recipe small enough for unit tests: 40 stdlib files, a 320-token BPE, a 2-layer model.
@@ -108,3 +112,53 @@ def server_state(model, tokenizer, **engine_options):
         yield ServerState(engine, tokenizer, "tiny")
     finally:
         engine.stop()
+
+
+# ---- a tiny image+text model -------------------------------------------------------------------------
+BAR_QUESTION = "Where is the bar?"
+
+
+def tiny_vision(language_dim: int = 64, seed: int = 0) -> ImageEncoder:
+    """A 2-layer ViT on 8×8 grey images (16 patches of 2×2), merged 2×2: 4 image tokens."""
+    torch.manual_seed(seed)
+    encoder = Transformer(preset("vit-tiny"))
+    encoder.to_empty(device="cpu")
+    encoder.init_weights()
+    # MAE's patch-embedding init (xavier): at plinth's 0.02 a patch's pixels are a few percent of its
+    # position vector, and a few dozen steps could not pick them out
+    torch.nn.init.xavier_uniform_(encoder.patch_embeddings.weight)
+    vision = ImageEncoder(encoder, language_dim, merge=2)
+    vision.init_projector(seed)
+    return vision.eval()
+
+
+def bar(i: int) -> Image.Image:
+    """A bright bar on black: in the top half for even i ("up"), the bottom half for odd i ("down")."""
+    pixels = np.random.default_rng(i).integers(0, 40, (8, 8)).astype(np.uint8)
+    row = int(np.random.default_rng(i).integers(0, 3)) + (4 if i % 2 else 0)
+    pixels[row:row + 2, 1:7] = 230
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="session")
+def toy_vlm(tmp_path_factory):
+    """A tiny image+text model fine-tuned (full) on a toy set: where the bar is, "up" or "down"."""
+    from plinth.adapt.finetune import FinetuneRecipe, finetune
+    from plinth.weights.native import write_model
+    root = tmp_path_factory.mktemp("vqa")
+    language = tiny_model(dim=64, n_heads=4, n_kv_heads=2)
+    (root / "lm").mkdir()
+    write_model(language, root / "lm")
+    byte_tokenizer().save(root / "lm")
+    (root / "vit").mkdir()
+    write_model(tiny_vision().encoder, root / "vit")
+    rows = []
+    for i in range(48):
+        bar(i).save(root / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": BAR_QUESTION, "answer": "down" if i % 2 else "up"})
+    (root / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = FinetuneRecipe(base=str(root / "lm"), task="vqa", method="full", data=str(root / "toy.jsonl"),
+                       image_encoder=str(root / "vit"), val_examples=4, batch_size=8, max_steps=120, lr=3e-3,
+                       warmup_steps=5, eval_every=120, save_every=60, seq_len=64, out_dir=str(root / "run"))
+    final = finetune(r, log=lambda *_: None)
+    return root, final

@@ -261,16 +261,17 @@ def test_embeddings_as_float_lists(server):
 
 
 CHROMIUM = "/usr/bin/chromium"
+# headless in CI: no sandbox (root in a container), no GPU, no background network chatter
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
 
 
 def test_chat_page_streams_an_answer_in_chromium(server):
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian's chromium is not installed here (.ci/run installs it: apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync"]
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page()
             page.goto(server + "/")

@@ -2,7 +2,7 @@
 adapter, full weights and/or a classification or regression head), or any model with an adapter
 folder merged in. `plinth.load` reads every model through `read_adapted`.
 
-    net, tokenizer, dtype, head = read_adapted(Path("runs/lora-sentiment/final"))
+    net, tokenizer, dtype, head, vision = read_adapted(Path("runs/lora-sentiment/final"))
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from plinth import hub
 from plinth.adapt import lora
 from plinth.adapt.classify import HEAD_CONFIG, Head
+from plinth.vision.multimodal import ImageEncoder, has_image_encoder
 from plinth.weights.load import read_model
 from plinth.weights.native import is_native
 
@@ -24,8 +25,8 @@ def base_reference(base: str) -> str:
 
 
 def read_adapted(path: Path, adapter: str | None = None):
-    """The float model at `path` (adapters merged in), its tokenizer, the compact dtype, and a
-    classification/regression head or None. `path` may be any format `read_model` reads, or a
+    """The float model at `path` (adapters merged in), its tokenizer, the compact dtype, a
+    classification/regression head or None, and an image+text model's image encoder or None. `path` may be any format `read_model` reads, or a
     fine-tuning output whose base is read first; `adapter` is one more LoRA folder to merge."""
     config_path = path / FINETUNE_CONFIG if path.is_dir() else None
     if config_path is not None and config_path.is_file():
@@ -37,6 +38,7 @@ def read_adapted(path: Path, adapter: str | None = None):
     else:
         net, tokenizer, dtype = read_model(path)
     head = Head.load(path) if path.is_dir() and (path / HEAD_CONFIG).is_file() else None  # a run, or an export of one
+    vision = ImageEncoder.load(path) if has_image_encoder(path) else None
     if adapter is not None:
         lora.load_adapter(net, adapter)
-    return lora.merge_lora(net), tokenizer, dtype, head
+    return lora.merge_lora(net), tokenizer, dtype, head, vision

@@ -73,18 +73,20 @@ class ExampleData:
                 raise PlinthError(f"the {split} split is empty; add examples or lower val_examples/max_examples")
         self.train, self.val, self.batch_size, self.seed, self.choices = train, val, batch_size, seed, choices
 
+    collate = staticmethod(collate)  # a subclass may batch its own kind of example
+
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Examples drawn by a generator seeded with (seed, step, micro): resumable, order-free."""
         rng = np.random.default_rng([self.seed, step, micro])
         picks = rng.choice(len(self.train), size=min(self.batch_size, len(self.train)), replace=False)
-        return collate([self.train[i] for i in picks])
+        return self.collate([self.train[i] for i in picks])
 
     def val_batches(self, count: int):
         """The first `count` batches of the validation examples, always the same ones (0 = all)."""
         B = self.batch_size
         stop = len(self.val) if count == 0 else min(len(self.val), count * B)
         for start in range(0, stop, B):
-            yield collate(self.val[start:min(stop, start + B)])
+            yield self.collate(self.val[start:min(stop, start + B)])
 
 
 def pack(examples: list[Example], length: int) -> list[Example]:

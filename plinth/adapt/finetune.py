@@ -5,6 +5,8 @@ A recipe picks a task and a method; they differ only in data, loss mask and trai
          classify — a classification head on pooled hidden states
          regress  — a regression head on pooled hidden states: one number per text (squared error)
          chat     — supervised fine-tuning on conversations (loss on assistant turns only)
+         vqa      — an image+text model: a ViT, a projector and the base language model, answering
+                    questions about images (plinth/adapt/image_text.py)
   method full (every weight) · lora (adapters, base frozen) · qlora (adapters, base frozen in 4-bit)
          · probe (classify and regress only: the head alone, a linear probe)
 
@@ -17,7 +19,6 @@ A run folder is like pretraining's (metrics.jsonl, step-NNNNNN/ checkpoints, `la
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -25,27 +26,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from plinth import hub
-from plinth.adapt import lora, sft
-from plinth.adapt.adapted import FINETUNE_CONFIG, base_reference
+from plinth.adapt import image_text, lora, sft
+from plinth.adapt.trained import FinetuneWeights, make_trainable
 from plinth.adapt.classify import POOLING, Finetuned, Head
 from plinth.adapt.examples import Example, ExampleData, pack, read_jsonl
 from plinth.adapt.prompting import PromptTask, answer_tokens, check_label
 from plinth.errors import PlinthError
 from plinth.files import atomic_folder, point_link
 from plinth.loss import IGNORE, summed_loss
-from plinth.train import checkpoint
 from plinth.train.loop import autocast, train
 from plinth.train.recipe import LoopRecipe
 from plinth.weights.load import read_model
 from plinth.model import Transformer
 from plinth.vision.data import ImageData
 from plinth.vision.images import ImagePrep, balanced_subset, labelled_images
-from plinth.weights.native import is_native, read_native, write_model
+from plinth.weights.native import is_native, write_model
 
-TASKS, METHODS = ("label", "classify", "regress", "chat"), ("full", "lora", "qlora", "probe")
+TASKS, METHODS = ("label", "classify", "regress", "chat", "vqa"), ("full", "lora", "qlora", "probe")
 HEAD_TASKS = ("classify", "regress")  # the tasks trained through a head on pooled hidden states
 
 
@@ -56,7 +55,8 @@ class FinetuneRecipe(LoopRecipe):
     task: str = "label"                  # label, classify, regress or chat (see the module docstring)
     method: str = "lora"                 # full, lora, qlora, or probe (classify and regress only)
     # sentiment, chitchat, or a JSONL file: {"text","label"}, {"text","score"} (regress) or {"messages"};
-    # for an image model (task classify): fashion-mnist, a folder of class folders, or a JSONL {"image","label"}
+    # for an image model (task classify): fashion-mnist, a folder of class folders, or a JSONL {"image","label"};
+    # task vqa: easy-vqa, or a JSONL {"image","question","answer"}
     data: str = "sentiment"
     init: str = "pretrained"             # "random": the base's architecture from fresh weights (the control run)
     labels_fraction: float = 1.0         # label, classify: train on a fixed, class-balanced share of the labels
@@ -68,6 +68,12 @@ class FinetuneRecipe(LoopRecipe):
     # classify, regress: "last" token, "mean" of the hidden states, or "first" (an image model's class
     # token); "auto": last for text, first or mean for images (with or without a class token)
     pooling: str = "auto"
+    # task vqa: the image encoder (an MAE run or image-model checkpoint), from its weights or "random"
+    # init (the control), trained with the projector or frozen; its patches merged merge×merge per token
+    image_encoder: str = ""
+    encoder_init: str = "pretrained"
+    tune_encoder: bool = True
+    merge: int = 2
     pack: bool = False                   # chat, label: concatenate short examples up to seq_len (attention stays within each)
     # Activations, not weights, are most of the memory of fine-tuning a small model (30 layers × every
     # token's attention and MLP tensors): without recomputing them LoRA would save little over full.
@@ -89,7 +95,7 @@ class FinetuneRecipe(LoopRecipe):
     def __post_init__(self):
         super().__post_init__()
         for name, allowed in (("task", TASKS), ("method", METHODS), ("pooling", ("auto", *POOLING)),
-                              ("init", ("pretrained", "random"))):
+                              ("init", ("pretrained", "random")), ("encoder_init", ("pretrained", "random"))):
             if getattr(self, name) not in allowed:
                 raise PlinthError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.sample_prompt:
@@ -101,6 +107,14 @@ class FinetuneRecipe(LoopRecipe):
             raise PlinthError(f"pack=true joins language-model examples into one row; task={self.task} reads one "
                               "text per row with its head. Set pack: false")
         lora.check_targets(self.lora_targets)
+        if self.task == "vqa" and not self.image_encoder:
+            raise PlinthError("task=vqa needs image_encoder: an MAE run (plinth pretrain recipes/mae-shapes.yaml) "
+                              "or an image-model checkpoint")
+        if self.image_encoder and self.task != "vqa":
+            raise PlinthError(f"image_encoder is for task=vqa, not task={self.task}; remove it")
+        if self.task == "vqa" and (self.pack or self.method == "probe"):
+            raise PlinthError("task=vqa trains the language model (method lora, qlora or full) on unpacked rows; "
+                              "set pack: false and another method")
         if not 0 < self.labels_fraction <= 1:
             raise PlinthError(f"labels_fraction={self.labels_fraction}; give a share in (0, 1], e.g. 0.01 for 1%")
         if self.labels_fraction < 1 and self.task not in ("label", "classify"):
@@ -204,12 +218,7 @@ def build_image_data(r: FinetuneRecipe, config) -> ImageData:
 def build_model(r: FinetuneRecipe, net) -> Finetuned:
     """Make the recipe's parameters trainable: all, LoRA adapters (on a 4-bit base for QLoRA), or none
     of the backbone (linear probe); a head always trains."""
-    if r.method in ("lora", "qlora"):
-        if r.method == "qlora":
-            lora.quantize_base(net)  # every block projection in 4-bit, adapters or not
-        lora.attach_lora(net, r.lora_rank, r.lora_alpha, r.lora_dropout, r.lora_targets)
-    else:
-        net.requires_grad_(r.method == "full")
+    make_trainable(r, net)
     head = None
     if r.task in HEAD_TASKS:
         head = Head(net.config.dim, r.labels if r.task == "classify" else None, pooling_of(r, net.config))
@@ -222,35 +231,6 @@ def pooling_of(r: FinetuneRecipe, config) -> str:
     if config.is_image:
         return "first" if config.class_token else "mean"
     return "last"  # a causal model's last token has seen the whole text
-
-
-class FinetuneWeights(checkpoint.Weights):
-    """A fine-tuning checkpoint holds what was trained: the adapter, all backbone weights (full), the
-    head; plus finetune.json, which names the base and the task."""
-
-    def __init__(self, r: FinetuneRecipe):
-        self.r = r
-
-    def write(self, model: Finetuned, folder: Path):
-        r = self.r
-        if r.method in ("lora", "qlora"):
-            lora.save_adapter(model.backbone, folder, base=base_reference(r.base), nf4_base=r.method == "qlora")
-        elif r.method == "full":
-            write_model(model.backbone, folder)
-        if model.head is not None:
-            model.head.save(folder)
-        labelled = r.task in ("label", "classify")  # regression and chat have no label set
-        config = {"base": base_reference(r.base), "task": r.task, "method": r.method,
-                  "labels": r.labels if labelled else None, "instruction": r.instruction}
-        (folder / FINETUNE_CONFIG).write_text(json.dumps(config, indent=2))
-
-    def read(self, model: Finetuned, folder: Path):
-        if self.r.method in ("lora", "qlora"):
-            lora.load_adapter_weights(model.backbone, load_file(str(folder / lora.ADAPTER_FILE)))
-        elif self.r.method == "full":
-            model.backbone.load_weights(read_native(folder)[1])
-        if model.head is not None:
-            model.head.load_state_dict(Head.load(folder).state_dict())
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -340,8 +320,13 @@ def random_base(r: FinetuneRecipe, net: Transformer, tokenizer) -> Transformer:
 
 
 def finetune(r: FinetuneRecipe, resume: bool = False, log=print) -> Path:
-    model, tokenizer, data = prepare(r, log)
-    latest = train(model, tokenizer, data, r, resume, log, evaluate=evaluate, store=FinetuneWeights(r))
+    if r.task == "vqa":
+        model, tokenizer, data = image_text.prepare(r, log)
+        latest = train(model, tokenizer, data, r, resume, log, evaluate=image_text.evaluate,
+                       store=image_text.ImageTextWeights(r))
+    else:
+        model, tokenizer, data = prepare(r, log)
+        latest = train(model, tokenizer, data, r, resume, log, evaluate=evaluate, store=FinetuneWeights(r))
     final = Path(r.out_dir) / "final"
     point_link(final, latest.resolve().name)
     return final

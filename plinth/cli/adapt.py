@@ -74,7 +74,10 @@ def export(args: argparse.Namespace) -> Path:
         raise PlinthError(f"{args.adapter or path} is a LoRA adapter; export it merged into its base with --merge")
     if out.exists():
         raise PlinthError(f"{out} already exists; choose a new name (nothing was overwritten)")
-    net, tokenizer, _, head = read_adapted(path, args.adapter)
+    net, tokenizer, _, head, vision = read_adapted(path, args.adapter)
+    if vision is not None:
+        raise PlinthError(f"{path} is an image+text model; its image encoder has no place in a {args.to} language-model "
+                          "export. Serve or load it with plinth itself (plinth serve, plinth.load)")
     if args.to == "gguf":
         if head is not None:
             raise PlinthError(f"{path} has a {head.kind} head, which a GGUF causal-LM file cannot hold; "

@@ -10,6 +10,7 @@ import sys
 
 from plinth import hub
 from plinth.cli.common import add_model_args, add_sampling_args, load_model, print_stream, sampling
+from plinth.errors import PlinthError
 
 
 def cmd_list(args):
@@ -32,10 +33,16 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
+    from plinth.vision.image_sources import ImageLimits, load_image
     model = load_model(args)
+    if args.image and model.vision is None:
+        raise PlinthError(f"{args.model} reads text only (it has no image encoder); drop --image, or chat with an "
+                          "image+text model (plinth finetune recipes/vqa-easy.yaml)")
+    pending = [load_image(path, ImageLimits(allow_files=True)) for path in args.image or []]  # bad files fail now
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    print(f"plinth chat with {args.model}. /reset starts over, /exit (or Ctrl-D) quits.")
+    print(f"plinth chat with {args.model}. /reset starts over, /exit (or Ctrl-D) quits"
+          + (", /image PATH attaches an image to your next message." if model.vision is not None else "."))
     while True:
         try:
             line = input("> ").strip()
@@ -48,9 +55,18 @@ def cmd_chat(args):
             messages = list(system)
             print("(conversation cleared)")
             continue
+        if line.startswith("/image ") and model.vision is not None:
+            try:
+                pending.append(load_image(line.split(None, 1)[1], ImageLimits(allow_files=True)))
+                print(f"(image attached to your next message: {len(pending)} so far)")
+            except PlinthError as e:
+                print(f"error: {e}")
+            continue
         if not line:
             continue
-        messages.append({"role": "user", "content": line})
+        images = [{"type": "image", "image": picture} for picture in pending]
+        pending = []
+        messages.append({"role": "user", "content": images + [{"type": "text", "text": line}] if images else line})
         reply = print_stream(model.chat(messages, stream=True, **sampling(args)))
         print()
         messages.append({"role": "assistant", "content": reply})
@@ -77,5 +93,7 @@ def register(sub):
                        "streamed. Example: plinth chat smollm2-135m-instruct")
     add_model_args(p)
     p.add_argument("--system", help="system message")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="an image for your first message (image+text models; repeat for several)")
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)

@@ -8,6 +8,7 @@ standard error (and a few more numbers beside it).
 - humaneval: generated code, scored by execution (pass@k).
 - perplexity: bits per byte of text sources (plinth.eval.perplexity).
 - fashion-mnist: an image classifier's accuracy on the test images (plinth.eval.image_classification).
+- easy-vqa: an image+text model's exact-match answers to questions about images (plinth.eval.vqa).
 
     run_task("sentiment", plinth.load("smollm2-135m-instruct"), EvalOptions(limit=200))
 """
@@ -25,6 +26,7 @@ from plinth.eval import datasets, humaneval
 from plinth.eval.image_classification import image_accuracy
 from plinth.eval.perplexity import perplexity
 from plinth.eval.stats import mean_stderr
+from plinth.eval.vqa import vqa_accuracy
 from plinth.loglik import BATCH_TOKENS, score
 
 
@@ -104,6 +106,8 @@ TASKS: dict[str, Task] = {
                       lambda m, o: humaneval.evaluate(m, o.items, o.samples, o.ks, timeout=o.timeout)),
     "fashion-mnist": Task("an image classifier's accuracy on Fashion-MNIST's 10,000 test images",
                           lambda m, o: image_accuracy(m, "fashion-mnist", o.items)),
+    "easy-vqa": Task("an image+text model's exact-match answers to easy-VQA's 9,673 test questions",
+                     lambda m, o: vqa_accuracy(m, "easy-vqa", o.items)),
 }
 
 

@@ -93,16 +93,23 @@ async def reply(send, status: int, body: dict, headers: dict | None = None):
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    error = exc.errors()[0]
-    if error.get("type") == "json_invalid":
+    """The message and param of the most specific error: of a union's members (content as text or
+    as parts), the one that got furthest into the request says what is wrong."""
+    errors = exc.errors()
+    if errors[0].get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    loc = list(error.get("loc", ()))
-    path = request_path(loc[1:] if loc[:1] == ["body"] else loc, exc.body, error.get("type") == "missing")
-    param = ".".join(map(str, path)) or None
+    paths = [error_path(error, exc.body) for error in errors]
+    deepest = max(range(len(errors)), key=lambda i: len(paths[i]))  # the first of the deepest
+    error, param = errors[deepest], ".".join(map(str, paths[deepest])) or None
     given = error.get("input")
     got = f" (got {given!r})" if isinstance(given, (str, int, float)) and len(repr(given)) <= 80 else ""
     return (f"invalid value for '{param}': {error.get('msg')}{got}" if param else
             f"invalid request: {error.get('msg')}{got}"), param
+
+
+def error_path(error: dict, body) -> list:
+    loc = list(error.get("loc", ()))
+    return request_path(loc[1:] if loc[:1] == ["body"] else loc, body, error.get("type") == "missing")
 
 
 def request_path(loc: list, body, missing: bool) -> list:
@@ -231,7 +238,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     served_indexes = load_indexes(indexes or {}, embedder)  # before the model: a bad --index fails fast
     loaded = plinth.load(model, dtype=dtype)
     adapter_ids = serve_adapters(loaded.model, adapters) if adapters else {}
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads,
+                    vision=loaded.vision)
     engine.start()
     state = ServerState(engine, loaded.tokenizer, model, strict_models=strict_models,
                         api_key=api_key or os.environ.get("PLINTH_API_KEY"), embedder=embedder, seed=seed,

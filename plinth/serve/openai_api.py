@@ -6,6 +6,7 @@ model: the engine thread owns it.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from plinth.errors import PlinthError
+from plinth.engine import ImageInput
 from plinth.generate import Step
 from plinth.serve.chat_tools import CallDeltas, ChatPlan, plan, reply_message
 from plinth.serve.echo import check_scoring_budget, echo_response, nothing_generated
@@ -24,6 +26,7 @@ from plinth.serve.openapi import ChatCompletion, Completion, EmbeddingList, Mode
 from plinth.serve.schemas import (MAX_EMBEDDING_INPUTS, APIError, ChatCompletionRequest, CompletionRequest,
                                   EmbeddingRequest, error_body)
 from plinth.serve.state import ServerState
+from plinth.vision.image_chat import image_prompt, split_images
 
 router = APIRouter()
 
@@ -57,7 +60,10 @@ def server_state(request: Request) -> ServerState:
 @router.get("/v1/models", responses={200: {"model": ModelList}, **error_responses(401, 413, 503)})
 async def list_models(request: Request):
     state = server_state(request)
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": state.started, "owned_by": "plinth"}
+    # only the served model itself reads images; its adapters and the embedder are text
+    reads = ["text", "image"] if state.engine.vision is not None else ["text"]
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": state.started, "owned_by": "plinth",
+                                        "input_modalities": reads if name == state.name else ["text"]}
                                        for name in state.model_names()]}
 
 
@@ -67,7 +73,11 @@ async def list_models(request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = server_state(request)
     model = state.resolve_model(body.model)
-    messages, sources = [m.as_template_input() for m in body.messages], None
+    try:
+        messages, images = split_images([m.as_template_input() for m in body.messages])
+    except PlinthError as e:
+        raise APIError(400, str(e), param="messages") from e
+    sources = None
     if body.retrieval is not None:
         try:
             messages, sources = await add_sources(state, body.retrieval, messages,
@@ -78,8 +88,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         chat_plan = plan(body, state.tokenizer, messages)
     except PlinthError as e:
         raise APIError(400, str(e), param=getattr(e, "param", "messages")) from e
-    prompt = state.tokenizer.encode(chat_plan.prompt, add_bos=False)
-    return await respond(state, request, body, model, [prompt], chat_plan, sources)
+    try:  # an image may be fetched over the network: off the event loop
+        prompt, pictures = await asyncio.to_thread(image_prompt, state.tokenizer, state.engine.vision,
+                                                   chat_plan.prompt, images, state.image_limits)
+    except PlinthError as e:
+        raise APIError(400, str(e), param="messages") from e
+    return await respond(state, request, body, model, [prompt], chat_plan, sources, pictures)
 
 
 @router.post("/v1/completions", responses={**streamed(Completion, "text_completion"),
@@ -111,9 +125,11 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 async def respond(state: ServerState, request: Request, body: ChatCompletionRequest | CompletionRequest, model: str,
-                  prompts: list[list[int]], chat_plan: ChatPlan | None = None, sources: list[dict] | None = None):
+                  prompts: list[list[int]], chat_plan: ChatPlan | None = None, sources: list[dict] | None = None,
+                  images: ImageInput | None = None):
     """Run a request and answer it; `chat_plan` for chat completions (None: text completions).
-    `sources`, from retrieval, go in the body's `sources` field, or in a stream's first chunk."""
+    `sources`, from retrieval, go in the body's `sources` field, or in a stream's first chunk;
+    `images`, an image+text chat's, go with its prompt (whose image tokens count as prompt tokens)."""
     chat = chat_plan is not None
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
@@ -127,7 +143,7 @@ async def respond(state: ServerState, request: Request, body: ChatCompletionRequ
     kind = "chat.completion" if chat else "text_completion"
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    events, cancel = state.run(jobs, request if not body.stream else None, model)
+    events, cancel = state.run(jobs, request if not body.stream else None, model, images)
     prompt_tokens = sum(len(p) for p in prompts)
     cited = {"sources": sources} if sources is not None else {}
     if body.stream:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class ErrorDetail(BaseModel):
@@ -95,6 +95,8 @@ class Model(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    input_modalities: list[Literal["text", "image"]] = Field(
+        description="What the model reads: a plinth extension, named as OpenRouter names it")
 
 
 class ModelList(BaseModel):

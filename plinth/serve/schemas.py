@@ -166,10 +166,22 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ContentPart(Strict):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(Strict):
+    url: str = Field(min_length=1, description="A data: URI (base64) or an http(s) URL of the image")
+    detail: Literal["auto", "low", "high"] = "auto"  # accepted; an image's tokens do not depend on it here
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class ChatMessage(Strict):
@@ -179,11 +191,12 @@ class ChatMessage(Strict):
     name: str | None = None
 
     def as_template_input(self) -> dict:
-        """The message as a chat template expects it: text content, `developer` read as `system`, and
-        the tool fields (`tool_calls`, `tool_call_id`) when present."""
+        """The message as plinth.vision.image_chat.split_images takes it: content text or a list of
+        parts (dicts), `developer` read as `system`, and the tool fields (`tool_calls`,
+        `tool_call_id`) when present."""
         content = self.content
         if isinstance(content, list):
-            content = "".join(part.text or "" for part in content if part.type == "text")
+            content = [part.model_dump() for part in content]
         extra = {k: v for k, v in (self.model_extra or {}).items() if k in ("tool_calls", "tool_call_id") and v}
         name = {"name": self.name} if self.name else {}
         return {"role": "system" if self.role == "developer" else self.role, "content": content or "", **name, **extra}

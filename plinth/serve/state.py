@@ -26,6 +26,7 @@ from plinth.retrieval.index import Index
 from plinth.serve.metrics import Metrics
 from plinth.serve.schemas import APIError
 from plinth.tokenizer import Tokenizer
+from plinth.vision.image_sources import ImageLimits
 
 
 @dataclass(eq=False)
@@ -40,6 +41,7 @@ class ServerState:
     seed: int | None = None                     # seeds requests that give none (see default_seed)
     indexes: dict[str, Index] = field(default_factory=dict)  # name → retrieval Index that chat requests may name
     adapters: dict[str, int] = field(default_factory=dict)   # served LoRA adapter name → engine adapter id
+    image_limits: ImageLimits = field(default_factory=ImageLimits)  # what an image part may be (no local files)
     started: int = field(init=False)            # Unix time, the `created` of /v1/models
     sampling_defaults: dict = field(init=False)  # the model's recommended sampling, under the request's own
     metrics: Metrics = field(init=False)
@@ -81,8 +83,9 @@ class ServerState:
                            code="context_length_exceeded")
         return max_tokens or window - prompt_tokens
 
-    def run(self, jobs, http_request: Request | None = None, model: str | None = None):
-        """Submit one engine request per job now (so errors come before any response). Returns an
+    def run(self, jobs, http_request: Request | None = None, model: str | None = None, images=None):
+        """Submit one engine request per job now (so errors come before any response); `images`, an
+        image+text request's (plinth.engine.ImageInput), go with each. Returns an
         async iterator of (choice index, Step), and a function that cancels whatever is unfinished:
         call it when the response ends, however it ends (a stream may never start iterating)."""
         if len(jobs) > self.engine.max_queue:
@@ -96,7 +99,7 @@ class ServerState:
             return lambda event: loop.call_soon_threadsafe(queue.put_nowait, (index, event))
 
         try:  # nothing of a request runs unless all of it is accepted
-            submitted = self.engine.submit_all([(prompt, params, emit_to(index), adapter)
+            submitted = self.engine.submit_all([(prompt, params, emit_to(index), adapter, images)
                                                 for index, prompt, params in jobs])
         except PlinthError as e:
             if isinstance(e, QueueFull):

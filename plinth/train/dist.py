@@ -39,8 +39,11 @@ class Dist:
         return self.rank == 0
 
     # ---- data -------------------------------------------------------------------------------
-    def rows(self, batch: torch.Tensor) -> torch.Tensor:
-        """This process's share of a global micro-batch."""
+    def rows(self, batch):
+        """This process's share of a global micro-batch: a tensor, or a tuple of tensors with one
+        row each per example (an image+text model's token ids and images)."""
+        if isinstance(batch, tuple):
+            return tuple(self.rows(part) for part in batch)
         per = batch.shape[0] // self.world
         return batch[self.rank * per:(self.rank + 1) * per].to(self.device)
 

@@ -121,8 +121,8 @@ def step_size(data, batches, seconds: float) -> tuple[int, dict]:
     """Token positions a step computed (rows × positions, padding included; packed x: B, 2, T), and
     its speed: tokens/s, and images/s for image data (which says how many positions an image is)."""
     per_image = getattr(data, "tokens_per_image", None)
-    if per_image is None:
-        computed = sum(x.shape[0] * x.shape[-1] for x, _ in batches)
+    if per_image is None:  # an image+text batch's x is (token ids, images): its positions are the ids'
+        computed = sum(ids.shape[0] * ids.shape[-1] for ids in (x[0] if isinstance(x, tuple) else x for x, _ in batches))
         return computed, {"tok_s": computed / seconds}
     images = sum(x.shape[0] for x, _ in batches)
     return images * per_image, {"tok_s": images * per_image / seconds, "img_s": images / seconds}
@@ -252,7 +252,7 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
             step += 1
             seconds = time.perf_counter() - tick
             computed, speed = step_size(data, batches, seconds)
-            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "step_s": seconds,
                       "tokens": step * step_tokens, **speed, "mfu": step_flops * computed / step_tokens / seconds / peak}
             if step % r.eval_every == 0 or last_step:
                 record.update(evaluate(model, data, r))

@@ -16,6 +16,7 @@ image is stretched rather than losing its edges; an image already at that size i
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import math
 import numbers
 import os
@@ -37,6 +38,7 @@ FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "
                         "Bag", "Ankle boot"]
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}  # split -> the files' prefix
 FASHION_MNIST = "fashion-mnist"  # the source name
+EASY_VQA = "easy-vqa"  # PyPI easy-vqa's images (pip install --no-deps easy-vqa): shapes for image+text models
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # matched case-insensitively
 
@@ -256,11 +258,21 @@ def labelled_images(source: str, prep: ImagePrep, labels: list[str] | None = Non
     return LabelledImages(_stack(prep, files, listed), targets, names)
 
 
+def easy_vqa_folder() -> Path:
+    """The data folder of the installed easy-vqa package (found without importing it)."""
+    spec = importlib.util.find_spec("easy_vqa")
+    if spec is None or not spec.submodule_search_locations:
+        raise PlinthError("easy-VQA is not installed; install its files with: pip install --no-deps easy-vqa")
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
 def unlabelled_images(source: str, prep: ImagePrep, split: str = "train") -> torch.Tensor:
-    """uint8 (N, C, S, S) for masked-autoencoder pretraining: Fashion-MNIST's images, every image
-    under a folder (any depth), or the "image" of each JSONL line."""
+    """uint8 (N, C, S, S) for masked-autoencoder pretraining: Fashion-MNIST's or easy-VQA's images,
+    every image under a folder (any depth), or the "image" of each JSONL line."""
     if str(source) == FASHION_MNIST:
         return _fashion_pixels(fashion_mnist(split)[0], prep)
+    if str(source) == EASY_VQA:
+        return _stack(prep, _image_files(easy_vqa_folder() / split / "images"))
     kind, path = _source_kind(source)
     if kind == "jsonl":
         files, _, listed, _ = _jsonl_images(path, labelled=False)

@@ -1,0 +1,102 @@
+"""`plinth finetune` with task: vqa (`r` below is a FinetuneRecipe, plinth/adapt/finetune.py) — an image+text model (plinth/vision/multimodal.py) trained
+through the one loop: LoRA (or full) on the language model, the projector always, the image
+encoder as the recipe says.
+
+    plinth finetune recipes/vqa-easy.yaml                          # encoder from the MAE run
+    plinth finetune recipes/vqa-easy.yaml --encoder_init=random    # the same network, encoder from scratch
+
+A checkpoint holds the language model's adapter (or full weights) and finetune.json naming the base,
+as for text, plus the image encoder and projector (vision.json + vision.safetensors), so
+`plinth.load(folder)` rebuilds the whole model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from plinth import hub
+from plinth.adapt.trained import FinetuneWeights, make_trainable
+from plinth.errors import PlinthError
+from plinth.loss import IGNORE
+from plinth.model import Transformer
+from plinth.train.loop import autocast
+from plinth.vision.images import ImagePrep
+from plinth.vision.multimodal import VISION_WEIGHTS, ImageEncoder, ImageTextModel
+from plinth.vision.vqa_data import VqaData, vqa_records
+from plinth.weights.load import read_model
+
+
+def image_encoder(r) -> Transformer:
+    """The recipe's ViT: its pretrained weights, or (encoder_init: random) the same config from
+    fresh weights, seeded."""
+    encoder = read_model(hub.resolve(r.image_encoder))[0]
+    if not encoder.config.is_image:
+        raise PlinthError(f"image_encoder={r.image_encoder!r} is a text model; give an image model, such as an MAE "
+                          "run (plinth pretrain recipes/mae-shapes.yaml)")
+    if r.encoder_init == "random":
+        with torch.random.fork_rng():
+            torch.manual_seed(r.seed)
+            encoder = Transformer(encoder.config)
+            encoder.to_empty(device="cpu")
+            encoder.init_weights()
+    return encoder
+
+
+def prepare(r, log=print) -> tuple[ImageTextModel, object, VqaData]:
+    """Everything before the first step, so that every input error surfaces before any training."""
+    language, tokenizer, _ = read_model(hub.resolve(r.base))
+    if tokenizer is None or language.config.is_image:
+        raise PlinthError(f"base={r.base!r} is an image model; task=vqa needs a language model as its base")
+    vision = ImageEncoder(image_encoder(r), language.config.dim, r.merge)
+    vision.init_projector(r.seed)
+    vision.encoder.requires_grad_(r.tune_encoder)
+    torch.manual_seed(r.seed)  # adapters, and dropout, repeat run for run
+    make_trainable(r, language)
+    records = vqa_records(r.data, "train")
+    data = VqaData.build(records, tokenizer, ImagePrep.from_config(vision.encoder.config), vision.tokens_per_image,
+                         r.batch_size, r.seed, r.val_examples, r.max_examples)
+    model = ImageTextModel(vision, language)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"vqa/{r.method} on {r.base} with image encoder {r.image_encoder}"
+        f"{' (random init)' if r.encoder_init == 'random' else ''}{'' if r.tune_encoder else ' (frozen)'}: "
+        f"{len(data.train)} train / {len(data.val)} validation questions, {trainable:,} trainable parameters")
+    return model, tokenizer, data
+
+
+class ImageTextWeights(FinetuneWeights):
+    """The language model's trained part and finetune.json (as for text), and the image encoder
+    with its projector."""
+
+    def write(self, model: ImageTextModel, folder: Path):
+        self.write_backbone(model.language, folder)
+        model.vision.save(folder)
+
+    def read(self, model: ImageTextModel, folder: Path):
+        self.read_backbone(model.language, folder)
+        model.vision.load_state_dict(load_file(str(folder / VISION_WEIGHTS)))
+
+
+@torch.no_grad()
+def evaluate(model: ImageTextModel, data: VqaData, r) -> dict:
+    """Validation loss per target, and exact match: the share of questions whose every answer token
+    (and the end of the turn) is the most likely one given the right ones before it — exactly when
+    greedy decoding gives the answer."""
+    model.eval()
+    loss_sum, targets, exact, questions = 0.0, 0, 0, 0
+    for (tokens, images), y in data.val_batches(r.eval_batches):
+        keep = y != IGNORE
+        with autocast(r):
+            hidden = model.language.features(embeds=model.embed(tokens, images))[keep]
+            logits = model.language.project(hidden).float()
+        truth = y[keep]
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, truth, reduction="sum"))
+        targets += len(truth)
+        rows = keep.nonzero()[:, 0]
+        wrong = torch.zeros(len(y), dtype=torch.long).index_add_(0, rows, (logits.argmax(-1) != truth).long())
+        answered = keep.any(1)
+        exact += int((answered & (wrong == 0)).sum())
+        questions += int(answered.sum())
+    model.train()
+    return {"val_loss": loss_sum / max(1, targets), "val_acc": exact / max(1, questions)}
