@@ -29,16 +29,20 @@ def read_adapted(path: Path, adapter: str | None = None):
     classification/regression head or None, and an image+text model's image encoder or None. `path` may be any format `read_model` reads, or a
     fine-tuning output whose base is read first; `adapter` is one more LoRA folder to merge."""
     config_path = path / FINETUNE_CONFIG if path.is_dir() else None
+    merged = adapter is not None
     if config_path is not None and config_path.is_file():
         config = json.loads(config_path.read_text())
         source = path if is_native(path) else hub.resolve(config["base"])  # full weights, or only what was trained
         net, tokenizer, dtype = read_model(source)
         if (path / lora.ADAPTER_CONFIG).is_file():
             lora.load_adapter(net, path)
+            merged = True
     else:
         net, tokenizer, dtype = read_model(path)
     head = Head.load(path) if path.is_dir() and (path / HEAD_CONFIG).is_file() else None  # a run, or an export of one
     vision = ImageEncoder.load(path) if has_image_encoder(path) else None
     if adapter is not None:
         lora.load_adapter(net, adapter)
+    if merged and dtype == "int4":  # int4 keeps a 4-bit file's own codes; an adapter's small changes to the
+        dtype = "int8"              # weights fall between them and would round away
     return lora.merge_lora(net), tokenizer, dtype, head, vision
