@@ -163,3 +163,13 @@ def test_text_model_refuses_images_and_too_many_images_name_the_numbers(app_clie
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "context_length_exceeded" and "maximum context length is 96 tokens" in error["message"]
+
+
+def test_the_api_document_offers_image_parts_only_where_the_model_reads_them(app_client):
+    def content_parts(client):
+        content = client.get("/openapi.json").json()["components"]["schemas"]["ChatMessage"]["properties"]["content"]
+        return next(option["items"] for option in content["anyOf"] if option.get("type") == "array")
+
+    vlm, text = app_client
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in content_parts(vlm)["oneOf"]} == {"TextPart", "ImagePart"}
+    assert content_parts(text) == {"$ref": "#/components/schemas/TextPart"}

@@ -135,7 +135,8 @@ def create_app(state: ServerState) -> "Gate":
     def openapi():  # FastAPI's document, with what only the served models tell
         if app.openapi_schema is None:
             app.openapi_schema = describe_served(copy.deepcopy(generated()), state.tokenizer.vocab_size,
-                                                 state.embedder, state.indexes, bool(state.api_key))
+                                                 state.embedder, state.indexes, bool(state.api_key),
+                                                 state.engine.vision is not None)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -43,16 +43,21 @@ def error_responses(*statuses, json_route: bool = True) -> dict:
     return {status: {**body, "description": ERRORS[status]} for status in (*statuses, "default")}
 
 
-def describe_served(schema: dict, vocab_size: int, embedder, indexes, api_key: bool) -> dict:
+def describe_served(schema: dict, vocab_size: int, embedder, indexes, api_key: bool, reads_images: bool) -> dict:
     """What only the running server knows, added to the generated document: the range of token ids
     (the language model's, and the embedding model's), the embeddings' dimensions, the names of the
-    served retrieval indexes, and whether /v1/ routes need the API key."""
+    served retrieval indexes, whether /v1/ routes need the API key, and whether the model reads
+    images (a text model answers image parts with a 400, so its document offers text parts only)."""
     if api_key:
         schema["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
         for path, operations in schema["paths"].items():
             for operation in operations.values() if path.startswith("/v1/") else ():
                 operation["security"] = [{"apiKey": []}]
     parts = schema["components"]["schemas"]
+    if not reads_images:
+        for option in parts["ChatMessage"]["properties"]["content"]["anyOf"]:
+            if option.get("type") == "array":
+                option["items"] = {"$ref": "#/components/schemas/TextPart"}
     parts["RetrievalOptions"]["properties"]["index"]["enum"] = sorted(indexes)  # none served: no retrieval
     bound_token_ids(parts["CompletionRequest"]["properties"]["prompt"], vocab_size - 1)
     for request in ("ChatCompletionRequest", "CompletionRequest"):
