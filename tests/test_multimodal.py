@@ -165,3 +165,19 @@ def test_a_vqa_run_resumed_from_its_checkpoint_is_bit_exact(toy_vlm, tmp_path):
     for name in ("adapter.safetensors", "vision.safetensors"):
         a, b = load_file(str(whole / name)), load_file(str(resumed / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_encoder_learning_rate_scales_the_encoder_alone():
+    """encoder_lr: the optimizer puts the encoder's weights in groups of their own, whose rate the
+    loop multiplies by encoder_lr / lr; every other weight keeps the recipe's lr."""
+    from types import SimpleNamespace
+
+    from plinth.train.loop import build_optimizer
+    model = ImageTextModel(tiny_vision(), tiny_model(dim=64, n_heads=4, n_kv_heads=2))
+    model.lr_scales = {"vision.encoder.": 3.0}
+    groups = build_optimizer(model, SimpleNamespace(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))).param_groups
+    encoder = {id(p) for p in model.vision.encoder.parameters()}
+    assert [(g["lr_scale"], g["weight_decay"]) for g in groups] == [(1.0, 0.1), (1.0, 0.0), (3.0, 0.1), (3.0, 0.0)]
+    for g in groups:
+        assert all((id(p) in encoder) == (g["lr_scale"] == 3.0) for p in g["params"]) and g["params"]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

@@ -73,6 +73,7 @@ class FinetuneRecipe(LoopRecipe):
     image_encoder: str = ""
     encoder_init: str = "pretrained"
     tune_encoder: bool = True
+    encoder_lr: float = 0.0              # task vqa: the image encoder's peak learning rate (0 = lr)
     merge: int = 2
     pack: bool = False                   # chat, label: concatenate short examples up to seq_len (attention stays within each)
     # Activations, not weights, are most of the memory of fine-tuning a small model (30 layers × every

@@ -58,6 +58,8 @@ def prepare(r, log=print) -> tuple[ImageTextModel, object, VqaData]:
     data = VqaData.build(records, tokenizer, ImagePrep.from_config(vision.encoder.config), vision.tokens_per_image,
                          r.batch_size, r.seed, r.val_examples, r.max_examples)
     model = ImageTextModel(vision, language)
+    if r.encoder_lr:
+        model.lr_scales = {"vision.encoder.": r.encoder_lr / r.lr}  # read by the loop's optimizer
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"vqa/{r.method} on {r.base} with image encoder {r.image_encoder}"
         f"{' (random init)' if r.encoder_init == 'random' else ''}{'' if r.tune_encoder else ' (frozen)'}: "

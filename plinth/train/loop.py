@@ -57,10 +57,21 @@ def lr_multiplier(step: int, r) -> float:
 
 
 def build_optimizer(model, r) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not norms, biases). Fused kernel where available."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": r.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """AdamW; weight decay on matrices only (not norms, biases). A model may scale some parts'
+    learning rates: `lr_scales`, {parameter name prefix: factor} (an image+text model's encoder).
+    Fused kernel where available."""
+    inner = getattr(model, "module", model)  # under DDP, names start with "module."
+    scales = getattr(inner, "lr_scales", {})
+    params = [(name.removeprefix("module."), p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def scale_of(name: str) -> float:
+        return next((factor for prefix, factor in scales.items() if name.startswith(prefix)), 1.0)
+
+    groups = []  # unscaled first, decayed then not: the order checkpoints of earlier runs hold
+    for scale in [1.0] + sorted(set(scales.values()) - {1.0}):
+        mine = [p for name, p in params if scale_of(name) == scale]
+        groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": r.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     try:
         return torch.optim.AdamW(groups, lr=r.lr, betas=tuple(r.betas), fused=True)
     except (RuntimeError, TypeError):  # no fused kernel for this device/torch: the foreach one
@@ -229,7 +240,7 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
             last_step = step == r.max_steps - 1
             lr = r.lr * lr_multiplier(step, r)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints of earlier runs have no lr_scale
             tick = time.perf_counter()
             batches = [data.batch(step, micro) for micro in range(r.grad_accum)]
             targets = sum(target_count(y) for _, y in batches)  # normalise over the whole global step

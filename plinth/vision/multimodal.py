@@ -114,6 +114,7 @@ class ImageTextModel(nn.Module):
         super().__init__()
         self.vision, self.language = vision, language
         self.config = language.config
+        self.lr_scales: dict[str, float] = {}  # parameter name prefix → learning-rate factor (the loop reads it)
 
     def embed(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """(B, T) ids with IMAGE_SLOT where image tokens go (and PAD, negative, after each row's end),
