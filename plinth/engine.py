@@ -157,8 +157,7 @@ class Engine:
 
     def _check_images(self, images: ImageInput, prompt_len: int):
         if self.vision is None:
-            raise PlinthError("this model reads text only: it has no image encoder; send text, or serve an "
-                              "image+text model (plinth finetune recipes/vqa-easy.yaml)")
+            raise TextOnly()
         expected = len(images.pixels) * self.vision.tokens_per_image
         positions = images.positions
         if len(positions) != expected or (len(positions) and not 0 <= int(positions.min()) <= int(positions.max()) < prompt_len):
@@ -403,6 +402,14 @@ def default_threads() -> int:
 
 class QueueFull(PlinthError):
     """Too many requests waiting; the caller should retry later (HTTP 429)."""
+
+
+class TextOnly(PlinthError):
+    """Images sent to a model without an image encoder (HTTP 400)."""
+
+    def __init__(self):
+        super().__init__("this model reads text only: it has no image encoder; send text, or use an image+text "
+                         "model (plinth finetune recipes/vqa-easy.yaml)")
 
 
 class EngineDown(PlinthError):

@@ -26,8 +26,9 @@ def base_reference(base: str) -> str:
 
 def read_adapted(path: Path, adapter: str | None = None):
     """The float model at `path` (adapters merged in), its tokenizer, the compact dtype, a
-    classification/regression head or None, and an image+text model's image encoder or None. `path` may be any format `read_model` reads, or a
-    fine-tuning output whose base is read first; `adapter` is one more LoRA folder to merge."""
+    classification/regression head or None, and an image+text model's image encoder or None.
+    `path` may be any format `read_model` reads, or a fine-tuning output whose base is read first;
+    `adapter` is one more LoRA folder to merge."""
     config_path = path / FINETUNE_CONFIG if path.is_dir() else None
     merged = adapter is not None
     if config_path is not None and config_path.is_file():

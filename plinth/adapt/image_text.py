@@ -1,6 +1,6 @@
-"""`plinth finetune` with task: vqa (`r` below is a FinetuneRecipe, plinth/adapt/finetune.py) — an image+text model (plinth/vision/multimodal.py) trained
+"""`plinth finetune` with task: vqa — an image+text model (plinth/vision/multimodal.py) trained
 through the one loop: LoRA (or full) on the language model, the projector always, the image
-encoder as the recipe says.
+encoder as the recipe says. `r` below is a FinetuneRecipe (plinth/adapt/finetune.py).
 
     plinth finetune recipes/vqa-easy.yaml                          # encoder from the MAE run
     plinth finetune recipes/vqa-easy.yaml --encoder_init=random    # the same network, encoder from scratch
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from plinth import hub
 from plinth.adapt.trained import FinetuneWeights, make_trainable
 from plinth.errors import PlinthError
-from plinth.loss import IGNORE
+from plinth.loss import IGNORE, summed_loss
 from plinth.model import Transformer
 from plinth.train.loop import autocast
 from plinth.vision.images import ImagePrep
@@ -87,14 +87,13 @@ def evaluate(model: ImageTextModel, data: VqaData, r) -> dict:
     greedy decoding gives the answer."""
     model.eval()
     loss_sum, targets, exact, questions = 0.0, 0, 0, 0
-    for (tokens, images), y in data.val_batches(r.eval_batches):
-        keep = y != IGNORE
+    for x, y in data.val_batches(r.eval_batches):
         with autocast(r):
-            hidden = model.language.features(embeds=model.embed(tokens, images))[keep]
+            hidden, truth = model.features_at_targets(x, y)
             logits = model.language.project(hidden).float()
-        truth = y[keep]
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, truth, reduction="sum"))
+        loss_sum += float(summed_loss(logits, truth))
         targets += len(truth)
+        keep = y != IGNORE
         rows = keep.nonzero()[:, 0]
         wrong = torch.zeros(len(y), dtype=torch.long).index_add_(0, rows, (logits.argmax(-1) != truth).long())
         answered = keep.any(1)

@@ -11,7 +11,7 @@ from plinth.errors import PlinthError
 from plinth.eval.stats import mean_stderr
 from plinth.generate import SamplingParams
 from plinth.vision.image_chat import image_prompt, split_images
-from plinth.vision.image_sources import ImageLimits
+from plinth.vision.image_sources import ImageLimits, load_image
 from plinth.vision.vqa_data import conversation, vqa_records
 
 MAX_ANSWER_TOKENS = 8
@@ -25,12 +25,13 @@ def vqa_accuracy(loaded, source: str = "easy-vqa", limit: int = 0, batch: int = 
                           "`plinth finetune recipes/vqa-easy.yaml`")
     records = vqa_records(source, "test")
     records = records[:limit] if limit else records
-    prompts, images, shared = [], [], {}
+    prompts, images, decoded, shared = [], [], {}, {}
     for path, question, _ in records:
-        messages, parts = split_images(conversation(question))
-        parts[0] = path
+        messages, _ = split_images(conversation(question))
+        if path not in decoded:  # easy-VQA asks about ten questions per image: decode each once
+            decoded[path] = load_image(path, ImageLimits(allow_files=True))
         text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        prompt, pictures = image_prompt(loaded.tokenizer, loaded.vision, text, parts, ImageLimits(allow_files=True))
+        prompt, pictures = image_prompt(loaded.tokenizer, loaded.vision, text, [decoded[path]], ImageLimits())
         # questions about one image share its pixels, so the engine encodes each image once
         pictures = shared.setdefault((path, tuple(pictures.positions.tolist())), pictures)
         prompts.append(prompt)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from plinth.engine import ImageInput
+from plinth.engine import ImageInput, TextOnly
 from plinth.errors import PlinthError
 from plinth.vision.image_sources import load_image
 from plinth.vision.images import ImagePrep
@@ -98,8 +98,7 @@ def image_prompt(tokenizer, vision, text: str, images: list, limits) -> tuple[li
     if not images:
         return tokenizer.encode(text, add_bos=False), None
     if vision is None:
-        raise PlinthError("this model reads text only: it has no image encoder; send text, or use an image+text "
-                          "model (plinth finetune recipes/vqa-easy.yaml)")
+        raise TextOnly()
     ids, _ = encode_with_images(tokenizer, text, vision.tokens_per_image)
     prompt, positions = engine_prompt(ids)
     prep = ImagePrep.from_config(vision.encoder.config)

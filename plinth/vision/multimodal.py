@@ -130,10 +130,12 @@ class ImageTextModel(nn.Module):
     def forward(self, x, targets=None):
         """x = (tokens, images). Logits (B, T, V); with targets (B, T), the loss summed over the
         targets other than IGNORE, the output layer applied only where a target counts."""
-        tokens, images = x
-        embeds = self.embed(tokens, images)
         if targets is None:
-            return self.language(embeds=embeds)
+            return self.language(embeds=self.embed(*x))
+        return self.language.output_loss(*self.features_at_targets(x, targets))
+
+    def features_at_targets(self, x, targets):
+        """Final hidden states (N, C) and targets (N,) of the positions whose target counts (the
+        vocabulary projection is the largest matmul of a small model: only where it is needed)."""
         keep = targets != IGNORE
-        hidden = self.language.features(embeds=embeds)[keep]
-        return self.language.output_loss(hidden, targets[keep])
+        return self.language.features(embeds=self.embed(*x))[keep], targets[keep]
