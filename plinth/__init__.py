@@ -37,8 +37,15 @@ def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str 
     from plinth.loaded import LoadedModel
     from plinth.quant import compact_
 
+    from plinth.vision.imagine import ImageGenerator, is_image_generator
+
     start = time.perf_counter()
-    net, tokenizer, compact, head, vision = read_adapted(hub.resolve(model), adapter)
+    path = hub.resolve(model)
+    if is_image_generator(path):  # a diffusion model: prompts in, images out (LoadedModel.imagine)
+        generator = ImageGenerator.load(path, name=model)
+        return LoadedModel(generator.denoiser.net, None, name=model, load_seconds=time.perf_counter() - start,
+                           generator=generator)
+    net, tokenizer, compact, head, vision = read_adapted(path, adapter)
     if dtype is None:  # image models run batched, compute-bound forward passes: compact weights buy nothing
         dtype = compact if hasattr(torch, "_weight_int4pack_mm_for_cpu") and not net.config.is_image else "float32"
     compact_(net, dtype)

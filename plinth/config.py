@@ -53,6 +53,9 @@ class ModelConfig:
     pixel_mean: list[float] = field(default_factory=lambda: [0.5])  # per channel: (pixel/255 - mean) / std
     pixel_std: list[float] = field(default_factory=lambda: [0.5])
     class_token: bool = False            # prepend a learned vector that heads read (else they average the patches)
+    # Conditioning (a diffusion transformer): each block's norms are scaled and shifted, and its residual
+    # branches gated, by vectors computed from a (B, dim) conditioning input (adaLN-Zero, DiT).
+    adaptive_norm: bool = False
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -79,6 +82,8 @@ class ModelConfig:
         for name, kinds in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("position", POSITION_KINDS)):
             if getattr(self, name) not in kinds:
                 bad(f"{name}={getattr(self, name)!r}; choose one of {', '.join(kinds)}")
+        if self.adaptive_norm and self.post_norm:
+            bad("adaptive_norm modulates the norms before each sublayer; it does not combine with post_norm")
         if self.is_image:
             self.validate_image(bad)
         elif self.position == "sincos2d" or self.class_token:
@@ -156,6 +161,12 @@ PRESETS: dict[str, dict] = {
     "vit-shapes": dict(dim=192, n_layers=6, n_heads=3, ffn_dim=768, max_seq_len=65, causal=False, norm="layer",
                        mlp="gelu", bias=True, position="sincos2d", patch_size=8, image_size=64, channels=3,
                        class_token=True, pixel_mean=[0.904, 0.901, 0.895], pixel_std=[0.188, 0.195, 0.211]),
+    # Unit tests of diffusion: 8×8 grey images in 2×2 patches, conditioned through adaptive norms.
+    "dit-tiny": dict(dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=16, causal=False, norm="layer",
+                     mlp="gelu", bias=True, position="sincos2d", patch_size=2, image_size=8, adaptive_norm=True),
+    # Fashion-MNIST generation: 28×28 grey images in 49 patches of 4×4, DiT blocks (adaLN-Zero).
+    "dit-fashion": dict(dim=192, n_layers=6, n_heads=3, ffn_dim=768, max_seq_len=49, causal=False, norm="layer",
+                        mlp="gelu", bias=True, position="sincos2d", patch_size=4, image_size=28, adaptive_norm=True),
     # SmolLM2-135M (llama architecture), as shipped in the default GGUF.
     "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
                          ffn_dim=1536, max_seq_len=8192, rope_theta=100000.0),

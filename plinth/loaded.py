@@ -23,11 +23,26 @@ from plinth.vision.image_sources import ImageLimits
 
 class LoadedModel:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", load_seconds: float = 0.0,
-                 head=None, vision=None):
+                 head=None, vision=None, generator=None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.load_seconds = load_seconds
         self.head = head  # a classification or regression head, for models fine-tuned with task=classify/regress
         self.vision = vision  # an image+text model's image encoder (plinth/vision/multimodal.py), else None
+        self.generator = generator  # an image generator (plinth/vision/imagine.py): no tokenizer, no text
+
+    def imagine(self, prompt: str, n: int = 1, seed: int = 0, steps: int | None = None,
+                guidance: float | None = None) -> list:
+        """`n` PIL images for `prompt` ("" = no prompt) from an image generator; `seed` fixes the noise,
+        `steps` and `guidance` default to the run's (plinth/vision/imagine.py)."""
+        from plinth.vision.imagine import to_image
+        if self.generator is None:
+            raise PlinthError(f"{self.name} does not generate images; load an image generator (plinth pretrain "
+                              "recipes/dit-fashion.yaml)")
+        return [to_image(p) for p in self.generator.generate([prompt] * n, seed, steps, guidance)]
+
+    def _text_model(self):
+        if self.generator is not None:
+            raise PlinthError(f"{self.name} generates images and does not write text; use .imagine(prompt)")
 
     def _params(self, response_format=None, **options) -> SamplingParams:
         if response_format is not None:  # OpenAI's shape or a pydantic model class: constrained decoding
@@ -41,6 +56,7 @@ class LoadedModel:
         """Complete `prompt` (text or token ids). Returns the text, or with stream=True an iterator
         of text pieces. Options are `SamplingParams` fields (max_tokens, temperature, top_p, stop, ...)
         and `response_format` (JSON object / JSON schema, enforced by constrained decoding)."""
+        self._text_model()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return self._reply(ids, None, stream, options)
 
@@ -54,6 +70,7 @@ class LoadedModel:
         content is text, or a list of parts: {"type": "text", "text"}, and for an image+text model
         {"type": "image_url", "image_url": {"url"}} or {"type": "image", "image": PIL image, path or
         uint8 array} (plinth/vision/image_chat.py)."""
+        self._text_model()
         messages, images = split_images(messages)
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         prompt, pictures = image_prompt(self.tokenizer, self.vision, text, images, ImageLimits(allow_files=True))
@@ -72,12 +89,14 @@ class LoadedModel:
     @torch.inference_mode()
     def logits(self, text: str | list[int]) -> torch.Tensor:
         """Next-token logits (T, V) for every position of `text`, as float32."""
+        self._text_model()
         ids = self.tokenizer.encode(text) if isinstance(text, str) else list(text)
         return self.model(torch.tensor([ids]))[0].float()
 
     @torch.inference_mode()
     def embed(self, texts: list[str] | str) -> torch.Tensor:
         """Mean of the final hidden states per text, L2-normalised: (N, C)."""
+        self._text_model()
         texts = [texts] if isinstance(texts, str) else texts
         rows = [self.model.features(torch.tensor([self.tokenizer.encode(t) or [0]]))[0].float().mean(0) for t in texts]
         return torch.nn.functional.normalize(torch.stack(rows), dim=-1)

@@ -277,11 +277,19 @@ class Block(nn.Module):
         self.post_attn_norm = make_norm(config, config.dim) if config.sandwich_norm else None
         self.post_mlp_norm = make_norm(config, config.dim) if config.sandwich_norm else None
         self.post_norm = config.post_norm
+        # adaLN-Zero (DiT): shift, scale and gate of each sublayer from the conditioning vector; zero
+        # at init, so the block starts as the identity.
+        self.modulation = nn.Linear(config.dim, 6 * config.dim) if config.adaptive_norm else None
 
-    def forward(self, x, rope, where, cache):
+    def forward(self, x, rope, where, cache, condition=None):
+        """condition: (B, C) with adaptive_norm, already through its SiLU (see Transformer._features)."""
         if self.post_norm:  # original Transformer / BERT: normalise the sum
             x = self.attn_norm(x + self.attn(x, rope, where, cache))
             return self.mlp_norm(x + self.mlp(x))
+        if self.modulation is not None:
+            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(condition)[:, None].chunk(6, dim=-1)
+            x = x + gate_a * self.attn(modulate(self.attn_norm(x), shift_a, scale_a), rope, where, cache)
+            return x + gate_m * self.mlp(modulate(self.mlp_norm(x), shift_m, scale_m))
         h = self.attn(self.attn_norm(x), rope, where, cache)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
@@ -290,6 +298,11 @@ class Block(nn.Module):
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x + h
+
+
+def modulate(x, shift, scale):
+    """Adaptive norm: normalised x (B, T, C) scaled and shifted per row by (B, 1, C) vectors."""
+    return x * (1 + scale) + shift
 
 
 class Transformer(nn.Module):
@@ -310,6 +323,7 @@ class Transformer(nn.Module):
             self.embed_norm = make_norm(config, config.dim) if config.embed_norm else None
             self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
             self.norm = make_norm(config, config.dim) if not config.post_norm else None
+            self.norm_modulation = nn.Linear(config.dim, 2 * config.dim) if config.adaptive_norm else None
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False) if text else None
         self._tie()
         # Set by the training loop: keep only each block's input and recompute the rest in backward.
@@ -333,6 +347,8 @@ class Transformer(nn.Module):
           so the residual stream's variance does not grow with depth (GPT-2);
         - learned position embeddings and the class token (if any): normal(0, 0.02);
         - every norm weight: 1, and LayerNorm and linear biases: 0;
+        - with adaptive_norm, the modulation layers (each block's and the final norm's): 0, so every
+          block starts as the identity and the final norm unmodulated (adaLN-Zero);
         - rotary tables: recomputed (see `init_buffers`).
         """
         std, depth_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
@@ -346,6 +362,10 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        for name, module in self.named_modules():
+            if name.endswith("modulation"):
+                nn.init.zeros_(module.weight)
+                nn.init.zeros_(module.bias)
         if self.class_token is not None:
             nn.init.normal_(self.class_token, 0.0, std)
         self._tie()
@@ -385,7 +405,7 @@ class Transformer(nn.Module):
 
     # ---- running -------------------------------------------------------------------------------
     def features(self, tokens=None, *, embeds=None, images=None, keep=None, cache=None, documents=None,
-                 adapters=None):
+                 adapters=None, condition=None):
         """Final normalised hidden states (B, T, C).
 
         tokens: (B, T) ids, or embeds: (B, T, C) input vectors (soft prompts, projected image
@@ -396,13 +416,17 @@ class Transformer(nn.Module):
         new tokens start, and where past keys and values are kept; None = whole sequences from 0;
         documents: (B, T) for packed training rows: which example each token belongs to (positions
         restart and attention stays within each; see `Positions`);
-        adapters: (B,) the LoRA adapter each row uses, where several are served (see ADAPTER_ROWS).
+        adapters: (B,) the LoRA adapter each row uses, where several are served (see ADAPTER_ROWS);
+        condition: (B, C) with adaptive_norm: what modulates every norm (a diffusion model's timestep
+        and prompt, embedded by plinth/vision/diffusion.py).
         """
+        if (condition is None) == self.config.adaptive_norm:
+            raise ValueError("a model with adaptive_norm needs a condition (B, dim), and only such a model takes one")
         selected = ADAPTER_ROWS.set(adapters)
         try:
             x = self._embed_image(images, keep) if images is not None else \
                 (embeds if embeds is not None else self.tok_embeddings(tokens))
-            return self._features(x, cache, documents, positioned=images is not None)
+            return self._features(x, cache, documents, positioned=images is not None, condition=condition)
         finally:
             ADAPTER_ROWS.reset(selected)
 
@@ -425,7 +449,7 @@ class Transformer(nn.Module):
             x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
         return x
 
-    def _features(self, embeds, cache, documents, positioned: bool):
+    def _features(self, embeds, cache, documents, positioned: bool, condition=None):
         """positioned: the inputs already carry their positions (image patches)."""
         x = embeds.to(self.input_layer.weight.dtype)
         if self.config.embed_scale:
@@ -446,12 +470,17 @@ class Transformer(nn.Module):
             ropes = {local: tables[id(t)] for local, t in self.rope.items()}
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        if condition is not None:
+            condition = F.silu(condition.to(x.dtype))  # DiT's adaLN input: SiLU once, then each block's linear
         for block in self.layers:
             rope = ropes[block.attn.window is not None]
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, where, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, where, cache, condition, use_reentrant=False)
             else:
-                x = block(x, rope, where, cache)
+                x = block(x, rope, where, cache, condition)
+        if self.norm_modulation is not None:
+            shift, scale = self.norm_modulation(condition)[:, None].chunk(2, dim=-1)
+            return modulate(self.norm(x), shift, scale)
         return self.norm(x) if self.norm is not None else x
 
     def forward(self, tokens=None, *, embeds=None, cache=None, last=None, documents=None, targets=None,

@@ -162,3 +162,31 @@ def toy_vlm(tmp_path_factory):
                        warmup_steps=5, eval_every=120, save_every=60, seq_len=64, out_dir=str(root / "run"))
     final = finetune(r, log=lambda *_: None)
     return root, final
+
+
+def blob(place: str, i: int) -> Image.Image:
+    """An 8×8 grey image with a bright 3×3 blob in its top or bottom half (column varying with i)."""
+    pixels = np.zeros((8, 8), dtype=np.uint8)
+    row, column = (1 if place == "top" else 4) + i % 2, i % 6
+    pixels[row:row + 3, column:column + 3] = 255
+    return Image.fromarray(pixels)
+
+
+def top_minus_bottom(pixels) -> float:
+    """What tells the two blob classes apart: the top half's mean brightness minus the bottom half's."""
+    pixels = pixels.float()
+    return float(pixels[..., :4, :].mean() - pixels[..., 4:, :].mean())
+
+
+@pytest.fixture(scope="session")
+def toy_generator(tmp_path_factory):
+    """A tiny image generator trained by flow matching on two classes of 8×8 blobs, "top" and "bottom"."""
+    from plinth.vision.diffusion_pretrain import DiffusionRecipe, pretrain_diffusion
+    root = tmp_path_factory.mktemp("blobs")
+    for place in ("top", "bottom"):
+        (root / "data" / place).mkdir(parents=True)
+        for i in range(48):
+            blob(place, i).save(root / "data" / place / f"{i}.png")
+    r = DiffusionRecipe(data=str(root / "data"), preset="dit-tiny", val_images=8, batch_size=32, max_steps=150,
+                        lr=3e-3, warmup_steps=10, eval_every=150, save_every=75, out_dir=str(root / "run"))
+    return pretrain_diffusion(r, log=lambda *_: None)

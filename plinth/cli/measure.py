@@ -2,6 +2,7 @@
 
     plinth plot runs/pretrain-tiny
     plinth plot runs/mae-fashion          # also reconstructions.png
+    plinth plot runs/dit-fashion          # also samples.png (the sample grids over time)
     plinth eval smollm2-135m-instruct --tasks perplexity,sentiment,topic,humaneval --limit 200
     plinth report runs/eval-*/ --out report.html
 """
@@ -13,11 +14,13 @@ from plinth.loglik import BATCH_TOKENS
 
 
 def cmd_plot(args):
-    from plinth.train.plot import plot_run
+    from plinth.train.plot import plot_run, plot_samples, sample_grids
     from plinth.vision.reconstructions import is_mae_run, plot_reconstructions
     print(plot_run(args.run, args.out))
     if is_mae_run(args.run):
         print(plot_reconstructions(args.run))
+    if sample_grids(args.run):
+        print(plot_samples(args.run))
 
 
 def cmd_eval(args):

@@ -1,12 +1,15 @@
-"""`plinth list`, `pull`, `generate` and `chat`: find a model, install it, and talk to it.
+"""`plinth list`, `pull`, `generate`, `chat` and `imagine`: find a model, install it, talk to it, or
+have an image generator draw.
 
     plinth list
     plinth generate smollm2-135m-instruct "The capital of France is" --max-tokens 20
     plinth chat smollm2-135m-instruct
+    plinth imagine runs/dit-fashion/final "an ankle boot" --n 16 --seed 0 --out boots.png
 """
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from plinth import hub
 from plinth.cli.common import add_model_args, add_sampling_args, load_model, print_stream, sampling
@@ -72,6 +75,28 @@ def cmd_chat(args):
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_imagine(args):
+    import plinth
+    from plinth.files import atomic_file
+    from plinth.vision.imagine import image_grid, is_image_generator
+    if not 1 <= args.n <= MAX_IMAGES:
+        raise PlinthError(f"--n {args.n}; give 1 to {MAX_IMAGES} images")
+    if args.out.suffix.lower() != ".png":
+        raise PlinthError(f"--out {args.out}: the grid is written as PNG; give a file name ending in .png")
+    if not is_image_generator(hub.resolve(args.model)):
+        raise PlinthError(f"{args.model} is not an image generator (it has no diffusion.json); give a checkpoint of "
+                          "`plinth pretrain` with objective: flow, e.g. runs/dit-fashion/final")
+    model = plinth.load(args.model)
+    pixels = model.generator.generate([args.prompt] * args.n, args.seed, args.steps, args.guidance)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(args.out) as tmp:
+        image_grid(pixels).save(tmp, format="png")
+    print(f"{args.n} image{'s' * (args.n > 1)} of {args.prompt!r} → {args.out}")
+
+
+MAX_IMAGES = 256
+
+
 def register(sub):
     p = sub.add_parser("list", help="models known and installed", description="Known models and where their files are.")
     p.set_defaults(func=cmd_list)
@@ -97,3 +122,18 @@ def register(sub):
                    help="an image for your first message (image+text models; repeat for several)")
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("imagine", help="draw images from a prompt (image generators)",
+                       description="Generate images from a text prompt with an image generator trained by `plinth "
+                       "pretrain` (objective: flow) and write them as one PNG grid. Example: plinth imagine "
+                       "runs/dit-fashion/final \"an ankle boot\" --n 16 --seed 0 --out boots.png")
+    p.add_argument("model", help="an image generator's run or checkpoint folder")
+    p.add_argument("prompt", help='what to draw; "" draws without a prompt (unconditional)')
+    p.add_argument("--n", type=int, default=16, help="how many images (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise: the same seed gives the same images")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's, 16)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance: 0 ignores the prompt, 1 is the prompt alone, more follows it "
+                        "more closely (default: the run's)")
+    p.add_argument("--out", type=Path, default=Path("imagine.png"), help="the PNG grid to write (default imagine.png)")
+    p.set_defaults(func=cmd_imagine)

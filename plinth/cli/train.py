@@ -4,6 +4,7 @@ from scratch. Any recipe field can be overridden with --key=value.
     plinth data prepare recipes/pretrain-tiny.yaml --max_docs_per_source=500
     plinth pretrain recipes/pretrain-tiny.yaml --max_steps=100    # then --resume after a stop
     plinth pretrain recipes/mae-fashion.yaml                      # images: objective: mae
+    plinth pretrain recipes/dit-fashion.yaml                      # image generation: objective: flow
     torchrun --nproc-per-node 2 -m plinth pretrain recipes/pretrain-tiny.yaml --dist ddp
 """
 from __future__ import annotations
@@ -31,10 +32,15 @@ def cmd_tokenizer_train(args):
 
 def cmd_pretrain(args):
     from plinth.train.recipe import load_recipe, recipe_values
-    if recipe_values(args.recipe, args.overrides).get("objective") == "mae":  # images: a masked autoencoder
+    objective = recipe_values(args.recipe, args.overrides).get("objective")
+    if objective == "mae":  # images: a masked autoencoder
         from plinth.vision.pretrain import MaeRecipe, pretrain_mae
         latest = pretrain_mae(load_recipe(MaeRecipe, args.recipe, args.overrides), resume=args.resume,
                               dist_mode=args.dist)
+    elif objective == "flow":  # images: a generator trained by flow matching
+        from plinth.vision.diffusion_pretrain import DiffusionRecipe, pretrain_diffusion
+        latest = pretrain_diffusion(load_recipe(DiffusionRecipe, args.recipe, args.overrides), resume=args.resume,
+                                    dist_mode=args.dist)
     else:
         from plinth.train.loop import pretrain
         latest = pretrain(recipe_of(args), resume=args.resume, dist_mode=args.dist)

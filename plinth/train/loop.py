@@ -135,7 +135,7 @@ def step_size(data, batches, seconds: float) -> tuple[int, dict]:
     if per_image is None:  # an image+text batch's x is (token ids, images): its positions are the ids'
         computed = sum(ids.shape[0] * ids.shape[-1] for ids in (x[0] if isinstance(x, tuple) else x for x, _ in batches))
         return computed, {"tok_s": computed / seconds}
-    images = sum(x.shape[0] for x, _ in batches)
+    images = sum((x[0] if isinstance(x, tuple) else x).shape[0] for x, _ in batches)  # a tuple: images first
     return images * per_image, {"tok_s": images * per_image / seconds, "img_s": images / seconds}
 
 
@@ -260,6 +260,8 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if hasattr(d.inner(model), "after_step"):  # state the new weights feed (a diffusion model's moving average)
+                d.inner(model).after_step()
             step += 1
             seconds = time.perf_counter() - tick
             computed, speed = step_size(data, batches, seconds)

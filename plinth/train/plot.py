@@ -1,7 +1,10 @@
 """`plinth plot RUN_DIR`: training curves (loss and validation, learning rate, tokens/s or
-images/s) to a PNG; for a masked-autoencoder run, plinth/vision/reconstructions.py adds its figure.
+images/s) to a PNG; for a masked-autoencoder run, plinth/vision/reconstructions.py adds its figure;
+for a run that wrote sample grids at its evaluations (an image generator), they are shown side by
+side over time.
 
     plinth plot runs/pretrain-tiny            # writes runs/pretrain-tiny/curves.png
+    plinth plot runs/dit-fashion              # also samples.png
 """
 from __future__ import annotations
 
@@ -46,5 +49,38 @@ def plot_run(run_dir, out=None) -> Path:
     out = Path(out) if out else Path(run_dir) / "curves.png"
     with atomic_file(out) as tmp:
         fig.savefig(tmp, dpi=100, format=out.suffix[1:] or "png")  # the temporary name has no image suffix
+    plt.close(fig)
+    return out
+
+
+def sample_grids(run_dir) -> list[Path]:
+    """The sample grids a run wrote at its evaluations (samples/step-NNNNNN.png), oldest first."""
+    return sorted((Path(run_dir) / "samples").glob("step-*.png"))
+
+
+def plot_samples(run_dir, most: int = 6, out=None) -> Path:
+    """Up to `most` of the run's sample grids, evenly spread over its evaluations and the last one
+    always among them, side by side with their steps: how the samples improved."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    grids = sample_grids(run_dir)
+    if not grids:
+        raise PlinthError(f"{run_dir} has no sample grids (samples/step-*.png); an image generator's run writes "
+                          "one at each evaluation")
+    chosen = sorted({grids[round(i * (len(grids) - 1) / max(1, most - 1))] for i in range(min(most, len(grids)))})
+    fig, axes = plt.subplots(1, len(chosen), figsize=(3.2 * len(chosen), 3.6), squeeze=False)
+    for ax, path in zip(axes[0], chosen):
+        image = Image.open(path)
+        ax.imshow(image, cmap="gray" if image.mode == "L" else None, vmin=0, vmax=255)
+        ax.set_title(f"step {int(path.stem.removeprefix('step-'))}", fontsize=10)
+        ax.axis("off")
+    fig.suptitle(f"{Path(run_dir).resolve().name}: samples at each evaluation (one row per class)")
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "samples.png"
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out

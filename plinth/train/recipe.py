@@ -59,7 +59,7 @@ class LoopRecipe:
 @dataclass
 class PretrainRecipe(LoopRecipe):
     name: str = "pretrain"
-    objective: str = "next-token"        # "next-token" (text); "mae" reads the recipe as plinth/vision/pretrain.py's
+    objective: str = "next-token"        # "next-token" (text); "mae" and "flow" are read by plinth/vision/
     # data (plinth data prepare)
     sources: list[str] = field(default_factory=lambda: ["python-stdlib", "python-docs"])
     max_docs_per_source: int = 0         # 0 = all
@@ -75,8 +75,8 @@ class PretrainRecipe(LoopRecipe):
     def __post_init__(self):
         super().__post_init__()
         if self.objective != "next-token":
-            raise PlinthError(f"objective={self.objective!r}; pretraining objectives are next-token (text) and mae "
-                              "(images)")
+            raise PlinthError(f"objective={self.objective!r}; pretraining objectives are next-token (text), mae "
+                              "(image encoders) and flow (image generators)")
         smallest = 256 + len(TRAINED_SPECIALS) + 1
         if self.vocab_size < smallest:
             raise PlinthError(f"vocab_size={self.vocab_size} is too small: 256 byte tokens and "
