@@ -162,7 +162,7 @@ PRESETS: dict[str, dict] = {
                        mlp="gelu", bias=True, position="sincos2d", patch_size=8, image_size=64, channels=3,
                        class_token=True, pixel_mean=[0.904, 0.901, 0.895], pixel_std=[0.188, 0.195, 0.211]),
     # Unit tests of diffusion: 8×8 grey images in 2×2 patches, conditioned through adaptive norms.
-    "dit-tiny": dict(dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=16, causal=False, norm="layer",
+    "dit-tiny": dict(dim=64, n_layers=2, n_heads=2, ffn_dim=128, max_seq_len=16, causal=False, norm="layer",
                      mlp="gelu", bias=True, position="sincos2d", patch_size=2, image_size=8, adaptive_norm=True),
     # Fashion-MNIST generation: 28×28 grey images in 49 patches of 4×4, DiT blocks (adaLN-Zero).
     "dit-fashion": dict(dim=192, n_layers=6, n_heads=3, ffn_dim=768, max_seq_len=49, causal=False, norm="layer",

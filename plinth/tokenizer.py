@@ -151,8 +151,10 @@ class Tokenizer:
         return cls(backend, bos_id=eos, eos_id=eos, chat_template=CHATML_TEMPLATE)
 
     def save(self, folder):
-        """tokenizer.json + tokenizer_config.json (special tokens, chat template), as HF folders have."""
+        """tokenizer.json + tokenizer_config.json (special tokens, chat template), as HF folders have;
+        the folder is made if it does not exist."""
         folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(folder / "tokenizer.json"))
         token = self.backend.id_to_token
         config = {"bos_token": token(self.bos_id) if self.bos_id is not None else None,

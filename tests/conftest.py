@@ -187,6 +187,6 @@ def toy_generator(tmp_path_factory):
         (root / "data" / place).mkdir(parents=True)
         for i in range(48):
             blob(place, i).save(root / "data" / place / f"{i}.png")
-    r = DiffusionRecipe(data=str(root / "data"), preset="dit-tiny", val_images=8, batch_size=32, max_steps=150,
-                        lr=3e-3, warmup_steps=10, eval_every=150, save_every=75, out_dir=str(root / "run"))
+    r = DiffusionRecipe(data=str(root / "data"), preset="dit-tiny", val_images=8, batch_size=32, max_steps=300,
+                        lr=3e-3, warmup_steps=10, eval_every=300, save_every=150, out_dir=str(root / "run"))
     return pretrain_diffusion(r, log=lambda *_: None)

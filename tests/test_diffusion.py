@@ -40,7 +40,8 @@ def test_adaln_zero_blocks_are_the_identity_at_init():
     net = Transformer(preset("dit-tiny"))
     net.to_empty(device="cpu")
     net.init_weights()
-    x, condition = torch.randn(3, 16, 32), torch.randn(3, 32)
+    width = net.config.dim
+    x, condition = torch.randn(3, 16, width), torch.randn(3, width)
     from plinth.model import Positions
     where = Positions(3, 16, 0, x.device)
     for block in net.layers:
@@ -65,7 +66,7 @@ def test_a_model_with_adaptive_norm_requires_a_condition_and_others_refuse_one()
     vit.to_empty(device="cpu")
     vit.init_weights()
     with pytest.raises(ValueError, match="condition"):
-        vit.features(images=torch.randn(1, 1, 8, 8), condition=torch.randn(1, 32))
+        vit.features(images=torch.randn(1, 1, 8, 8), condition=torch.randn(1, vit.config.dim))
 
 
 def test_noising_and_velocity_follow_the_straight_line():

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from plinth.errors import PlinthError
+from plinth.tokenizer import Tokenizer
 from plinth.train.loop import pretrain
 from plinth.train.recipe import PretrainRecipe, load_recipe
 from tests.conftest import TINY, losses, recipe
@@ -209,3 +210,13 @@ def test_chitchat_source_is_dialogue_text():
     pytest.importorskip("chitchat_dataset")
     docs = list(itertools.islice(read_source("chitchat"), 20))
     assert len(docs) == 20 and all(d.text.startswith("A: ") and "\nB: " in d.text for d in docs)
+
+
+def test_a_tokenizer_saves_into_a_folder_it_makes_and_reads_back_the_same(tmp_path):
+    from tests.conftest import byte_tokenizer
+    tokenizer = byte_tokenizer()
+    folder = tmp_path / "not" / "yet"
+    tokenizer.save(folder)
+    again = Tokenizer.from_folder(folder)
+    text = "héllo, wörld 👋"
+    assert again.encode(text) == tokenizer.encode(text) and again.decode(again.encode(text)) == text
