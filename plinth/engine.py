@@ -15,6 +15,9 @@ One thread owns the model: when several threads take turns calling into PyTorch,
 the master of its own OpenMP team, the teams oversubscribe the cores and every barrier sleeps.
 Other threads only `submit()` and `cancel()`, and receive `Step`s through a callback. Without a
 thread, `generate_many` drives the same steps from the caller's thread (eval, tests, scripts).
+Other model work (embeddings, scoring, an image generator's sampling) runs on the same thread as
+tasks between steps (`call`); `Engine.tasks_only()` is that thread alone, for a served model that
+is not a language model.
 
     engine = Engine(model, tokenizer, max_batch=16)
     engine.start()
@@ -106,12 +109,16 @@ class Stats:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None, chunk: int = 256,
                  max_queue: int = 256, threads: int | None = None, vision=None):
-        """vision: an image+text model's image encoder (plinth/vision/multimodal.py ImageEncoder)."""
+        """vision: an image+text model's image encoder (plinth/vision/multimodal.py ImageEncoder).
+        model None: an engine that only runs `call`ed tasks (see `tasks_only`)."""
         self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.threads = threads or default_threads()
-        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.chunk, self.max_queue = chunk, max_queue
-        self.cache = KVCache.for_model(model, max_batch, self.max_len)
+        if model is None:  # no text model: nothing to cache, no slot to give a request
+            self.max_len, self.cache, max_batch = 0, None, 0
+        else:
+            self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+            self.cache = KVCache.for_model(model, max_batch, self.max_len)
         self.free_slots = list(range(max_batch))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -121,6 +128,13 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    @classmethod
+    def tasks_only(cls, threads: int | None = None) -> "Engine":
+        """An engine without a text model, whose thread runs only `call`ed tasks: how the server keeps
+        a model that is not a language model (an image generator) on the one model thread. It has
+        no KV cache, and `submit` refuses."""
+        return cls(None, None, threads=threads)
 
     # ---- called from any thread ----------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, emit, adapter: int = 0,
@@ -144,6 +158,9 @@ class Engine:
         """A request checked against the model: bad parameters or a prompt too long raise here."""
         if self._thread is not None and not self._thread.is_alive():
             raise EngineDown("the engine thread has stopped; restart the server")
+        if self.model is None:
+            raise PlinthError("this engine has no text model (Engine.tasks_only): it runs tasks, not "
+                              "generation requests")
         vocab = self.model.config.vocab_size
         params.validate(vocab)
         check_prompt(len(prompt), self.max_len)

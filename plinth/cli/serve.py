@@ -2,6 +2,7 @@
 
     plinth serve smollm2-135m-instruct --port 8000 --api-key secret
     plinth serve --adapter sentiment=runs/lora-sentiment/final --index docs=idx/
+    plinth serve runs/dit-fashion/final     # an image generator: /v1/images/generations
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def cmd_serve(args):
 def register(sub):
     p = sub.add_parser("serve", help="OpenAI-compatible server + chat page", description="Serve a model over an "
                        "OpenAI-compatible HTTP API with continuous batching, and a chat page at /. "
+                       "An image generator's run (plinth pretrain recipes/dit-fashion.yaml) answers "
+                       "/v1/images/generations instead of the text routes. "
                        "Example: plinth serve smollm2-135m-instruct --port 8000")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")

@@ -1,8 +1,8 @@
 """The HTTP server around the engine (`plinth serve`): `app` builds the FastAPI app (auth, body
 limits, health, metrics, graceful drain) and runs it; `state` is what every route shares;
-`openai_api` holds the OpenAI-compatible routes, with their request bodies and error shape in
-`schemas` and what /openapi.json documents of their responses in `openapi`, and the extras they
-call on: `chat_tools` (tools and structured output), `echo`
+`openai_api` holds the OpenAI-compatible routes and `images_api` an image generator's, with their
+request bodies and error shape in `schemas` and what /openapi.json documents of their responses in
+`openapi`, and the extras they call on: `chat_tools` (tools and structured output), `echo`
 (prompt logprobs for `echo`), `retrieval` (passages from a served index); `metrics` renders
 /metrics; `static/` is the chat page served at `/`. Handlers only queue work and await it: the
 engine (`plinth.engine`) runs the model on its own thread.

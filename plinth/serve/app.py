@@ -2,6 +2,7 @@
 
     plinth serve                                  # default model on http://127.0.0.1:8000
     plinth serve --api-key secret --port 9000
+    plinth serve runs/dit-fashion/final           # an image generator: /v1/images/generations
 
 HTTP handlers only queue work and await the engine's output; the engine thread owns the model.
 Every error is OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status for
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from plinth import hub
 from plinth.errors import PlinthError
 from plinth.engine import Engine
+from plinth.serve.images_api import router as images_router
 from plinth.serve.openai_api import router
 from plinth.serve.retrieval import load_indexes
 from plinth.serve.openapi import ErrorResponse, Health, HealthError, describe_served, error_responses
@@ -130,13 +132,16 @@ def create_app(state: ServerState) -> "Gate":
     app = FastAPI(title="plinth", docs_url=None, redoc_url=None)
     app.state.plinth = state
     app.include_router(router)
+    app.include_router(images_router)
     generated = app.openapi
 
     def openapi():  # FastAPI's document, with what only the served models tell
         if app.openapi_schema is None:
-            app.openapi_schema = describe_served(copy.deepcopy(generated()), state.tokenizer.vocab_size,
+            app.openapi_schema = describe_served(copy.deepcopy(generated()),
+                                                 state.tokenizer.vocab_size if state.tokenizer else None,
                                                  state.embedder, state.indexes, bool(state.api_key),
-                                                 state.engine.vision is not None)
+                                                 state.engine.vision is not None,
+                                                 state.generator.size if state.generator else None)
         return app.openapi_schema
 
     app.openapi = openapi
@@ -238,18 +243,27 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     embedder = Embedder.load(embedding_model) if embedding_model != "none" else None
     served_indexes = load_indexes(indexes or {}, embedder)  # before the model: a bad --index fails fast
     loaded = plinth.load(model, dtype=dtype)
+    generator = loaded.generator
+    if generator is not None and (adapters or indexes):
+        raise PlinthError(f"{model} generates images: --adapter and --index are for language models (an adapter "
+                          "changes one, an index adds passages to chats); leave them out")
     adapter_ids = serve_adapters(loaded.model, adapters) if adapters else {}
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads,
-                    vision=loaded.vision)
+    # an image generator draws as tasks on the engine thread, which has no language model to batch
+    engine = Engine.tasks_only(threads) if generator is not None else Engine(
+        loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads, vision=loaded.vision)
     engine.start()
     state = ServerState(engine, loaded.tokenizer, model, strict_models=strict_models,
                         api_key=api_key or os.environ.get("PLINTH_API_KEY"), embedder=embedder, seed=seed,
-                        indexes=served_indexes, adapters=adapter_ids)
+                        indexes=served_indexes, adapters=adapter_ids, generator=generator)
     base = f"http://{host}:{port}"
-    cache_gb = engine.cache.nbytes / 2**30
     print(f"plinth: serving {model} — chat page {base}/  ·  OpenAI API {base}/v1", flush=True)
-    print(f"plinth: KV cache {cache_gb:.1f} GiB for {max_batch} sequences × {engine.max_len} tokens "
-          "(--max-batch, --max-model-len)", flush=True)
+    if generator is not None:
+        side, defaults = generator.size, generator.settings
+        print(f"plinth: an image generator: {side}x{side} images at {base}/v1/images/generations "
+              f"({defaults['steps']} steps, guidance {defaults['guidance']} by default)", flush=True)
+    else:
+        print(f"plinth: KV cache {engine.cache.nbytes / 2**30:.1f} GiB for {max_batch} sequences × {engine.max_len} "
+              "tokens (--max-batch, --max-model-len)", flush=True)
     server = GracefulServer(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"), state, grace)
     try:
         server.run()

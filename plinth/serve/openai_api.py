@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings
+(an image generator's /v1/images/generations is in images_api.py).
 
 Handlers turn a request into token ids and `SamplingParams`, submit one engine request per choice,
 and relay the engine's `Step`s as a JSON response or as server-sent events. They never touch the
@@ -60,11 +61,17 @@ def server_state(request: Request) -> ServerState:
 @router.get("/v1/models", responses={200: {"model": ModelList}, **error_responses(401, 413, 503)})
 async def list_models(request: Request):
     state = server_state(request)
-    # only the served model itself reads images; its adapters and the embedder are text
+    # only the served model itself reads images or draws them; its adapters write text, the embedder embeds
     reads = ["text", "image"] if state.engine.vision is not None else ["text"]
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": state.started, "owned_by": "plinth",
-                                        "input_modalities": reads if name == state.name else ["text"]}
-                                       for name in state.model_names()]}
+    makes = ["image"] if state.generator is not None else ["text"]
+    embedder = state.embedder.name if state.embedder else None
+
+    def entry(name: str) -> dict:
+        return {"id": name, "object": "model", "created": state.started, "owned_by": "plinth",
+                "input_modalities": reads if name == state.name else ["text"],
+                "output_modalities": makes if name == state.name else ["embeddings"] if name == embedder else ["text"]}
+
+    return {"object": "list", "data": [entry(name) for name in state.model_names()]}
 
 
 # ---- generation ------------------------------------------------------------------------------------
@@ -73,6 +80,7 @@ async def list_models(request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = server_state(request)
     model = state.resolve_model(body.model)
+    state.text_model()
     try:
         messages, images = split_images([m.as_template_input() for m in body.messages])
     except PlinthError as e:
@@ -101,6 +109,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def completions(body: CompletionRequest, request: Request):
     state = server_state(request)
     model = state.resolve_model(body.model)
+    state.text_model()
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model", param="suffix")
     if body.echo and body.stream:

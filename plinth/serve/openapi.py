@@ -43,33 +43,54 @@ def error_responses(*statuses, json_route: bool = True) -> dict:
     return {status: {**body, "description": ERRORS[status]} for status in (*statuses, "default")}
 
 
-def describe_served(schema: dict, vocab_size: int, embedder, indexes, api_key: bool, reads_images: bool) -> dict:
+def describe_served(schema: dict, vocab_size: int | None, embedder, indexes, api_key: bool, reads_images: bool,
+                    image_size: int | None = None) -> dict:
     """What only the running server knows, added to the generated document: the range of token ids
     (the language model's, and the embedding model's), the embeddings' dimensions, the names of the
     served retrieval indexes, whether /v1/ routes need the API key, and whether the model reads
-    images (a text model answers image parts with a 400, so its document offers text parts only)."""
+    images (a text model answers image parts with a 400, so its document offers text parts only).
+
+    The routes offered are the served model's: a language model's text routes (vocab_size), or an
+    image generator's /v1/images/generations (image_size, the side of its square images). Each
+    answers the other's with a 400, which a document must not invite."""
+    paths = schema["paths"]
+    if image_size is None:
+        del paths["/v1/images/generations"]
+    else:
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            del paths[path]
     if api_key:
         schema["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
-        for path, operations in schema["paths"].items():
+        for path, operations in paths.items():
             for operation in operations.values() if path.startswith("/v1/") else ():
                 operation["security"] = [{"apiKey": []}]
     parts = schema["components"]["schemas"]
-    if not reads_images:
-        for option in parts["ChatMessage"]["properties"]["content"]["anyOf"]:
-            if option.get("type") == "array":
-                option["items"] = {"$ref": "#/components/schemas/TextPart"}
+    if image_size is not None:
+        parts["ImageGenerationRequest"]["properties"]["size"] = {
+            "anyOf": [{"enum": ["auto", f"{image_size}x{image_size}"]}, {"type": "null"}],
+            "description": "The model's own size (auto and null stand for it): no other is served"}
+    if vocab_size is not None:
+        describe_text_model(parts, vocab_size, reads_images)
     parts["RetrievalOptions"]["properties"]["index"]["enum"] = sorted(indexes)  # none served: no retrieval
-    bound_token_ids(parts["CompletionRequest"]["properties"]["prompt"], vocab_size - 1)
-    for request in ("ChatCompletionRequest", "CompletionRequest"):
-        for option in parts[request]["properties"]["logit_bias"]["anyOf"]:
-            if "propertyNames" in option:  # JSON object keys are strings: a pattern bounds the ids they name
-                option["propertyNames"]["pattern"] = decimal_at_most(vocab_size - 1)
     if embedder is not None:
         request = parts["EmbeddingRequest"]["properties"]
         bound_token_ids(request["input"], embedder.vocab_size - 1)
         request["dimensions"] = {"anyOf": [{"const": embedder.dimensions}, {"type": "null"}],
                                  "description": "The embeddings' dimensions: only the model's own are served"}
     return schema
+
+
+def describe_text_model(parts: dict, vocab_size: int, reads_images: bool):
+    """A language model's requests: image parts only if it reads images, token ids below its vocabulary's size."""
+    if not reads_images:
+        for option in parts["ChatMessage"]["properties"]["content"]["anyOf"]:
+            if option.get("type") == "array":
+                option["items"] = {"$ref": "#/components/schemas/TextPart"}
+    bound_token_ids(parts["CompletionRequest"]["properties"]["prompt"], vocab_size - 1)
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        for option in parts[request]["properties"]["logit_bias"]["anyOf"]:
+            if "propertyNames" in option:  # JSON object keys are strings: a pattern bounds the ids they name
+                option["propertyNames"]["pattern"] = decimal_at_most(vocab_size - 1)
 
 
 def bound_token_ids(node, largest: int):
@@ -102,6 +123,8 @@ class Model(BaseModel):
     owned_by: str
     input_modalities: list[Literal["text", "image"]] = Field(
         description="What the model reads: a plinth extension, named as OpenRouter names it")
+    output_modalities: list[Literal["text", "image", "embeddings"]] = Field(
+        description="What the model makes: a plinth extension, named as OpenRouter names it")
 
 
 class ModelList(BaseModel):
@@ -208,6 +231,34 @@ class EmbeddingList(BaseModel):
     model: str
     data: list[Embedding]
     usage: EmbeddingUsage
+
+
+class GeneratedImage(BaseModel):
+    b64_json: str                                 # a PNG, base64-encoded
+
+
+class ImageTokens(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class ImageUsage(BaseModel):
+    """OpenAI's image usage: input_tokens are the prompt's tokens in the generator's sentence encoder
+    (0 for an empty prompt); output_tokens the image tokens made (n × patches per image)."""
+    input_tokens: int
+    input_tokens_details: ImageTokens
+    output_tokens: int
+    output_tokens_details: ImageTokens
+    total_tokens: int
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[GeneratedImage]
+    background: Literal["opaque"]
+    output_format: Literal["png"]
+    size: str                                     # WIDTHxHEIGHT
+    usage: ImageUsage
 
 
 class Health(BaseModel):

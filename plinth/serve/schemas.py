@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WithJsonSch
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from plinth.generate import SamplingParams
+from plinth.vision.imagine import MAX_STEPS
 
 SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's \uXXXX escapes allow unpaired halves; Unicode text does not
 
@@ -312,6 +313,52 @@ class EmbeddingRequest(Body):
     input: Annotated[Union[str, list[str], list[int], list[list[int]]], texts_or_tokens(most=MAX_EMBEDDING_INPUTS)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="Only the model's own number of dimensions is served")
+
+
+def served_only(*values, note: str) -> WithJsonSchema:
+    """For the schema only: the values of one of OpenAI's fields that this server serves. The field
+    takes all of OpenAI's, so that the handler can answer the others with a 400 saying why."""
+    return WithJsonSchema({"anyOf": [{"enum": list(values)}, {"type": "null"}], "description": note})
+
+
+class ImageGenerationRequest(Body):
+    """OpenAI's image generation request. Fields the served generator has no use for are taken and
+    ignored where that changes nothing (quality, style, moderation, user, ...); a value it cannot
+    serve (a `url` response, JPEG output, a transparent background, a stream) is a 400 from the
+    handler, and /openapi.json offers only what it serves. `seed`, `steps` and `guidance` are
+    plinth's extensions; steps and guidance take ImageGenerator.check's ranges (its messages)."""
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = Field(max_length=32000, description="What to draw; an empty prompt draws without one")
+    model: str | None = None
+    n: int | None = Field(None, ge=1, le=10)
+    size: Annotated[str | None, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "null"}], "description":
+                                                "WIDTHxHEIGHT: only the model's own size, or auto"})] = None
+    response_format: Annotated[Literal["url", "b64_json"] | None, served_only(
+        "b64_json", note="Images come back as base64 PNG in the response, never as URLs")] = None
+    output_format: Annotated[Literal["png", "webp", "jpeg", "gif", "svg"] | None, served_only(
+        "png", note="Images are PNG")] = None
+    background: Annotated[Literal["transparent", "opaque", "auto"] | None, served_only(
+        "opaque", "auto", note="Images are opaque")] = None
+    stream: Annotated[bool | None, served_only(False, note="Not supported: the images come in one response")] = None
+    # ignored: `steps` sets the effort
+    quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] | None = None
+    style: Literal["vivid", "natural"] | None = None            # ignored (OpenAI's legacy field)
+    complexity: Literal["low", "medium", "high"] | None = None  # ignored
+    moderation: Literal["low", "auto"] | None = None            # ignored: no moderation here
+    output_compression: int | None = Field(None, ge=0, le=100)  # ignored: PNG is lossless
+    partial_images: int | None = Field(None, ge=0, le=3)        # ignored: only for streams
+    user: str | None = None                                     # ignored
+    safety_identifier: str | None = None                        # ignored
+    # at most 2^53 - 1: the integers every JSON reader holds exactly (JavaScript's, and a float-reading fuzzer's)
+    seed: int | None = Field(None, ge=0, le=2**53 - 1, description="Seeds the noise: the same request with the "
+                             "same seed gets the same images (plinth's extension)")
+    steps: Annotated[int | None, WithJsonSchema({
+        "anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_STEPS}, {"type": "null"}],
+        "description": "Sampling steps (plinth's extension; default: the model's)"})] = None
+    guidance: Annotated[float | None, WithJsonSchema({  # 20: ImageGenerator.check's bound, which the handler applies
+        "anyOf": [{"type": "number", "minimum": 0, "maximum": 20}, {"type": "null"}],
+        "description": "Classifier-free guidance: 0 ignores the prompt, 1 is the prompt alone (plinth's extension; "
+                       "default: the model's)"})] = None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -1,11 +1,13 @@
-"""What every route of the server shares, as one typed object: the engine and tokenizer, the names
-served (model, LoRA adapters, embedder), the retrieval indexes, the server's options, its metrics,
-and the drain flag and in-flight count that a graceful shutdown waits on (then `abort_in_flight`).
+"""What every route of the server shares, as one typed object: the engine and tokenizer (or the
+image generator served instead of a language model), the names served (model, LoRA adapters,
+embedder), the retrieval indexes, the server's options, its metrics, and the drain flag and
+in-flight count that a graceful shutdown waits on (then `abort_in_flight`).
 
 `create_app(state)` puts it on the app; routes read it back with `request.app.state.plinth`. Its
 methods are the checks and the engine calls that every generation route makes the same way:
 `resolve_model`, `default_seed`, `check_length` and `run`; `in_steps` runs other long model work
-(embeddings, echo scoring) as small engine tasks.
+(embeddings, echo scoring, image generation) as small engine tasks. `text_model` and
+`image_generator` answer a route the served model cannot take with a 400 saying which it can.
 """
 from __future__ import annotations
 
@@ -27,13 +29,14 @@ from plinth.serve.metrics import Metrics
 from plinth.serve.schemas import APIError
 from plinth.tokenizer import Tokenizer
 from plinth.vision.image_sources import ImageLimits
+from plinth.vision.imagine import ImageGenerator
 
 
 @dataclass(eq=False)
 class ServerState:
     """What the routes share: the engine, the names served, and the server's options."""
     engine: Engine
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None                 # None when an image generator is served
     name: str                                   # the served model, as requests name it
     strict_models: bool = False                 # refuse a request naming another model (else it is served anyway)
     api_key: str | None = None                  # the Bearer token /v1/ routes require, if any
@@ -42,6 +45,7 @@ class ServerState:
     indexes: dict[str, Index] = field(default_factory=dict)  # name → retrieval Index that chat requests may name
     adapters: dict[str, int] = field(default_factory=dict)   # served LoRA adapter name → engine adapter id
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # what an image part may be (no local files)
+    generator: ImageGenerator | None = None     # the served image generator (on a tasks-only engine), if any
     started: int = field(init=False)            # Unix time, the `created` of /v1/models
     sampling_defaults: dict = field(init=False)  # the model's recommended sampling, under the request's own
     metrics: Metrics = field(init=False)
@@ -65,9 +69,24 @@ class ServerState:
         raise APIError(404, f"The model '{requested}' does not exist; this server has: {', '.join(self.model_names())}",
                        param="model", code="model_not_found")
 
-    def default_seed(self, prompt: list[int]) -> int | None:
-        """With --seed, a request that sets no seed is seeded from the server's seed and its prompt,
-        so the same request always gets the same answer (reproducible deployments and tests)."""
+    def text_model(self):
+        """A 400 for the text routes when the served model draws images."""
+        if self.generator is not None:
+            raise APIError(400, f"the model {self.name} generates images and does not write text; use "
+                                "/v1/images/generations", param="model")
+
+    def image_generator(self) -> ImageGenerator:
+        """The served image generator, or a 400 when the served model writes text."""
+        if self.generator is None:
+            raise APIError(400, f"the model {self.name} does not generate images: it writes text (use "
+                                "/v1/chat/completions); serve an image generator for /v1/images/generations, e.g. "
+                                "plinth serve runs/dit-fashion/final", param="model")
+        return self.generator
+
+    def default_seed(self, prompt: list[int] | str) -> int | None:
+        """With --seed, a request that sets no seed is seeded from the server's seed and its prompt
+        (token ids, or an image prompt's text), so the same request always gets the same answer
+        (reproducible deployments and tests)."""
         if self.seed is None:
             return None
         return (self.seed + zlib.crc32(json.dumps(prompt).encode())) % 2**31
