@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from plinth.config import ModelConfig
 from plinth.errors import PlinthError
+from plinth.onednn import float32_on_onednn
 from plinth.retrieval.embedder import Embedder
 from plinth.vision.diffusion import Denoiser, sample
 from plinth.vision.images import ImagePrep
@@ -110,5 +111,7 @@ class ImageGenerator:
         self.check(steps, guidance)
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(len(prompts), self.channels, self.size, self.size, generator=generator)
-        images = sample(self.denoiser, prompt_vectors(self.embedder, prompts), noise, steps, guidance)
+        prompts = prompt_vectors(self.embedder, prompts)
+        with float32_on_onednn():  # every step is large float32 products over the whole batch (plinth/onednn.py)
+            images = sample(self.denoiser, prompts, noise, steps, guidance)
         return to_pixels(images, self.prep)
