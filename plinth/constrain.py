@@ -12,6 +12,7 @@ before sampling.
 """
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 import jsonschema
@@ -38,7 +39,9 @@ def json_schema_grammar(schema: dict) -> str:
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.path) or "the top level"
         raise PlinthError(f"invalid JSON schema at {where}: {e.message}") from e
-    return checked(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT), "JSON schema")
+    # as JSON text: llguidance cannot convert a Python int beyond 64 bits, which JSON and Python allow
+    return checked(llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_LAYOUT),
+                   "JSON schema")
 
 
 def dialect_validator(schema: dict) -> type:

@@ -28,8 +28,10 @@ async def test_health_fails_when_the_engine_thread_is_gone(served):
     assert r.status_code == 503 and "engine" in r.json()["message"]
 
 
-async def test_a_fault_after_streaming_began_is_a_final_error_event(served, monkeypatch):
-    state, client = served
+@pytest.fixture
+def fault_on_second_step(served, monkeypatch):
+    """The engine's second decoding step fails."""
+    state, _ = served
     original, calls = state.engine._run, []
 
     def fail_on_second_step(group):
@@ -39,6 +41,10 @@ async def test_a_fault_after_streaming_began_is_a_final_error_event(served, monk
         return original(group)
 
     monkeypatch.setattr(state.engine, "_run", fail_on_second_step)
+
+
+async def test_a_fault_after_streaming_began_is_a_final_error_event(served, fault_on_second_step):
+    state, client = served
     async with client.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 20,
                                                                "stream": True, "ignore_eos": True,
                                                                "logprobs": 0}) as r:  # every token is an event
@@ -46,6 +52,19 @@ async def test_a_fault_after_streaming_began_is_a_final_error_event(served, monk
         events = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
     assert len(json.loads(events[0])["choices"][0]["logprobs"]["tokens"]) == 1  # one token arrived first
     assert "simulated fault" in json.loads(events[-1])["error"]["message"]
+
+
+async def test_a_fault_in_a_responses_stream_is_a_final_error_event(served, fault_on_second_step):
+    _, client = served
+    async with client.stream("POST", "/v1/responses", json={"input": "Hello", "max_output_tokens": 20, "seed": 0,
+                                                             "stream": True}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-1] == "error" and "response.completed" not in kinds  # the seed's first token is text
+    assert "simulated fault" in events[-1]["message"] and events[-1]["code"] == "server_error"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
 
 
 async def test_a_full_queue_is_429_with_retry_after(served):

@@ -139,6 +139,8 @@ def test_the_generator_answers_the_text_routes_with_a_400(client):
         client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="generates images.*/v1/images/generations"):
         client.completions.create(model="any", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="generates images.*/v1/images/generations"):
+        client.responses.create(model="any", input="hi")
 
 
 def test_models_and_the_api_document_say_the_generator_draws_images(served):
@@ -146,7 +148,7 @@ def test_models_and_the_api_document_say_the_generator_draws_images(served):
     assert [(m["input_modalities"], m["output_modalities"]) for m in models] == [(["text"], ["image"])]
     doc = httpx.get(f"{served}/openapi.json").json()
     assert "/v1/images/generations" in doc["paths"]
-    assert not {"/v1/chat/completions", "/v1/completions"} & set(doc["paths"])
+    assert not {"/v1/chat/completions", "/v1/completions", "/v1/responses"} & set(doc["paths"])
     size = doc["components"]["schemas"]["ImageGenerationRequest"]["properties"]["size"]
     assert size["anyOf"][0] == {"enum": ["auto", "8x8"]}
     documented = doc["paths"]["/v1/images/generations"]["post"]["responses"]["200"]["content"]["application/json"]

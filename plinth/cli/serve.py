@@ -31,7 +31,7 @@ def register(sub):
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set PLINTH_API_KEY)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /api (or set PLINTH_API_KEY)")
     p.add_argument("--strict-models", action="store_true", help="404 for model names not served (default: "
                    "any name is answered by the served model)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")

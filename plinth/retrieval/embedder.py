@@ -50,10 +50,16 @@ class Embedder:
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
         """Each text's token ids, with [CLS] ... [SEP] and cut to the model's limit, as the reference
-        pipeline reads them."""
-        return [self.tokenizer.encode(text).ids for text in texts]
+        pipeline reads them; with `truncate` false a text over the limit is an error instead."""
+        encodings = [self.tokenizer.encode(text) for text in texts]
+        for text, encoding in zip(texts, encodings):
+            if not truncate and encoding.overflowing:  # the tokens cut off, which truncation keeps here
+                shown = text[:40] + "..." if len(text) > 40 else text
+                raise PlinthError(f"the input {shown!r} is over this model's limit of {self.max_tokens} tokens; "
+                                  "shorten it, or let it be cut (truncate: true)")
+        return [encoding.ids for encoding in encodings]
 
     @torch.inference_mode()
     def embed_ids(self, ids: list[list[int]]) -> torch.Tensor:

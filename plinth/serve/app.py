@@ -6,7 +6,8 @@
 
 HTTP handlers only queue work and await the engine's output; the engine thread owns the model.
 Every error is OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status for
-anything the client did, so the official client does not retry a bad request as if it were a fault.
+anything the client did, so the official client does not retry a bad request as if it were a fault;
+on Ollama's /api/ routes the same error is Ollama's `{"error": message}` (ollama_api.OllamaErrors).
 """
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ from plinth import hub
 from plinth.errors import PlinthError
 from plinth.engine import Engine
 from plinth.serve.images_api import router as images_router
+from plinth.serve.ollama_api import OllamaErrors
+from plinth.serve.ollama_api import router as ollama_router
 from plinth.serve.openai_api import router
+from plinth.serve.responses import router as responses_router
 from plinth.serve.retrieval import load_indexes
 from plinth.serve.openapi import ErrorResponse, Health, HealthError, describe_served, error_responses
 from plinth.serve.schemas import APIError, error_body
@@ -58,7 +62,7 @@ class Gate:
             return await reply(send, 503, error_body("the server is shutting down; retry on another instance",
                                                      "server_error"), {"Retry-After": "5"})
         given, wanted = headers.get("authorization", "").encode(), f"Bearer {state.api_key}".encode()
-        if path.startswith("/v1/") and state.api_key and not hmac.compare_digest(given, wanted):
+        if path.startswith(("/v1/", "/api/")) and state.api_key and not hmac.compare_digest(given, wanted):
             return await reply(send, 401, error_body("Incorrect or missing API key: send 'Authorization: Bearer KEY'",
                                                      code="invalid_api_key"))
         if int(headers.get("content-length", "0") or 0) > MAX_BODY_BYTES:
@@ -128,11 +132,15 @@ def request_path(loc: list, body, missing: bool) -> list:
     return path
 
 
-def create_app(state: ServerState) -> "Gate":
+def create_app(state: ServerState) -> OllamaErrors:
     app = FastAPI(title="plinth", docs_url=None, redoc_url=None)
     app.state.plinth = state
     app.include_router(router)
     app.include_router(images_router)
+    # Ollama's API is described by Ollama's reference, not by this OpenAI-style document (its clients
+    # read no OpenAPI), and its errors have Ollama's shape (OllamaErrors)
+    app.include_router(ollama_router, include_in_schema=False)
+    app.include_router(responses_router)
     generated = app.openapi
 
     def openapi():  # FastAPI's document, with what only the served models tell
@@ -189,7 +197,7 @@ def create_app(state: ServerState) -> "Gate":
     async def chat_page():
         return FileResponse(STATIC / "index.html")
 
-    return Gate(app, state)
+    return OllamaErrors(Gate(app, state))
 
 
 class GracefulServer(uvicorn.Server):
@@ -256,7 +264,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                         api_key=api_key or os.environ.get("PLINTH_API_KEY"), embedder=embedder, seed=seed,
                         indexes=served_indexes, adapters=adapter_ids, generator=generator)
     base = f"http://{host}:{port}"
-    print(f"plinth: serving {model} — chat page {base}/  ·  OpenAI API {base}/v1", flush=True)
+    print(f"plinth: serving {model} — chat page {base}/  ·  OpenAI API {base}/v1  ·  Ollama API {base}/api",
+          flush=True)
     if generator is not None:
         side, defaults = generator.size, generator.settings
         print(f"plinth: an image generator: {side}x{side} images at {base}/v1/images/generations "

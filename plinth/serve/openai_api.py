@@ -92,16 +92,27 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                                   body.token_limit() or min(512, state.engine.max_len // 4))
         except PlinthError as e:
             raise APIError(400, str(e), param="retrieval") from e
+    prompt, chat_plan, pictures = await chat_prompt(state, messages, images, "messages", **body.plan_options())
+    return await respond(state, request, body, model, [prompt], chat_plan, sources, pictures)
+
+
+async def chat_prompt(state: ServerState, messages: list[dict], images: list, param: str,
+                      format_param: str = "response_format", **options
+                      ) -> tuple[list[int], ChatPlan, ImageInput | None]:
+    """A conversation's prompt ids, plan (chat_tools.plan of the `options`) and images, for chat
+    completions and the Responses API alike; a bad value is a 400 naming its field: the tools',
+    `format_param` for response_format's, else `param`, the conversation's."""
     try:
-        chat_plan = plan(body, state.tokenizer, messages)
+        chat_plan = plan(state.tokenizer, messages, **options)
     except PlinthError as e:
-        raise APIError(400, str(e), param=getattr(e, "param", "messages")) from e
+        field = getattr(e, "param", param)
+        raise APIError(400, str(e), param=format_param if field == "response_format" else field) from e
     try:  # an image may be fetched over the network: off the event loop
         prompt, pictures = await asyncio.to_thread(image_prompt, state.tokenizer, state.engine.vision,
                                                    chat_plan.prompt, images, state.image_limits)
     except PlinthError as e:
-        raise APIError(400, str(e), param="messages") from e
-    return await respond(state, request, body, model, [prompt], chat_plan, sources, pictures)
+        raise APIError(400, str(e), param=param) from e
+    return prompt, chat_plan, pictures
 
 
 @router.post("/v1/completions", responses={**streamed(Completion, "text_completion"),
@@ -171,11 +182,11 @@ async def respond(state: ServerState, request: Request, body: ChatCompletionRequ
 
 
 class CancellingStream(StreamingResponse):
-    """Server-sent events that cancel their engine requests when the response ends for any reason,
-    including a client that hangs up before the first event."""
+    """A stream (server-sent events, or Ollama's JSON lines) that cancels its engine requests when
+    the response ends for any reason, including a client that hangs up before the first event."""
 
-    def __init__(self, content, cancel):
-        super().__init__(content, media_type="text/event-stream")
+    def __init__(self, content, cancel, media_type: str = "text/event-stream"):
+        super().__init__(content, media_type=media_type)
         self.cancel = cancel
 
     async def __call__(self, scope, receive, send):
@@ -283,22 +294,11 @@ TASK_INPUTS = 32          # ...and inputs: a forward pass per input, whose fixed
 @router.post("/v1/embeddings", responses={200: {"model": EmbeddingList}, **error_responses(400, 401, 404, 413, 503)})
 async def embeddings(body: EmbeddingRequest, request: Request):
     state = server_state(request)
-    if state.embedder is None:
-        raise APIError(404, "this server has no embedding model; start it with --embedding-model", param="model",
-                       code="model_not_found")
-    if state.strict_models and body.model != state.embedder.name:
-        raise APIError(404, f"The model '{body.model}' does not exist; embeddings come from '{state.embedder.name}'",
-                       param="model", code="model_not_found")
-    if body.dimensions is not None and body.dimensions != state.embedder.dimensions:
-        raise APIError(400, f"this model's embeddings have {state.embedder.dimensions} dimensions", param="dimensions")
-    texts, ids = embedding_inputs(body, state.embedder)
-    if ids is None:  # tokenizing is work too (seconds for megabytes of text): engine tasks, off the event loop
-        ids = await state.in_steps(state.embedder.encode, texts, len, TASK_CHARS, request)
-    tokens = sum(len(row) for row in ids)
-    if tokens > MAX_INPUT_TOKENS:
-        raise APIError(400, f"Requested {tokens} tokens, max {MAX_INPUT_TOKENS} tokens per request: send fewer or "
-                            "shorter inputs", param="input")
-    vectors = await state.in_steps(state.embedder.embed_ids, ids, len, TASK_TOKENS, request, most=TASK_INPUTS)
+    embedder = state.embedding_model(body.model)
+    if body.dimensions is not None and body.dimensions != embedder.dimensions:
+        raise APIError(400, f"this model's embeddings have {embedder.dimensions} dimensions", param="dimensions")
+    texts, ids = embedding_inputs(body, embedder)
+    vectors, tokens = await embed(state, request, texts, ids)
     if body.encoding_format == "base64":  # what the official client asks for: little-endian float32 bytes
         encoded = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
     else:
@@ -306,6 +306,22 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     return JSONResponse({"object": "list", "model": state.embedder.name,
                          "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(encoded)],
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def embed(state: ServerState, request: Request, texts: list[str] | None, ids: list[list[int]] | None = None,
+                truncate: bool = True) -> tuple[list, int]:
+    """Unit vectors of `texts` (or of token `ids`) and how many tokens they are, as engine tasks; a
+    400 over MAX_INPUT_TOKENS. A text over the model's limit is cut to it, or with `truncate` false
+    refused with a 400."""
+    embedder = state.embedder
+    if ids is None:  # tokenizing is work too (seconds for megabytes of text): engine tasks, off the event loop
+        ids = await state.in_steps(lambda group: embedder.encode(group, truncate), texts, len, TASK_CHARS, request)
+    tokens = sum(len(row) for row in ids)
+    if tokens > MAX_INPUT_TOKENS:
+        raise APIError(400, f"Requested {tokens} tokens, max {MAX_INPUT_TOKENS} tokens per request: send fewer or "
+                            "shorter inputs", param="input")
+    vectors = await state.in_steps(embedder.embed_ids, ids, len, TASK_TOKENS, request, most=TASK_INPUTS)
+    return vectors, tokens
 
 
 def embedding_inputs(body: EmbeddingRequest, embedder) -> tuple[list[str] | None, list[list[int]] | None]:

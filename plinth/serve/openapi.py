@@ -25,7 +25,7 @@ class ErrorResponse(BaseModel):
 
 ERRORS = {400: "Invalid request: the message names the bad value, `param` the field",
           401: "Missing or wrong API key (only when the server was started with one)",
-          404: "Unknown model (with --strict-models), or no embedding model served",
+          404: "Unknown model (with --strict-models), no embedding model served, or no stored response of that id",
           413: "The request body is over 8 MiB",
           429: "The engine's queue is full; retry after the Retry-After header's seconds",
           503: "The server is shutting down or its engine has stopped; retry on another instance",
@@ -57,7 +57,7 @@ def describe_served(schema: dict, vocab_size: int | None, embedder, indexes, api
     if image_size is None:
         del paths["/v1/images/generations"]
     else:
-        for path in ("/v1/chat/completions", "/v1/completions"):
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             del paths[path]
     if api_key:
         schema["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
@@ -86,6 +86,10 @@ def describe_text_model(parts: dict, vocab_size: int, reads_images: bool):
         for option in parts["ChatMessage"]["properties"]["content"]["anyOf"]:
             if option.get("type") == "array":
                 option["items"] = {"$ref": "#/components/schemas/TextPart"}
+        for option in parts["InputMessage"]["properties"]["content"]["anyOf"]:  # the Responses API's
+            if option.get("type") == "array":
+                union = option["items"]
+                union["oneOf"].remove({"$ref": union["discriminator"]["mapping"].pop("input_image")})
     bound_token_ids(parts["CompletionRequest"]["properties"]["prompt"], vocab_size - 1)
     for request in ("ChatCompletionRequest", "CompletionRequest"):
         for option in parts[request]["properties"]["logit_bias"]["anyOf"]:

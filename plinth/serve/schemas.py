@@ -278,6 +278,13 @@ class ChatCompletionRequest(SamplingFields):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def plan_options(self) -> dict:
+        """tools, tool_choice, parallel_tool_calls and response_format as plinth.serve.chat_tools.plan takes them."""
+        return {"tools": [tool.model_dump(exclude_none=True) for tool in self.tools or []],
+                "tool_choice": self.tool_choice.model_dump() if isinstance(self.tool_choice, ForcedFunction)
+                else self.tool_choice, "parallel": self.parallel_tool_calls,
+                "response_format": self.response_format and self.response_format.model_dump(by_alias=True)}
+
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 

@@ -7,7 +7,8 @@ in-flight count that a graceful shutdown waits on (then `abort_in_flight`).
 methods are the checks and the engine calls that every generation route makes the same way:
 `resolve_model`, `default_seed`, `check_length` and `run`; `in_steps` runs other long model work
 (embeddings, echo scoring, image generation) as small engine tasks. `text_model` and
-`image_generator` answer a route the served model cannot take with a 400 saying which it can.
+`image_generator` answer a route the served model cannot take with a 400 saying which it can, and
+`embedding_model` an embeddings route with a 404 when no embedder answers the name.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from plinth.errors import PlinthError
 from plinth.retrieval.embedder import Embedder
 from plinth.retrieval.index import Index
 from plinth.serve.metrics import Metrics
+from plinth.serve.response_store import ResponseStore
 from plinth.serve.schemas import APIError
 from plinth.tokenizer import Tokenizer
 from plinth.vision.image_sources import ImageLimits
@@ -39,13 +41,14 @@ class ServerState:
     tokenizer: Tokenizer | None                 # None when an image generator is served
     name: str                                   # the served model, as requests name it
     strict_models: bool = False                 # refuse a request naming another model (else it is served anyway)
-    api_key: str | None = None                  # the Bearer token /v1/ routes require, if any
+    api_key: str | None = None                  # the Bearer token /v1/ and /api/ routes require, if any
     embedder: Embedder | None = None            # answers /v1/embeddings and searches the indexes
     seed: int | None = None                     # seeds requests that give none (see default_seed)
     indexes: dict[str, Index] = field(default_factory=dict)  # name → retrieval Index that chat requests may name
     adapters: dict[str, int] = field(default_factory=dict)   # served LoRA adapter name → engine adapter id
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # what an image part may be (no local files)
     generator: ImageGenerator | None = None     # the served image generator (on a tasks-only engine), if any
+    responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
     started: int = field(init=False)            # Unix time, the `created` of /v1/models
     sampling_defaults: dict = field(init=False)  # the model's recommended sampling, under the request's own
     metrics: Metrics = field(init=False)
@@ -69,6 +72,17 @@ class ServerState:
         raise APIError(404, f"The model '{requested}' does not exist; this server has: {', '.join(self.model_names())}",
                        param="model", code="model_not_found")
 
+    def embedding_model(self, requested: str) -> Embedder:
+        """The embedder that answers a request naming `requested`, or a 404 (no embedder served, or
+        another name with --strict-models)."""
+        if self.embedder is None:
+            raise APIError(404, "this server has no embedding model; start it with --embedding-model", param="model",
+                           code="model_not_found")
+        if self.strict_models and requested != self.embedder.name:
+            raise APIError(404, f"The model '{requested}' does not exist; embeddings come from '{self.embedder.name}'",
+                           param="model", code="model_not_found")
+        return self.embedder
+
     def text_model(self):
         """A 400 for the text routes when the served model draws images."""
         if self.generator is not None:
@@ -91,15 +105,15 @@ class ServerState:
             return None
         return (self.seed + zlib.crc32(json.dumps(prompt).encode())) % 2**31
 
-    def check_length(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        """The completion's token limit, or a 400 naming both numbers when it cannot fit."""
+    def check_length(self, prompt_tokens: int, max_tokens: int | None, param: str = "max_tokens") -> int:
+        """The completion's token limit, or a 400 naming both numbers when it cannot fit; `param`
+        is the request's field for the limit."""
         window = self.engine.max_len
         wanted = prompt_tokens + (max_tokens or 1)
         if wanted > window:
             raise APIError(400, f"This model's maximum context length is {window} tokens. However, you requested "
                                 f"{wanted} tokens ({prompt_tokens} in the prompt, {max_tokens or 1} for the completion). "
-                                "Please reduce the prompt or max_tokens.", param="max_tokens",
-                           code="context_length_exceeded")
+                                f"Please reduce the prompt or {param}.", param=param, code="context_length_exceeded")
         return max_tokens or window - prompt_tokens
 
     def run(self, jobs, http_request: Request | None = None, model: str | None = None, images=None):
