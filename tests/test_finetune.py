@@ -173,9 +173,10 @@ def test_bad_input_fails_before_training_and_overwrites_nothing(tmp_path, base, 
 
 def test_recipes_parse_and_unknown_keys_are_errors():
     from plinth.train.recipe import PretrainRecipe, recipe_values
+    from plinth.vision.diffusion_pretrain import DiffusionRecipe
     from plinth.vision.pretrain import MaeRecipe
     for path in Path("recipes").glob("*-*.yaml"):  # each with the class its command reads it as
-        kind = {"mae": MaeRecipe}.get(recipe_values(path).get("objective"),
+        kind = {"mae": MaeRecipe, "flow": DiffusionRecipe}.get(recipe_values(path).get("objective"),
                                       PretrainRecipe if path.name.startswith("pretrain-") else FinetuneRecipe)
         load_recipe(kind, path)
     with pytest.raises(PlinthError, match="unknown recipe key"):
