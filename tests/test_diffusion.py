@@ -124,7 +124,7 @@ def test_the_moving_average_trails_the_weights_and_is_what_sampling_uses():
     with torch.no_grad():
         d.pixels.weight.add_(1.0)
     d.after_step()  # first update: decay (1 + 0) / (10 + 0) = 0.1, so the average moves 90% of the way
-    average = getattr(d, d.average["pixels.weight"])
+    average = d.average_of("pixels.weight")
     assert torch.allclose(average, start + 0.9)
     assert int(d.ema_updates) == 1
     d.use_average()

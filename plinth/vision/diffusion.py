@@ -55,6 +55,11 @@ def mlp(inputs: int, width: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inputs, width), nn.SiLU(), nn.Linear(width, width))
 
 
+def average_key(name: str) -> str:
+    """The buffer holding the moving average of parameter `name` (buffer names cannot hold dots)."""
+    return "ema-" + name.replace(".", "-")
+
+
 class Denoiser(nn.Module):
     """What the loop trains: `forward((x_t, t, prompts), targets=v)` returns the squared error of
     the predicted velocity summed over every pixel (the loop divides by their number).
@@ -74,7 +79,6 @@ class Denoiser(nn.Module):
             self.time_embed = mlp(TIME_FEATURES, config.dim)
             self.prompt_embed = mlp(prompt_dim, config.dim)
             self.pixels = nn.Linear(config.dim, config.patch_dim)
-        self.average = {}  # parameter name → its moving average (buffers, registered by `init_weights`)
 
     @torch.no_grad()
     def init_weights(self, device="cpu"):
@@ -94,10 +98,12 @@ class Denoiser(nn.Module):
     def track_average(self):
         """Register the moving average, starting from the current weights, and its update count."""
         for name, p in self.named_parameters():
-            key = "ema-" + name.replace(".", "-")  # buffer names cannot hold dots
-            self.register_buffer(key, p.detach().clone())
-            self.average[name] = key
+            self.register_buffer(average_key(name), p.detach().clone())
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long, device=self.pixels.weight.device))
+
+    def average_of(self, name: str) -> torch.Tensor:
+        """The moving average of parameter `name` (a buffer, registered by `track_average`)."""
+        return getattr(self, average_key(name))
 
     def load(self, state: dict, device="cpu") -> "Denoiser":
         """Weights and moving average from a state dict (strict: a missing or unexpected key is an error)."""
@@ -115,14 +121,14 @@ class Denoiser(nn.Module):
         decay = min(self.ema_decay, (1 + n) / (10 + n))
         for name, p in self.named_parameters():
             value = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards: the whole tensor
-            getattr(self, self.average[name]).lerp_(value.detach(), 1 - decay)
+            self.average_of(name).lerp_(value.detach(), 1 - decay)
         self.ema_updates += 1
 
     @torch.no_grad()
     def use_average(self) -> "Denoiser":
         """Put the averaged weights in place of the trained ones (for sampling; not to train on)."""
         for name, p in self.named_parameters():
-            p.copy_(getattr(self, self.average[name]))
+            p.copy_(self.average_of(name))
         return self
 
     def condition(self, t: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:

@@ -152,11 +152,11 @@ class Evaluation:
     batch), and a grid of samples from the moving average: one row per class, the same noise each
     time, written to <out_dir>/samples/step-NNNNNN.png."""
 
-    def __init__(self, r: DiffusionRecipe, captions: list[list[str]], embedder: Embedder, prep: ImagePrep):
+    def __init__(self, r: DiffusionRecipe, config: ModelConfig, captions: list[list[str]], embedder: Embedder,
+                 prep: ImagePrep):
         self.r, self.prep = r, prep
         per_row = 8
         self.prompts = prompt_vectors(embedder, [per_class[0] for per_class in captions]).repeat_interleave(per_row, 0)
-        config = r.config()
         self.noise = torch.randn(len(self.prompts), config.channels, config.image_size, config.image_size,
                                  generator=torch.Generator().manual_seed(0))
         self.per_row = per_row
@@ -197,7 +197,7 @@ def pretrain_diffusion(r: DiffusionRecipe, resume: bool = False, log=print, dist
         if d.main:
             log(f"flow matching on {r.data}: {len(data.train)} images ({len(data.val)} held out), "
                 f"{sum(len(c) for c in captions)} captions, {sum(p.numel() for p in model.parameters()):,} parameters")
-        evaluate = Evaluation(r, captions, embedder, data.prep)
+        evaluate = Evaluation(r, config, captions, embedder, data.prep)
         latest = train(model, None, data, r, resume, log if d.main else lambda *_: None, evaluate=evaluate,
                        store=DiffusionWeights(settings), d=d)
         if d.main:
