@@ -2,6 +2,9 @@
 SmolLM2-135M GGUF with Hugging Face transformers as the independent reference (seconds)."""
 import contextlib
 import json
+import socket
+import threading
+import time
 
 import numpy as np
 
@@ -190,3 +193,23 @@ def toy_generator(tmp_path_factory):
     r = DiffusionRecipe(data=str(root / "data"), preset="dit-tiny", val_images=8, batch_size=32, max_steps=300,
                         lr=3e-3, warmup_steps=10, eval_every=300, save_every=150, out_dir=str(root / "run"))
     return pretrain_diffusion(r, log=lambda *_: None)
+
+
+def live(state):
+    """The app of `state` behind a real uvicorn on a loopback port (only a real server has keep-alive
+    connections and real disconnects); yields its URL, then stops it."""
+    import uvicorn
+
+    from plinth.serve.app import create_app
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="critical"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -4,9 +4,6 @@ image+text model and an image generator served in-process behind uvicorn on loop
 import base64
 import io
 import json
-import socket
-import threading
-import time
 
 import httpx
 import jsonschema
@@ -14,10 +11,9 @@ import pytest
 
 from plinth import tools as toolkit
 from plinth.engine import Engine
-from plinth.serve.app import create_app
 from plinth.serve.state import ServerState
 from plinth.weights.native import write_model
-from tests.conftest import BAR_QUESTION, bar, byte_tokenizer, tiny_model
+from tests.conftest import BAR_QUESTION, bar, byte_tokenizer, live, tiny_model
 from tests.test_serve import start_server, stop
 from tests.test_serve_limits import tiny_embedder
 
@@ -256,23 +252,6 @@ def test_curl_style_bodies_are_read_as_json(server):
 
 
 # ---- other served models, in-process behind uvicorn on loopback ------------------------------------------
-def live(state: ServerState):
-    """The app of `state` behind a real uvicorn on a loopback port; yields its URL, then stops it."""
-    import uvicorn
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="critical"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture
 def strict(tokenizer):
     """A tiny model and embedder served with --strict-models: (its URL, its engine)."""

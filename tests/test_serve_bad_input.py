@@ -2,18 +2,14 @@
 surrogates in any string (on a live server, whose keep-alive connection must stay usable), JSON
 schemas whose `$schema` is not a draft's URI, and fields of the wrong JSON type."""
 import json
-import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
 from plinth.constrain import json_schema_grammar
 from plinth.errors import PlinthError
 from plinth.serve.app import create_app
-from tests.conftest import server_state
+from tests.conftest import live, server_state
 
 ASK = [{"role": "user", "content": "Hi"}]
 CHAT, TEXT, EMBED = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
@@ -27,18 +23,9 @@ def state(model, tokenizer):
 
 
 @pytest.fixture
-def live(state):
-    """The app behind a real uvicorn on a loopback port: only a real server has keep-alive connections."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="critical"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+def url(state):
+    """A real server: only it has keep-alive connections."""
+    yield from live(state)
 
 
 @pytest.fixture
@@ -62,8 +49,8 @@ def local_port(response: httpx.Response) -> int:
     (EMBED, {"input": LONE}, "input"),
     (EMBED, {"input": ["fine", LONE]}, "input.1"),
 ])
-def test_a_lone_surrogate_is_400_naming_the_field_and_the_connection_stays_usable(live, path, body, param):
-    with httpx.Client(base_url=live, timeout=30) as http:
+def test_a_lone_surrogate_is_400_naming_the_field_and_the_connection_stays_usable(url, path, body, param):
+    with httpx.Client(base_url=url, timeout=30) as http:
         with http.stream("POST", path, content=json.dumps({"model": "tiny", "max_tokens": 1, **body}),
                          headers={"Content-Type": "application/json"}) as bad:
             port = local_port(bad)  # before the body is read: a connection closed after it has no port

@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plinth import hub
@@ -196,6 +197,8 @@ def create_app(state: ServerState) -> OllamaErrors:
     @app.get("/", response_class=HTMLResponse, responses=error_responses(413, 503, json_route=False))
     async def chat_page():
         return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the chat page's scripts and styles
 
     return OllamaErrors(Gate(app, state))
 
