@@ -30,12 +30,15 @@ def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str 
     because decoding reads every weight once per token: int4 for 4-bit files (their exact codes) with no
     adapter merged in, else int8; image models stay float32.
     adapter: a LoRA adapter folder, merged into the weights before they are made compact.
+    A GGUF file's int4/int8 weights are kept after the first load and mapped by later ones
+    (plinth/weights/packed.py).
     """
     import torch
 
     from plinth.adapt.adapted import read_adapted
     from plinth.loaded import LoadedModel
     from plinth.quant import compact_
+    from plinth.weights.packed import packed_folder, read_packed, write_packed
 
     from plinth.vision.imagine import ImageGenerator, is_image_generator
 
@@ -45,10 +48,17 @@ def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str 
         generator = ImageGenerator.load(path, name=model)
         return LoadedModel(generator.denoiser.net, None, name=model, load_seconds=time.perf_counter() - start,
                            generator=generator)
+    compact_file = path.suffix == ".gguf" and adapter is None and dtype in (None, "int4", "int8")
+    packed = packed_folder(path, dtype) if compact_file else None
+    if packed is not None and (kept := read_packed(packed)) is not None:  # made compact before: map it
+        net, tokenizer, dtype = kept
+        return LoadedModel(net, tokenizer, name=model, load_seconds=time.perf_counter() - start)
     net, tokenizer, compact, head, vision = read_adapted(path, adapter)
     if dtype is None:  # image models run batched, compute-bound forward passes: compact weights buy nothing
         dtype = compact if hasattr(torch, "_weight_int4pack_mm_for_cpu") and not net.config.is_image else "float32"
     compact_(net, dtype)
+    if packed is not None:
+        write_packed(packed, path, dtype, net, tokenizer)
     return LoadedModel(net, tokenizer, name=model, load_seconds=time.perf_counter() - start, head=head, vision=vision)
 
 

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import jsonschema
 import llguidance
-import llguidance.torch
+import llguidance.numpy  # not llguidance.torch: importing that loads torch.compile's machinery
 import torch
 
 from plinth.errors import PlinthError
@@ -111,12 +111,12 @@ class Constraint:
         self.matcher = llguidance.LLMatcher(vocabulary(tokenizer, vocab_size), grammar, log_level=0)
         self._fail_if_broken()
         self.vocab_size = vocab_size
-        self.bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_size)  # (1, ⌈V/32⌉) int32
+        self.bitmask = llguidance.numpy.allocate_token_bitmask(1, vocab_size)  # (1, ⌈V/32⌉) int32
 
     def allowed(self) -> torch.Tensor:
         """(V,) bool: the tokens that keep the output inside the grammar."""
-        llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask)
-        return ((self.bitmask[0].unsqueeze(-1) >> _BITS) & 1).view(-1)[:self.vocab_size].bool()
+        llguidance.numpy.fill_next_token_bitmask(self.matcher, self.bitmask)
+        return ((torch.from_numpy(self.bitmask[0]).unsqueeze(-1) >> _BITS) & 1).view(-1)[:self.vocab_size].bool()
 
     def advance(self, token: int):
         self.matcher.consume_token(token)

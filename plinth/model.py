@@ -257,10 +257,12 @@ def fused_parts(config: ModelConfig) -> dict[str, dict[str, int]]:
 
 def fuse_linears(*layers: nn.Linear) -> nn.Linear:
     """One linear layer computing the given layers' outputs side by side."""
-    weight = torch.cat([layer.weight for layer in layers])
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=layers[0].bias is not None,
-                      device=weight.device, dtype=weight.dtype)
-    fused.weight.copy_(weight)
+    first = layers[0].weight
+    fused = nn.Linear(first.shape[1], sum(layer.out_features for layer in layers), bias=layers[0].bias is not None,
+                      device=first.device, dtype=first.dtype)
+    if first.is_meta:  # a model built to receive its weights from a file has none to join yet
+        return fused
+    fused.weight.copy_(torch.cat([layer.weight for layer in layers]))
     if fused.bias is not None:
         fused.bias.copy_(torch.cat([layer.bias for layer in layers]))
     return fused
@@ -305,6 +307,12 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+def embedding(rows: int, dim: int) -> nn.Embedding:
+    """An embedding table left uninitialised (`init_weights` or loading fills it): on the meta
+    device, nn.Embedding's own random init costs a second of one-time setup in PyTorch."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class Transformer(nn.Module):
     """Text in (token ids → embeddings, logits out) or, with `config.patch_size`, images in (a ViT:
     each patch's pixels → one linear layer, an optional class token, features out for a head or a
@@ -315,11 +323,11 @@ class Transformer(nn.Module):
         self.config = config
         text = not config.is_image
         with torch.device("meta"):
-            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim) if text else None
+            self.tok_embeddings = embedding(config.vocab_size, config.dim) if text else None
             self.patch_embeddings = None if text else nn.Linear(config.patch_dim, config.dim)
             self.class_token = nn.Parameter(torch.empty(1, 1, config.dim)) if config.class_token else None
             learned = config.position == "learned"
-            self.pos_embeddings = nn.Embedding(config.max_seq_len, config.dim) if learned else None
+            self.pos_embeddings = embedding(config.max_seq_len, config.dim) if learned else None
             self.embed_norm = make_norm(config, config.dim) if config.embed_norm else None
             self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
             self.norm = make_norm(config, config.dim) if not config.post_norm else None

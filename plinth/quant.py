@@ -5,12 +5,15 @@ memory: int8 reads a quarter of float32, int4 an eighth. PyTorch ships the match
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); activations run in bfloat16.
 
     compact_(model, "int8")    # swap every nn.Linear of a loaded model, in place
+
+Each layer is made in two ways: `of(weight)` quantizes a float weight, and the constructor makes
+an empty layer of the same shape, which `compact_shape_` puts in a model whose compact weights
+are read from a file (plinth/weights/packed.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from plinth.errors import PlinthError
 
@@ -20,13 +23,20 @@ DTYPES = ("float32", "bfloat16", "int8", "int4")
 class Int8Linear(nn.Module):
     """y = x · (q · scale)ᵀ with q int8 per output row (symmetric, one bf16 scale per row)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, in_features: int, out_features: int):
         super().__init__()
+        self.register_buffer("q", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16))
+        self.in_features, self.out_features = in_features, out_features
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "Int8Linear":
         w = weight.detach().float()
+        layer = cls(w.shape[1], w.shape[0])
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
-        self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        layer.q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        layer.scale = scale.to(torch.bfloat16)
+        return layer
 
     def forward(self, x):
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -57,36 +67,36 @@ class Int4Linear(nn.Module):
     scale and offset (w = q·scale + min). This is the layout of GGUF's Q4_1, so Q4_1 weights keep
     their exact codes.
 
-    The int4 kernel unpacks the weights again for every 4 input rows, which suits decoding (a few
-    rows, bound by reading weights) but not a prompt: rows of `PROMPT_ROWS` tokens or more (B, T, C)
-    multiply a bfloat16 copy of the same weights instead (benchmarks/decode.py measures prefill).
-    The path depends only on T, so a sequence decodes the same bits alone or in
-    any batch."""
+    Every row, of a prompt or of a decoding step, goes through the same int4 kernel, which computes
+    each row on its own: a sequence gets the same bits alone or in any batch, and a prompt's keys
+    are those decoding would have made. A bfloat16 copy of the weights would prefill faster, but it
+    is four times the int4 codes' memory (benchmarks/decode.py measures prefill)."""
 
-    PROMPT_ROWS = 16
-
-    def __init__(self, weight: torch.Tensor, group: int = 32):
+    def __init__(self, in_features: int, out_features: int, group: int = 32):
         super().__init__()
+        if in_features % group:
+            raise PlinthError(f"int4 needs input width divisible by {group}, got {in_features}; use dtype='int8'")
+        # The kernel's own layout of the codes, and per group (K/group, N, 2) its scale and zero.
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_zeros", torch.empty(in_features // group, out_features, 2, dtype=torch.bfloat16))
+        self.group, self.in_features, self.out_features = group, in_features, out_features
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, group: int = 32) -> "Int4Linear":
         w = weight.detach().float()
         N, K = w.shape
-        if K % group:
-            raise PlinthError(f"int4 needs input width divisible by {group}, got {K}; use dtype='int8'")
+        layer = cls(K, N, group)
         g = w.reshape(N, K // group, group)
         lo, hi = g.amin(-1), g.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-12)  # (N, K/group)
         q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
-        # The kernel computes (q - 8)·scale + zero, so zero = min + 8·scale; layout (K/group, N, 2).
+        # The kernel computes (q - 8)·scale + zero, so zero = min + 8·scale.
         zero = lo + 8 * scale
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous())
-        scale_bf16, zero_bf16 = scale.bfloat16().float()[..., None], zero.bfloat16().float()[..., None]  # as the kernel has them
-        dense = (q.reshape(N, K // group, group) - 8) * scale_bf16 + zero_bf16
-        self.register_buffer("dense", dense.reshape(N, K).to(torch.bfloat16), persistent=False)
-        self.group, self.in_features, self.out_features = group, K, N
+        layer.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        layer.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return layer
 
     def forward(self, x):
-        if x.dim() == 3 and x.shape[1] >= self.PROMPT_ROWS:
-            return F.linear(x.to(torch.bfloat16), self.dense)
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
         return out.view(*x.shape[:-1], self.out_features)
@@ -98,8 +108,7 @@ def compact_(model: nn.Module, dtype: str) -> nn.Module:
     int4 applies to the blocks' layers; the output layer is always an `Int8Head`, because 4-bit
     vocabulary logits visibly hurt quality for little gain.
     """
-    if dtype not in DTYPES:
-        raise PlinthError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    _check(dtype)
     model.fuse()
     if dtype == "float32":
         return model.float()
@@ -108,10 +117,30 @@ def compact_(model: nn.Module, dtype: str) -> nn.Module:
         return model
     if next(model.parameters()).device.type != "cpu":
         raise PlinthError(f"dtype={dtype} uses CPU kernels; on an accelerator use dtype='bfloat16'")
+    return _replace_linears(model, dtype, lambda kind, linear: kind.of(linear.weight))
+
+
+def compact_shape_(model: nn.Module, dtype: str) -> nn.Module:
+    """Give a model built on the meta device the layers `compact_(model, dtype)` would give it,
+    empty, so that a state dict of compact weights loads into it (plinth/weights/packed.py)."""
+    _check(dtype)
+    model.fuse()
+    if dtype in ("float32", "bfloat16"):
+        return model
+    with torch.device("meta"):
+        return _replace_linears(model, dtype, lambda kind, linear: kind(linear.in_features, linear.out_features))
+
+
+def _check(dtype: str):
+    if dtype not in DTYPES:
+        raise PlinthError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def _replace_linears(model: nn.Module, dtype: str, make) -> nn.Module:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 head = f"{name}.{child_name}".lstrip(".") == "output"
                 kind = Int8Head if head else Int8Linear if dtype == "int8" else Int4Linear
-                setattr(module, child_name, kind(child.weight))
+                setattr(module, child_name, make(kind, child))
     return model

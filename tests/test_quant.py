@@ -1,29 +1,41 @@
-"""Compact weights: the int4 layer's two paths (kernel for decoding rows, bfloat16 copy for prompts)."""
+"""Compact weights: the int4 layer computes every row on its own, so a prompt's rows, a decoding
+step's rows and any batch of them give the same bits, close to the int4 codes' exact values."""
 import torch
 
-from plinth.quant import Int4Linear
+from plinth.quant import Int4Linear, Int8Linear
 
 
-def layer_and_input(tokens):
+def layer_and_input(kind, tokens):
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 128, generator=generator)
-    return Int4Linear(weight), torch.randn(2, tokens, 128, generator=generator).bfloat16()
+    return kind.of(weight), weight, torch.randn(2, tokens, 128, generator=generator).bfloat16()
 
 
 def relative_error(out, reference):
     return float((out.float() - reference).norm() / reference.norm())
 
 
-def test_prompt_rows_use_the_same_weights_as_the_int4_kernel():
-    layer, x = layer_and_input(Int4Linear.PROMPT_ROWS)
-    reference = x.float() @ layer.dense.float().t()  # the int4 codes' values, in float32
-    prompt = layer(x)                                # a prompt: the bfloat16 copy
-    decoding = layer(x.reshape(-1, 1, 128)).reshape(prompt.shape)  # the same rows one token each: the kernel
-    assert relative_error(prompt, reference) < 5e-3 and relative_error(decoding, reference) < 5e-3
+def test_prompt_and_decoding_rows_give_the_same_bits_close_to_the_codes_values():
+    layer, weight, x = layer_and_input(Int4Linear, 24)
+    codes_values = layer(torch.eye(128).bfloat16()).float()  # row i: the weights' column i as the kernel reads them
+    assert relative_error(codes_values.t(), weight) < 0.1    # 4 bits: close to the float weights, not equal
+    prompt = layer(x)                                          # (2, 24, 128): two prompts of 24 tokens
+    decoding = layer(x.reshape(-1, 1, 128)).reshape(prompt.shape)  # the same rows, one token each
+    assert torch.equal(prompt, decoding)
+    assert relative_error(prompt, x.float() @ codes_values) < 5e-3
 
 
 def test_decoding_rows_give_the_same_bits_alone_or_together():
-    layer, x = layer_and_input(12)
-    rows = x.reshape(-1, 1, 128)  # 24 sequences feeding one token each
-    together = layer(rows)
-    assert all(torch.equal(layer(rows[i:i + 1]), together[i:i + 1]) for i in range(len(rows)))
+    for kind in (Int4Linear, Int8Linear):
+        layer, _, x = layer_and_input(kind, 12)
+        rows = x.reshape(-1, 1, 128)  # 24 sequences feeding one token each
+        together = layer(rows)
+        assert all(torch.equal(layer(rows[i:i + 1]), together[i:i + 1]) for i in range(len(rows)))
+
+
+def test_empty_layers_take_a_compact_state_dict():
+    layer, _, x = layer_and_input(Int4Linear, 3)
+    with torch.device("meta"):
+        shell = Int4Linear(128, 96)
+    shell.load_state_dict(layer.state_dict(), assign=True)
+    assert torch.equal(shell(x), layer(x))
