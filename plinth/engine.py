@@ -55,10 +55,17 @@ class Request:
     cancelled: bool = False
     adapter: int = 0                          # LoRA adapter id (plinth/adapt/multi_lora.py); 0 = base model
     images: "ImageInput | None" = None        # an image+text model's images, and where their tokens go
+    cached: int = 0                           # prompt tokens whose keys and values came from the prefix cache
+    prompt_len: int = 0
 
     @property
     def pending(self) -> int:
         return len(self.tokens) - self.computed
+
+    @property
+    def prefilled(self) -> list[int]:
+        """The prompt tokens whose keys and values are in its cache row (computed in prefill chunks)."""
+        return self.tokens[:min(self.computed, self.prompt_len)]
 
 
 @dataclass
@@ -98,6 +105,7 @@ class Stats:
     """What /metrics reports; updated on the engine thread only."""
     steps: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0                    # prompt tokens served from the prefix cache
     generated_tokens: int = 0
     finished: int = 0
     cancelled: int = 0
@@ -118,8 +126,11 @@ class Engine:
             self.max_len, self.cache, max_batch = 0, None, 0
         else:
             self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
-            self.cache = KVCache.for_model(model, max_batch, self.max_len)
+            self.cache = KVCache.for_model(model, max_batch, self.max_len, grow=True)
         self.free_slots = list(range(max_batch))
+        # The prefix cache: free slots whose cache rows still hold a finished request's keys and values,
+        # slot → (adapter, the tokens they are of), least recently freed first.
+        self.kept: dict[int, tuple[int, list[int]]] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.tasks: deque[tuple[Callable, Future]] = deque()  # other model work, run between steps
@@ -170,7 +181,7 @@ class Engine:
             slots = set(images.positions.tolist())
             seen = [t for p, t in enumerate(prompt) if p not in slots]
         seq = Sequence(seen, params, self.tokenizer, vocab, max_new=self.max_len - len(prompt))
-        return Request(next(self._ids), seq, emit, list(prompt), adapter=adapter, images=images)
+        return Request(next(self._ids), seq, emit, list(prompt), adapter=adapter, images=images, prompt_len=len(prompt))
 
     def _check_images(self, images: ImageInput, prompt_len: int):
         if self.vision is None:
@@ -325,12 +336,78 @@ class Engine:
             for request in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(request)
                 self.stats.cancelled += 1
-            while self.waiting and self.free_slots:
-                request = self.waiting.popleft()
-                self.free_slots.sort()  # lowest slots first keeps the batch in rows 0..B-1 (no KV copies)
-                request.slot = self.free_slots.pop(0)
-                self.running.append(request)
-                self.stats.prompt_tokens += len(request.tokens)
+            for request in list(self.waiting):
+                if not self.free_slots:
+                    break
+                if self._prefix_coming(request):
+                    continue
+                self.waiting.remove(request)
+                self._admit(request)
+
+    # ---- the prefix cache ------------------------------------------------------------------------
+    # A request whose prompt starts with tokens some cache row already holds (a system prompt, the
+    # history of a chat, which clients resend every turn) starts from them: from a free slot that
+    # kept a finished request's rows, taking that slot, or from a running request's, copying its
+    # rows. What is reused is whole prefill chunks of prompt positions from position 0: the keys and
+    # values a prompt gets depend on how it is cut into forward passes (each pass's shape picks its
+    # own summation order in the matrix kernels), and a request prefills in chunks from position 0
+    # or from such a reused prefix, so reusing whole chunks gives it, bit for bit, the rows it would
+    # have computed; outputs never depend on what was cached. Eviction takes the slot freed longest
+    # ago, never a running request's.
+    def _admit(self, request: Request):
+        slot, shared, source = self._free_slot(), 0, None
+        if request.images is None:  # image tokens are placeholders in `tokens`: equal ids, other images
+            for kept_slot, (adapter, prefilled) in self.kept.items():
+                n = self._reusable(prefilled, request) if adapter == request.adapter else 0
+                if n > shared:
+                    slot, shared = kept_slot, n
+            for r in self.running:
+                n = self._reusable(r.prefilled, request) if self._donor(r, request) else 0
+                if n > shared:
+                    shared, source = n, r.slot
+        self.free_slots.remove(slot)
+        self.kept.pop(slot, None)
+        self.cache.reserve(slot + 1, max(shared, 1))
+        if source is not None:
+            self.cache.copy_row(source, slot, shared)
+        request.slot, request.computed, request.cached = slot, shared, shared
+        self.running.append(request)
+        self.stats.prompt_tokens += len(request.tokens)
+        self.stats.cached_tokens += shared
+
+    def _reusable(self, prefilled: list[int], request: Request) -> int:
+        """How many of `request`'s first tokens can start from rows holding `prefilled`: whole chunks,
+        leaving at least its last prompt token to feed (its logits are needed)."""
+        n = shared_prefix(prefilled, request.tokens, request.prompt_len - 1)
+        return n // self.chunk * self.chunk
+
+    def _free_slot(self) -> int:
+        """The lowest free slot that keeps nothing (a batch in rows 0..B-1 needs no KV copies), else
+        the one freed longest ago."""
+        empty = [s for s in self.free_slots if s not in self.kept]
+        return min(empty) if empty else next(s for s in self.kept if s in self.free_slots)
+
+    @staticmethod
+    def _donor(running: Request, request: Request) -> bool:
+        return running.adapter == request.adapter and running.images is None
+
+    def _prefix_coming(self, request: Request) -> bool:
+        """A running request is still prefilling a chunk this request could reuse: wait for it, then
+        start from its rows (16 clients with one system prompt prefill it once)."""
+        if request.images is not None:
+            return False
+        for r in self.running:
+            if self._donor(r, request):
+                n = self._reusable(r.tokens[:r.prompt_len], request)
+                if n and r.computed < n:
+                    return True
+        return False
+
+    def _fit_cache(self):
+        """Give back cache memory beyond the rows and positions that running requests and kept
+        prefixes hold."""
+        held = [(r.slot, len(r.tokens)) for r in self.running] + [(s, len(t)) for s, (_, t) in self.kept.items()]
+        self.cache.fit(max((s + 1 for s, _ in held), default=0), max((n for _, n in held), default=0))
 
     @torch.inference_mode()
     def _run(self, group: list[Request]) -> torch.Tensor:
@@ -342,8 +419,11 @@ class Engine:
         for row, (r, n) in enumerate(zip(group, counts)):
             tokens[row, :n] = torch.tensor(r.tokens[r.computed:r.computed + n])
         slots = [r.slot for r in group]
+        self.cache.reserve(max(slots) + 1, max(r.computed + n for r, n in zip(group, counts)))
         in_order = slots == list(range(len(group)))
-        start = group[0].computed if len(group) == 1 and in_order else torch.tensor([r.computed for r in group])
+        # One request's pass starts at one position whatever its slot, so a prompt's first chunk
+        # takes the same attention kernel in every slot.
+        start = group[0].computed if len(group) == 1 else torch.tensor([r.computed for r in group])
         adapters = torch.tensor([r.adapter for r in group]) if any(r.adapter for r in group) else None
         embeds = self._with_images(group, tokens, counts) if any(r.images is not None for r in group) else None
         logits = self.model(None if embeds is not None else tokens, embeds=embeds,
@@ -395,6 +475,9 @@ class Engine:
         if request in self.running:
             self.running.remove(request)
             self.free_slots.append(request.slot)
+            if error is None and request.images is None and request.computed >= self.chunk:  # its rows stay
+                self.kept[request.slot] = (request.adapter, request.prefilled)
+            self._fit_cache()
         if error is not None:
             self.stats.failed += 1
             try:
@@ -405,6 +488,16 @@ class Engine:
             self.stats.cancelled += 1
         else:
             self.stats.finished += 1
+
+
+def shared_prefix(held: list[int], prompt: list[int], limit: int) -> int:
+    """How many leading tokens of `prompt` (at most `limit`) equal those of `held`."""
+    n = 0
+    for a, b in zip(held[:limit], prompt):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def default_threads() -> int:

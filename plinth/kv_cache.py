@@ -29,28 +29,76 @@ def whole_key_blocks(positions: int) -> int:
 
 
 class KVCache:
-    """k, v: (layers, slots, K, positions, D), positions = max_len rounded up to a whole KEY_BLOCK.
-    A forward pass writes its new tokens' keys at their absolute positions and attends over
-    positions 0..start+T-1 of its rows."""
+    """k, v: (layers, rows, K, positions, D). A forward pass writes its new tokens' keys at their
+    absolute positions and attends over positions 0..start+T-1 of its rows.
 
-    def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device="cpu"):
-        shape = (config.n_layers, slots, config.n_kv_heads, whole_key_blocks(max_len), config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
+    A cache made with `grow=True` (the serving engine's) starts empty and holds only what is used:
+    `reserve` adds rows and positions before a pass needs them (positions at least doubling, so a
+    growing sequence is copied a few times, not at every block), and `fit` gives memory back when
+    what is held needs half of it or less. Otherwise it holds `slots` × `max_len` from the start."""
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device="cpu",
+                 grow: bool = False):
+        self.layers, self.heads, self.head_dim = config.n_layers, config.n_kv_heads, config.head_dim
+        self.slots, self.max_len, self.dtype, self.device = slots, max_len, dtype, device
+        self.k = self.v = None
+        self._resize(0, 0) if grow else self._resize(slots, whole_key_blocks(max_len))
 
     @classmethod
-    def for_model(cls, model, slots: int, max_len: int | None = None) -> "KVCache":
+    def for_model(cls, model, slots: int, max_len: int | None = None, grow: bool = False) -> "KVCache":
         """A cache shaped for `model`. On CPU it, and so attention over it, is float32 even for
         bfloat16 or int4 weights: without AMX, float32 attention is faster than bfloat16, and its
         batched kernels give a row the same bits in any batch."""
         weight = model.tok_embeddings.weight
         dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
-        return cls(model.config, slots, max_len or model.config.max_seq_len, dtype, weight.device)
+        return cls(model.config, slots, max_len or model.config.max_seq_len, dtype, weight.device, grow)
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def positions(self) -> int:
+        return self.k.shape[3]
 
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.heads * self.head_dim * self.k.element_size()
+
+    def reserve(self, rows: int, positions: int):
+        """Hold at least rows 0..rows-1 and positions 0..positions-1 (never more than the cache's
+        slots × max_len)."""
+        if rows > self.slots or positions > self.max_len:
+            raise ValueError(f"{rows} rows × {positions} positions exceed the cache's {self.slots} × {self.max_len}")
+        if rows > self.rows or positions > self.positions:
+            grown = max(whole_key_blocks(positions), 2 * self.positions) if positions > self.positions else self.positions
+            self._resize(max(rows, self.rows), min(grown, whole_key_blocks(self.max_len)))
+
+    def fit(self, rows: int, positions: int):
+        """Give memory back when rows 0..rows-1 and positions 0..positions-1 are all that must be
+        kept and they need at most half of what is held."""
+        positions = whole_key_blocks(positions)
+        if rows * positions <= self.rows * self.positions // 2:
+            self._resize(rows, positions)
+
+    def _resize(self, rows: int, positions: int):
+        shape = (self.layers, rows, self.heads, positions, self.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.k is not None:
+            r, p = min(rows, self.rows), min(positions, self.positions)
+            k[:, :r, :, :p], v[:, :r, :, :p] = self.k[:, :r, :, :p], self.v[:, :r, :, :p]
+        self.k, self.v = k, v
+
+    def copy_row(self, source: int, target: int, positions: int):
+        """Row `target` gets the keys and values of row `source`'s first `positions` positions (a
+        shared prefix, see plinth/engine.py)."""
+        self.k[:, target, :, :positions] = self.k[:, source, :, :positions]
+        self.v[:, target, :, :positions] = self.v[:, source, :, :positions]
 
     def view(self, start: int | torch.Tensor = 0, slots: torch.Tensor | None = None) -> "CacheView":
         """What one forward pass reads and writes. start: the absolute position of each row's first

@@ -73,7 +73,9 @@ def test_max_output_tokens_makes_an_incomplete_response(client):
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.output[0].status == "incomplete"
     assert (r.usage.output_tokens, r.usage.total_tokens) == (5, r.usage.input_tokens + 5)
-    assert r.usage.input_tokens_details.cached_tokens == 0 and r.usage.output_tokens_details.reasoning_tokens == 0
+    assert r.usage.output_tokens_details.reasoning_tokens == 0
+    # the chat template's opening is in the prefix cache after any earlier request (tests/test_prefix_cache.py)
+    assert 0 <= r.usage.input_tokens_details.cached_tokens < r.usage.input_tokens
     assert r.max_output_tokens == 5 and r.store is True and r.tools == [] and r.parallel_tool_calls is True
 
 

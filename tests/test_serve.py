@@ -142,8 +142,9 @@ def test_bad_requests_are_400_in_openai_shape(server, body, param):
 
 
 def test_context_overflow_names_both_numbers(server):
-    r = post(server, "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 5000})
-    assert r.status_code == 400 and "2048" in r.json()["error"]["message"] and "5000" in r.json()["error"]["message"]
+    r = post(server, "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 9000})
+    # the context is the model's own by default (--max-model-len)
+    assert r.status_code == 400 and "8192" in r.json()["error"]["message"] and "9000" in r.json()["error"]["message"]
 
 
 def test_malformed_json_unknown_route_and_huge_body(server):

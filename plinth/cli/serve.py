@@ -35,7 +35,7 @@ def register(sub):
     p.add_argument("--strict-models", action="store_true", help="404 for model names not served (default: "
                    "any name is answered by the served model)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
-    p.add_argument("--max-model-len", type=int, default=2048, help="context tokens per sequence")
+    p.add_argument("--max-model-len", type=int, help="context tokens per sequence (default: the model's own)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--threads", type=int, help="model compute threads (default: all cores)")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "

@@ -236,7 +236,7 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          strict_models: bool = False, max_batch: int = 16, max_len: int = 2048, grace: float = 30.0,
+          strict_models: bool = False, max_batch: int = 16, max_len: int | None = None, grace: float = 30.0,
           embedding_model: str = "auto", dtype: str | None = None, seed: int | None = None,
           threads: int | None = None, indexes: dict[str, str] | None = None, adapters: dict[str, str] | None = None):
     import torch
@@ -274,8 +274,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         print(f"plinth: an image generator: {side}x{side} images at {base}/v1/images/generations "
               f"({defaults['steps']} steps, guidance {defaults['guidance']} by default)", flush=True)
     else:
-        print(f"plinth: KV cache {engine.cache.nbytes / 2**30:.1f} GiB for {max_batch} sequences × {engine.max_len} "
-              "tokens (--max-batch, --max-model-len)", flush=True)
+        cache = engine.cache
+        print(f"plinth: the KV cache grows with the tokens held, {cache.bytes_per_token / 2**10:.0f} KiB each: up to "
+              f"{cache.bytes_per_token * max_batch * engine.max_len / 2**30:.1f} GiB for {max_batch} sequences × "
+              f"{engine.max_len} tokens (--max-batch, --max-model-len)", flush=True)
     server = GracefulServer(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"), state, grace)
     try:
         server.run()

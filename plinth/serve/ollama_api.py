@@ -179,7 +179,7 @@ async def answer(state: ServerState, request: Request, body: Generation, reply: 
     limit = state.check_length(len(reply.prompt), options.token_limit(), "options.num_predict")
     params = options.sampling(limit, body.logprob_count(), state.sampling_defaults, state.default_seed(reply.prompt),
                               reply.plan.grammar)
-    events, cancel = state.run([(0, reply.prompt, params)], None if body.streams else request, reply.model, images)
+    events, cancel, _ = state.run([(0, reply.prompt, params)], None if body.streams else request, reply.model, images)
     reply.submitted = time.monotonic_ns()
     if body.streams:
         return CancellingStream(lines(events, reply), cancel, media_type=NDJSON)

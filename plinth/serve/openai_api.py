@@ -163,8 +163,8 @@ async def respond(state: ServerState, request: Request, body: ChatCompletionRequ
     kind = "chat.completion" if chat else "text_completion"
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    events, cancel = state.run(jobs, request if not body.stream else None, model, images)
-    prompt_tokens = sum(len(p) for p in prompts)
+    events, cancel, submitted = state.run(jobs, request if not body.stream else None, model, images)
+    prompt_tokens = PromptTokens(sum(len(p) for p in prompts), submitted[::body.n])  # a prompt's n choices share it
     cited = {"sources": sources} if sources is not None else {}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -178,7 +178,7 @@ async def respond(state: ServerState, request: Request, body: ChatCompletionRequ
         cancel()
     return {"id": response_id, "object": kind, "created": created, "model": model, "system_fingerprint": None,
             "choices": [choice_body(c, chat_plan) for c in choices.values()],
-            "usage": usage(prompt_tokens, choices.values()), **cited}
+            "usage": prompt_tokens.usage(choices.values()), **cited}
 
 
 class CancellingStream(StreamingResponse):
@@ -229,9 +229,17 @@ def choice_body(c: Choice, chat_plan: ChatPlan | None) -> dict:
     return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
 
-def usage(prompt_tokens: int, choices) -> dict:
-    completion = sum(len(c.tokens) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+@dataclass
+class PromptTokens:
+    """A response's prompt tokens, and the engine requests (one per prompt) that say how many of
+    them came from the prefix cache, which is known once they have started."""
+    count: int
+    requests: list
+
+    def usage(self, choices) -> dict:
+        completion = sum(len(c.tokens) for c in choices)
+        return {"prompt_tokens": self.count, "completion_tokens": completion, "total_tokens": self.count + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(r.cached for r in self.requests)}}
 
 
 def sse(data: dict | str) -> str:
@@ -275,7 +283,7 @@ async def stream(events, state: ServerState, model, kind, response_id, created, 
                 yield chunk([{"index": index, "text": step.text, "logprobs": logprobs,
                               "finish_reason": step.finish_reason}])
         if include_usage:
-            extra = {"usage": usage(prompt_tokens, choices.values())}
+            extra = {"usage": prompt_tokens.usage(choices.values())}
             yield chunk([])
         yield sse("[DONE]")
     except APIError as e:  # the response has started: the error goes in the stream

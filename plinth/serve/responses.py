@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.exceptions import HTTPException
@@ -69,7 +70,9 @@ async def create_response(body: ResponseRequest, request: Request):
     limit = state.check_length(len(prompt), body.max_output_tokens, "max_output_tokens")
     draft = Draft(body, model, body.sampling(limit, state.sampling_defaults, state.default_seed(prompt),
                                              chat_plan.grammar), len(prompt))
-    events, cancel = state.run([(0, prompt, draft.params)], request if not body.stream else None, model, pictures)
+    events, cancel, (submitted,) = state.run([(0, prompt, draft.params)], request if not body.stream else None, model,
+                                             pictures)
+    draft.request = submitted
     if body.stream:
         return CancellingStream(stream(events, state, draft, chat_plan, conversation), cancel)
     choice = Choice(0)
@@ -177,6 +180,7 @@ class Draft:
     model: str
     params: SamplingParams
     prompt_tokens: int
+    request: Any = None  # the engine request, once submitted: how many prompt tokens the prefix cache gave
     id: str = field(default_factory=lambda: new_id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -209,7 +213,7 @@ def finish(state: ServerState, draft: Draft, output: list[dict], choice: Choice,
     (or the client hung up before it finished)."""
     tokens = len(choice.tokens)
     response = draft.response(outcome(choice), output, {
-        "input_tokens": draft.prompt_tokens, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": tokens,
+        "input_tokens": draft.prompt_tokens, "input_tokens_details": {"cached_tokens": draft.request.cached}, "output_tokens": tokens,
         "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": draft.prompt_tokens + tokens})
     if draft.body.store is not False and choice.finish_reason is not None:
         state.responses.put(response, conversation + output)

@@ -119,8 +119,9 @@ class ServerState:
     def run(self, jobs, http_request: Request | None = None, model: str | None = None, images=None):
         """Submit one engine request per job now (so errors come before any response); `images`, an
         image+text request's (plinth.engine.ImageInput), go with each. Returns an
-        async iterator of (choice index, Step), and a function that cancels whatever is unfinished:
-        call it when the response ends, however it ends (a stream may never start iterating)."""
+        async iterator of (choice index, Step), a function that cancels whatever is unfinished (call
+        it when the response ends, however it ends: a stream may never start iterating), and the
+        engine requests, one per job (their `cached` prompt tokens go in usage)."""
         if len(jobs) > self.engine.max_queue:
             raise APIError(400, f"this request asks for {len(jobs)} completions (prompts × n); this server "
                                 f"queues at most {self.engine.max_queue}: send fewer", param="n")
@@ -140,7 +141,7 @@ class ServerState:
             if isinstance(e, EngineDown):
                 raise APIError(503, str(e), type_="server_error") from e
             raise APIError(400, str(e)) from e
-        return self._events(queue, submitted, http_request), lambda: self._cancel(submitted)
+        return self._events(queue, submitted, http_request), lambda: self._cancel(submitted), submitted
 
     async def _events(self, queue: asyncio.Queue, requests, http_request):
         remaining, started, last = len(requests), time.monotonic(), {}
