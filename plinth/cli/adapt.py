@@ -16,6 +16,7 @@ from pathlib import Path
 from plinth.cli.common import add_model_args, add_recipe_arg, load_model
 from plinth.errors import PlinthError
 from plinth.files import atomic_folder
+from plinth.weights.gguf_writer import GGUF_TYPES
 
 
 def cmd_finetune(args):
@@ -131,8 +132,9 @@ def register(sub):
     p.add_argument("model", help="a fine-tuning run folder, checkpoint, .gguf file or known name")
     p.add_argument("--to", choices=["hf", "gguf"], required=True, help="output format")
     p.add_argument("out", help="output folder (hf) or .gguf file (gguf); must not exist yet")
-    p.add_argument("--gguf-type", choices=["f16", "bf16", "f32", "q8_0"], default="f16",
-                   help="tensor type of a GGUF's matrices (norms stay f32); default f16")
+    p.add_argument("--gguf-type", choices=list(GGUF_TYPES), default="f16",
+                   help="tensor type of a GGUF's matrices (norms stay f32; under 8 bits the output matrix is "
+                   "q8_0); default f16. q4_0 is about the size of a Q4 file from llama.cpp")
     p.add_argument("--merge", action="store_true", help="merge LoRA adapters into the weights (required for "
                    "adapter folders: other tools read plain weights)")
     p.add_argument("--adapter", help="a LoRA adapter folder to merge into MODEL")
