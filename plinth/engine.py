@@ -41,7 +41,7 @@ import torch
 
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, Sequence, Step, check_prompt
-from plinth.kv_cache import KVCache
+from plinth.kv_cache import KEY_BLOCK, KVCache
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Request:
 
     @property
     def prefilled(self) -> list[int]:
-        """The prompt tokens whose keys and values are in its cache row (computed in prefill chunks)."""
+        """The prompt tokens whose keys and values are in its cache row (computed in prefill pieces)."""
         return self.tokens[:min(self.computed, self.prompt_len)]
 
 
@@ -116,12 +116,16 @@ class Stats:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None, chunk: int = 256,
-                 max_queue: int = 256, threads: int | None = None, vision=None):
+                 max_queue: int = 256, threads: int | None = None, vision=None, prefix_cache: bool = True):
         """vision: an image+text model's image encoder (plinth/vision/multimodal.py ImageEncoder).
-        model None: an engine that only runs `call`ed tasks (see `tasks_only`)."""
+        model None: an engine that only runs `call`ed tasks (see `tasks_only`). prefix_cache: reuse
+        the rows of prompts seen before (see `_admit`)."""
         self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.threads = threads or default_threads()
-        self.chunk, self.max_queue = chunk, max_queue
+        self.chunk, self.max_queue, self.prefix_cache = chunk, max_queue, prefix_cache
+        # Prompt tokens per forward pass: the int4 kernel's cost is the same per row in any pass,
+        # so small passes prefill as fast as large ones and let the prefix cache reuse finer prefixes.
+        self.piece = min(chunk, KEY_BLOCK)
         if model is None:  # no text model: nothing to cache, no slot to give a request
             self.max_len, self.cache, max_batch = 0, None, 0
         else:
@@ -310,7 +314,9 @@ class Engine:
     def step(self):
         """schedule → run → postprocess. All sequences feeding one token decode together; prompts
         are prefilled one chunk each, at most `chunk` prompt tokens per step, so decoding streams
-        never stall behind a burst of long prompts."""
+        never stall behind a burst of long prompts. A chunk is fed in forward passes of `piece`
+        tokens from position 0, so a prompt is cut the same way however it is scheduled (and the
+        prefix cache can reuse whole pieces: see `_admit`)."""
         self.stats.heartbeat = time.monotonic()
         self._schedule()
         groups, budget = [[r for r in self.running if r.pending == 1]], self.chunk
@@ -320,7 +326,7 @@ class Engine:
                 budget -= min(r.pending, self.chunk)
         for group in filter(None, groups):
             try:
-                logits = self._run(group)
+                logits = self._run(group) if group[0].pending == 1 else self._prefill(group)
             except Exception as e:  # a failure must not kill the engine: fail this group, go on
                 for request in group:
                     self._finish(request, e)
@@ -348,15 +354,15 @@ class Engine:
     # A request whose prompt starts with tokens some cache row already holds (a system prompt, the
     # history of a chat, which clients resend every turn) starts from them: from a free slot that
     # kept a finished request's rows, taking that slot, or from a running request's, copying its
-    # rows. What is reused is whole prefill chunks of prompt positions from position 0: the keys and
+    # rows. What is reused is whole prefill pieces of prompt positions from position 0: the keys and
     # values a prompt gets depend on how it is cut into forward passes (each pass's shape picks its
-    # own summation order in the matrix kernels), and a request prefills in chunks from position 0
-    # or from such a reused prefix, so reusing whole chunks gives it, bit for bit, the rows it would
+    # own summation order in the matrix kernels), and a request prefills in pieces from position 0
+    # or from such a reused prefix, so reusing whole pieces gives it, bit for bit, the rows it would
     # have computed; outputs never depend on what was cached. Eviction takes the slot freed longest
     # ago, never a running request's.
     def _admit(self, request: Request):
         slot, shared, source = self._free_slot(), 0, None
-        if request.images is None:  # image tokens are placeholders in `tokens`: equal ids, other images
+        if self.prefix_cache and request.images is None:  # image tokens are placeholders: equal ids, other images
             for kept_slot, (adapter, prefilled) in self.kept.items():
                 n = self._reusable(prefilled, request) if adapter == request.adapter else 0
                 if n > shared:
@@ -376,10 +382,10 @@ class Engine:
         self.stats.cached_tokens += shared
 
     def _reusable(self, prefilled: list[int], request: Request) -> int:
-        """How many of `request`'s first tokens can start from rows holding `prefilled`: whole chunks,
+        """How many of `request`'s first tokens can start from rows holding `prefilled`: whole pieces,
         leaving at least its last prompt token to feed (its logits are needed)."""
         n = shared_prefix(prefilled, request.tokens, request.prompt_len - 1)
-        return n // self.chunk * self.chunk
+        return n // self.piece * self.piece
 
     def _free_slot(self) -> int:
         """The lowest free slot that keeps nothing (a batch in rows 0..B-1 needs no KV copies), else
@@ -392,9 +398,9 @@ class Engine:
         return running.adapter == request.adapter and running.images is None
 
     def _prefix_coming(self, request: Request) -> bool:
-        """A running request is still prefilling a chunk this request could reuse: wait for it, then
+        """A running request is still prefilling a piece this request could reuse: wait for it, then
         start from its rows (16 clients with one system prompt prefill it once)."""
-        if request.images is not None:
+        if not self.prefix_cache or request.images is not None:
             return False
         for r in self.running:
             if self._donor(r, request):
@@ -409,11 +415,22 @@ class Engine:
         held = [(r.slot, len(r.tokens)) for r in self.running] + [(s, len(t)) for s, (_, t) in self.kept.items()]
         self.cache.fit(max((s + 1 for s, _ in held), default=0), max((n for _, n in held), default=0))
 
+    def _prefill(self, group: list[Request]) -> torch.Tensor:
+        """Up to `chunk` more prompt tokens of one request, `piece` tokens per forward pass; the
+        logits of the last one fed."""
+        (request,), fed = group, 0
+        while True:
+            fed += min(request.pending, self.piece)
+            logits = self._run(group, self.piece)
+            if request.pending == 0 or fed >= self.chunk:
+                return logits
+
     @torch.inference_mode()
-    def _run(self, group: list[Request]) -> torch.Tensor:
-        """One forward pass for a group of requests; returns the logits of each one's last fed token."""
+    def _run(self, group: list[Request], most: int = 1) -> torch.Tensor:
+        """One forward pass for a group of requests, each fed at most `most` tokens; returns the
+        logits of each one's last fed token."""
         group.sort(key=lambda r: r.slot)
-        counts = [min(r.pending, self.chunk) for r in group]
+        counts = [min(r.pending, most) for r in group]
         width = max(counts)
         tokens = torch.zeros(len(group), width, dtype=torch.long)
         for row, (r, n) in enumerate(zip(group, counts)):
@@ -421,7 +438,7 @@ class Engine:
         slots = [r.slot for r in group]
         self.cache.reserve(max(slots) + 1, max(r.computed + n for r, n in zip(group, counts)))
         in_order = slots == list(range(len(group)))
-        # One request's pass starts at one position whatever its slot, so a prompt's first chunk
+        # One request's pass starts at one position whatever its slot, so a prompt's first piece
         # takes the same attention kernel in every slot.
         start = group[0].computed if len(group) == 1 else torch.tensor([r.computed for r in group])
         adapters = torch.tensor([r.adapter for r in group]) if any(r.adapter for r in group) else None
@@ -475,7 +492,7 @@ class Engine:
         if request in self.running:
             self.running.remove(request)
             self.free_slots.append(request.slot)
-            if error is None and request.images is None and request.computed >= self.chunk:  # its rows stay
+            if error is None and request.images is None and request.computed >= self.piece:  # its rows stay
                 self.kept[request.slot] = (request.adapter, request.prefilled)
             self._fit_cache()
         if error is not None:

@@ -34,11 +34,11 @@ def fault_on_second_step(served, monkeypatch):
     state, _ = served
     original, calls = state.engine._run, []
 
-    def fail_on_second_step(group):
+    def fail_on_second_step(group, *most):
         calls.append(1)
         if len(calls) > 1:
             raise RuntimeError("simulated fault")
-        return original(group)
+        return original(group, *most)
 
     monkeypatch.setattr(state.engine, "_run", fail_on_second_step)
 

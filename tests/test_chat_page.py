@@ -27,7 +27,7 @@ TITLES = "[...document.querySelectorAll('#conversations .open')].map((b) => b.te
 def echo(engine: Engine):
     """Engine._run with the model replaced: the logits (B, V) of each request's next token, the next
     byte of the prompt's last user message, then the end of the turn."""
-    def run(group):
+    def run(group, most=1):
         time.sleep(STEP_SECONDS)
         logits = torch.full((len(group), engine.model.config.vocab_size), -1e9)
         for row, request in enumerate(group):

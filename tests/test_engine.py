@@ -51,10 +51,10 @@ def test_generate_many_on_the_engine_thread_gives_the_same_tokens_and_raises_a_r
             [alone(model, tokenizer, p, s) for p, s in zip(PROMPTS, PARAMS)]
         original = engine._run
 
-        def fail_while_prefilling_the_second(group):  # the pass fails whichever rows share it
+        def fail_while_prefilling_the_second(group, *most):  # the pass fails whichever rows share it
             if any(r.tokens == PROMPTS[1] for r in group):
                 raise RuntimeError("boom")
-            return original(group)
+            return original(group, *most)
         engine._run = fail_while_prefilling_the_second
         with pytest.raises(RuntimeError, match="boom"):
             engine.generate_many([PROMPTS[0], PROMPTS[1]], PARAMS[0], timeout=60)
@@ -113,7 +113,7 @@ def test_a_failing_step_fails_its_requests_not_the_engine(model, tokenizer, monk
     out = {}
     collect(engine, PROMPTS[0], PARAMS[0], out)
     original = engine._run
-    monkeypatch.setattr(engine, "_run", lambda group: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(engine, "_run", lambda group, *most: (_ for _ in ()).throw(RuntimeError("boom")))
     engine.step()
     assert isinstance(out[0][-1], RuntimeError) and not engine.running
     monkeypatch.setattr(engine, "_run", original)

@@ -1,5 +1,5 @@
 """The engine's prefix cache and its growing KV cache: a request that starts with tokens a cache row
-holds (a finished request's, or a running one's) reuses whole prefill chunks of them and gets
+holds (a finished request's, or a running one's) reuses whole prefill pieces of them and gets
 exactly what it would have got without; eviction takes the slot freed longest ago, never a running
 request's; the cache holds only what is used."""
 import httpx
@@ -15,7 +15,7 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 SYSTEM = list(b"You are a careful assistant who answers in one short sentence. " * 3)  # 3 key blocks
 
 
-CHUNK = 32  # the engines' prefill chunk: prefixes are reused in whole chunks
+CHUNK = 32  # the engines' prefill chunk, and so their prefill pieces: prefixes are reused in whole pieces
 
 
 def chunks(n):
@@ -118,7 +118,7 @@ def test_smollm2_answers_the_same_with_and_without_the_prefix_cache():
     (answer,) = engine.generate_many([first], params)
     second = first + answer.tokens + m.tokenizer.encode("<|im_start|>user\nAnd _finish?<|im_end|>\n<|im_start|>assistant\n")
     (cached,) = engine.generate_many([second], params)
-    assert engine.stats.cached_tokens == len(first) // engine.chunk * engine.chunk >= 512
+    assert engine.stats.cached_tokens == len(first) // engine.piece * engine.piece >= 512
     (fresh,) = Engine(m.model, m.tokenizer, max_batch=2).generate_many([second], params)
     assert cached.tokens == fresh.tokens
     assert [s.choice.logprob for s in cached.steps] == [s.choice.logprob for s in fresh.steps]  # bit for bit

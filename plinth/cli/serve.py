@@ -19,7 +19,7 @@ def cmd_serve(args):
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
           max_batch=args.max_batch, max_len=args.max_model_len, grace=args.grace, dtype=args.dtype,
           embedding_model=args.embedding_model, seed=args.seed, threads=args.threads, indexes=indexes,
-          adapters=adapters)
+          adapters=adapters, prefix_cache=args.prefix_cache)
 
 
 def register(sub):
@@ -36,6 +36,8 @@ def register(sub):
                    "any name is answered by the served model)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-model-len", type=int, help="context tokens per sequence (default: the model's own)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", help="compute every prompt "
+                   "in full instead of reusing the cached rows of prompts that start the same way")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--threads", type=int, help="model compute threads (default: all cores)")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "

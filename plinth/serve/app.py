@@ -238,7 +238,8 @@ class GracefulServer(uvicorn.Server):
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           strict_models: bool = False, max_batch: int = 16, max_len: int | None = None, grace: float = 30.0,
           embedding_model: str = "auto", dtype: str | None = None, seed: int | None = None,
-          threads: int | None = None, indexes: dict[str, str] | None = None, adapters: dict[str, str] | None = None):
+          threads: int | None = None, indexes: dict[str, str] | None = None, adapters: dict[str, str] | None = None,
+          prefix_cache: bool = True):
     import torch
 
     import plinth
@@ -261,7 +262,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     adapter_ids = serve_adapters(loaded.model, adapters) if adapters else {}
     # an image generator draws as tasks on the engine thread, which has no language model to batch
     engine = Engine.tasks_only(threads) if generator is not None else Engine(
-        loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads, vision=loaded.vision)
+        loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads, vision=loaded.vision,
+        prefix_cache=prefix_cache)
     engine.start()
     state = ServerState(engine, loaded.tokenizer, model, strict_models=strict_models,
                         api_key=api_key or os.environ.get("PLINTH_API_KEY"), embedder=embedder, seed=seed,
