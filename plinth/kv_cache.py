@@ -29,19 +29,19 @@ def whole_key_blocks(positions: int) -> int:
 
 
 class KVCache:
-    """k, v: (layers, rows, K, positions, D). A forward pass writes its new tokens' keys at their
+    """k, v: one (rows, K, positions, D) tensor per layer. A forward pass writes its new tokens' keys at their
     absolute positions and attends over positions 0..start+T-1 of its rows.
 
     A cache made with `grow=True` (the serving engine's) starts empty and holds only what is used:
-    `reserve` adds rows and positions before a pass needs them (positions at least doubling, so a
-    growing sequence is copied a few times, not at every block), and `fit` gives memory back when
-    what is held needs half of it or less. Otherwise it holds `slots` × `max_len` from the start."""
+    `reserve` adds rows and positions before a pass needs them (positions by at least a quarter,
+    so a growing sequence is copied now and then, not at every block), and `fit` gives memory back
+    when what is held needs half of it or less. Otherwise it holds `slots` × `max_len` from the start."""
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device="cpu",
                  grow: bool = False):
         self.layers, self.heads, self.head_dim = config.n_layers, config.n_kv_heads, config.head_dim
         self.slots, self.max_len, self.dtype, self.device = slots, max_len, dtype, device
-        self.k = self.v = None
+        self.k, self.v = [None] * self.layers, [None] * self.layers
         self._resize(0, 0) if grow else self._resize(slots, whole_key_blocks(max_len))
 
     @classmethod
@@ -55,19 +55,19 @@ class KVCache:
 
     @property
     def rows(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def positions(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return 2 * sum(k.numel() for k in self.k) * self.k[0].element_size()
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.layers * self.heads * self.head_dim * self.k.element_size()
+        return 2 * self.layers * self.heads * self.head_dim * self.k[0].element_size()
 
     def reserve(self, rows: int, positions: int):
         """Hold at least rows 0..rows-1 and positions 0..positions-1 (never more than the cache's
@@ -75,7 +75,7 @@ class KVCache:
         if rows > self.slots or positions > self.max_len:
             raise ValueError(f"{rows} rows × {positions} positions exceed the cache's {self.slots} × {self.max_len}")
         if rows > self.rows or positions > self.positions:
-            grown = max(whole_key_blocks(positions), 2 * self.positions) if positions > self.positions else self.positions
+            grown = whole_key_blocks(max(positions, self.positions * 5 // 4)) if positions > self.positions else self.positions
             self._resize(max(rows, self.rows), min(grown, whole_key_blocks(self.max_len)))
 
     def fit(self, rows: int, positions: int):
@@ -86,19 +86,28 @@ class KVCache:
             self._resize(rows, positions)
 
     def _resize(self, rows: int, positions: int):
-        shape = (self.layers, rows, self.heads, positions, self.head_dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        if self.k is not None:
-            r, p = min(rows, self.rows), min(positions, self.positions)
-            k[:, :r, :, :p], v[:, :r, :, :p] = self.k[:, :r, :, :p], self.v[:, :r, :, :p]
-        self.k, self.v = k, v
+        # Tensor by tensor, so that growing holds one layer's old keys beside the new ones, not all.
+        for tensors in (self.k, self.v):
+            for layer, old in enumerate(tensors):
+                tensors[layer] = self._resized(old, rows, positions)
+
+    def _resized(self, old: torch.Tensor | None, rows: int, positions: int) -> torch.Tensor:
+        new = torch.zeros(rows, self.heads, positions, self.head_dim, dtype=self.dtype, device=self.device)
+        if old is not None:
+            r, p = min(rows, old.shape[0]), min(positions, old.shape[2])
+            new[:r, :, :p] = old[:r, :, :p]
+        return new
+
+    def take_rows(self, rows: torch.Tensor):
+        """Row i becomes what row rows[i] held (e.g. to give each of several requests a copy of one context)."""
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
 
     def copy_row(self, source: int, target: int, positions: int):
         """Row `target` gets the keys and values of row `source`'s first `positions` positions (a
         shared prefix, see plinth/engine.py)."""
-        self.k[:, target, :, :positions] = self.k[:, source, :, :positions]
-        self.v[:, target, :, :positions] = self.v[:, source, :, :positions]
+        for tensors in (self.k, self.v):
+            for layer in tensors:
+                layer[target, :, :positions] = layer[source, :, :positions]
 
     def view(self, start: int | torch.Tensor = 0, slots: torch.Tensor | None = None) -> "CacheView":
         """What one forward pass reads and writes. start: the absolute position of each row's first
@@ -111,7 +120,7 @@ class CacheView:
 
     def __init__(self, cache: KVCache, start: int | torch.Tensor, slots: torch.Tensor | None):
         self.cache, self.start, self.slots = cache, start, slots
-        self.dtype = cache.k.dtype
+        self.dtype = cache.dtype
         self._index = None   # (rows (B, 1), positions (B, T)) for scattered writes, worked out once per pass
         self._decode = None  # the span of rows one-token passes compute over, worked out once per pass
 
@@ -135,11 +144,11 @@ class CacheView:
     def read(self, layer: int, B: int, key_len: int):
         """All keys and values of the pass's B rows, positions 0..key_len-1: (B, K, L, D)."""
         if self.slots is None:  # rows 0..B-1: views, no copies
-            return self.cache.k[layer, :B, :, :key_len], self.cache.v[layer, :B, :, :key_len]
-        return self.cache.k[layer, self.slots, :, :key_len], self.cache.v[layer, self.slots, :, :key_len]
+            return self.cache.k[layer][:B, :, :key_len], self.cache.v[layer][:B, :, :key_len]
+        return self.cache.k[layer][self.slots, :, :key_len], self.cache.v[layer][self.slots, :, :key_len]
 
     def _rows(self, B: int) -> torch.Tensor:
-        return torch.arange(B, device=self.cache.k.device) if self.slots is None else self.slots
+        return torch.arange(B, device=self.cache.device) if self.slots is None else self.slots
 
     # ---- one new token per row ---------------------------------------------------------------
     # Decoding attends to keys read in place: every row reads a whole number of KEY_BLOCKs of keys,
@@ -153,8 +162,8 @@ class CacheView:
         (S·K, L, D) views, no copies; L is the longest row's keys rounded up to whole KEY_BLOCKs."""
         span = self._span(B)
         (lo, hi), length = span["span"], span["length"]
-        keys = self.cache.k[layer, lo:hi, :, :length].flatten(0, 1)
-        values = self.cache.v[layer, lo:hi, :, :length].flatten(0, 1)
+        keys = self.cache.k[layer][lo:hi, :, :length].flatten(0, 1)
+        values = self.cache.v[layer][lo:hi, :, :length].flatten(0, 1)
         return keys, values
 
     def spread(self, x):
@@ -181,7 +190,7 @@ class CacheView:
 
     def _span(self, B: int) -> dict:
         if self._decode is None:
-            device = self.cache.k.device
+            device = self.cache.device
             rows = self._rows(B)
             starts = torch.as_tensor(self.start, device=device).reshape(-1).expand(B)
             lo, hi = int(rows.min()), int(rows.max()) + 1  # cache rows lo..hi-1 hold every row of the pass

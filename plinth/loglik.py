@@ -94,7 +94,7 @@ def _shared_hidden(model, windows, batch: list[tuple[list[int], list[int]]]):
     else:
         cache = KVCache.for_model(model, len(order), width + tail)
         context_h = model.features(tokens, cache=cache.view())  # contexts into slots 0..G-1 (plain slicing)
-        cache.k, cache.v = cache.k[:, slot_of_context], cache.v[:, slot_of_context]  # slot s: request order[s]
+        cache.take_rows(slot_of_context)  # slot s: request order[s]
         # Continuations run longest first in chunks of similar length, so little of the work is padding.
         running = sorted((s for s, i in enumerate(order) if suffix[i]), key=lambda s: -len(suffix[order[s]]))
         for chunk in _batches(running, lambda c: len(c) * len(suffix[order[c[0]]]), TAIL_TOKENS,

@@ -61,7 +61,8 @@ def test_decoding_attention_gives_a_row_the_same_bits_alone_or_in_any_batch(wind
     attn = Transformer(config).layers[0].attn  # _decode uses no weights; head_dim 64 like real models
     cache = KVCache(config, slots=8, max_len=256)
     generator = torch.Generator().manual_seed(0)
-    cache.k.normal_(generator=generator), cache.v.normal_(generator=generator)
+    for layer in cache.k + cache.v:
+        layer.normal_(generator=generator)
     lengths, slots = torch.tensor([5, 130, 64, 200]), torch.tensor([0, 2, 3, 7])  # keys straddle blocks
     q = torch.randn(4, 4, 1, 64, generator=generator)
 
@@ -72,7 +73,7 @@ def test_decoding_attention_gives_a_row_the_same_bits_alone_or_in_any_batch(wind
     for row in range(4):
         assert torch.equal(decode([row])[0], batched[row])
         assert torch.equal(decode(list(range(row, 4)))[0], batched[row])
-    keys, values = cache.k[0, 7, :, :200], cache.v[0, 7, :, :200]  # and row 3 is attention over its keys
+    keys, values = cache.k[0][7, :, :200], cache.v[0][7, :, :200]  # and row 3 is attention over its keys
     if window:
         keys, values = keys[:, -window:], values[:, -window:]
     expected = torch.softmax(q[3].view(2, 2, 64) @ keys.transpose(1, 2) * attn.scale, -1) @ values

@@ -77,17 +77,23 @@ def test_the_cache_grows_with_use_and_gives_memory_back():
     assert cache.nbytes == 0
     cache.reserve(2, 10)
     assert (cache.rows, cache.positions) == (2, KEY_BLOCK)
-    cache.k[:, 1, :, 5] = 3.0
-    cache.reserve(2, KEY_BLOCK + 1)                        # at least doubles: a growing sequence copies rarely
-    assert cache.positions == 2 * KEY_BLOCK and bool((cache.k[:, 1, :, 5] == 3.0).all())
+    cache.k[0][1, :, 5] = 3.0
+    cache.reserve(2, KEY_BLOCK + 1)                        # whole blocks, by at least a quarter: copies are rare
+    assert cache.positions == 2 * KEY_BLOCK and bool((cache.k[0][1, :, 5] == 3.0).all())
+    cache.reserve(2, 2 * KEY_BLOCK + 1)
+    assert cache.positions == 3 * KEY_BLOCK
+    cache.reserve(2, 8 * KEY_BLOCK + 1)
+    assert cache.positions == 9 * KEY_BLOCK
+    cache.reserve(2, 9 * KEY_BLOCK + 1)
+    assert cache.positions == 12 * KEY_BLOCK               # 9 blocks + a quarter, rounded up to whole blocks
     cache.reserve(8, 1000)
     assert cache.positions == 1024                         # max_len in whole key blocks, never beyond
     with pytest.raises(ValueError):
         cache.reserve(9, 10)
     cache.fit(2, 10)
-    assert (cache.rows, cache.positions) == (2, KEY_BLOCK) and bool((cache.k[:, 1, :, 5] == 3.0).all())
+    assert (cache.rows, cache.positions) == (2, KEY_BLOCK) and bool((cache.k[0][1, :, 5] == 3.0).all())
     cache.fit(2, 10)
-    assert cache.nbytes == 2 * cache.k.numel() * 4
+    assert cache.nbytes == 2 * cache.layers * cache.k[0].numel() * 4
 
 
 async def test_usage_reports_the_cached_prompt_tokens(model, tokenizer):
