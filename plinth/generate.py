@@ -1,8 +1,9 @@
 """Text generation: sampling parameters, the per-sequence sampler, stop handling and streaming.
 
 A `Sequence` holds everything one request needs between steps (its sampler, its text so far,
-why it finished); `generate_stream` runs one sequence on a model with a KV cache. The serving
-engine drives many `Sequence`s through one batched model call per step.
+why it finished); `generate_stream` runs one sequence on a model with a KV cache, checking guessed
+tokens in the same passes (plinth/speculative.py). The serving engine drives many `Sequence`s
+through one batched model call per step.
 
     for step in generate_stream(model, tokenizer, tokenizer.encode("Once"), SamplingParams(max_tokens=20)):
         print(step.text, end="", flush=True)
@@ -20,6 +21,7 @@ import torch
 from plinth.constrain import Constraint
 from plinth.errors import PlinthError
 from plinth.kv_cache import KVCache
+from plinth.speculative import PromptLookup, Speculator
 
 
 @dataclass
@@ -254,24 +256,32 @@ def check_prompt(prompt_len: int, context: int):
 
 
 @torch.inference_mode()
-def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams, embeds=None) -> Iterator[Step]:
+def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams, embeds=None,
+                    speculate: bool | PromptLookup = True) -> Iterator[Step]:
     """Generate for one prompt, yielding a `Step` per token until a stop or the token limit.
     embeds: (1, len(prompt), C) the prompt's input vectors, where they are not its tokens'
-    embeddings (an image+text model's image tokens)."""
+    embeddings (an image+text model's image tokens).
+    speculate: guess upcoming tokens from the prompt and output so far and check the guesses in the
+    same forward pass (plinth/speculative.py); the output is the same either way, only faster where
+    it repeats its input (rewriting or quoting a given text). False: one token per pass; a
+    `PromptLookup`: guess with that one (to tune it, or read how many guesses it got right)."""
     params.validate(model.config.vocab_size)
     context = model.config.max_seq_len
     check_prompt(len(prompt), context)
     seq = Sequence(prompt, params, tokenizer, model.config.vocab_size, max_new=context - len(prompt))
+    drafter = speculate if isinstance(speculate, PromptLookup) else PromptLookup() if speculate else None
+    speculator = Speculator(seq, drafter)
     cache = KVCache.for_model(model, 1, len(prompt) + seq.max_new)
     device = model.tok_embeddings.weight.device
-    logits = model(None if embeds is not None else torch.tensor([prompt], device=device), embeds=embeds,
-                   cache=cache.view(), last=torch.tensor([len(prompt) - 1], device=device))
-    position = len(prompt)
+    rows = model(None if embeds is not None else torch.tensor([prompt], device=device), embeds=embeds,
+                 cache=cache.view(), last=torch.tensor([len(prompt) - 1], device=device))  # (1, V)
+    drafts: list[int] = []
     while True:
-        step = seq.step(logits[0].cpu())
-        yield step
-        if step.finish_reason:
+        steps = speculator.accept(drafts, rows.cpu())
+        yield from steps
+        if steps[-1].finish_reason:
             return
-        logits = model(torch.tensor([[step.choice.token]], device=device), cache=cache.view(position),
-                       last=torch.tensor([0], device=device))
-        position += 1
+        drafts = speculator.propose()
+        position = len(prompt) + len(seq.output) - 1  # where the last chosen token goes; drafts follow it
+        tokens = torch.tensor([[steps[-1].choice.token, *drafts]], device=device)
+        rows = model(tokens, cache=cache.view(position))[0]  # (1 + len(drafts), V)

@@ -150,17 +150,19 @@ class CacheView:
     def _rows(self, B: int) -> torch.Tensor:
         return torch.arange(B, device=self.cache.device) if self.slots is None else self.slots
 
-    # ---- one new token per row ---------------------------------------------------------------
+    # ---- a few new tokens per row: decoding, or checking speculative guesses -------------------
     # Decoding attends to keys read in place: every row reads a whole number of KEY_BLOCKs of keys,
     # the positions it may not see masked out, so the matmul and softmax kernels sum each row's
     # scores in the same blocks whether the row runs alone or in a batch, and batching never
     # changes a sequence's output (padding to the batch's exact longest row, or calling SDPA,
-    # changes low bits with the batch). Rows whose slots have gaps between them are computed as
+    # changes low bits with the batch). A pass of T > 1 new tokens per row (speculative decoding
+    # checking its guesses) attends for each of its tokens in turn exactly so, and gives each the
+    # bits decoding it alone gives. Rows whose slots have gaps between them are computed as
     # the whole span of slots; `spread` and `gather` move the pass's rows in and out of it.
-    def decode_keys(self, layer: int, B: int):
+    def decode_keys(self, layer: int, B: int, T: int = 1):
         """Keys and values of the span's S rows, each of the K key heads its own batch: two
         (S·K, L, D) views, no copies; L is the longest row's keys rounded up to whole KEY_BLOCKs."""
-        span = self._span(B)
+        span = self._span(B, T)
         (lo, hi), length = span["span"], span["length"]
         keys = self.cache.k[layer][lo:hi, :, :length].flatten(0, 1)
         values = self.cache.v[layer][lo:hi, :, :length].flatten(0, 1)
@@ -178,17 +180,17 @@ class CacheView:
         rows = self._decode["rows"]
         return x if rows is None else x.index_select(0, rows)
 
-    def decode_bias(self, window: int | None, heads: int) -> torch.Tensor:
-        """(S·heads, 1, L): 0 where a row's new token may attend (its own keys so far,
+    def decode_bias(self, window: int | None, heads: int, t: int = 0) -> torch.Tensor:
+        """(S·heads, 1, L): 0 where a row's new token t may attend (its own keys so far,
         within `window`), -inf elsewhere; added to the attention scores."""
         span = self._decode
-        if window not in span["biases"]:
-            allowed = attention_mask(span["ends"][:, None] - 1, span["length"], True, window)  # (S, 1, 1, L)
+        if (window, t) not in span["biases"]:
+            allowed = attention_mask(span["ends"][:, None] - 1 + t, span["length"], True, window)  # (S, 1, 1, L)
             bias = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
-            span["biases"][window] = bias.repeat_interleave(heads, dim=0).view(-1, 1, span["length"])
-        return span["biases"][window]
+            span["biases"][window, t] = bias.repeat_interleave(heads, dim=0).view(-1, 1, span["length"])
+        return span["biases"][window, t]
 
-    def _span(self, B: int) -> dict:
+    def _span(self, B: int, T: int = 1) -> dict:
         if self._decode is None:
             device = self.cache.device
             rows = self._rows(B)
@@ -198,5 +200,5 @@ class CacheView:
             ends = torch.ones(hi - lo, dtype=torch.long, device=device)  # rows of the span outside the pass see key 0
             ends[rows - lo] = starts + 1
             self._decode = {"span": (lo, hi), "rows": rows - lo if gaps else None, "ends": ends, "biases": {},
-                            "length": whole_key_blocks(int(starts.max()) + 1)}
+                            "length": whole_key_blocks(int(starts.max()) + T)}
         return self._decode

@@ -82,6 +82,10 @@ def positions_in_documents(documents):
 
 
 SHORT_ROWS = 512  # bfloat16 rows up to this long: attention by plain matmuls (see Attention._by_matmuls)
+# Passes of fewer new tokens per row than this attend as decoding does, token by token (see
+# Attention._decode): speculative decoding checks its guesses in such passes (plinth/speculative.py),
+# and must get the bits decoding gets. Longer passes (prompts) take the faster prompt kernels.
+DECODE_TOKENS = 16
 ADAPTER_ROWS: ContextVar[torch.Tensor | None] = ContextVar("adapter_rows", default=None)
 """During a forward pass with `adapters`: (B,) which LoRA adapter each row uses (0 = none), read by
 layers that serve several adapters at once (plinth/adapt/multi_lora.py)."""
@@ -160,7 +164,7 @@ class Attention(nn.Module):
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
             cache.write(self.layer, k, v)
-        if T == 1 and self.causal and cache is not None:
+        if T < DECODE_TOKENS and self.causal and cache is not None:
             out = self._decode(q, cache)
         else:
             if cache is not None:
@@ -194,19 +198,22 @@ class Attention(nn.Module):
         return torch.matmul(weights.view(B, K, group * T, T), v).view(B, H, T, D)
 
     def _decode(self, q, cache):
-        """One new token per row, attending to keys read in place from the cache, all rows at once:
-        each key head's `group` queries form one batch of a batched matmul over that head's keys.
-        The cache's view decides which rows (S ≥ B) and how many keys the batch spans, and masks
-        what a row may not see, so that a row gets the same bits alone or in any batch (see
-        plinth/kv_cache.py)."""
-        B, H, _, D = q.shape
+        """A few new tokens per row (one when decoding), attending to keys read in place from the
+        cache, all rows at once: each key head's `group` queries form one batch of a batched matmul
+        over that head's keys. The cache's view decides which rows (S ≥ B) and how many keys the
+        batch spans, and masks what a row may not see, so that a row gets the same bits alone or in
+        any batch (see plinth/kv_cache.py). Several new tokens go one after another through the
+        same products, so each gets the bits it would get decoded alone (speculative decoding)."""
+        B, H, T, D = q.shape
         K = self.n_kv_heads
-        keys, values = cache.decode_keys(self.layer, B)  # (S·K, L, D)
-        q = cache.spread(q.reshape(B, K, H // K, D).to(keys.dtype))  # (S, K, group, D)
-        bias = cache.decode_bias(self.window, K)
-        scores = torch.baddbmm(bias, q.flatten(0, 1), keys.transpose(1, 2), alpha=self.scale)
-        out = torch.bmm(torch.softmax(scores, dim=-1), values).view(q.shape[0], H, 1, D)
-        return cache.gather(out)
+        keys, values = cache.decode_keys(self.layer, B, T)  # (S·K, L, D)
+        out = []
+        for t in range(T):
+            q_t = cache.spread(q[:, :, t].reshape(B, K, H // K, D).to(keys.dtype))  # (S, K, group, D)
+            bias = cache.decode_bias(self.window, K, t)
+            scores = torch.baddbmm(bias, q_t.flatten(0, 1), keys.transpose(1, 2), alpha=self.scale)
+            out.append(torch.bmm(torch.softmax(scores, dim=-1), values).view(q_t.shape[0], H, 1, D))
+        return cache.gather(torch.cat(out, dim=2))  # (B, H, T, D)
 
     def _grouped(self, q, k, v, mask):
         """Attention where the H/K query heads sharing a key head are folded into the query axis,

@@ -62,7 +62,7 @@ def test_one_batch_serves_each_request_its_own_adapter(adapters, tokenizer):
     outputs = {name: [] for name in ("base", "terse", "chatty")}
     batches = []
     original = engine._run
-    engine._run = lambda group: batches.append(len(group)) or original(group)
+    engine._run = lambda group, *most: batches.append(len(group)) or original(group, *most)
     with engine._wake:  # queue all three before the engine thread starts: they run as one batch
         for name in outputs:
             engine.submit(PROMPT, copy.deepcopy(GREEDY), lambda step, n=name: outputs[n].append(step.choice.token),
