@@ -42,6 +42,7 @@ import torch
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, Sequence, Step, check_prompt
 from plinth.kv_cache import KEY_BLOCK, KVCache
+from plinth.speculative import PromptLookup, Speculator
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Request:
     images: "ImageInput | None" = None        # an image+text model's images, and where their tokens go
     cached: int = 0                           # prompt tokens whose keys and values came from the prefix cache
     prompt_len: int = 0
+    speculator: Speculator | None = None      # guesses tokens when the request decodes alone
 
     @property
     def pending(self) -> int:
@@ -116,13 +118,15 @@ class Stats:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None, chunk: int = 256,
-                 max_queue: int = 256, threads: int | None = None, vision=None, prefix_cache: bool = True):
+                 max_queue: int = 256, threads: int | None = None, vision=None, prefix_cache: bool = True,
+                 speculate: bool = True):
         """vision: an image+text model's image encoder (plinth/vision/multimodal.py ImageEncoder).
         model None: an engine that only runs `call`ed tasks (see `tasks_only`). prefix_cache: reuse
-        the rows of prompts seen before (see `_admit`)."""
+        the rows of prompts seen before (see `_admit`). speculate: a request decoding alone checks
+        guessed tokens in its passes (see `_speculate`)."""
         self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.threads = threads or default_threads()
-        self.chunk, self.max_queue, self.prefix_cache = chunk, max_queue, prefix_cache
+        self.chunk, self.max_queue, self.prefix_cache, self.speculate = chunk, max_queue, prefix_cache, speculate
         # Prompt tokens per forward pass: the int4 kernel's cost is the same per row in any pass,
         # so small passes prefill as fast as large ones and let the prefix cache reuse finer prefixes.
         self.piece = min(chunk, KEY_BLOCK)
@@ -185,7 +189,8 @@ class Engine:
             slots = set(images.positions.tolist())
             seen = [t for p, t in enumerate(prompt) if p not in slots]
         seq = Sequence(seen, params, self.tokenizer, vocab, max_new=self.max_len - len(prompt))
-        return Request(next(self._ids), seq, emit, list(prompt), adapter=adapter, images=images, prompt_len=len(prompt))
+        return Request(next(self._ids), seq, emit, list(prompt), adapter=adapter, images=images, prompt_len=len(prompt),
+                       speculator=Speculator(seq, PromptLookup() if self.speculate else None))
 
     def _check_images(self, images: ImageInput, prompt_len: int):
         if self.vision is None:
@@ -319,6 +324,10 @@ class Engine:
         prefix cache can reuse whole pieces: see `_admit`)."""
         self.stats.heartbeat = time.monotonic()
         self._schedule()
+        if len(self.running) == 1 and not self.waiting and self.running[0].pending == 1:
+            if self._speculate(self.running[0]):
+                self.stats.steps += 1
+                return
         groups, budget = [[r for r in self.running if r.pending == 1]], self.chunk
         for r in self.running:
             if r.pending > 1 and (budget > 0 or len(groups) == 1):
@@ -464,6 +473,37 @@ class Engine:
             inside = (at >= 0) & (at < n)
             x[row, at[inside]] = r.images.vectors[inside].to(x.dtype)
         return x
+
+    def _speculate(self, request: Request) -> bool:
+        """Decode a lone request's next tokens with guesses checked in the same pass (plinth/
+        speculative.py): its output is plain decoding's, bit for bit. False when it has no guess."""
+        drafts = request.speculator.propose()
+        if not drafts:
+            return False
+        start = request.computed
+        try:
+            self.cache.reserve(request.slot + 1, start + 1 + len(drafts))
+            with torch.inference_mode():
+                logits = self.model(torch.tensor([request.tokens[start:] + drafts]),
+                                    cache=self.cache.view(start, None if request.slot == 0 else torch.tensor([request.slot])),
+                                    adapters=torch.tensor([request.adapter]) if request.adapter else None)
+            steps = request.speculator.accept(drafts, logits[0].float())
+        except Exception as e:  # as a failing step: the request's failure is its own
+            self._finish(request, e)
+            return True
+        request.computed = start + len(steps)  # the kept guesses' keys; the last chosen token is fed next
+        self.stats.last_batch = 1
+        for step in steps:
+            request.tokens.append(step.choice.token)
+            self.stats.generated_tokens += 1
+            try:
+                request.emit(step)
+            except Exception as e:
+                self._finish(request, e)
+                return True
+        if steps[-1].finish_reason:
+            self._finish(request, None)
+        return True
 
     def _postprocess(self, group: list[Request], logits: torch.Tensor):
         for request, row in zip(group, logits):

@@ -145,3 +145,17 @@ def test_engine_thread_serves_concurrent_submitters(model, tokenizer):
         engine.stop()
     for i, prompt in enumerate(PROMPTS):
         assert results[i] == alone(model, tokenizer, prompt, params)
+
+
+def test_a_request_decoding_alone_speculates_and_gets_plain_decodings_tokens(model, tokenizer):
+    prompt = list(b"abcdefgh abcdefgh abcdefgh abcdefgh ")  # a pattern worth guessing
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.9, seed=3, ignore_eos=True)]
+    for p in params:
+        guessing, plain = Engine(model, tokenizer, max_batch=2), Engine(model, tokenizer, max_batch=2, speculate=False)
+        (fast,) = guessing.generate_many([prompt], p)
+        (slow,) = plain.generate_many([prompt], p)
+        assert fast.tokens == slow.tokens and len(fast.tokens) == 40
+        assert [s.text for s in fast.steps] == [s.text for s in slow.steps]
+        if p.temperature == 0:  # the tiny model repeats the pattern greedily: guesses are kept, passes saved
+            assert guessing.stats.steps < plain.stats.steps
