@@ -33,8 +33,9 @@ class KVCache:
     absolute positions and attends over positions 0..start+T-1 of its rows.
 
     A cache made with `grow=True` (the serving engine's) starts empty and holds only what is used:
-    `reserve` adds rows and positions before a pass needs them (positions by at least a quarter,
-    so a growing sequence is copied now and then, not at every block), and `fit` gives memory back
+    `reserve` adds rows and positions before a pass needs them (rows doubling, positions by at
+    least a quarter, so a growing cache is copied now and then, not at every request or block), and
+    `fit` gives memory back
     when what is held needs half of it or less. Otherwise it holds `slots` × `max_len` from the start."""
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device="cpu",
@@ -76,7 +77,8 @@ class KVCache:
             raise ValueError(f"{rows} rows × {positions} positions exceed the cache's {self.slots} × {self.max_len}")
         if rows > self.rows or positions > self.positions:
             grown = whole_key_blocks(max(positions, self.positions * 5 // 4)) if positions > self.positions else self.positions
-            self._resize(max(rows, self.rows), min(grown, whole_key_blocks(self.max_len)))
+            more = min(max(rows, 2 * self.rows), self.slots) if rows > self.rows else self.rows
+            self._resize(more, min(grown, whole_key_blocks(self.max_len)))
 
     def fit(self, rows: int, positions: int):
         """Give memory back when rows 0..rows-1 and positions 0..positions-1 are all that must be

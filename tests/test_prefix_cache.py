@@ -77,6 +77,9 @@ def test_the_cache_grows_with_use_and_gives_memory_back():
     assert cache.nbytes == 0
     cache.reserve(2, 10)
     assert (cache.rows, cache.positions) == (2, KEY_BLOCK)
+    cache.reserve(3, 10)
+    assert cache.rows == 4                                 # rows double: 16 requests arriving grow it 4 times
+    cache.fit(2, 10)
     cache.k[0][1, :, 5] = 3.0
     cache.reserve(2, KEY_BLOCK + 1)                        # whole blocks, by at least a quarter: copies are rare
     assert cache.positions == 2 * KEY_BLOCK and bool((cache.k[0][1, :, 5] == 3.0).all())
