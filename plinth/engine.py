@@ -357,7 +357,10 @@ class Engine:
                 if self._prefix_coming(request):
                     continue
                 self.waiting.remove(request)
-                self._admit(request)
+                try:
+                    self._admit(request)
+                except Exception as e:  # its own failure (e.g. no memory for its rows), not the engine's
+                    self._finish(request, e)
 
     # ---- the prefix cache ------------------------------------------------------------------------
     # A request whose prompt starts with tokens some cache row already holds (a system prompt, the
@@ -380,11 +383,12 @@ class Engine:
                 n = self._reusable(r.prefilled, request) if self._donor(r, request) else 0
                 if n > shared:
                     shared, source = n, r.slot
+        with torch.inference_mode():  # the cache's tensors may have been made in a forward pass's inference mode
+            self.cache.reserve(slot + 1, max(shared, 1))
+            if source is not None:
+                self.cache.copy_row(source, slot, shared)
         self.free_slots.remove(slot)
         self.kept.pop(slot, None)
-        self.cache.reserve(slot + 1, max(shared, 1))
-        if source is not None:
-            self.cache.copy_row(source, slot, shared)
         request.slot, request.computed, request.cached = slot, shared, shared
         self.running.append(request)
         self.stats.prompt_tokens += len(request.tokens)

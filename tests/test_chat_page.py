@@ -43,7 +43,8 @@ def echo(engine: Engine):
 @pytest.fixture(scope="module")
 def served():
     tokenizer = byte_tokenizer()
-    engine = Engine(tiny_model(max_seq_len=4096), tokenizer, max_batch=2, max_len=4096, threads=1)
+    # speculate=False: a lone request's guessed-token passes would call the model past the echo
+    engine = Engine(tiny_model(max_seq_len=4096), tokenizer, max_batch=2, max_len=4096, threads=1, speculate=False)
     engine._run = echo(engine)
     engine.start()
     try:  # a second served name, as a LoRA adapter's is, for the model picker

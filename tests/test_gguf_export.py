@@ -2,6 +2,7 @@
 Face transformers' GGUF loader and by llama.cpp (the independent references); quantised files
 byte for byte as llama.cpp's own quantizer writes them; SmolLM2 and Gemma 3 exported and read back;
 and what cannot be written."""
+import contextlib
 import ctypes
 import json
 import os
@@ -42,6 +43,24 @@ def random_model(**overrides) -> Transformer:
     model.to_empty(device="cpu")
     model.init_weights()
     return model.eval()
+
+
+@contextlib.contextmanager
+def llama(llama_cpp, path):
+    """llama.cpp on the GGUF at `path`, keeping every position's logits; closed after."""
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def assert_same_choices(model, ids, llm):
+    """llama.cpp picks the next token plinth's `model` picks at every position of `ids`."""
+    llm.eval(ids)
+    theirs, ours = torch.tensor(llm.scores[:len(ids)]), model(torch.tensor([ids]))[0]
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    assert float(torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).min()) > 0.999
 
 
 def reread(path) -> Transformer:
@@ -107,18 +126,11 @@ def test_llama_cpp_runs_the_export(tmp_path):
         model.tok_embeddings.weight.mul_(10)
     write_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f16")
     assert metadata(open_gguf(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == "smollm"  # what plinth trains
-    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
-    try:
-        text = "The naïve café served 1234 guests<|im_end|>"
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text)
-        ids = tokenizer.encode(text)
-        llm.eval(ids)
-        theirs = torch.tensor(llm.scores[:len(ids)])
-    finally:
-        llm.close()
-    ours = model(torch.tensor([ids]))[0]
-    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
-    assert float(torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).min()) > 0.999
+    text = "The naïve café served 1234 guests<|im_end|>"
+    ids = tokenizer.encode(text)
+    with llama(llama_cpp, tmp_path / "m.gguf") as llm:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        assert_same_choices(model, ids, llm)
 
 
 @pytest.mark.slow
@@ -307,16 +319,9 @@ def test_llama_cpp_runs_a_gemma3_export(tmp_path, spm_tokenizer):
     model = tiny_gemma(global_every=3)
     write_gguf(model, spm_tokenizer, tmp_path / "g.gguf", dtype="f16")
     ids = spm_tokenizer.encode(SPM_TEXT * 2)
-    llm = llama_cpp.Llama(str(tmp_path / "g.gguf"), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
-    try:
+    with llama(llama_cpp, tmp_path / "g.gguf") as llm:
         assert llm.tokenize(SPM_TEXT.encode(), add_bos=True, special=True) == spm_tokenizer.encode(SPM_TEXT)
-        llm.eval(ids)
-        theirs = torch.tensor(llm.scores[:len(ids)])
-    finally:
-        llm.close()
-    ours = model(torch.tensor([ids]))[0]
-    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
-    assert float(torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).min()) > 0.999
+        assert_same_choices(model, ids, llm)
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(global_every=2, attn_scale=0.1, rope_local_theta=5e4, final_softcap=30.0)])

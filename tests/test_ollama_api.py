@@ -255,7 +255,8 @@ def test_curl_style_bodies_are_read_as_json(server):
 @pytest.fixture
 def strict(tokenizer):
     """A tiny model and embedder served with --strict-models: (its URL, its engine)."""
-    engine = Engine(tiny_model(), tokenizer, max_batch=2, max_len=128, threads=1)
+    # speculate=False: a lone request's guessed-token passes would go past faults injected into Engine._run
+    engine = Engine(tiny_model(), tokenizer, max_batch=2, max_len=128, threads=1, speculate=False)
     engine.start()
     try:
         for url in live(ServerState(engine, tokenizer, "tiny", strict_models=True, embedder=tiny_embedder()[0])):
@@ -279,11 +280,11 @@ def test_a_fault_after_streaming_began_is_a_last_error_line(strict, monkeypatch)
     url, engine = strict
     original, steps = engine._run, []
 
-    def fail_on_second_step(group):
+    def fail_on_second_step(group, *most):
         steps.append(1)
         if len(steps) > 1:
             raise RuntimeError("simulated fault")
-        return original(group)
+        return original(group, *most)
 
     monkeypatch.setattr(engine, "_run", fail_on_second_step)
     pieces = []

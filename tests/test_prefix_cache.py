@@ -131,3 +131,15 @@ def test_smollm2_answers_the_same_with_and_without_the_prefix_cache():
     (fresh,) = Engine(m.model, m.tokenizer, max_batch=2).generate_many([second], params)
     assert cached.tokens == fresh.tokens
     assert [s.choice.logprob for s in cached.steps] == [s.choice.logprob for s in fresh.steps]  # bit for bit
+
+
+def test_a_copy_into_a_cache_grown_during_a_forward_pass_works(model, tokenizer):
+    """The cache's tensors are remade inside the forward pass's inference mode when it grows there;
+    copying a running request's rows for a later request must still work (it once raised, and the
+    request was lost from the queue, so generate_many waited forever)."""
+    long = SYSTEM + list(b"the same question")
+    prompts = [long, list(b"another"), list(b"and another"), long]  # the last waits for the first, then copies
+    engine = Engine(model, tokenizer, max_batch=4, max_len=256, chunk=CHUNK)
+    completions = engine.generate_many(prompts, GREEDY, timeout=60)
+    assert engine.stats.cached_tokens == chunks(len(long) - 1)
+    assert completions[3].tokens == completions[0].tokens
