@@ -498,15 +498,8 @@ class Engine:
         request.computed = start + len(steps)  # the kept guesses' keys; the last chosen token is fed next
         self.stats.last_batch = 1
         for step in steps:
-            request.tokens.append(step.choice.token)
-            self.stats.generated_tokens += 1
-            try:
-                request.emit(step)
-            except Exception as e:
-                self._finish(request, e)
-                return True
-        if steps[-1].finish_reason:
-            self._finish(request, None)
+            if not self._deliver(request, step):
+                break
         return True
 
     def _postprocess(self, group: list[Request], logits: torch.Tensor):
@@ -515,14 +508,25 @@ class Engine:
                 continue
             try:
                 step = request.seq.step(row)
-                request.tokens.append(step.choice.token)
-                self.stats.generated_tokens += 1
-                request.emit(step)
             except Exception as e:  # one request's failure is its own
                 self._finish(request, e)
                 continue
-            if step.finish_reason:
-                self._finish(request, None)
+            self._deliver(request, step)
+
+    def _deliver(self, request: Request, step: Step) -> bool:
+        """Give `request` its next token; False once the request has ended (the step finished it,
+        or its receiver failed: one request's failure is its own)."""
+        request.tokens.append(step.choice.token)
+        self.stats.generated_tokens += 1
+        try:
+            request.emit(step)
+        except Exception as e:
+            self._finish(request, e)
+            return False
+        if step.finish_reason:
+            self._finish(request, None)
+            return False
+        return True
 
     def _fail_all(self, error: Exception):
         for request in list(self.running):

@@ -29,14 +29,14 @@ def whole_key_blocks(positions: int) -> int:
 
 
 class KVCache:
-    """k, v: one (rows, K, positions, D) tensor per layer. A forward pass writes its new tokens' keys at their
-    absolute positions and attends over positions 0..start+T-1 of its rows.
+    """k, v: one (rows, K, positions, D) tensor per layer. A forward pass writes its new tokens'
+    keys at their absolute positions and attends over positions 0..start+T-1 of its rows.
 
     A cache made with `grow=True` (the serving engine's) starts empty and holds only what is used:
     `reserve` adds rows and positions before a pass needs them (rows doubling, positions by at
     least a quarter, so a growing cache is copied now and then, not at every request or block), and
-    `fit` gives memory back
-    when what is held needs half of it or less. Otherwise it holds `slots` × `max_len` from the start."""
+    `fit` gives memory back when what is held needs half of it or less. Otherwise it holds
+    `slots` × `max_len` from the start."""
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device="cpu",
                  grow: bool = False):

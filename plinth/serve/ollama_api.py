@@ -91,10 +91,7 @@ def now() -> str:
 # ---- generation ------------------------------------------------------------------------------------
 @router.post("/chat")
 async def chat(request: Request):
-    started = time.monotonic_ns()
-    state = server_state(request)
-    body = await parsed(request, ChatRequest)
-    model = checked_model(state, body)
+    started, state, body, model = await opened(request, ChatRequest)
     if not body.messages:  # Ollama's way to load a model: it is loaded already
         return {"model": model, "created_at": now(), "message": {"role": "assistant", "content": ""}, "done": True,
                 "done_reason": "load"}
@@ -108,10 +105,7 @@ async def chat(request: Request):
 
 @router.post("/generate")
 async def generate(request: Request):
-    started = time.monotonic_ns()
-    state = server_state(request)
-    body = await parsed(request, GenerateRequest)
-    model = checked_model(state, body)
+    started, state, body, model = await opened(request, GenerateRequest)
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model")
     if body.template:
@@ -139,6 +133,14 @@ async def generate(request: Request):
         prompt = context + prompt
         reply = Answer(model, prompt, started, state.tokenizer, chat_plan, text=True, context=not images)
     return await answer(state, request, body, reply, pictures)
+
+
+async def opened(request: Request, schema: type[Generation]) -> tuple[int, ServerState, Generation, str]:
+    """What a generation route starts with: its start time, the server, the parsed body, the model it names."""
+    started = time.monotonic_ns()
+    state = server_state(request)
+    body = await parsed(request, schema)
+    return started, state, body, checked_model(state, body)
 
 
 def checked_model(state: ServerState, body: Generation) -> str:

@@ -213,8 +213,9 @@ def finish(state: ServerState, draft: Draft, output: list[dict], choice: Choice,
     (or the client hung up before it finished)."""
     tokens = len(choice.tokens)
     response = draft.response(outcome(choice), output, {
-        "input_tokens": draft.prompt_tokens, "input_tokens_details": {"cached_tokens": draft.request.cached}, "output_tokens": tokens,
-        "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": draft.prompt_tokens + tokens})
+        "input_tokens": draft.prompt_tokens, "input_tokens_details": {"cached_tokens": draft.request.cached},
+        "output_tokens": tokens, "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": draft.prompt_tokens + tokens})
     if draft.body.store is not False and choice.finish_reason is not None:
         state.responses.put(response, conversation + output)
     return response
