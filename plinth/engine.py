@@ -42,7 +42,7 @@ import torch
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, Sequence, Step, check_prompt
 from plinth.kv_cache import KEY_BLOCK, KVCache
-from plinth.speculative import PromptLookup, Speculator
+from plinth.speculative import PASS_LIMIT, PromptLookup, Speculator
 
 
 @dataclass
@@ -134,11 +134,15 @@ class Engine:
             self.max_len, self.cache, max_batch = 0, None, 0
         else:
             self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
-            self.cache = KVCache.for_model(model, max_batch, self.max_len, grow=True)
+            # Sliding-window layers keep rings (plinth/kv_cache.py) with room for a request to run a
+            # prefill chunk past a prefix that another one waits to reuse (see `_prefix_coming`).
+            self.cache = KVCache.for_model(model, max_batch, self.max_len, grow=True, slack=self.chunk - self.piece)
         self.free_slots = list(range(max_batch))
         # The prefix cache: free slots whose cache rows still hold a finished request's keys and values,
-        # slot → (adapter, the tokens they are of), least recently freed first.
+        # slot → (adapter, the tokens they are of), least recently freed first, and how far each
+        # row was written (a ring keeps the window before a prefix only so far: see `_reusable`).
         self.kept: dict[int, tuple[int, list[int]]] = {}
+        self.written: dict[int, int] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.tasks: deque[tuple[Callable, Future]] = deque()  # other model work, run between steps
@@ -370,17 +374,19 @@ class Engine:
     # values a prompt gets depend on how it is cut into forward passes (each pass's shape picks its
     # own summation order in the matrix kernels), and a request prefills in pieces from position 0
     # or from such a reused prefix, so reusing whole pieces gives it, bit for bit, the rows it would
-    # have computed; outputs never depend on what was cached. Eviction takes the slot freed longest
-    # ago, never a running request's.
+    # have computed; outputs never depend on what was cached. A sliding-window layer's ring keeps
+    # the window before a prefix only until its row is written about ring − window positions past
+    # it (plinth/kv_cache.py `resumable`): a row that has moved on further is not reused. Eviction
+    # takes the slot freed longest ago, never a running request's.
     def _admit(self, request: Request):
         slot, shared, source = self._free_slot(), 0, None
         if self.prefix_cache and request.images is None:  # image tokens are placeholders: equal ids, other images
             for kept_slot, (adapter, prefilled) in self.kept.items():
-                n = self._reusable(prefilled, request) if adapter == request.adapter else 0
+                n = self._reusable(prefilled, self.written[kept_slot], request) if adapter == request.adapter else 0
                 if n > shared:
                     slot, shared = kept_slot, n
             for r in self.running:
-                n = self._reusable(r.prefilled, request) if self._donor(r, request) else 0
+                n = self._reusable(r.prefilled, written_end(r), request) if self._donor(r, request) else 0
                 if n > shared:
                     shared, source = n, r.slot
         with torch.inference_mode():  # the cache's tensors may have been made in a forward pass's inference mode
@@ -389,16 +395,18 @@ class Engine:
                 self.cache.copy_row(source, slot, shared)
         self.free_slots.remove(slot)
         self.kept.pop(slot, None)
+        self.written.pop(slot, None)
         request.slot, request.computed, request.cached = slot, shared, shared
         self.running.append(request)
         self.stats.prompt_tokens += len(request.tokens)
         self.stats.cached_tokens += shared
 
-    def _reusable(self, prefilled: list[int], request: Request) -> int:
-        """How many of `request`'s first tokens can start from rows holding `prefilled`: whole pieces,
-        leaving at least its last prompt token to feed (its logits are needed)."""
-        n = shared_prefix(prefilled, request.tokens, request.prompt_len - 1)
-        return n // self.piece * self.piece
+    def _reusable(self, prefilled: list[int], written: int, request: Request) -> int:
+        """How many of `request`'s first tokens can start from a row holding `prefilled`, written up
+        to position written-1: whole pieces, leaving at least its last prompt token to feed (its
+        logits are needed); none where the row's rings have moved on past the window before them."""
+        n = shared_prefix(prefilled, request.tokens, request.prompt_len - 1) // self.piece * self.piece
+        return n if self.cache.resumable(n, written) else 0
 
     def _free_slot(self) -> int:
         """The lowest free slot that keeps nothing (a batch in rows 0..B-1 needs no KV copies), else
@@ -417,7 +425,7 @@ class Engine:
             return False
         for r in self.running:
             if self._donor(r, request):
-                n = self._reusable(r.tokens[:r.prompt_len], request)
+                n = self._reusable(r.tokens[:r.prompt_len], written_end(r), request)
                 if n and r.computed < n:
                     return True
         return False
@@ -542,6 +550,7 @@ class Engine:
             self.free_slots.append(request.slot)
             if error is None and request.images is None and request.computed >= self.piece:  # its rows stay
                 self.kept[request.slot] = (request.adapter, request.prefilled)
+                self.written[request.slot] = written_end(request)
             self._fit_cache()
         if error is not None:
             self.stats.failed += 1
@@ -553,6 +562,12 @@ class Engine:
             self.stats.cancelled += 1
         else:
             self.stats.finished += 1
+
+
+def written_end(request: Request) -> int:
+    """How far a request's passes may have written its row: a verify pass leaves the keys of the
+    guesses it rejected past what it computed (fewer than PASS_LIMIT)."""
+    return request.computed + PASS_LIMIT
 
 
 def shared_prefix(held: list[int], prompt: list[int], limit: int) -> int:

@@ -271,7 +271,7 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
     seq = Sequence(prompt, params, tokenizer, model.config.vocab_size, max_new=context - len(prompt))
     drafter = speculate if isinstance(speculate, PromptLookup) else PromptLookup() if speculate else None
     speculator = Speculator(seq, drafter)
-    cache = KVCache.for_model(model, 1, len(prompt) + seq.max_new)
+    cache = KVCache.for_model(model, 1, len(prompt) + seq.max_new, slack=0)  # passes only go forward: rings suffice
     device = model.tok_embeddings.weight.device
     rows = model(None if embeds is not None else torch.tensor([prompt], device=device), embeds=embeds,
                  cache=cache.view(), last=torch.tensor([len(prompt) - 1], device=device))  # (1, V)

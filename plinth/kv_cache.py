@@ -4,12 +4,16 @@ one forward pass gets.
 Whoever decodes (the engine, `generate_stream`, the log-likelihood scorer, prompting) owns a
 `KVCache` and hands the model a `CacheView` per forward pass: where each of the pass's B rows starts
 and, for the engine, which cache row (slot) each one uses. The model sees only the view's small
-interface — `start`, `dtype`, `write`, `read`, and for one-token passes `decode_keys`, `spread`,
-`gather`, `decode_bias` — and knows nothing of slots.
+interface — `start`, `dtype`, `update`, and for passes of a few tokens `write`, `decode_keys`,
+`spread`, `gather`, `decode_bias` — and knows nothing of slots or rings.
 
     cache = KVCache.for_model(model, slots=16, max_len=2048)
     logits = model(prompt, cache=cache.view())                                   # rows 0..B-1 from position 0
     logits = model(next_tokens, cache=cache.view(start=torch.tensor([12, 40]), slots=torch.tensor([3, 7])))
+
+Sliding-window layers (Gemma 3: 15 of 18, in a 512-token window) may keep a ring of their last
+positions instead of all of them (`slack`), so that a long context costs memory only in the layers
+that attend globally.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import math
 import torch
 
 from plinth.config import ModelConfig
-from plinth.model import attention_mask
+from plinth.model import DECODE_TOKENS, attention_mask
 
 KEY_BLOCK = 64  # decoding reads each row's keys in whole blocks of this many positions (see `CacheView`)
 
@@ -30,7 +34,16 @@ def whole_key_blocks(positions: int) -> int:
 
 class KVCache:
     """k, v: one (rows, K, positions, D) tensor per layer. A forward pass writes its new tokens'
-    keys at their absolute positions and attends over positions 0..start+T-1 of its rows.
+    keys at their positions and attends over its rows' keys up to its own.
+
+    A layer holds position p at index p, up to `positions`, unless it keeps a ring. With `slack`
+    (a number), each sliding-window layer of a causal model keeps only a row's last `ring`
+    positions, p at index p % ring (positions 0..ring-1 as any layer until the row passes them):
+    ring = window + DECODE_TOKENS + slack, in whole KEY_BLOCKs. A pass still finds every key its
+    window needs as long as its row was written no more than DECODE_TOKENS + slack positions past
+    the pass's start (`resumable`): a decoding pass's own tokens, and guesses a verify pass
+    rejected, always are. A caller whose passes go further back (scoring several continuations of
+    one context, each written over the last) keeps every position: `slack` None, the default.
 
     A cache made with `grow=True` (the serving engine's) starts empty and holds only what is used:
     `reserve` adds rows and positions before a pass needs them (rows doubling, positions by at
@@ -39,36 +52,52 @@ class KVCache:
     `slots` × `max_len` from the start."""
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype=torch.float32, device="cpu",
-                 grow: bool = False):
+                 grow: bool = False, slack: int | None = None):
         self.layers, self.heads, self.head_dim = config.n_layers, config.n_kv_heads, config.head_dim
         self.slots, self.max_len, self.dtype, self.device = slots, max_len, dtype, device
+        self.window = config.sliding_window
+        self.windows = [self.window if config.is_sliding(layer) else None for layer in range(self.layers)]
+        ring = None if slack is None or not config.causal or self.window is None else \
+            whole_key_blocks(self.window + DECODE_TOKENS + slack)
+        self.ring = ring if ring is not None and ring < whole_key_blocks(max_len) else None  # else it would hold all
+        self.rings = [self.ring if window else None for window in self.windows]
         self.k, self.v = [None] * self.layers, [None] * self.layers
+        self.positions = 0
         self._resize(0, 0) if grow else self._resize(slots, whole_key_blocks(max_len))
 
     @classmethod
-    def for_model(cls, model, slots: int, max_len: int | None = None, grow: bool = False) -> "KVCache":
+    def for_model(cls, model, slots: int, max_len: int | None = None, grow: bool = False,
+                  slack: int | None = None) -> "KVCache":
         """A cache shaped for `model`. On CPU it, and so attention over it, is float32 even for
         bfloat16 or int4 weights: without AMX, float32 attention is faster than bfloat16, and its
         batched kernels give a row the same bits in any batch."""
         weight = model.tok_embeddings.weight
         dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
-        return cls(model.config, slots, max_len or model.config.max_seq_len, dtype, weight.device, grow)
+        return cls(model.config, slots, max_len or model.config.max_seq_len, dtype, weight.device, grow, slack)
 
     @property
     def rows(self) -> int:
         return self.k[0].shape[0]
 
     @property
-    def positions(self) -> int:
-        return self.k[0].shape[2]
-
-    @property
     def nbytes(self) -> int:
-        return 2 * sum(k.numel() for k in self.k) * self.k[0].element_size()
+        return 2 * sum(k.numel() for k in self.k) * self.dtype.itemsize
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.layers * self.heads * self.head_dim * self.k[0].element_size()
+        """What a row's next position costs while its rings fill: every layer holds it."""
+        return 2 * self.layers * self.heads * self.head_dim * self.dtype.itemsize
+
+    def bytes_per_row(self, positions: int) -> int:
+        """What one row of `positions` positions holds: every layer, a ring at most its length."""
+        held = sum(positions if ring is None else min(positions, ring) for ring in self.rings)
+        return 2 * held * self.heads * self.head_dim * self.dtype.itemsize
+
+    def resumable(self, start: int, written: int) -> bool:
+        """Whether a row whose passes wrote positions up to written-1 still holds every key a pass
+        from position `start` attends to: a ring writes over the oldest key of the window before
+        `start` once the row is written `ring` positions past it."""
+        return self.ring is None or written <= max(0, start - self.window + 1) + self.ring
 
     def reserve(self, rows: int, positions: int):
         """Hold at least rows 0..rows-1 and positions 0..positions-1 (never more than the cache's
@@ -89,9 +118,12 @@ class KVCache:
 
     def _resize(self, rows: int, positions: int):
         # Tensor by tensor, so that growing holds one layer's old keys beside the new ones, not all.
+        # A ring keeps its first indices: a row held in fewer positions than the ring never passed them.
+        self.positions = positions
         for tensors in (self.k, self.v):
             for layer, old in enumerate(tensors):
-                tensors[layer] = self._resized(old, rows, positions)
+                ring = self.rings[layer]
+                tensors[layer] = self._resized(old, rows, positions if ring is None else min(positions, ring))
 
     def _resized(self, old: torch.Tensor | None, rows: int, positions: int) -> torch.Tensor:
         new = torch.zeros(rows, self.heads, positions, self.head_dim, dtype=self.dtype, device=self.device)
@@ -106,7 +138,8 @@ class KVCache:
 
     def copy_row(self, source: int, target: int, positions: int):
         """Row `target` gets the keys and values of row `source`'s first `positions` positions (a
-        shared prefix, see plinth/engine.py)."""
+        shared prefix, see plinth/engine.py). A ring holds the window before them at those indices
+        too (or is shorter than them) while `resumable` says it holds it at all."""
         for tensors in (self.k, self.v):
             for layer in tensors:
                 layer[target, :, :positions] = layer[source, :, :positions]
@@ -123,49 +156,89 @@ class CacheView:
     def __init__(self, cache: KVCache, start: int | torch.Tensor, slots: torch.Tensor | None):
         self.cache, self.start, self.slots = cache, start, slots
         self.dtype = cache.dtype
-        self._index = None   # (rows (B, 1), positions (B, T)) for scattered writes, worked out once per pass
-        self._decode = None  # the span of rows one-token passes compute over, worked out once per pass
+        self._pass = None    # the pass's rows and positions, and where they are stored, worked out once
+        self._decode = None  # the span of rows passes of a few tokens compute over, worked out once per pass
 
     # ---- every pass --------------------------------------------------------------------------
+    def update(self, layer: int, k, v):
+        """Store the new tokens' keys and values k, v (B, K, T, D); return what the pass's queries
+        attend over: keys and values (B, K, L, D), and the keys' positions: None for 0..L-1, or
+        (B, L) for a ring's (the window's keys before each row's first new token, then the new ones;
+        negative: none)."""
+        ring, B, T = self.cache.rings[layer], k.shape[0], k.shape[2]
+        where = self._where(B, T)
+        if ring is None:
+            self.write(layer, k, v)
+            rows, key_len = slice(0, B) if self.slots is None else self.slots, where["key_len"]  # a slice: views, no copies
+            return self.cache.k[layer][rows, :, :key_len], self.cache.v[layer][rows, :, :key_len], None
+        before = self._before(B, T)
+        rows, slots = where["rows"][:, None], before.clamp(min=0) % ring
+        old_k, old_v = (t[rows, :, slots].transpose(1, 2) for t in (self.cache.k[layer], self.cache.v[layer]))
+        self.write(layer, k, v)  # after reading: a pass longer than ring - window writes over the window's keys
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        return torch.cat([old_k, k], 2), torch.cat([old_v, v], 2), torch.cat([before, where["positions"]], 1)
+
     def write(self, layer: int, k, v):
-        """Store the new tokens' keys and values k, v (B, K, T, D) at their rows and positions."""
+        """Store the new tokens' keys and values k, v (B, K, T, D) at their rows and positions (in a
+        ring, only the last `ring` tokens of a longer pass)."""
         keys, values = self.cache.k[layer], self.cache.v[layer]
         k, v = k.to(keys.dtype), v.to(values.dtype)
         B, T = k.shape[0], k.shape[2]
-        if self.slots is None and isinstance(self.start, int):  # rows 0..B-1 at one offset: slicing
+        ring = self.cache.rings[layer]
+        if ring is None and self.slots is None and isinstance(self.start, int):  # rows 0..B-1 at one offset: slicing
             keys[:B, :, self.start:self.start + T] = k
             values[:B, :, self.start:self.start + T] = v
             return
-        if self._index is None:
-            starts = torch.as_tensor(self.start, device=keys.device).reshape(-1).expand(B)
-            self._index = self._rows(B)[:, None], starts[:, None] + torch.arange(T, device=keys.device)
-        rows, positions = self._index
-        keys[rows, :, positions] = k.transpose(1, 2)  # the indexed view is (B, T, K, D)
-        values[rows, :, positions] = v.transpose(1, 2)
+        where = self._where(B, T)
+        if ring not in where["index"]:
+            positions = where["positions"] if ring is None else where["positions"][:, -ring:] % ring
+            where["index"][ring] = where["rows"][:, None], positions
+        rows, slots = where["index"][ring]
+        kept = slots.shape[1]
+        keys[rows, :, slots] = k[:, :, -kept:].transpose(1, 2)  # the indexed view is (B, T, K, D)
+        values[rows, :, slots] = v[:, :, -kept:].transpose(1, 2)
 
-    def read(self, layer: int, B: int, key_len: int):
-        """All keys and values of the pass's B rows, positions 0..key_len-1: (B, K, L, D)."""
-        if self.slots is None:  # rows 0..B-1: views, no copies
-            return self.cache.k[layer][:B, :, :key_len], self.cache.v[layer][:B, :, :key_len]
-        return self.cache.k[layer][self.slots, :, :key_len], self.cache.v[layer][self.slots, :, :key_len]
+    def _where(self, B: int, T: int) -> dict:
+        """The pass's cache rows (B,), first positions (B,), new tokens' positions (B, T) and keys'
+        end, and per kind of layer, where its new tokens go."""
+        if self._pass is None:
+            device = self.cache.device
+            rows = torch.arange(B, device=device) if self.slots is None else self.slots
+            starts = torch.as_tensor(self.start, device=device).reshape(-1).expand(B)
+            last = self.start if isinstance(self.start, int) else int(starts.max())
+            self._pass = {"rows": rows, "starts": starts, "positions": starts[:, None] + torch.arange(T, device=device),
+                          "key_len": last + T, "index": {}}
+        return self._pass
 
-    def _rows(self, B: int) -> torch.Tensor:
-        return torch.arange(B, device=self.cache.device) if self.slots is None else self.slots
+    def _before(self, B: int, T: int) -> torch.Tensor:
+        """(B, n) the positions of the window's keys before each row's first new token: window - 1 of
+        them, negative where the row starts closer to 0 (no key), or for one start, those there are."""
+        where, window = self._where(B, T), self.cache.window
+        if "before" not in where:
+            if isinstance(self.start, int):
+                before = torch.arange(max(0, self.start - window + 1), self.start, device=self.cache.device).expand(B, -1)
+            else:
+                before = where["starts"][:, None] - window + 1 + torch.arange(window - 1, device=self.cache.device)
+            where["before"] = before
+        return where["before"]
 
     # ---- a few new tokens per row: decoding, or checking speculative guesses -------------------
     # Decoding attends to keys read in place: every row reads a whole number of KEY_BLOCKs of keys,
     # the positions it may not see masked out, so the matmul and softmax kernels sum each row's
     # scores in the same blocks whether the row runs alone or in a batch, and batching never
     # changes a sequence's output (padding to the batch's exact longest row, or calling SDPA,
-    # changes low bits with the batch). A pass of T > 1 new tokens per row (speculative decoding
-    # checking its guesses) attends for each of its tokens in turn exactly so, and gives each the
-    # bits decoding it alone gives. Rows whose slots have gaps between them are computed as
-    # the whole span of slots; `spread` and `gather` move the pass's rows in and out of it.
+    # changes low bits with the batch). A ring is read whole once its rows have filled it (its
+    # length is whole KEY_BLOCKs too), each index masked by the position it holds. A pass of T > 1
+    # new tokens per row (speculative decoding checking its guesses) attends for each of its tokens
+    # in turn exactly so, and gives each the bits decoding it alone gives. Rows whose slots have
+    # gaps between them are computed as the whole span of slots; `spread` and `gather` move the
+    # pass's rows in and out of it.
     def decode_keys(self, layer: int, B: int, T: int = 1):
         """Keys and values of the span's S rows, each of the K key heads its own batch: two
-        (S·K, L, D) views, no copies; L is the longest row's keys rounded up to whole KEY_BLOCKs."""
+        (S·K, L, D) views, no copies; L is the longest row's keys rounded up to whole KEY_BLOCKs
+        (at most a ring's length)."""
         span = self._span(B, T)
-        (lo, hi), length = span["span"], span["length"]
+        (lo, hi), length = span["span"], self._length(layer)
         keys = self.cache.k[layer][lo:hi, :, :length].flatten(0, 1)
         values = self.cache.v[layer][lo:hi, :, :length].flatten(0, 1)
         return keys, values
@@ -182,25 +255,34 @@ class CacheView:
         rows = self._decode["rows"]
         return x if rows is None else x.index_select(0, rows)
 
-    def decode_bias(self, window: int | None, heads: int, t: int = 0) -> torch.Tensor:
-        """(S·heads, 1, L): 0 where a row's new token t may attend (its own keys so far,
-        within `window`), -inf elsewhere; added to the attention scores."""
-        span = self._decode
-        if (window, t) not in span["biases"]:
-            allowed = attention_mask(span["ends"][:, None] - 1 + t, span["length"], True, window)  # (S, 1, 1, L)
+    def decode_bias(self, layer: int, heads: int, t: int = 0) -> torch.Tensor:
+        """(S·heads, 1, L): 0 where a row's new token t may attend in `layer` (its own keys so far,
+        within the layer's window), -inf elsewhere; added to the attention scores."""
+        span, window, ring = self._decode, self.cache.windows[layer], self.cache.rings[layer]
+        if (window, ring, t) not in span["biases"]:
+            length, query = self._length(layer), span["ends"][:, None] - 1 + t  # (S, 1)
+            keys = length  # positions 0..length-1; in a ring, index i holds the last position written there
+            if ring is not None:
+                last = span["ends"][:, None] - 2 + span["T"]
+                keys = last - (last - torch.arange(length, device=last.device)) % ring  # (S, L)
+            allowed = attention_mask(query, keys, True, window)  # (S, 1, 1, L)
             bias = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
-            span["biases"][window, t] = bias.repeat_interleave(heads, dim=0).view(-1, 1, span["length"])
-        return span["biases"][window, t]
+            span["biases"][window, ring, t] = bias.repeat_interleave(heads, dim=0).view(-1, 1, length)
+        return span["biases"][window, ring, t]
+
+    def _length(self, layer: int) -> int:
+        ring = self.cache.rings[layer]
+        return self._decode["length"] if ring is None else min(self._decode["length"], ring)
 
     def _span(self, B: int, T: int = 1) -> dict:
         if self._decode is None:
             device = self.cache.device
-            rows = self._rows(B)
-            starts = torch.as_tensor(self.start, device=device).reshape(-1).expand(B)
+            where = self._where(B, T)
+            rows = where["rows"]
             lo, hi = int(rows.min()), int(rows.max()) + 1  # cache rows lo..hi-1 hold every row of the pass
             gaps = not torch.equal(rows, torch.arange(lo, hi, device=device))
             ends = torch.ones(hi - lo, dtype=torch.long, device=device)  # rows of the span outside the pass see key 0
-            ends[rows - lo] = starts + 1
+            ends[rows - lo] = where["starts"] + 1
             self._decode = {"span": (lo, hi), "rows": rows - lo if gaps else None, "ends": ends, "biases": {},
-                            "length": whole_key_blocks(int(starts.max()) + T)}
+                            "T": T, "length": whole_key_blocks(where["key_len"])}
         return self._decode

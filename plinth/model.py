@@ -59,16 +59,20 @@ def apply_rope(x, cos, sin, dtype=None):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype or x.dtype)
 
 
-def attention_mask(q_pos, key_len: int, causal: bool, window: int | None):
+def attention_mask(q_pos, key_len: int | torch.Tensor, causal: bool, window: int | None):
     """Which keys each query may see: (B, 1, T, L) booleans, True = attend.
 
-    q_pos: (B, T) absolute positions of the queries; keys sit at positions 0..key_len-1.
+    q_pos: (B, T) absolute positions of the queries; keys sit at positions 0..key_len-1, or, for a
+    (B, L) tensor key_len, at those positions (a ring of the KV cache's; negative: no key there).
     """
-    k_pos = torch.arange(key_len, device=q_pos.device)
-    distance = q_pos[:, :, None] - k_pos[None, None, :]  # (B, T, L)
+    ordered = not isinstance(key_len, torch.Tensor)
+    k_pos = torch.arange(key_len, device=q_pos.device)[None] if ordered else key_len  # (B or 1, L)
+    distance = q_pos[:, :, None] - k_pos[:, None, :]  # (B, T, L)
     allowed = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
     if window is not None:
         allowed &= distance < window
+    if not ordered:
+        allowed &= k_pos[:, None, :] >= 0
     return allowed[:, None]
 
 
@@ -108,8 +112,11 @@ class Positions:
             self.q_pos = positions_in_documents(documents)
         self.key_len = int(start.max()) + T if isinstance(start, torch.Tensor) else start + T
 
-    def mask(self, causal: bool, window: int | None):
-        """None when every query sees every key up to itself in the simple way SDPA understands."""
+    def mask(self, causal: bool, window: int | None, k_pos=None):
+        """None when every query sees every key up to itself in the simple way SDPA understands.
+        k_pos: (B, L) the keys' positions where they are not 0..key_len-1 (see `attention_mask`)."""
+        if k_pos is not None:
+            return attention_mask(self.q_pos, k_pos, causal, window)
         if self.documents is not None:  # block-diagonal: the usual mask over row indices, within documents
             index = torch.arange(self.T, device=self.documents.device).expand_as(self.documents)
             same = self.documents[:, :, None] == self.documents[:, None, :]  # (B, T, T)
@@ -162,24 +169,24 @@ class Attention(nn.Module):
         if rope is not None:  # queries and keys rotate together: one pass over (B, T, H+K, D)
             qk = apply_rope(qk, *rope, cache.dtype if cache is not None else None)  # the dtype attention runs in
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        if cache is not None:
-            cache.write(self.layer, k, v)
         if T < DECODE_TOKENS and self.causal and cache is not None:
+            cache.write(self.layer, k, v)
             out = self._decode(q, cache)
         else:
+            k_pos = None  # the keys' positions, where they are not 0..L-1 (a ring's)
             if cache is not None:
-                k, v = cache.read(self.layer, B, where.key_len)  # (B, K, L, D)
+                k, v, k_pos = cache.update(self.layer, k, v)  # (B, K, L, D)
             with onednn.paused():  # its many small block products run faster on the default path
-                out = self._prefill(q.to(k.dtype), k, v, where)
+                out = self._prefill(q.to(k.dtype), k, v, where, k_pos)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))
 
-    def _prefill(self, q, k, v, where: Positions):
+    def _prefill(self, q, k, v, where: Positions, k_pos=None):
         if where.whole(self.window):
             if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[2] <= SHORT_ROWS:
                 return self._by_matmuls(q, k, v)
             if self.causal:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-        return self._grouped(q, k, v, where.mask(self.causal, self.window))
+        return self._grouped(q, k, v, where.mask(self.causal, self.window, k_pos))
 
     def _by_matmuls(self, q, k, v):
         """Attention over whole sequences as two batched matmuls and a float32 softmax, the query
@@ -210,7 +217,7 @@ class Attention(nn.Module):
         out = []
         for t in range(T):
             q_t = cache.spread(q[:, :, t].reshape(B, K, H // K, D).to(keys.dtype))  # (S, K, group, D)
-            bias = cache.decode_bias(self.window, K, t)
+            bias = cache.decode_bias(self.layer, K, t)
             scores = torch.baddbmm(bias, q_t.flatten(0, 1), keys.transpose(1, 2), alpha=self.scale)
             out.append(torch.bmm(torch.softmax(scores, dim=-1), values).view(q_t.shape[0], H, 1, D))
         return cache.gather(torch.cat(out, dim=2))  # (B, H, T, D)

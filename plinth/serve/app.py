@@ -278,7 +278,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     else:
         cache = engine.cache
         print(f"plinth: the KV cache grows with the tokens held, {cache.bytes_per_token / 2**10:.0f} KiB each: up to "
-              f"{cache.bytes_per_token * max_batch * engine.max_len / 2**30:.1f} GiB for {max_batch} sequences × "
+              f"{cache.bytes_per_row(engine.max_len) * max_batch / 2**30:.1f} GiB for {max_batch} sequences × "
               f"{engine.max_len} tokens (--max-batch, --max-model-len)", flush=True)
     server = GracefulServer(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"), state, grace)
     try:
