@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/decode.py                    # all engines, prints a table
     .venv/bin/python benchmarks/decode.py --dtype float32    # plinth without its compact weights
+    .venv/bin/python benchmarks/decode.py gemma3-270m        # another known model (`plinth list`)
 
-Model: SmolLM2-135M-Instruct Q4_1 (`plinth.hub.resolve("smollm2-135m-instruct")`). Every engine
-runs in its own subprocess with 2 threads, so its peak RSS is its own and one engine's allocations
-do not disturb the next. Each child prints one JSON line; the parent prints a table, the ratios
-plinth/anchor, and writes everything to benchmarks/results/decode.json (or --out).
+Model: a known model's GGUF (`plinth.hub.resolve(MODEL)`), by default SmolLM2-135M-Instruct Q4_1;
+gemma3-270m is Gemma 3 270M Q4_K_M (`plinth pull gemma3-270m`). Every engine runs in its own
+subprocess with 2 threads, so its peak RSS is its own and one engine's allocations do not disturb
+the next. Each child prints one JSON line; the parent prints a table, the ratios
+plinth/anchor, and writes everything to benchmarks/results/decode.json (decode-MODEL.json for
+another model; or --out).
 
 How each figure is measured (all engines get the same token ids, made with plinth's tokenizer):
   load s      wall time of the load call alone (imports excluded): `plinth.load` (a second load:
@@ -58,7 +61,7 @@ def make_job(args) -> dict:
     from plinth.tokenizer import Tokenizer
     from plinth.weights.gguf import metadata, open_gguf
 
-    path = resolve(MODEL)
+    path = resolve(args.model)
     tokenizer = Tokenizer.from_gguf(metadata(open_gguf(path)))
     text = (ROOT / "plinth" / "model.py").read_text()
     repeats = args.prompt_tokens // len(tokenizer.encode(text)) + 1
@@ -85,7 +88,7 @@ def run_plinth(args, job):
     from plinth.generate import SamplingParams, generate_stream
 
     start = time.perf_counter()
-    m = plinth.load(MODEL, dtype=args.dtype)
+    m = plinth.load(args.model, dtype=args.dtype)
     load = time.perf_counter() - start
     last = torch.tensor([len(job["long"]) - 1])
 
@@ -178,7 +181,7 @@ def first_load(args) -> dict:
     import plinth
     import plinth.adapt.adapted, plinth.loaded, plinth.weights.packed  # noqa: E401,F401 - what load imports
     start = time.perf_counter()
-    plinth.load(MODEL, dtype=args.dtype)
+    plinth.load(args.model, dtype=args.dtype)
     return {"engine": "plinth_first_load", "first_load_s": time.perf_counter() - start}
 
 
@@ -212,7 +215,7 @@ def child(args) -> dict:
 
 # ---- the parent: one child per engine, then the table ------------------------------------------
 def run_child(engine: str, args, job: dict, env: dict | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--engine", engine, "--prompt-tokens", str(args.prompt_tokens),
+    cmd = [sys.executable, __file__, args.model, "--engine", engine, "--prompt-tokens", str(args.prompt_tokens),
            "--new-tokens", str(args.new_tokens), "--decode-prompt", str(args.decode_prompt),
            "--repeats", str(args.repeats)] + (["--dtype", args.dtype] if args.dtype else [])
     print(f"running {engine} …", file=sys.stderr, flush=True)
@@ -259,14 +262,17 @@ def report(results: list[dict], first: dict):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", nargs="?", default=MODEL, help=f"a known model name (default: {MODEL})")
     parser.add_argument("--dtype", default=None, help="plinth weight dtype (default: plinth's own default)")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the prefill rate")
     parser.add_argument("--new-tokens", type=int, default=128, help="decode steps timed")
     parser.add_argument("--decode-prompt", type=int, default=16, help="prompt length for the decode rate")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median taken)")
     parser.add_argument("--engine", choices=ENGINES + ("job", "plinth_first_load"), help=argparse.SUPPRESS)  # internal: a child
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode.json")
+    parser.add_argument("--out", type=Path, help="results file (default: benchmarks/results/decode[-MODEL].json)")
     args = parser.parse_args()
+    args.out = args.out or ROOT / "benchmarks" / "results" / ("decode.json" if args.model == MODEL
+                                                             else f"decode-{args.model}.json")
     if args.engine:
         print(json.dumps(make_job(args) if args.engine == "job" else child(args)))
         return

@@ -6,8 +6,14 @@ quantizes activations, so the two agree by top-1, not bit for bit: see DESIGN.md
 tokenizes the text as plinth does, the export's size against its source's, and how often the export
 still picks the source model's top-1 token (what re-quantizing cost).
 
-    .venv/bin/python benchmarks/export_check.py                          # q4_0 exports of all three
+Type "source" is the GGUF file itself, no export: plinth's default inference path (`plinth.load`:
+int4/int8 weights) against llama.cpp on the same file, teacher-forced on --source-tokens tokens of
+this repository's plinth/model.py; its source_top1 is how often that path picks the float32 model's
+(exact dequantization) top-1 token.
+
+    .venv/bin/python benchmarks/export_check.py                          # the sources, q4_0 exports of all three
     .venv/bin/python benchmarks/export_check.py --types q4_0,q4_1,q8_0 --models smollm2
+    .venv/bin/python benchmarks/export_check.py --types source --models gemma3
 
 Results: benchmarks/results/export_check.json.
 """
@@ -21,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import plinth
 from plinth import hub
 from plinth.files import write_atomic
 from plinth.weights.gguf_writer import GGUF_TYPES, write_gguf
@@ -34,6 +41,7 @@ TEXT = ("The Eiffel Tower was finished in 1889 for the World's Fair in Paris, an
         "def mean(values):\n    return sum(values) / len(values)\n\n"
         "A good cup of coffee needs fresh beans, clean water just off the boil, and a little patience.")
 N_TOKENS = 100
+SOURCE_TEXT = (ROOT / "plinth" / "model.py").read_text()  # code and English, fixed for a given commit
 
 
 def sources(tiny_checkpoint: Path) -> dict[str, Path]:
@@ -51,7 +59,8 @@ def size_mb(path: Path) -> float:
 def llama_cpp_logits(path: Path, ids: list[int], text: str, add_bos: bool) -> tuple[torch.Tensor, bool]:
     """llama.cpp's teacher-forced logits at every position of `ids`, and whether it tokenizes `text` as `ids`."""
     import llama_cpp
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, n_batch=256, logits_all=True, verbose=False)
+    n_ctx = max(256, len(ids))
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=1, n_batch=n_ctx, logits_all=True, verbose=False)
     try:
         same_tokens = llm.tokenize(text.encode(), add_bos=add_bos, special=True)[:len(ids)] == ids
         llm.eval(ids)
@@ -63,6 +72,28 @@ def llama_cpp_logits(path: Path, ids: list[int], text: str, add_bos: bool) -> tu
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """The share of positions where two (T, vocab) logit tensors pick the same top-1 token."""
     return round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()), 4)
+
+
+def check_source(name: str, source: Path, n_tokens: int) -> dict:
+    """The GGUF file itself: plinth's default inference path and llama.cpp, teacher-forced."""
+    loaded = plinth.load(str(source))
+    ids = loaded.tokenizer.encode(SOURCE_TEXT)[:n_tokens]
+    ours, add_bos = loaded.logits(ids), loaded.tokenizer.add_bos
+    del loaded  # one model in memory at a time
+    theirs, same_tokens = llama_cpp_logits(source, ids, SOURCE_TEXT, add_bos)
+    row = dict(model=name, type="source", tokens=len(ids), export_mb=round(size_mb(source), 1),
+               source_mb=round(size_mb(source), 1), write_s=0.0, llama_cpp_top1=agreement(ours, theirs),
+               cosine=cosine(ours, theirs), same_tokens=same_tokens)
+    del theirs
+    model, _, _ = read_model(source)
+    with torch.no_grad():
+        row["source_top1"] = agreement(ours, model(torch.tensor([ids]))[0])
+    print(table_row(row), flush=True)
+    return row
 
 
 def check(name: str, source: Path, types: list[str], out: Path) -> list[dict]:
@@ -82,8 +113,7 @@ def check(name: str, source: Path, types: list[str], out: Path) -> list[dict]:
         theirs, same_tokens = llama_cpp_logits(path, ids, TEXT, tokenizer.add_bos)
         rows.append(dict(
             model=name, type=dtype, tokens=len(ids), export_mb=round(size_mb(path), 1), source_mb=round(size_mb(source), 1),
-            write_s=round(written_s, 1), llama_cpp_top1=agreement(ours, theirs),
-            cosine=round(float(torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).mean()), 4),
+            write_s=round(written_s, 1), llama_cpp_top1=agreement(ours, theirs), cosine=cosine(ours, theirs),
             same_tokens=same_tokens, source_top1=agreement(ours, reference)))
         print(table_row(rows[-1]), flush=True)
         path.unlink()
@@ -100,7 +130,9 @@ def table_row(row: dict) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--types", default="q4_0", help=f"comma-separated GGUF types, of {', '.join(GGUF_TYPES)}")
+    p.add_argument("--types", default="source,q4_0",
+                   help=f"comma-separated: source (the GGUF file itself), GGUF types of {', '.join(GGUF_TYPES)}")
+    p.add_argument("--source-tokens", type=int, default=512, help="teacher-forced tokens of the source rows")
     p.add_argument("--models", default="smollm2,gemma3,tiny", help="comma-separated: smollm2, gemma3, tiny")
     p.add_argument("--tiny-checkpoint", type=Path, default=ROOT / "runs/pretrain-tiny/latest")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/export_check.json")
@@ -111,12 +143,18 @@ def main():
         print(f"skipping {missing}: not installed (gemma3: `plinth pull gemma3-270m`; tiny: "
               "`plinth pretrain recipes/pretrain-tiny.yaml`, or pass --tiny-checkpoint)")
     print("  ".join(COLUMNS))
+    types = args.types.split(",")
+    exports = [t for t in types if t != "source"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in wanted:
-            if name in found and found[name].exists():
-                rows += check(name, found[name], args.types.split(","), Path(tmp))
-    write_atomic(args.out, json.dumps({"text": TEXT, "rows": rows}, indent=2))
+            if name not in found or not found[name].exists():
+                continue
+            if "source" in types and found[name].suffix == ".gguf":  # llama.cpp reads only the GGUF sources
+                rows.append(check_source(name, found[name], args.source_tokens))
+            if exports:
+                rows += check(name, found[name], exports, Path(tmp))
+    write_atomic(args.out, json.dumps({"text": TEXT, "source_text": "plinth/model.py", "rows": rows}, indent=2))
     print(f"results: {args.out}")
 
 

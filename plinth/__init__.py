@@ -27,8 +27,9 @@ def load(model: str = hub.DEFAULT_MODEL, dtype: str | None = None, adapter: str 
     fine-tuning run folder; returns a `plinth.loaded.LoadedModel`.
 
     dtype: float32, bfloat16, int8 or int4. The default on CPU keeps a text model's weights compact,
-    because decoding reads every weight once per token: int4 for 4-bit files (their exact codes) with no
-    adapter merged in, else int8; image models stay float32.
+    because decoding reads every weight once per token: int4 for files whose block matrices are mostly
+    4-bit (their exact codes) with no adapter merged in, else int8; a large tied vocabulary layer
+    (Gemma 3's) int4 either way; image models stay float32.
     adapter: a LoRA adapter folder, merged into the weights before they are made compact.
     A GGUF file's int4/int8 weights are kept after the first load and mapped by later ones
     (plinth/weights/packed.py).

@@ -43,23 +43,25 @@ class Int8Linear(nn.Module):
         return torch._weight_int8pack_mm(flat, self.q, self.scale).view(*x.shape[:-1], self.out_features)
 
 
+def refine_top(logits: torch.Tensor, x: torch.Tensor, rows_of, k: int = 16) -> torch.Tensor:
+    """Recompute in float32 the `k` highest of each row's logits (..., V), from the hidden states x
+    (..., K) and `rows_of(top)`, the (M, k, K) weight rows of those tokens; in place, returned.
+
+    The int kernels round their output to bfloat16, whose step near a logit of 25 is 0.125: close
+    candidates tie or swap, which changes greedy output. Recomputing the few candidates that sampling
+    can pick costs a few thousand multiply-adds per row."""
+    flat, hidden = logits.view(-1, logits.shape[-1]), x.reshape(-1, x.shape[-1]).float()
+    top = flat.topk(min(k, flat.shape[-1]), dim=-1).indices  # (M, k)
+    flat.scatter_(1, top, torch.einsum("mk,mjk->mj", hidden, rows_of(top).float()))
+    return logits
+
+
 class Int8Head(Int8Linear):
-    """The vocabulary projection in int8, returning float32 logits.
-
-    The kernel rounds its output to bfloat16, whose step near a logit of 25 is 0.125: close
-    candidates tie or swap, which changes greedy output. The `refine` highest logits of each row are
-    therefore recomputed in float32 from the same int8 rows (a few thousand multiply-adds).
-    """
-
-    refine = 16
+    """The vocabulary projection in int8, returning float32 logits; the highest ones recomputed in
+    float32 from the same int8 rows (`refine_top`)."""
 
     def forward(self, x):
-        logits = super().forward(x).float()
-        flat, hidden = logits.view(-1, self.out_features), x.reshape(-1, self.in_features).float()
-        top = flat.topk(min(self.refine, self.out_features), dim=-1).indices  # (M, k)
-        rows = self.q[top].float() * self.scale[top].float()[..., None]     # (M, k, K)
-        flat.scatter_(1, top, torch.einsum("mk,mjk->mj", hidden, rows))
-        return logits
+        return refine_top(super().forward(x).float(), x, lambda top: self.q[top] * self.scale[top].float()[..., None])
 
 
 class Int4Linear(nn.Module):
@@ -102,11 +104,36 @@ class Int4Linear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
+class Int4Head(Int4Linear):
+    """The vocabulary projection of a model whose output layer is its input embedding (tied) in int4,
+    returning float32 logits. The int4 logits choose each row's `refine` best candidates, and
+    `refine_top` recomputes those in float32 from `rows`, the embedding's own bfloat16 rows (the same
+    tensor, no copy): greedy choices and the top of the distribution are a bfloat16 output layer's.
+    4-bit logits err more than int8's, so more candidates are recomputed (64, the top_k of common
+    sampling settings); each costs a row of 2·K bytes, next to the layer's N·K/2."""
+
+    refine = 64
+
+    def __init__(self, in_features: int, out_features: int, group: int = 32):
+        super().__init__(in_features, out_features, group)
+        self.register_buffer("rows", torch.empty(out_features, in_features, dtype=torch.bfloat16))
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, group: int = 32) -> "Int4Head":
+        layer = super().of(weight, group)
+        layer.rows = weight.detach()  # the embedding's storage: the input layer still reads these rows
+        return layer
+
+    def forward(self, x):
+        return refine_top(super().forward(x).float(), x, lambda top: self.rows[top], self.refine)
+
+
 def compact_(model: nn.Module, dtype: str) -> nn.Module:
     """Convert a loaded model in place to `dtype` (one of DTYPES) for inference.
 
-    int4 applies to the blocks' layers; the output layer is always an `Int8Head`, because 4-bit
-    vocabulary logits visibly hurt quality for little gain.
+    int4 applies to the blocks' layers; the output layer is an `Int8Head`, because 4-bit vocabulary
+    logits visibly hurt quality for little gain, except where `_int4_head` says it is most of the
+    weights: then an `Int4Head`, in int8 models too.
     """
     _check(dtype)
     model.fuse()
@@ -136,11 +163,24 @@ def _check(dtype: str):
         raise PlinthError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
+def _int4_head(model: nn.Module) -> bool:
+    """Whether the output layer is an `Int4Head`, whatever the blocks' dtype: where it is tied to the
+    input embedding (whose rows it refines from) and holds most of the linear weights, so that it is
+    most of what each decoding step reads, as a large vocabulary on a narrow model makes it (Gemma 3
+    270M: 262,144 rows of 640, 63% of its weights)."""
+    head, embedding = getattr(model, "output", None), getattr(model, "tok_embeddings", None)
+    if not isinstance(head, nn.Linear) or embedding is None or head.weight is not embedding.weight \
+            or head.in_features % 32:
+        return False
+    return 2 * head.weight.numel() > sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
 def _replace_linears(model: nn.Module, dtype: str, make) -> nn.Module:
+    head_kind = Int4Head if _int4_head(model) else Int8Head
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 head = f"{name}.{child_name}".lstrip(".") == "output"
-                kind = Int8Head if head else Int8Linear if dtype == "int8" else Int4Linear
+                kind = head_kind if head else Int8Linear if dtype == "int8" else Int4Linear
                 setattr(module, child_name, make(kind, child))
     return model

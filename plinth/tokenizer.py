@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from plinth.errors import PlinthError
@@ -195,7 +195,7 @@ class Tokenizer:
 
         return cls(backend, bos_id=token_id("bos_token"), eos_id=token_id("eos_token"),
                    chat_template=config.get("chat_template"), add_bos=bool(config.get("add_bos_token", False)),
-                   byte_level=isinstance(backend.decoder, decoders.ByteLevel))
+                   byte_level=isinstance(backend.decoder, decoders.ByteLevel), gguf_pre=config.get("gguf_pre"))
 
     @classmethod
     def train(cls, texts, vocab_size: int) -> "Tokenizer":
@@ -214,16 +214,33 @@ class Tokenizer:
         return cls(backend, bos_id=eos, eos_id=eos, chat_template=CHATML_TEMPLATE)
 
     def save(self, folder):
-        """tokenizer.json + tokenizer_config.json (special tokens, chat template), as HF folders have;
-        the folder is made if it does not exist."""
+        """tokenizer.json + tokenizer_config.json (special tokens, chat template, and the source GGUF's
+        pre-tokenizer name where there is one), as HF folders have; the folder is made if it does not
+        exist. A tokenizer that adds BOS saves a post-processor adding it, so that `tokenizers` and
+        transformers give `encode`'s ids (plinth itself encodes without post-processing)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(folder / "tokenizer.json"))
+        self._with_bos_processor().save(str(folder / "tokenizer.json"))
         token = self.backend.id_to_token
         config = {"bos_token": token(self.bos_id) if self.bos_id is not None else None,
                   "eos_token": token(self.eos_id) if self.eos_id is not None else None,
                   "add_bos_token": self.add_bos, "chat_template": self.chat_template}
+        if self.gguf_pre:
+            config["gguf_pre"] = self.gguf_pre
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+    def _with_bos_processor(self) -> HFTokenizer:
+        """The backend, or where `encode` adds a BOS that its post-processing does not, a copy whose
+        post-processor adds it after whatever the backend's own does."""
+        if not self.add_bos or self.bos_id is None or self.backend.encode("").ids[:1] == [self.bos_id]:
+            return self.backend
+        bos = self.backend.id_to_token(self.bos_id)
+        template = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                 special_tokens=[(bos, self.bos_id)])
+        copy = HFTokenizer.from_str(self.backend.to_str())
+        own = copy.post_processor
+        copy.post_processor = template if own is None else processors.Sequence([own, template])
+        return copy
 
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer":

@@ -98,6 +98,15 @@ def test_tokenization_matches_transformers(gemma_fp32, hf_gemma_tokenizer):
 
 
 @pytest.mark.slow
+def test_the_saved_tokenizer_gives_transformers_plinths_ids(gemma_fp32, tmp_path):
+    """What a fine-tuning run or an HF export saves: transformers' tokenizer of that folder adds the
+    BOS Gemma needs and splits mixed text as plinth does."""
+    hf, _ = saved_and_read_by_transformers(gemma_fp32.tokenizer, tmp_path)
+    assert hf(MIXED_TEXT)["input_ids"] == gemma_fp32.tokenizer.encode(MIXED_TEXT)
+    assert hf("Hi")["input_ids"] == [2, 10979]
+
+
+@pytest.mark.slow
 def test_runs_of_spaces_longer_than_any_token_split_longest_first(gemma_fp32):
     """Runs of 2-31 spaces are user-defined tokens, matched whole and longest first, as SentencePiece
     and llama.cpp do (and transformers' own SentencePiece converter, which isolates user-defined
@@ -125,6 +134,22 @@ def test_greedy_tokens_match_transformers(gemma_fp32, hf_gemma):
                                  SamplingParams(max_tokens=32, temperature=0, logit_bias={EOS: -100})))
     assert [s.choice.token for s in steps] == reference[0, len(prompt):].tolist()
     assert "France" in "".join(s.text for s in steps)
+
+
+@pytest.mark.slow
+def test_the_default_compact_model_keeps_the_float_models_choices(gemma_fp32):
+    """The "Q4_K_M" file's blocks are mostly Q5_0 and Q8_0 (640-wide rows are no whole k-quant
+    superblocks), so they stay int8 (int4 would round them again: 83% of these choices); the tied
+    262,144-row output layer, 63% of the weights, is int4, its candidates' logits recomputed from the
+    embedding's rows. Against the float32 model (exact dequantization): measured 64/64 choices, 5%."""
+    import plinth
+    from plinth.quant import Int4Head, Int8Linear
+    compact = plinth.load(NAME)
+    assert isinstance(compact.model.output, Int4Head) and isinstance(compact.model.layers[0].mlp.w_down, Int8Linear)
+    ids = gemma_fp32.tokenizer.encode(MIXED_TEXT * 3)[:64]
+    ours, reference = compact.logits(ids), gemma_fp32.logits(ids)
+    assert float((ours.argmax(-1) == reference.argmax(-1)).float().mean()) >= 0.95
+    assert float((ours - reference).norm() / reference.norm()) < 0.1
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +273,33 @@ def test_a_sentencepiece_tokenizer_saved_with_a_run_reads_back_the_same(tmp_path
     assert (again.add_bos, again.stop_ids, again.chat_template) == (True, tok.stop_ids, "T")
 
 
+def saved_and_read_by_transformers(tok: Tokenizer, folder: Path):
+    """`tok` saved to `folder`, read back by transformers and by `tokenizers` on their own."""
+    from tokenizers import Tokenizer as HFTokenizer
+    transformers = pytest.importorskip("transformers")
+    tok.save(folder)
+    return transformers.AutoTokenizer.from_pretrained(str(folder)), HFTokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def test_a_saved_sentencepiece_tokenizer_adds_bos_in_transformers_too(tmp_path):
+    """The model needs its BOS (add_bos): the saved tokenizer.json adds it, so transformers' tokenizer
+    and `tokenizers` give `encode`'s ids; plinth reading the folder back adds it once, and saving
+    that again adds no second one."""
+    tok = Tokenizer.from_gguf(sentencepiece_meta())
+    text = " ab ü é  a\nb<end_of_turn>"
+    expected = tok.encode(text)
+    assert expected[0] == 2 and expected.count(2) == 1
+    hf, raw = saved_and_read_by_transformers(tok, tmp_path / "once")
+    assert hf(text)["input_ids"] == raw.encode(text).ids == expected
+    again = Tokenizer.from_folder(tmp_path / "once")
+    assert again.encode(text) == expected
+    hf, raw = saved_and_read_by_transformers(again, tmp_path / "twice")
+    assert hf(text)["input_ids"] == raw.encode(text).ids == expected
+    no_bos = Tokenizer.from_gguf(sentencepiece_meta(**{"tokenizer.ggml.add_bos_token": False}))
+    hf, raw = saved_and_read_by_transformers(no_bos, tmp_path / "none")
+    assert hf(text)["input_ids"] == raw.encode(text).ids == no_bos.encode(text) == expected[1:]
+
+
 def test_sentencepiece_file_without_a_template_gets_the_architectures():
     assert Tokenizer.from_gguf(sentencepiece_meta(), chat_template="T").chat_template == "T"
     own = sentencepiece_meta(**{"tokenizer.chat_template": "mine"})
@@ -290,10 +342,11 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{HF_TO_GGUF[rest.rsplit('.', 1)[0]]}.weight"
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma(tmp_path_factory):
+def write_tiny_gemma3(path: Path, local_theta: float | None = None):
     """A 6-layer Gemma 3 (layer 5 global, the rest in a 4-token window; head_dim 32 ≠ width/heads)
-    with random weights, and the GGUF llama.cpp's converter would write of it: norms stored as 1 + w."""
+    with random weights, and the GGUF llama.cpp's converter would write of it (norms stored as 1 + w)
+    at `path`; returns (path, the transformers model). local_theta: the sliding-window layers' rotary
+    base, written as `rope.freq_base_swa` (older files have no such key: 10,000)."""
     import gguf
     transformers = pytest.importorskip("transformers")
     meta = sentencepiece_meta()
@@ -302,18 +355,19 @@ def tiny_gemma(tmp_path_factory):
         num_attention_heads=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=4,
         max_position_embeddings=64, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=2, eos_token_id=1,
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+                         "sliding_attention": {"rope_type": "default", "rope_theta": local_theta or 1e4}})
     torch.manual_seed(0)
     hf = transformers.Gemma3ForCausalLM(config).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("gemma") / "tiny-gemma3.gguf"
     writer = gguf.GGUFWriter(str(path), "gemma3")
     writer.add_context_length(64), writer.add_embedding_length(64), writer.add_block_count(6)
     writer.add_feed_forward_length(128), writer.add_head_count(4), writer.add_head_count_kv(1)
     writer.add_key_length(32), writer.add_value_length(32), writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(1e6), writer.add_sliding_window(4)
+    if local_theta is not None:
+        writer.add_rope_freq_base_swa(local_theta)
     writer.add_tokenizer_model("llama"), writer.add_token_list(meta["tokenizer.ggml.tokens"])
     writer.add_token_scores(meta["tokenizer.ggml.scores"]), writer.add_token_types(meta["tokenizer.ggml.token_type"])
     writer.add_bos_token_id(2), writer.add_eos_token_id(1), writer.add_unk_token_id(3)
@@ -326,11 +380,17 @@ def tiny_gemma(tmp_path_factory):
     return path, hf
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    return write_tiny_gemma3(tmp_path_factory.mktemp("gemma") / "tiny-gemma3.gguf")
+
+
 def test_a_tiny_gemma3_gguf_matches_transformers(tiny_gemma):
     import plinth
     path, hf = tiny_gemma
     ours = plinth.load(str(path), dtype="float32")
     assert [i for i in range(6) if not ours.model.config.is_sliding(i)] == [5]
+    assert ours.model.config.rope_local_theta == 1e4  # no rope.freq_base_swa in the file: llama.cpp's fixed base
     ids = list(torch.randint(5, 270, (20,), generator=torch.Generator().manual_seed(1)))  # 5x the window
     theirs = hf(torch.tensor([ids])).logits[0]
     assert float((ours.logits(ids) - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
@@ -338,6 +398,18 @@ def test_a_tiny_gemma3_gguf_matches_transformers(tiny_gemma):
     steps = generate_stream(ours.model, ours.tokenizer, [int(i) for i in ids],
                             SamplingParams(max_tokens=12, temperature=0, logit_bias={EOS: -100, END_OF_TURN: -100}))
     assert [s.choice.token for s in steps] == reference[0, len(ids):].tolist()
+
+
+def test_a_tiny_gemma3_gguf_with_rope_freq_base_swa_gives_its_local_layers_that_base(tmp_path):
+    """Newer files carry the sliding-window layers' rotary base; transformers (whose GGUF reader
+    ignores the key) is given the same base in its config."""
+    import plinth
+    path, hf = write_tiny_gemma3(tmp_path / "g.gguf", local_theta=2e4)
+    ours = plinth.load(str(path), dtype="float32")
+    assert (ours.model.config.rope_theta, ours.model.config.rope_local_theta) == (1e6, 2e4)
+    ids = list(torch.randint(5, 270, (20,), generator=torch.Generator().manual_seed(1)))
+    theirs = hf(torch.tensor([ids])).logits[0]
+    assert float((ours.logits(ids) - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
 
 
 @pytest.mark.parametrize("key, value, message", [

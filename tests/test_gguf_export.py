@@ -189,7 +189,6 @@ def test_a_head_cannot_go_into_gguf(tmp_path, base, capsys):
     (dict(qk_norm=True), "llama cannot express qk_norm=True"),
     (dict(mlp="geglu", embed_scale=True, sliding_window=16, final_softcap=30.0), "gemma3 cannot express qk_norm=False"),
     (dict(GEMMA3, attn_scale=0.1), "gemma3 cannot express attn_scale=0.1"),  # llama.cpp derives it from head_dim
-    (dict(GEMMA3, rope_local_theta=5e4), "gemma3 cannot express rope_local_theta=50000.0"),
 ])
 def test_unsupported_architecture_is_named(tmp_path, overrides, named):
     with pytest.raises(PlinthError, match="writes the llama or gemma3 architecture, and this model is none") as error:
@@ -230,6 +229,17 @@ def test_quantized_files_hold_the_bytes_llama_cpps_quantizer_writes(tmp_path, dt
         assert np.array_equal(np.asarray(tensor.data), np.asarray(theirs[name].data)), name
     assert ours["token_embd.weight" if tied else "output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
     assert ours["blk.1.ffn_up.weight"].tensor_type == GGUF_TYPES[dtype][0]
+
+
+@pytest.mark.parametrize("dtype, overrides, compact", [
+    ("q4_0", {}, "int4"), ("q4_1", {}, "int4"), ("q5_0", {}, "int8"), ("q8_0", {}, "int8"),
+    # A "q4_0" file whose 48-wide rows fell back to f16 but for w_down's, as Gemma 3's "Q4_K_M" rows
+    # of 640 fall back to Q5_0 and Q8_0: the file's type says 4 bits, most of its weights are not.
+    ("q4_0", dict(dim=48, n_heads=4, n_kv_heads=2), "int8")])
+def test_the_compact_dtype_a_file_loads_as_follows_its_blocks_types(tmp_path, dtype, overrides, compact):
+    """int4 only where 4-bit matrices are most of the blocks: others would be rounded again."""
+    write_gguf(tiny_model(**overrides), byte_tokenizer(), tmp_path / "m.gguf", dtype=dtype, log=lambda note: None)
+    assert read_gguf(tmp_path / "m.gguf")[3] == compact
 
 
 def test_rows_that_are_not_whole_blocks_fall_back_to_f16_and_say_so(tmp_path):
@@ -277,7 +287,8 @@ SPM_TEXT = " ab ü é  a\nb ba<end_of_turn> ab"
 
 
 def test_a_gemma3_export_reads_back_exactly(tmp_path, spm_tokenizer):
-    model = tiny_gemma(global_every=2, final_softcap=30.0)  # not llama.cpp's every-6th: the pattern is written
+    # Not llama.cpp's every-6th layer global, nor its 10,000 local rotary base: both are written.
+    model = tiny_gemma(global_every=2, final_softcap=30.0, rope_local_theta=5e4)
     write_gguf(model, spm_tokenizer, tmp_path / "g.gguf", dtype="f32")
     back, tokenizer = reread(tmp_path / "g.gguf")
     assert back.config.to_dict() == {**model.config.to_dict(), "norm_eps": pytest.approx(1e-6)}
@@ -290,6 +301,7 @@ def test_a_gemma3_export_reads_back_exactly(tmp_path, spm_tokenizer):
     assert (meta["general.architecture"], meta["gemma3.attention.sliding_window"], meta["gemma3.attention.key_length"],
             meta["gemma3.final_logit_softcapping"]) == ("gemma3", 4, 32, 30.0)
     assert meta["gemma3.attention.sliding_window_pattern"] == [True, False] * 3
+    assert (meta["gemma3.rope.freq_base"], meta["gemma3.rope.freq_base_swa"]) == (1e6, 5e4)
     for key in ("tokens", "token_type", "bos_token_id", "eos_token_id", "unknown_token_id", "add_bos_token",
                 "add_space_prefix", "model"):
         assert meta[f"tokenizer.ggml.{key}"] == source[f"tokenizer.ggml.{key}"], key
@@ -314,9 +326,10 @@ def test_transformers_reads_a_gemma3_gguf_export(tmp_path, spm_tokenizer):
 
 
 def test_llama_cpp_runs_a_gemma3_export(tmp_path, spm_tokenizer):
-    """llama.cpp's gemma3 graph on the export: the same SentencePiece tokens, the same next-token choices."""
+    """llama.cpp's gemma3 graph on the export: the same SentencePiece tokens, the same next-token choices,
+    with the layer layout and local rotary base (`rope.freq_base_swa`) the file gives, not its defaults."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    model = tiny_gemma(global_every=3)
+    model = tiny_gemma(global_every=3, rope_local_theta=5e4)
     write_gguf(model, spm_tokenizer, tmp_path / "g.gguf", dtype="f16")
     ids = spm_tokenizer.encode(SPM_TEXT * 2)
     with llama(llama_cpp, tmp_path / "g.gguf") as llm:

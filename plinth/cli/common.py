@@ -25,7 +25,7 @@ def add_subcommands(sub, name: str, help: str, description: str):
     return p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
 
 
-def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "int4 for 4-bit files, else int8"):
+def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "int4 for mostly 4-bit files, else int8"):
     p.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL,
                    help=f"known name, or path to a .gguf file, Hugging Face folder, plinth checkpoint or "
                    f"fine-tuning run (default: {hub.DEFAULT_MODEL})")

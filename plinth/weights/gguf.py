@@ -96,18 +96,20 @@ def _llama_config(meta, arch, names):
     return ModelConfig(**_base_config(meta, arch, names))
 
 
-# What llama.cpp's gemma3 loader fixes in code, because the files do not say it.
+# What llama.cpp's gemma3 loader takes where a file does not say it.
 GEMMA3_GLOBAL_EVERY = 6             # every sixth layer (5, 11, 17, ...) attends globally, the rest in a window
-GEMMA3_LOCAL_ROPE_THETA = 10000.0   # the sliding-window layers' rotary base (the file's freq_base is the global one)
+GEMMA3_LOCAL_ROPE_THETA = 10000.0   # the sliding-window layers' rotary base (newer files: `rope.freq_base_swa`)
 
 
 def _gemma3_config(meta, arch, names):
     """Gemma 3: GeGLU (tanh GELU), RMSNorm on each query/key head, norms after attention and after the
     MLP too, embeddings scaled by √width, a sliding window on all layers but every sixth, two rotary
-    bases. Norm weights are stored as (1 + w) already, which is what plinth's RMSNorm multiplies by.
-    The softmax scale is 1/√query_pre_attn_scalar, which no key carries: head_dim up to 12B (the
-    27B's is width/heads, as llama.cpp knows by its 62 layers; 4B and up also stretch the global
-    rotary base, `rope.scaling.type`, which `_base_config` refuses)."""
+    bases (`rope.freq_base` for the global layers; the local one is `rope.freq_base_swa`, which only
+    newer files carry: without it, 10,000, as llama.cpp takes it). Norm weights are stored as (1 + w)
+    already, which is what plinth's RMSNorm multiplies by. The softmax scale is
+    1/√query_pre_attn_scalar, which no key carries: head_dim up to 12B (the 27B's is width/heads, as
+    llama.cpp knows by its 62 layers; 4B and up also stretch the global rotary base,
+    `rope.scaling.type`, which `_base_config` refuses)."""
     base = _base_config(meta, arch, names)
     window = meta.get(f"{arch}.attention.sliding_window")
     if window is None:
@@ -116,7 +118,7 @@ def _gemma3_config(meta, arch, names):
                        attn_scale=meta.get(f"{arch}.attention.scale", base["head_dim"] ** -0.5), sliding_window=window,
                        global_every=_global_every(meta.get(f"{arch}.attention.sliding_window_pattern"),
                                                   base["n_layers"], GEMMA3_GLOBAL_EVERY),
-                       rope_local_theta=GEMMA3_LOCAL_ROPE_THETA,
+                       rope_local_theta=meta.get(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_THETA),
                        final_softcap=meta.get(f"{arch}.final_logit_softcapping"))
 
 
@@ -175,8 +177,20 @@ def dequantize(tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
 
 
-# llama.cpp file types (general.file_type) whose blocks are 4-bit: int4 in memory keeps their codes.
-FOUR_BIT_FILE_TYPES = {2, 3, 14, 15}  # MOSTLY_Q4_0, MOSTLY_Q4_1, MOSTLY_Q4_K_S, MOSTLY_Q4_K_M
+# GGML types of at most 4 bits a weight: int4 in memory keeps their precision (Q4_1's very codes).
+FOUR_BIT_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q3_K, Q.Q2_K})
+
+
+def compact_dtype(reader: gguf.GGUFReader) -> str:
+    """int4 where 4-bit types hold most of the blocks' matrix weights, else int8. A file's type
+    (`general.file_type`) does not say: a "Q4_K_M" file keeps some matrices at 6 or 8 bits, and
+    rows that are not a multiple of 256 fall back to Q5_0 or Q8_0 (all of Gemma 3 270M's 640-wide
+    ones: 76% of its block weights are 5 to 8 bits, which int4 would round again)."""
+    weights = {True: 0, False: 0}
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            weights[Q(t.tensor_type) in FOUR_BIT_TYPES] += int(t.n_elements)
+    return "int4" if weights[True] > weights[False] else "int8"
 
 
 def read_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, str]:
@@ -198,5 +212,4 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, st
             if name.endswith(suffix):
                 value = fix(value, config)
         state_dict[name] = value
-    dtype = "int4" if meta.get("general.file_type") in FOUR_BIT_FILE_TYPES else "int8"
-    return config, state_dict, Tokenizer.from_gguf(meta, arch.chat_template), dtype
+    return config, state_dict, Tokenizer.from_gguf(meta, arch.chat_template), compact_dtype(reader)

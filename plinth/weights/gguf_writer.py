@@ -33,7 +33,7 @@ from plinth.files import atomic_file
 from plinth.model import fused_parts
 from plinth.tokenizer import (BYTE, BYTE_PIECE, CONTROL, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED,
                               Tokenizer)
-from plinth.weights.gguf import GEMMA3_GLOBAL_EVERY, GEMMA3_LOCAL_ROPE_THETA, GGUF_TO_PLINTH, permute_rotary
+from plinth.weights.gguf import GEMMA3_GLOBAL_EVERY, GGUF_TO_PLINTH, permute_rotary
 from plinth.weights.hf import GEMMA3_FLAGS, LLAMA_FLAGS, export_architecture
 from plinth.weights.keys import invert, map_key
 
@@ -62,6 +62,7 @@ class Layout:
 
 def _gemma3_metadata(writer: gguf.GGUFWriter, c: ModelConfig):
     writer.add_sliding_window(c.sliding_window)
+    writer.add_rope_freq_base_swa(c.rope_local_theta or c.rope_theta)  # the local layers' rotary base
     if c.global_every != GEMMA3_GLOBAL_EVERY:  # llama.cpp's default, which its converter leaves out
         writer.add_sliding_window_pattern([c.is_sliding(i) for i in range(c.n_layers)])
     if c.final_softcap is not None:
@@ -73,11 +74,9 @@ GGUF_ARCHITECTURES = {
     "llama": Layout(LLAMA_FLAGS, fixes={"attn.wq.weight": lambda w, c: permute_rotary(w, c.n_heads),
                                         "attn.wk.weight": lambda w, c: permute_rotary(w, c.n_kv_heads)}),
     # Gemma's RoPE is the rotate-halves kind and its norms are stored as (1 + w), both as plinth has them.
-    # llama.cpp derives the softmax scale from head_dim, and plinth's reader (like llama.cpp without
-    # `rope.freq_base_swa`) takes the local layers' rotary base as fixed; both must hold.
+    # llama.cpp derives the softmax scale from head_dim, which must hold.
     "gemma3": Layout({**GEMMA3_FLAGS,
                       "attn_scale": lambda c: c.attn_scale is None or math.isclose(c.attn_scale, c.head_dim ** -0.5),
-                      "rope_local_theta": lambda c: (c.rope_local_theta or c.rope_theta) == GEMMA3_LOCAL_ROPE_THETA,
                       "sliding_window": lambda c: c.sliding_window is not None},
                      fixes={}, metadata=_gemma3_metadata),
 }

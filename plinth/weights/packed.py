@@ -30,7 +30,7 @@ from plinth.quant import compact_shape_
 from plinth.tokenizer import Tokenizer
 
 PACKED_CACHE = Path(os.environ.get("PLINTH_PACKED_CACHE", Path.home() / ".cache" / "plinth" / "packed"))
-FORMAT = 1
+FORMAT = 2  # 2: Int4Head output layers, and a GGUF's default dtype chosen by its tensors' types
 WEIGHTS = "model.pt"
 ABOUT = "packed.json"  # the source file, the dtype and FORMAT
 
@@ -70,6 +70,8 @@ def write_packed(folder: Path, source: Path, dtype: str, model: Transformer, tok
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with atomic_folder(folder) as tmp:
+            # Tensors sharing storage (an Int4Head's `rows` and the input embedding) are saved once and
+            # load sharing it again.
             torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
             (tmp / "config.json").write_text(model.config.to_json())
             tokenizer.save(tmp)
