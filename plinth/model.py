@@ -425,6 +425,11 @@ class Transformer(nn.Module):
             block.mlp.fuse()
         return self
 
+    def per_row_parameters(self) -> int:
+        """How many parameters act once per row rather than at every position: the adaptive-norm
+        modulations, fed one conditioning vector per row (what training's FLOP estimate needs)."""
+        return sum(p.numel() for name, p in self.named_parameters() if name.rsplit(".", 1)[0].endswith("modulation"))
+
     # ---- running -------------------------------------------------------------------------------
     def features(self, tokens=None, *, embeds=None, images=None, keep=None, cache=None, documents=None,
                  adapters=None, condition=None):

@@ -2,10 +2,14 @@
 formulas, guidance, seeds, a stopped run resumed bit for bit, a tiny generator that learns which
 blob a prompt asks for, `plinth imagine` and `plinth.load(...).imagine`."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -166,6 +170,43 @@ def test_a_stopped_run_resumes_bit_for_bit(tmp_path, blobs):
     grids = sorted((full.parent / "samples").glob("step-*.png"))
     assert [g.name for g in grids] == ["step-000010.png", "step-000020.png"]
     assert Image.open(grids[-1]).size == (8 * 8 + 7 * 2, 2 * 8 + 2)
+
+
+def test_a_two_process_ddp_run_equals_one_process(tmp_path, blobs):
+    fields = dict(objective="flow", grad_accum=2, autocast="none", max_steps=6, eval_every=6, save_every=3)
+    one = pretrain_diffusion(small_recipe(tmp_path, blobs, "one", **fields), log=lambda *_: None)
+    recipe = small_recipe(tmp_path, blobs, "ddp", **fields)
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(recipe.__dict__))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                           "-m", "plinth", "pretrain", str(tmp_path / "ddp.yaml"), "--dist", "ddp"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("checkpoint:") == 1  # only rank 0 reports
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (one.parent, tmp_path / "ddp")]
+    for key in ("loss", "val_loss"):
+        assert [r[key] for r in rows[1] if key in r] == pytest.approx([r[key] for r in rows[0] if key in r], rel=1e-5)
+    a, b = load_file(str(one / "denoiser.safetensors")), load_file(str(tmp_path / "ddp" / "final" / "denoiser.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("ema-") for k in a)  # the moving average too
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+def test_training_flops_count_the_conditioning_once_per_image():
+    """The loop's FLOP estimate (its MFU) against torch's own count of a training step's matmuls:
+    the timestep and prompt MLPs and the adaLN modulations run once per image, not per patch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from plinth.train.loop import flops_per_token
+    d = denoiser()
+    c, B = d.config, 8
+    x, t, prompts = torch.randn(B, 1, 8, 8), torch.rand(B), torch.randn(B, 6)
+    with FlopCounterMode(display=False) as counter:
+        d((x, t, prompts), targets=torch.randn(B, 1, 8, 8)).backward()
+    params = sum(p.numel() for p in d.parameters())
+    estimate = flops_per_token(params, c.n_layers, c.dim, c.n_patches, per_row=d.per_row_parameters()) * B * c.n_patches
+    assert d.per_row_parameters() > params / 3  # what counting them per patch would overstate
+    assert estimate == pytest.approx(counter.get_total_flops(), rel=0.15)
+    assert flops_per_token(params, c.n_layers, c.dim, c.n_patches) * B * c.n_patches > 1.5 * counter.get_total_flops()
 
 
 def test_a_recipe_that_is_not_a_denoiser_is_refused(tmp_path, blobs):

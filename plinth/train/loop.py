@@ -117,15 +117,18 @@ def measured_peak_flops(dtype: torch.dtype = torch.float32, device: torch.device
 
 
 def flops_per_token(params: int, n_layers: int, dim: int, seq_len: int, trainable: int | None = None,
-                    through_blocks: bool = True) -> float:
+                    through_blocks: bool = True, per_row: int = 0) -> float:
     """Forward + backward: 6 per parameter per token, plus attention (PaLM's estimate). Frozen
     parameters (LoRA) skip their weight gradient: 4 per parameter, 2 more per trainable one.
     Without anything to train in the blocks (a linear probe) nothing flows back through them: 2
-    per parameter and a third of the attention, plus the trainable ones' backward."""
-    trainable = params if trainable is None else trainable
+    per parameter and a third of the attention, plus the trainable ones' backward. `per_row`
+    (trained) parameters act once per row, not per position (a diffusion model's conditioning and
+    adaptive-norm modulations): their 6 per row are shared among the row's seq_len positions."""
+    params, trainable = params - per_row, (params if trainable is None else trainable) - per_row
+    shared = 6 * per_row / seq_len
     if not through_blocks:
-        return 2 * params + 4 * trainable + 4 * n_layers * dim * seq_len
-    return 4 * params + 2 * trainable + 12 * n_layers * dim * seq_len
+        return 2 * params + 4 * trainable + 4 * n_layers * dim * seq_len + shared
+    return 4 * params + 2 * trainable + 12 * n_layers * dim * seq_len + shared
 
 
 def step_size(data, batches, seconds: float) -> tuple[int, dict]:
@@ -232,7 +235,9 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
     step_tokens = r.batch_size * r.seq_len * r.grad_accum
     through_blocks = any(p.requires_grad for m in model.modules() if isinstance(m, Block) for p in m.parameters())
     length = getattr(data, "tokens_per_image", r.seq_len)  # how far each position attends
-    step_flops = flops_per_token(params, config.n_layers, config.dim, length, trainable, through_blocks) * step_tokens
+    per_row = model.per_row_parameters() if hasattr(model, "per_row_parameters") else 0
+    step_flops = flops_per_token(params, config.n_layers, config.dim, length, trainable, through_blocks,
+                                 per_row) * step_tokens
     with training_runtime(d.device), open(metrics_path, "a") if d.main else contextlib.nullcontext() as metrics:
         peak = measured_peak_flops(autocast_dtype(r, d.device) or torch.float32, d.device) * d.world
         started, first_step = time.perf_counter(), step

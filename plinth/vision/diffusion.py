@@ -131,6 +131,11 @@ class Denoiser(nn.Module):
             p.copy_(self.average_of(name))
         return self
 
+    def per_row_parameters(self) -> int:
+        """Parameters acting once per image: the conditioning MLPs and the blocks' modulations."""
+        embedders = sum(p.numel() for part in (self.time_embed, self.prompt_embed) for p in part.parameters())
+        return embedders + self.net.per_row_parameters()
+
     def condition(self, t: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """(B, C): the timestep's and the prompt's embeddings, summed (DiT adds time and class)."""
         dtype = self.time_embed[0].weight.dtype
