@@ -27,8 +27,8 @@ import os
 from contextlib import contextmanager
 
 # mallopt() parameters and glibc's defaults for them (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 128 * 1024, 65536
 NEVER_TRIM = -1  # glibc reads it as the largest size_t: "disables trimming completely" (mallopt(3))
 
 
@@ -43,6 +43,22 @@ def _glibc():
         return None
 
 
+def _tuned_by_user() -> bool:
+    return "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ)
+
+
+def freed_memory_returned():
+    """For a long-running server, the opposite of `freed_memory_kept`: large blocks always mapped
+    on their own, so freeing one hands its memory back. By default glibc raises its mmap threshold
+    to the size of each large block freed (up to 32 MiB on 64-bit), and blocks under it then come
+    from the heap, where freed memory stays with the process: a server whose passes vary in size
+    (prefill pieces, batches that grow and shrink) would keep the peak of them all. A fixed
+    threshold, glibc's starting one, ends that adjustment."""
+    libc = _glibc()
+    if libc is not None and not _tuned_by_user():
+        libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
+
+
 _depth = 0  # open freed_memory_kept() blocks: only the outermost one restores glibc's settings
 
 
@@ -50,7 +66,7 @@ _depth = 0  # open freed_memory_kept() blocks: only the outermost one restores g
 def freed_memory_kept():
     global _depth
     libc = _glibc()
-    if libc is None or "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
+    if libc is None or _tuned_by_user():
         yield
         return
     if _depth == 0:

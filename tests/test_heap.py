@@ -62,3 +62,32 @@ def test_freed_memory_is_reused_inside_the_block_and_handed_back_after_it():
 def test_a_user_tuned_allocator_is_left_alone():
     seen = run_child(MALLOC_ARENA_MAX="2")  # any glibc allocator setting of the user's
     assert seen["outside"] > 4000 and seen["inside"] > 4000
+
+
+
+SERVER_CHILD = '''
+import ctypes, json, resource, sys
+from plinth import heap
+
+libc = heap._glibc()
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+if sys.argv[1] == "returned":
+    heap.freed_memory_returned()
+libc.free(libc.malloc(16 << 20))  # mapped on its own; by default freeing it raises glibc's threshold to 16 MiB
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    block = libc.malloc(4 << 20)
+    ctypes.memset(block, 1, 4 << 20)  # touch every page
+    libc.free(block)
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4))
+'''
+
+
+@pytest.mark.parametrize("setting", ["default", "returned"])
+def test_a_server_hands_freed_blocks_back_where_glibc_would_keep_them(setting):
+    done = subprocess.run([sys.executable, "-c", SERVER_CHILD, setting], capture_output=True, text=True, check=True)
+    faults = json.loads(done.stdout)  # a 4 MiB block is 1,024 pages of 4 KiB
+    if setting == "default":
+        assert faults < 512  # mostly from the heap after that first free, and kept there: it never goes back
+    else:
+        assert faults > 1000  # unmapped on every free, so mapped and faulted in anew

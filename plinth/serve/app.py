@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from plinth import hub
 from plinth.errors import PlinthError
 from plinth.engine import Engine
+from plinth.heap import freed_memory_returned
 from plinth.serve.images_api import router as images_router
 from plinth.serve.ollama_api import OllamaErrors
 from plinth.serve.ollama_api import router as ollama_router
@@ -250,6 +251,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     # than cores and stops its workers spin-waiting between parallel regions, so every decoding
     # step waits for sleeping workers to wake. Loading is no slower on one thread.
     torch.set_num_threads(1)
+    freed_memory_returned()
     if embedding_model == "auto":
         embedding_model = hub.DEFAULT_EMBEDDER if hub.known_path(hub.DEFAULT_EMBEDDER) else "none"
     embedder = Embedder.load(embedding_model) if embedding_model != "none" else None
