@@ -21,6 +21,7 @@ import plinth
 from plinth.adapt.adapted import read_adapted
 from plinth.adapt.finetune import FinetuneRecipe, build_image_data, finetune
 from plinth.config import preset
+from plinth.errors import PlinthError
 from plinth.loss import IGNORE
 from plinth.model import Transformer
 from plinth.vision.images import FASHION_MNIST_LABELS, fashion_mnist_available
@@ -349,6 +350,23 @@ def test_labels_fraction_takes_a_class_balanced_share(tmp_path, images):
     assert not any(bytes(image.numpy()) in held for image in half.train)  # never a held-out image
 
 
+def test_layer_decay_gives_each_block_its_share_of_the_learning_rate(tmp_path, images):
+    from plinth.adapt.finetune import build_model
+    from plinth.train.loop import build_optimizer
+    r = finetune_recipe(tmp_path, images, "unused", layer_decay=0.5)
+    model = build_model(r, fresh_vit())  # vit-tiny: 2 blocks
+    optimizer = build_optimizer(model, r)
+    scale = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+    expected = {"head.linear.weight": 1.0, "backbone.norm.weight": 1.0, "backbone.layers.1.attn.wq.weight": 0.5,
+                "backbone.layers.0.mlp.w_up.weight": 0.25, "backbone.patch_embeddings.weight": 0.125,
+                "backbone.class_token": 0.125}
+    named = dict(model.named_parameters())
+    assert {name: scale[id(named[name])] for name in expected} == expected
+    assert len(scale) == len(named)  # every parameter is in a group
+    with pytest.raises(PlinthError, match="layer_decay"):
+        finetune_recipe(tmp_path, images, "unused", layer_decay=1.5)
+
+
 @pytest.mark.parametrize("method, saved, absent", [
     ("probe", {"head.safetensors", "head.json", "finetune.json"}, {"model.safetensors", "adapter.safetensors"}),
     ("lora", {"adapter.safetensors", "head.safetensors", "finetune.json"}, {"model.safetensors"})])
@@ -412,7 +430,6 @@ def test_eval_fashion_mnist_of_a_text_model_is_a_clear_error(tmp_path, capsys):
 
 def test_settings_that_leave_nothing_to_learn_from_are_clear_errors(tmp_path, images, mae_run, classifier, capsys):
     from plinth.cli import main
-    from plinth.errors import PlinthError
     with pytest.raises(PlinthError, match="hides 0 of an image's 16 patches"):
         MaeRecipe(**mae_recipe(tmp_path, images, "none-hidden", mask_ratio=0.02)).config()
     with pytest.raises(PlinthError, match="val_examples=48 holds them all out"):

@@ -79,6 +79,10 @@ class FinetuneRecipe(LoopRecipe):
     # Activations, not weights, are most of the memory of fine-tuning a small model (30 layers × every
     # token's attention and MLP tensors): without recomputing them LoRA would save little over full.
     activation_checkpointing: bool = True
+    # full, lora: each block's learning rate is layer_decay^(blocks above it) of the head's, the
+    # input layers' one step lower (layer-wise decay, as MAE and BEiT fine-tune): lower layers hold
+    # the pretrained features to keep; 1 = one learning rate for all
+    layer_decay: float = 1.0
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -116,6 +120,8 @@ class FinetuneRecipe(LoopRecipe):
         if self.task == "vqa" and (self.pack or self.method == "probe"):
             raise PlinthError("task=vqa trains the language model (method lora, qlora or full) on unpacked rows; "
                               "set pack: false and another method")
+        if not 0 < self.layer_decay <= 1:
+            raise PlinthError(f"layer_decay={self.layer_decay}; give a factor in (0, 1], e.g. 0.75 (1 = no decay)")
         if not 0 < self.labels_fraction <= 1:
             raise PlinthError(f"labels_fraction={self.labels_fraction}; give a share in (0, 1], e.g. 0.01 for 1%")
         if self.labels_fraction < 1 and self.task not in ("label", "classify"):
@@ -223,7 +229,18 @@ def build_model(r: FinetuneRecipe, net) -> Finetuned:
     head = None
     if r.task in HEAD_TASKS:
         head = Head(net.config.dim, r.labels if r.task == "classify" else None, pooling_of(r, net.config))
-    return Finetuned(net, head)
+    model = Finetuned(net, head)
+    if r.layer_decay < 1:
+        model.lr_scales = layer_decay_scales(net.config.n_layers, r.layer_decay)
+    return model
+
+
+def layer_decay_scales(n_layers: int, decay: float) -> dict[str, float]:
+    """{parameter name prefix: learning-rate factor} for the loop's optimizer (first match wins):
+    block i gets decay^(n_layers - i), the final norm and the head 1, every other backbone
+    parameter (the input layer, positions, class token) decay^(n_layers + 1)."""
+    scales = {f"backbone.layers.{i}.": decay ** (n_layers - i) for i in range(n_layers)}
+    return {**scales, "backbone.norm.": 1.0, "backbone.": decay ** (n_layers + 1)}
 
 
 def pooling_of(r: FinetuneRecipe, config) -> str:
