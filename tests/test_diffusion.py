@@ -182,6 +182,7 @@ def test_a_two_process_ddp_run_equals_one_process(tmp_path, blobs):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("checkpoint:") == 1  # only rank 0 reports
+    assert [p.name for p in (tmp_path / "ddp" / "samples").iterdir()] == ["step-000006.png"]  # written once
     rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             for run in (one.parent, tmp_path / "ddp")]
     for key in ("loss", "val_loss"):

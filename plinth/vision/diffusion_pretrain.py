@@ -150,11 +150,12 @@ class DiffusionWeights(checkpoint.Weights):
 class Evaluation:
     """Validation loss (squared velocity error per pixel on held-out images, noise fixed per
     batch), and a grid of samples from the moving average: one row per class, the same noise each
-    time, written to <out_dir>/samples/step-NNNNNN.png."""
+    time, written to <out_dir>/samples/step-NNNNNN.png by the main process (`main`; under torchrun
+    every process samples, as each takes part in the model's collectives, but one writes)."""
 
     def __init__(self, r: DiffusionRecipe, config: ModelConfig, captions: list[list[str]], embedder: Embedder,
-                 prep: ImagePrep):
-        self.r, self.prep = r, prep
+                 prep: ImagePrep, main: bool = True):
+        self.r, self.prep, self.main = r, prep, main
         per_row = 8
         self.prompts = prompt_vectors(embedder, [per_class[0] for per_class in captions]).repeat_interleave(per_row, 0)
         self.noise = torch.randn(len(self.prompts), config.channels, config.image_size, config.image_size,
@@ -173,11 +174,11 @@ class Evaluation:
         averaged = copy.deepcopy(inner).use_average()
         with autocast(r):
             images = sample(averaged, self.prompts, self.noise, r.sample_steps, r.guidance)
-        step = int(inner.ema_updates)
-        out = Path(r.out_dir) / SAMPLES / f"step-{step:06d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(out) as tmp:
-            image_grid(to_pixels(images, self.prep), self.per_row).save(tmp, format="png")
+        if self.main:
+            out = Path(r.out_dir) / SAMPLES / f"step-{int(inner.ema_updates):06d}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(out) as tmp:
+                image_grid(to_pixels(images, self.prep), self.per_row).save(tmp, format="png")
         model.train()
         return {"val_loss": total / max(1, count)}
 
@@ -197,7 +198,7 @@ def pretrain_diffusion(r: DiffusionRecipe, resume: bool = False, log=print, dist
         if d.main:
             log(f"flow matching on {r.data}: {len(data.train)} images ({len(data.val)} held out), "
                 f"{sum(len(c) for c in captions)} captions, {sum(p.numel() for p in model.parameters()):,} parameters")
-        evaluate = Evaluation(r, config, captions, embedder, data.prep)
+        evaluate = Evaluation(r, config, captions, embedder, data.prep, d.main)
         latest = train(model, None, data, r, resume, log if d.main else lambda *_: None, evaluate=evaluate,
                        store=DiffusionWeights(settings), d=d)
         if d.main:
