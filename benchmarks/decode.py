@@ -24,7 +24,10 @@ How each figure is measured (all engines get the same token ids, made with plint
               time from the first token (which only needs the prefill) to the last, so the figure
               covers exactly 128 single-token forwards plus sampling. One short warm-up, then the
               median of --repeats runs. transformers uses its own `generate` (a streamer stamps
-              each token); llama.cpp its `Llama.generate` with temp=0.
+              each token); llama.cpp its `Llama.generate` with temp=0. plinth_compiled is plinth
+              decoding through its compiled step (`plinth.load(...).compile()`,
+              plinth/compiled_decode.py); compiling is timed on its own, from an empty inductor cache
+              and, in the run whose rates are reported, from what the first run kept.
   peak RSS    `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the child at the end (MB = 2**20 bytes).
 llama-cpp-python is used when importable and skipped with the reason otherwise. Run on an otherwise
 idle machine: each result records the 1-minute load average; well above 2 means it was shared.
@@ -46,7 +49,7 @@ from pathlib import Path
 
 from plinth.files import write_atomic
 
-ENGINES = ("plinth", "transformers", "llama_cpp")
+ENGINES = ("plinth", "plinth_compiled", "transformers", "llama_cpp")
 THREADS = 2
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -91,6 +94,9 @@ def run_plinth(args, job):
     m = plinth.load(args.model, dtype=args.dtype)
     load = time.perf_counter() - start
     last = torch.tensor([len(job["long"]) - 1])
+    compiled = args.engine == "plinth_compiled"
+    if compiled:
+        m.compile()
 
     def prefill():
         with torch.inference_mode():
@@ -99,13 +105,16 @@ def run_plinth(args, job):
     def decode(n):
         params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         stamps, tokens = [], []
-        for step in generate_stream(m.model, m.tokenizer, job["short"], params, speculate=False):  # one token a pass
+        for step in generate_stream(m.model, m.tokenizer, job["short"], params, speculate=False,  # one token a pass
+                                    decoder=m.decoder):
             stamps.append(time.perf_counter())
             tokens.append(step.choice.token)
         return stamps, tokens
 
     tensors = [*m.model.parameters(), *m.model.buffers()]  # int4/int8 weights are buffers
     info = {"dtype": args.dtype or "default", "weight_dtypes": sorted({str(t.dtype) for t in tensors})}
+    if compiled:  # compiling happens at the first step: timed here, before the warm-up the child does
+        info["compile_s"] = timed(lambda: decode(2))
     return load, prefill, decode, info
 
 
@@ -196,7 +205,8 @@ def child(args) -> dict:
         except ImportError as error:
             return {"engine": args.engine, "skipped": f"llama_cpp is not importable ({error})"}
     job = json.loads(sys.stdin.read())  # from the parent: the same token ids and file for every engine
-    runner = {"plinth": run_plinth, "transformers": run_transformers, "llama_cpp": run_llama_cpp}[args.engine]
+    runner = {"plinth": run_plinth, "plinth_compiled": run_plinth, "transformers": run_transformers,
+              "llama_cpp": run_llama_cpp}[args.engine]
     load, prefill, decode, info = runner(args, job)
 
     prefill()  # warm-up: first-call allocations and kernel selection are not part of the rate
@@ -237,27 +247,27 @@ def same_prefix(a: list[int], b: list[int]) -> int:
 def report(results: list[dict], first: dict):
     print(f"\nplinth's first load of the file (reads the GGUF, packs the weights it keeps): "
           f"{first.get('first_load_s', float('nan')):.2f} s; the rows below load what it kept")
-    print(f"\n{'engine':<14}{'load s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
+    compiled = next((r for r in results if r["engine"] == "plinth_compiled" and "compile_s" in r), {})
+    print(f"plinth_compiled: compiling the step took {first.get('first_compile_s', float('nan')):.1f} s the first "
+          f"time, {compiled.get('compile_s', float('nan')):.1f} s from inductor's cache (the row below)")
+    print(f"\n{'engine':<16}{'load s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
     for r in results:
         if "load_s" in r:
-            print(f"{r['engine']:<14}{r['load_s']:>9.2f}{r['prefill_tok_s']:>15.1f}"
+            print(f"{r['engine']:<16}{r['load_s']:>9.2f}{r['prefill_tok_s']:>15.1f}"
                   f"{r['decode_tok_s']:>14.1f}{r['peak_rss_mb']:>13.0f}")
         else:
-            print(f"{r['engine']:<14}  {r.get('skipped') or r.get('error')}")
-    ours = next((r for r in results if r["engine"] == "plinth" and "load_s" in r), None)
-    if ours is None:
-        return
-    print("\nplinth vs anchor (×, above 1 = plinth better; load = anchor s / plinth s):")
-    for r in results:
-        if r is ours or "load_s" not in r:
-            continue
-        r["vs_plinth"] = {"decode": ours["decode_tok_s"] / r["decode_tok_s"],
-                          "prefill": ours["prefill_tok_s"] / r["prefill_tok_s"],
-                          "load": r["load_s"] / ours["load_s"],
-                          "greedy_tokens_agreeing": same_prefix(ours["tokens"], r["tokens"])}
-        v = r["vs_plinth"]
-        print(f"  vs {r['engine']:<13} decode {v['decode']:.2f}×  prefill {v['prefill']:.2f}×  load {v['load']:.2f}×"
-              f"  (greedy outputs agree for the first {v['greedy_tokens_agreeing']}/{len(ours['tokens'])} tokens)")
+            print(f"{r['engine']:<16}  {r.get('skipped') or r.get('error')}")
+    for ours in [r for r in results if r["engine"].startswith("plinth") and "load_s" in r]:
+        name = ours["engine"]
+        print(f"\n{name} vs anchor (×, above 1 = plinth better; load = anchor s / plinth s):")
+        for r in results:
+            if r["engine"].startswith("plinth") or "load_s" not in r:
+                continue
+            v = r.setdefault("vs_plinth", {})[name] = {
+                "decode": ours["decode_tok_s"] / r["decode_tok_s"], "prefill": ours["prefill_tok_s"] / r["prefill_tok_s"],
+                "load": r["load_s"] / ours["load_s"], "greedy_tokens_agreeing": same_prefix(ours["tokens"], r["tokens"])}
+            print(f"  vs {r['engine']:<13} decode {v['decode']:.2f}×  prefill {v['prefill']:.2f}×  load {v['load']:.2f}×"
+                  f"  (greedy outputs agree for the first {v['greedy_tokens_agreeing']}/{len(ours['tokens'])} tokens)")
 
 
 def main():
@@ -281,8 +291,11 @@ def main():
     # RSS into ru_maxrss of the children it spawns, which would put a floor under every figure.
     job = run_child("job", args, {})
     with tempfile.TemporaryDirectory() as cache:  # plinth's packed weights: made by the first load, mapped after
-        env = {"PLINTH_PACKED_CACHE": cache}
+        env = {"PLINTH_PACKED_CACHE": cache, "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor"}
         first = run_child("plinth_first_load", args, job, env)
+        # The compiled engine runs twice: the first compiles from nothing, the second (whose rates are
+        # reported) starts from what inductor kept, as any later process would.
+        first["first_compile_s"] = run_child("plinth_compiled", args, job, env).get("compile_s", float("nan"))
         results = [run_child(engine, args, job, env) for engine in ENGINES]
     report(results, first)
     write(args, [first] + results)

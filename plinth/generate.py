@@ -257,19 +257,22 @@ def check_prompt(prompt_len: int, context: int):
 
 @torch.inference_mode()
 def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams, embeds=None,
-                    speculate: bool | PromptLookup = True) -> Iterator[Step]:
+                    speculate: bool | PromptLookup = True, decoder=None) -> Iterator[Step]:
     """Generate for one prompt, yielding a `Step` per token until a stop or the token limit.
     embeds: (1, len(prompt), C) the prompt's input vectors, where they are not its tokens'
     embeddings (an image+text model's image tokens).
     speculate: guess upcoming tokens from the prompt and output so far and check the guesses in the
     same forward pass (plinth/speculative.py); the output is the same either way, only faster where
     it repeats its input (rewriting or quoting a given text). False: one token per pass; a
-    `PromptLookup`: guess with that one (to tune it, or read how many guesses it got right)."""
+    `PromptLookup`: guess with that one (to tune it, or read how many guesses it got right).
+    decoder: a `CompiledDecoder` of this model (plinth/compiled_decode.py) to decode with, one token
+    a step; speculation is then off."""
     params.validate(model.config.vocab_size)
     context = model.config.max_seq_len
     check_prompt(len(prompt), context)
     seq = Sequence(prompt, params, tokenizer, model.config.vocab_size, max_new=context - len(prompt))
-    drafter = speculate if isinstance(speculate, PromptLookup) else PromptLookup() if speculate else None
+    drafter = None if decoder is not None or not speculate else \
+        speculate if isinstance(speculate, PromptLookup) else PromptLookup()
     speculator = Speculator(seq, drafter)
     cache = KVCache.for_model(model, 1, len(prompt) + seq.max_new, slack=0)  # passes only go forward: rings suffice
     device = model.tok_embeddings.weight.device
@@ -283,5 +286,8 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
             return
         drafts = speculator.propose()
         position = len(prompt) + len(seq.output) - 1  # where the last chosen token goes; drafts follow it
-        tokens = torch.tensor([[steps[-1].choice.token, *drafts]], device=device)
-        rows = model(tokens, cache=cache.view(position))[0]  # (1 + len(drafts), V)
+        if decoder is not None:
+            rows = decoder(steps[-1].choice.token, position, cache)[None]  # (1, V)
+        else:
+            tokens = torch.tensor([[steps[-1].choice.token, *drafts]], device=device)
+            rows = model(tokens, cache=cache.view(position))[0]  # (1 + len(drafts), V)

@@ -29,6 +29,16 @@ class LoadedModel:
         self.head = head  # a classification or regression head, for models fine-tuned with task=classify/regress
         self.vision = vision  # an image+text model's image encoder (plinth/vision/multimodal.py), else None
         self.generator = generator  # an image generator (plinth/vision/imagine.py): no tokenizer, no text
+        self.decoder = None  # set by `compile()`: generate and chat decode through it
+
+    def compile(self) -> "LoadedModel":
+        """Decode through a compiled step from now on (plinth/compiled_decode.py): faster one token at
+        a time, after compiling on first use (minutes the first time, then cached by inductor);
+        without prompt-lookup speculation."""
+        from plinth.compiled_decode import CompiledDecoder
+        self._text_model()
+        self.decoder = CompiledDecoder(self.model)
+        return self
 
     def imagine(self, prompt: str, n: int = 1, seed: int = 0, steps: int | None = None,
                 guidance: float | None = None) -> list:
@@ -61,7 +71,8 @@ class LoadedModel:
         return self._reply(ids, None, stream, options)
 
     def _reply(self, ids: list[int], embeds, stream: bool, options: dict):
-        steps = generate_stream(self.model, self.tokenizer, ids, self._params(**options), embeds=embeds)
+        steps = generate_stream(self.model, self.tokenizer, ids, self._params(**options), embeds=embeds,
+                                decoder=self.decoder)
         pieces = (step.text for step in steps if step.text)
         return pieces if stream else "".join(pieces)
 

@@ -478,9 +478,7 @@ class Transformer(nn.Module):
 
     def _features(self, embeds, cache, documents, positioned: bool, condition=None):
         """positioned: the inputs already carry their positions (image patches)."""
-        x = embeds.to(self.input_layer.weight.dtype)
-        if self.config.embed_scale:
-            x = x * torch.tensor(math.sqrt(self.config.dim), dtype=x.dtype)
+        x = self.scaled_input(embeds)
         B, T, _ = x.shape
         if documents is not None and cache is not None:
             raise ValueError("packed rows (documents) are whole sequences: no cache")
@@ -492,9 +490,23 @@ class Transformer(nn.Module):
         if self.pos_embeddings is not None and not positioned:
             x = x + self.pos_embeddings(where.q_pos)
         elif self.config.position == "rope":
-            tables = {id(t): (t[0][where.q_pos][:, :, None], t[1][where.q_pos][:, :, None])  # (B, T, 1, D/2)
-                      for t in self.rope.values()}
-            ropes = {local: tables[id(t)] for local, t in self.rope.items()}
+            ropes = self.ropes_at(where.q_pos)
+        return self.blocks(x, ropes, where, cache, condition)
+
+    def scaled_input(self, embeds):
+        """Input vectors in the model's dtype, scaled where the architecture scales them (Gemma: √width)."""
+        x = embeds.to(self.input_layer.weight.dtype)
+        if self.config.embed_scale:
+            x = x * torch.tensor(math.sqrt(self.config.dim), dtype=x.dtype)
+        return x
+
+    def ropes_at(self, q_pos) -> dict:
+        """The rotary tables at positions q_pos (B, T): {sliding-window layer?: (cos, sin) (B, T, 1, D/2)}."""
+        tables = {id(t): (t[0][q_pos][:, :, None], t[1][q_pos][:, :, None]) for t in self.rope.values()}
+        return {local: tables[id(t)] for local, t in self.rope.items()}
+
+    def blocks(self, x, ropes: dict, where, cache, condition=None):
+        """The positioned inputs x (B, T, C) through the blocks and the final norm."""
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         if condition is not None:

@@ -47,6 +47,9 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="answer with a JSON object (constrained decoding)")
     g.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid for the schema in FILE")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through a compiled step: faster per token, after compiling on first use (a minute "
+                   "or two the first time for a model, cached after); no speculative decoding")
 
 
 def sampling(args) -> dict:
@@ -71,7 +74,8 @@ def load_model(args):
     from plinth.generate import SamplingParams
     params = sampling(args) if hasattr(args, "max_tokens") else {}
     SamplingParams(**params).validate()  # reject bad values before spending seconds on loading
-    return plinth.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None))
+    model = plinth.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None))
+    return model.compile() if getattr(args, "compile", False) else model
 
 
 def add_recipe_arg(p: argparse.ArgumentParser):

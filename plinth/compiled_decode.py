@@ -1,0 +1,103 @@
+"""Decoding one sequence one token a step through a compiled step: `generate_stream(...,
+compile=True)`, `plinth generate --compile`.
+
+An eager decoding step of a small model is hundreds of small operations (norms, casts, rotations,
+residual adds, the attention of each layer), each a separate call into PyTorch, and on a CPU they
+cost as much as the weight-reading matrix products. torch.compile (inductor) turns the step into
+one C++ program (`cpp_wrapper`): the small operations are fused into a few loops, and with
+`max_autotune` and the weights frozen in as constants, inductor also generates its own int4 and int8
+matrix-vector kernels for the model's shapes where they beat PyTorch's (benchmarks/decode.py
+measures the step; docs/speed.md).
+
+The step reads and writes the same `KVCache` as the eager passes (the prompt is prefilled eagerly),
+through `StepView`, a cache view with `CacheView`'s decoding interface whose shapes inductor can
+trace: the position is a tensor and the keys' length a dynamic size, so one compiled program serves
+every position. Its arithmetic is not the eager step's (fused loops sum in another order), so a
+sequence decoded compiled is not bit for bit the one decoded eagerly, and prompt-lookup speculation
+(whose verify passes are eager and must give plain decoding's bits) is off while compiled.
+
+Compiling takes a minute or two the first time for a model; inductor keeps what it built (and the
+kernels it chose) in its cache folder, so a later process starts in seconds. The weights are
+frozen into the program: a model whose weights change afterwards needs a new CompiledDecoder.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from plinth.kv_cache import KVCache, whole_key_blocks
+from plinth.model import attention_mask
+
+OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True}
+
+
+class StepView:
+    """One compiled step's view of a one-row KVCache: `CacheView`'s decoding interface (write,
+    decode_keys, spread, gather, decode_bias), with the new token's position a (1,) tensor and
+    `length` the keys read by layers that keep every position (whole KEY_BLOCKs, a dynamic size).
+    A ring layer (a sliding window's) reads its whole ring, each index masked by the position it
+    holds, as the eager view does once the ring has filled."""
+
+    def __init__(self, keys: list, values: list, position: torch.Tensor, length: int, windows: list, rings: list):
+        self.keys, self.values, self.position, self.length = keys, values, position, length
+        self.windows, self.rings = windows, rings
+        self.dtype = keys[0].dtype
+        self._biases = {}
+
+    def write(self, layer: int, k, v):
+        ring = self.rings[layer]
+        index = self.position if ring is None else self.position % ring
+        self.keys[layer].index_copy_(2, index, k.to(self.dtype))
+        self.values[layer].index_copy_(2, index, v.to(self.dtype))
+
+    def decode_keys(self, layer: int, B: int, T: int = 1):
+        length = self.length if self.rings[layer] is None else self.rings[layer]
+        return self.keys[layer][:, :, :length].flatten(0, 1), self.values[layer][:, :, :length].flatten(0, 1)
+
+    def spread(self, x):
+        return x
+
+    def gather(self, x):
+        return x
+
+    def decode_bias(self, layer: int, heads: int, t: int = 0) -> torch.Tensor:
+        window, ring = self.windows[layer], self.rings[layer]
+        if (window, ring) not in self._biases:
+            query = self.position[:, None]  # (1, 1)
+            if ring is None:
+                keys = torch.arange(self.length, device=query.device)[None]
+            else:  # index i of a ring holds the last position written there (negative: none yet)
+                keys = query - (query - torch.arange(ring, device=query.device)) % ring
+            allowed = attention_mask(query, keys, True, window)[0, 0]  # (1, L)
+            bias = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
+            self._biases[window, ring] = bias.expand(heads, -1)[:, None]  # (heads, 1, L)
+        return self._biases[window, ring]
+
+
+class CompiledDecoder:
+    """Next-token logits for one sequence, one token a call, from a compiled step over `cache` (a
+    one-row KVCache made for the model, already holding the positions before)."""
+
+    def __init__(self, model):
+        self.model = model
+        self._step = torch.compile(self._eager_step, fullgraph=True, options=OPTIONS)
+
+    def __call__(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
+        """Logits (V,) after `token` at `position`."""
+        device = cache.device
+        length = torch.empty(whole_key_blocks(position + 1), device=device)  # its size is the keys' length
+        # Sizes that change from step to step or cache to cache stay symbols in the one program.
+        torch._dynamo.mark_dynamic(length, 0)
+        for tensor, ring in zip(cache.k + cache.v, cache.rings * 2):
+            if ring is None:
+                torch._dynamo.mark_dynamic(tensor, 2)
+        return self._step(torch.tensor([[token]], device=device), torch.tensor([position], device=device),
+                          length, cache.k, cache.v, cache.windows, cache.rings)
+
+    def _eager_step(self, token, position, length, keys, values, windows, rings):
+        model = self.model
+        view = StepView(keys, values, position, length.shape[0], windows, rings)
+        x = model.scaled_input(model.tok_embeddings(token))  # (1, 1, C)
+        h = model.blocks(x, model.ropes_at(position[None]), None, view)
+        return model.project(h)[0, 0]
