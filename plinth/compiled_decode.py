@@ -23,10 +23,11 @@ frozen into the program: a model whose weights change afterwards needs a new Com
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 
-from plinth.kv_cache import KVCache, whole_key_blocks
+from plinth.kv_cache import KEY_BLOCK, KVCache, whole_key_blocks
 from plinth.model import attention_mask
 
 OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True}
@@ -52,8 +53,10 @@ class StepView:
         self.values[layer].index_copy_(2, index, v.to(self.dtype))
 
     def decode_keys(self, layer: int, B: int, T: int = 1):
+        # The one row's (K, L, D) by narrowing, always a view: a slice or a flatten that copies or not
+        # depending on whether L is the cache's whole length would compile a program for each case.
         length = self.length if self.rings[layer] is None else self.rings[layer]
-        return self.keys[layer][:, :, :length].flatten(0, 1), self.values[layer][:, :, :length].flatten(0, 1)
+        return tuple(t[layer][0].narrow(1, 0, length) for t in (self.keys, self.values))
 
     def spread(self, x):
         return x
@@ -76,12 +79,25 @@ class StepView:
 
 
 class CompiledDecoder:
-    """Next-token logits for one sequence, one token a call, from a compiled step over `cache` (a
-    one-row KVCache made for the model, already holding the positions before)."""
+    """Next-token logits for one sequence, one token a call, from a compiled step over `cache` (made
+    by `new_cache`, already holding the positions before)."""
 
     def __init__(self, model):
         self.model = model
-        self._step = torch.compile(self._eager_step, fullgraph=True, options=OPTIONS)
+        # Guards on the model's modules would be checked before every step, and its weights are frozen
+        # into the program anyway: they are dropped. Then nothing would tell two decoders' models
+        # apart, and dynamo keeps compiled programs per code object: each decoder compiles a copy
+        # of the step function with a code object of its own.
+        step = self._eager_step.__func__
+        own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__)
+        self._step = torch.compile(types.MethodType(own, self), fullgraph=True,
+                                   options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+    def new_cache(self, length: int) -> KVCache:
+        """A KVCache for a sequence of `length` positions, one KEY_BLOCK longer than it: the keys a
+        step reads are then never the cache's whole length, which would make them a contiguous
+        tensor, and the program would be compiled a second time for that case."""
+        return KVCache.for_model(self.model, 1, length + KEY_BLOCK, slack=0)
 
     def __call__(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
         """Logits (V,) after `token` at `position`."""
@@ -92,12 +108,16 @@ class CompiledDecoder:
         for tensor, ring in zip(cache.k + cache.v, cache.rings * 2):
             if ring is None:
                 torch._dynamo.mark_dynamic(tensor, 2)
-        return self._step(torch.tensor([[token]], device=device), torch.tensor([position], device=device),
-                          length, cache.k, cache.v, cache.windows, cache.rings)
+        # Set around the call (which compiles when it must) rather than as torch.compile's options:
+        # there, freezing does not reach inductor's lowering, and without frozen weights it has no
+        # kernels of its own to choose for the int4 and int8 products.
+        with torch._inductor.config.patch(OPTIONS):
+            return self._step(torch.tensor([[token]], device=device), torch.tensor([position], device=device),
+                              length, cache.k, cache.v, cache.windows, cache.rings)
 
     def _eager_step(self, token, position, length, keys, values, windows, rings):
         model = self.model
         view = StepView(keys, values, position, length.shape[0], windows, rings)
         x = model.scaled_input(model.tok_embeddings(token))  # (1, 1, C)
         h = model.blocks(x, model.ropes_at(position[None]), None, view)
-        return model.project(h)[0, 0]
+        return model.project(h[:, 0])[0]  # one row in, one out: inductor's output-layer kernel takes 2-D rows

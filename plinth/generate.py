@@ -274,7 +274,8 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
     drafter = None if decoder is not None or not speculate else \
         speculate if isinstance(speculate, PromptLookup) else PromptLookup()
     speculator = Speculator(seq, drafter)
-    cache = KVCache.for_model(model, 1, len(prompt) + seq.max_new, slack=0)  # passes only go forward: rings suffice
+    length = len(prompt) + seq.max_new  # passes only go forward: rings suffice (slack=0)
+    cache = decoder.new_cache(length) if decoder is not None else KVCache.for_model(model, 1, length, slack=0)
     device = model.tok_embeddings.weight.device
     rows = model(None if embeds is not None else torch.tensor([prompt], device=device), embeds=embeds,
                  cache=cache.view(), last=torch.tensor([len(prompt) - 1], device=device))  # (1, V)

@@ -7,7 +7,6 @@ import torch
 
 from plinth.compiled_decode import CompiledDecoder
 from plinth.generate import SamplingParams, generate_stream
-from plinth.kv_cache import KVCache
 from plinth.loaded import LoadedModel
 from plinth.quant import compact_
 from tests.conftest import byte_tokenizer, tiny_model
@@ -31,7 +30,7 @@ def test_each_compiled_step_gives_the_whole_sequences_logits(compiled):
     dtype, loaded = compiled
     model, decoder = loaded.model, loaded.decoder
     tokens = torch.randint(0, 256, (1, LENGTH), generator=torch.Generator().manual_seed(0))
-    cache = KVCache.for_model(model, 1, LENGTH, slack=0)
+    cache = decoder.new_cache(LENGTH)
     assert cache.rings == [64, None]
     with torch.inference_mode():
         whole = model(tokens)[0].float()  # (LENGTH, V), every position at once, no cache
@@ -55,3 +54,16 @@ def test_a_compiled_model_generates_plain_decodings_greedy_text(compiled):
     plain = [s.choice.token for s in generate_stream(loaded.model, tok, prompt, params, speculate=False)]
     assert len(plain) == 80
     assert loaded.generate(prompt, max_tokens=80, temperature=0, ignore_eos=True) == tok.decode(plain)
+
+
+def test_two_decoders_in_one_process_each_run_their_own_model():
+    """dynamo keeps compiled programs per code object, and the decoder drops the guards that would
+    tell two models apart: each decoder must still compute with its own weights."""
+    models = [compact_(tiny_model(seed=seed), "float32") for seed in (1, 2)]
+    decoders = [CompiledDecoder(model) for model in models]
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for model, decoder in zip(models, decoders):
+            cache = decoder.new_cache(12)
+            model(tokens[:, :11], cache=cache.view())
+            torch.testing.assert_close(decoder(int(tokens[0, 11]), 11, cache), model(tokens)[0, 11], rtol=1e-4, atol=1e-4)
