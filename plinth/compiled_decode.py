@@ -27,6 +27,7 @@ import types
 
 import torch
 
+from plinth.errors import PlinthError
 from plinth.kv_cache import KEY_BLOCK, KVCache, whole_key_blocks
 from plinth.model import attention_mask
 
@@ -111,9 +112,14 @@ class CompiledDecoder:
         # Set around the call (which compiles when it must) rather than as torch.compile's options:
         # there, freezing does not reach inductor's lowering, and without frozen weights it has no
         # kernels of its own to choose for the int4 and int8 products.
-        with torch._inductor.config.patch(OPTIONS):
-            return self._step(torch.tensor([[token]], device=device), torch.tensor([position], device=device),
-                              length, cache.k, cache.v, cache.windows, cache.rings)
+        try:
+            with torch._inductor.config.patch(OPTIONS):
+                return self._step(torch.tensor([[token]], device=device), torch.tensor([position], device=device),
+                                  length, cache.k, cache.v, cache.windows, cache.rings)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            raise PlinthError(f"compiling the decoding step failed: {str(e).splitlines()[0]}. Inductor compiles C++ "
+                              "with the machine's compiler (g++; apt-get install g++); or decode without --compile"
+                              ) from e
 
     def _eager_step(self, token, position, length, keys, values, windows, rings):
         model = self.model

@@ -5,7 +5,8 @@ weights; and `plinth.load(...).compile()` generates through it plain decoding's 
 import pytest
 import torch
 
-from plinth.compiled_decode import CompiledDecoder
+from plinth.compiled_decode import OPTIONS, CompiledDecoder
+from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
 from plinth.loaded import LoadedModel
 from plinth.quant import compact_
@@ -67,3 +68,16 @@ def test_two_decoders_in_one_process_each_run_their_own_model():
             cache = decoder.new_cache(12)
             model(tokens[:, :11], cache=cache.view())
             torch.testing.assert_close(decoder(int(tokens[0, 11]), 11, cache), model(tokens)[0, 11], rtol=1e-4, atol=1e-4)
+
+
+def test_a_failed_compile_says_what_to_do(monkeypatch):
+    # no autotuning: each of its candidate kernels would fail to compile on its own first
+    options = {**OPTIONS, "max_autotune": False, "cpp.cxx": ("no-such-c++-compiler",)}
+    monkeypatch.setattr("plinth.compiled_decode.OPTIONS", options)
+    model = compact_(tiny_model(seed=3), "float32")
+    decoder = CompiledDecoder(model)
+    cache = decoder.new_cache(8)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), cache=cache.view())
+        with pytest.raises(PlinthError, match="compiling the decoding step failed.*g\\+\\+.*without --compile"):
+            decoder(4, 3, cache)
