@@ -215,8 +215,8 @@ def main():
     p.add_argument("--mae", required=True, help="the MAE checkpoint (e.g. runs/mae-fashion/final)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--methods", nargs="+", default=["probe", "lora", "full"])
-    p.add_argument("--steps", type=json.loads, default={"0.01": 300, "0.1": 1000, "1.0": 1400},
-                   help='fine-tuning steps per labels share, as JSON (default {"0.01": 300, "0.1": 1000, "1.0": 1400})')
+    p.add_argument("--steps", type=json.loads, default={"0.01": 300, "0.1": 1000, "1.0": 1200},
+                   help='fine-tuning steps per labels share, as JSON (default {"0.01": 300, "0.1": 1000, "1.0": 1200})')
     p.add_argument("--default-steps", type=int, default=1000)
     # A probe's single layer and LoRA's small adapters take larger steps than the whole network does.
     p.add_argument("--lr", type=json.loads, default={"probe": 0.01, "lora": 0.003, "full": 0.001},
