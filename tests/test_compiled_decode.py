@@ -46,10 +46,10 @@ def test_each_compiled_step_gives_the_whole_sequences_logits(compiled):
         assert (steps.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
 
 
+# float32 only: bfloat16 activations round differently when fused, and near-ties could break apart
+@pytest.mark.parametrize("compiled", ["float32"], indirect=True)
 def test_a_compiled_model_generates_plain_decodings_greedy_text(compiled):
-    dtype, loaded = compiled
-    if dtype != "float32":
-        pytest.skip("bfloat16 activations round differently when fused: greedy ties may break apart")
+    _, loaded = compiled
     tok, params = loaded.tokenizer, SamplingParams(max_tokens=80, temperature=0, ignore_eos=True)
     prompt = tok.encode("The window slides")
     plain = [s.choice.token for s in generate_stream(loaded.model, tok, prompt, params, speculate=False)]
