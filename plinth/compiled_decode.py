@@ -28,7 +28,7 @@ import types
 import torch
 
 from plinth.errors import PlinthError
-from plinth.kv_cache import KEY_BLOCK, KVCache, whole_key_blocks
+from plinth.kv_cache import KEY_BLOCK, KVCache, ring_positions, whole_key_blocks
 from plinth.model import attention_mask
 
 OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True}
@@ -71,8 +71,8 @@ class StepView:
             query = self.position[:, None]  # (1, 1)
             if ring is None:
                 keys = torch.arange(self.length, device=query.device)[None]
-            else:  # index i of a ring holds the last position written there (negative: none yet)
-                keys = query - (query - torch.arange(ring, device=query.device)) % ring
+            else:
+                keys = ring_positions(query, ring, ring)
             allowed = attention_mask(query, keys, True, window)[0, 0]  # (1, L)
             bias = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
             self._biases[window, ring] = bias.expand(heads, -1)[:, None]  # (heads, 1, L)

@@ -32,6 +32,13 @@ def whole_key_blocks(positions: int) -> int:
     return -(-positions // KEY_BLOCK) * KEY_BLOCK
 
 
+def ring_positions(last: torch.Tensor, length: int, ring: int) -> torch.Tensor:
+    """(N, length): the position that each of a ring's first `length` indices holds once a row has
+    written every position up to last (N, 1): index i holds the latest p ≤ last with p % ring == i
+    (negative: nothing written there yet)."""
+    return last - (last - torch.arange(length, device=last.device)) % ring
+
+
 class KVCache:
     """k, v: one (rows, K, positions, D) tensor per layer. A forward pass writes its new tokens'
     keys at their positions and attends over its rows' keys up to its own.
@@ -263,8 +270,7 @@ class CacheView:
             length, query = self._length(layer), span["ends"][:, None] - 1 + t  # (S, 1)
             keys = length  # positions 0..length-1; in a ring, index i holds the last position written there
             if ring is not None:
-                last = span["ends"][:, None] - 2 + span["T"]
-                keys = last - (last - torch.arange(length, device=last.device)) % ring  # (S, L)
+                keys = ring_positions(span["ends"][:, None] - 2 + span["T"], length, ring)  # (S, L)
             allowed = attention_mask(query, keys, True, window)  # (S, 1, 1, L)
             bias = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
             span["biases"][window, ring, t] = bias.repeat_interleave(heads, dim=0).view(-1, 1, length)

@@ -64,7 +64,6 @@ def test_a_user_tuned_allocator_is_left_alone():
     assert seen["outside"] > 4000 and seen["inside"] > 4000
 
 
-
 SERVER_CHILD = '''
 import ctypes, json, resource, sys
 from plinth import heap
