@@ -111,4 +111,4 @@ def test_abort_all_ends_running_and_queued_requests_and_the_engine_goes_on(serve
     engine.abort_all(error).result(5)
     assert [events[-1] for events in received] == [error, error]
     assert not engine.running and not engine.waiting
-    assert engine.generate_many([[1, 2]], SamplingParams(max_tokens=3), timeout=10)[0].finish_reason == "length"
+    assert engine.generate_many([[1, 2]], SamplingParams(max_tokens=3, ignore_eos=True), timeout=10)[0].finish_reason == "length"
