@@ -9,7 +9,9 @@ still picks the source model's top-1 token (what re-quantizing cost).
 Type "source" is the GGUF file itself, no export: plinth's default inference path (`plinth.load`:
 int4/int8 weights) against llama.cpp on the same file, teacher-forced on --source-tokens tokens of
 this repository's plinth/model.py; its source_top1 is how often that path picks the float32 model's
-(exact dequantization) top-1 token.
+(exact dequantization) top-1 token. The source rows also give the float32 model's own agreement with
+llama.cpp, and that of transformers' float32 model on the same file (where transformers is
+installed): what exact arithmetic reaches against llama.cpp's.
 
     .venv/bin/python benchmarks/export_check.py                          # the sources, q4_0 exports of all three
     .venv/bin/python benchmarks/export_check.py --types q4_0,q4_1,q8_0 --models smollm2
@@ -88,12 +90,29 @@ def check_source(name: str, source: Path, n_tokens: int) -> dict:
     row = dict(model=name, type="source", tokens=len(ids), export_mb=round(size_mb(source), 1),
                source_mb=round(size_mb(source), 1), write_s=0.0, llama_cpp_top1=agreement(ours, theirs),
                cosine=cosine(ours, theirs), same_tokens=same_tokens)
-    del theirs
     model, _, _ = read_model(source)
     with torch.no_grad():
-        row["source_top1"] = agreement(ours, model(torch.tensor([ids]))[0])
+        exact = model(torch.tensor([ids]))[0]
+    del model
+    row["source_top1"] = agreement(ours, exact)
+    # Where exact arithmetic itself stands against llama.cpp, which rounds activations to 8 bits:
+    # plinth's float32 model (exact dequantization) and, independently, transformers' on the same file.
+    row["float32_llama_cpp_top1"] = agreement(exact, theirs)
+    row["transformers_llama_cpp_top1"] = transformers_agreement(source, ids, theirs)
     print(table_row(row), flush=True)
     return row
+
+
+def transformers_agreement(source: Path, ids: list[int], theirs: torch.Tensor) -> float | None:
+    """Top-1 agreement with llama.cpp of transformers' float32 model read from the same GGUF file."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
+                                                              dtype=torch.float32)
+    with torch.no_grad():
+        return agreement(model(torch.tensor([ids])).logits[0], theirs)
 
 
 def check(name: str, source: Path, types: list[str], out: Path) -> list[dict]:
@@ -120,12 +139,13 @@ def check(name: str, source: Path, types: list[str], out: Path) -> list[dict]:
     return rows
 
 
-COLUMNS = ("model", "type", "tokens", "export_mb", "source_mb", "llama_cpp_top1", "cosine", "same_tokens", "source_top1")
+COLUMNS = ("model", "type", "tokens", "export_mb", "source_mb", "llama_cpp_top1", "cosine", "same_tokens", "source_top1",
+           "float32_llama_cpp_top1", "transformers_llama_cpp_top1")
 
 
 def table_row(row: dict) -> str:
-    return "  ".join(f"{row[c]:.3f}" if isinstance(row[c], float) and c.endswith(("top1", "cosine"))
-                     else str(row[c]) for c in COLUMNS)
+    return "  ".join(f"{row[c]:.3f}" if isinstance(row.get(c), float) and c.endswith(("top1", "cosine"))
+                     else str(row.get(c, "-")) for c in COLUMNS)
 
 
 def main():
