@@ -8,8 +8,10 @@ Workloads, each in its own subprocess for --seconds:
              llama.cpp: the same GGUF, `Llama.generate` greedy, 2 threads
   train      plinth: training steps (AdamW, forward and backward) of the `tiny` preset on random tokens
 Situations: alone; beside a busy loop (one Python process spinning on one core); beside a second
-copy of the same workload. Thread settings for plinth: PyTorch's default (2 threads, OpenMP threads
-spin-waiting between kernels), OMP_WAIT_POLICY=PASSIVE (they sleep instead), and 1 thread.
+copy of the same workload. Thread settings for plinth: adaptive (plinth's default in its engine,
+`generate` and training loop: all cores, one thread fewer while other processes keep a core busy;
+plinth/cpu_share.py), a fixed 2 threads (PyTorch's default: OpenMP threads spin-waiting between
+kernels), OMP_WAIT_POLICY=PASSIVE (they sleep instead), and a fixed 1 thread.
 Reported: tokens/s and the share of the same setting's idle speed (the issue's target: ≥ 40%).
 """
 from __future__ import annotations
@@ -25,23 +27,37 @@ from pathlib import Path
 from plinth.files import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {"spin, 2 threads": {"threads": 2, "env": {}},
+SETTINGS = {"adaptive (default)": {"threads": 0, "env": {}},
+            "spin, 2 threads": {"threads": 2, "env": {}},
             "passive, 2 threads": {"threads": 2, "env": {"OMP_WAIT_POLICY": "PASSIVE"}},
             "1 thread": {"threads": 1, "env": {}}}
 
 
-def run_decode(threads: int, seconds: float) -> float:
+def thread_setting(threads: int):
+    """Set a child's torch thread count: `threads`, or for 0 all cores and the `CpuShare` that
+    adapts them (returned; None for a fixed count)."""
     import torch
-    torch.set_num_threads(threads)
+    from plinth.cpu_share import CpuShare, usable_cpus
+    most = threads or len(usable_cpus())
+    torch.set_num_threads(most)
+    return CpuShare(most) if threads == 0 else None
+
+
+def run_decode(threads: int, seconds: float) -> float:
+    share = thread_setting(threads)
     import plinth
     from plinth.generate import SamplingParams, generate_stream
     m = plinth.load()
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     prompt = m.tokenizer.encode("Once upon a time")
-    list(generate_stream(m.model, m.tokenizer, prompt, params, speculate=False))  # warm-up
+
+    def decode():
+        return len(list(generate_stream(m.model, m.tokenizer, prompt, params, speculate=False, cpu_share=share)))
+
+    decode()  # warm-up
     tokens, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        tokens += len(list(generate_stream(m.model, m.tokenizer, prompt, params, speculate=False)))
+        tokens += decode()
     return tokens / (time.perf_counter() - start)
 
 
@@ -68,8 +84,8 @@ def run_llama(threads: int, seconds: float) -> float:
 
 
 def run_train(threads: int, seconds: float) -> float:
+    share = thread_setting(threads)
     import torch
-    torch.set_num_threads(threads)
     from plinth.config import preset
     from plinth.model import Transformer
     torch.manual_seed(0)
@@ -84,6 +100,8 @@ def run_train(threads: int, seconds: float) -> float:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if share is not None:  # as plinth's training loop does after each step
+            share.adjust()
 
     step()
     tokens, start = 0, time.perf_counter()

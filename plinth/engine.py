@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from plinth.cpu_share import CpuShare
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, Sequence, Step, check_prompt
 from plinth.kv_cache import KEY_BLOCK, KVCache
@@ -126,6 +127,8 @@ class Engine:
         guessed tokens in its passes (see `_speculate`)."""
         self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.threads = threads or default_threads()
+        # Threads not given: all cores while nothing else runs, fewer while other processes keep one busy.
+        self.cpu_share = CpuShare(self.threads) if threads is None else None
         self.chunk, self.max_queue, self.prefix_cache, self.speculate = chunk, max_queue, prefix_cache, speculate
         # Prompt tokens per forward pass: the int4 kernel's cost is the same per row in any pass,
         # so small passes prefill as fast as large ones and let the prefix cache reuse finer prefixes.
@@ -312,6 +315,8 @@ class Engine:
                         future.set_exception(e)
                 self.stats.heartbeat = time.monotonic()
             if self.waiting or self.running:
+                if self.cpu_share is not None:
+                    self.cpu_share.adjust()
                 self._step_or_fail_all()
 
     def _step_or_fail_all(self):

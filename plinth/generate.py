@@ -257,7 +257,7 @@ def check_prompt(prompt_len: int, context: int):
 
 @torch.inference_mode()
 def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams, embeds=None,
-                    speculate: bool | PromptLookup = True, decoder=None) -> Iterator[Step]:
+                    speculate: bool | PromptLookup = True, decoder=None, cpu_share=None) -> Iterator[Step]:
     """Generate for one prompt, yielding a `Step` per token until a stop or the token limit.
     embeds: (1, len(prompt), C) the prompt's input vectors, where they are not its tokens'
     embeddings (an image+text model's image tokens).
@@ -266,7 +266,9 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
     it repeats its input (rewriting or quoting a given text). False: one token per pass; a
     `PromptLookup`: guess with that one (to tune it, or read how many guesses it got right).
     decoder: a `CompiledDecoder` of this model (plinth/compiled_decode.py) to decode with, one token
-    a step; speculation is then off."""
+    a step; speculation is then off.
+    cpu_share: a `CpuShare` (plinth/cpu_share.py) that sets this thread's thread count between
+    steps, leaving room for other processes."""
     params.validate(model.config.vocab_size)
     context = model.config.max_seq_len
     check_prompt(len(prompt), context)
@@ -286,6 +288,8 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
         if steps[-1].finish_reason:
             return
         drafts = speculator.propose()
+        if cpu_share is not None:
+            cpu_share.adjust()
         position = len(prompt) + len(seq.output) - 1  # where the last chosen token goes; drafts follow it
         if decoder is not None:
             rows = decoder(steps[-1].choice.token, position, cache)[None]  # (1, V)

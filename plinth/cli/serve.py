@@ -39,7 +39,8 @@ def register(sub):
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", help="compute every prompt "
                    "in full instead of reusing the cached rows of prompts that start the same way")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
-    p.add_argument("--threads", type=int, help="model compute threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="model compute threads, fixed (default: all cores, one fewer while "
+                   "another process keeps a core busy)")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "
                    "so that the same request always gets the same answer")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a LoRA adapter "

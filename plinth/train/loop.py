@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from plinth.config import preset
+from plinth.cpu_share import CpuShare
 from plinth.data.shards import TokenData
 from plinth.errors import PlinthError
 from plinth.files import write_atomic
@@ -241,6 +242,8 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
     with training_runtime(d.device), open(metrics_path, "a") if d.main else contextlib.nullcontext() as metrics:
         peak = measured_peak_flops(autocast_dtype(r, d.device) or torch.float32, d.device) * d.world
         started, first_step = time.perf_counter(), step
+        # On CPU, one thread fewer while another process keeps a core busy (plinth/cpu_share.py).
+        share = CpuShare(torch.get_num_threads()) if d.device.type == "cpu" else None
         while step < r.max_steps:
             last_step = step == r.max_steps - 1
             lr = r.lr * lr_multiplier(step, r)
@@ -267,6 +270,8 @@ def train(model, tokenizer, data, r, resume: bool, log=print, evaluate=evaluate,
             optimizer.zero_grad(set_to_none=True)
             if hasattr(d.inner(model), "after_step"):  # state the new weights feed (a diffusion model's moving average)
                 d.inner(model).after_step()
+            if share is not None:
+                share.adjust()
             step += 1
             seconds = time.perf_counter() - tick
             computed, speed = step_size(data, batches, seconds)
