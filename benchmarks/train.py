@@ -25,7 +25,6 @@ import json
 import multiprocessing
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

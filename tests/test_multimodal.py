@@ -181,3 +181,30 @@ def test_the_encoder_learning_rate_scales_the_encoder_alone():
     for g in groups:
         assert all((id(p) in encoder) == (g["lr_scale"] == 3.0) for p in g["params"]) and g["params"]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_vqa_flip_mirrors_training_images_at_random_and_repeatably(toy_vlm):
+    """flip: each training image is the unflipped batch's image or its mirror, half of them on
+    average, the same on every call for a step (a resumed run sees the same batches); the
+    questions and answers do not change."""
+    from plinth.vision.images import ImagePrep
+    from plinth.vision.vqa_data import VqaData, vqa_records
+    root, _ = toy_vlm
+    vision = tiny_vision()
+    records = vqa_records(str(root / "toy.jsonl"), "train")
+    prep, tokenizer = ImagePrep.from_config(vision.encoder.config), byte_tokenizer()
+
+    def data(flip: bool) -> VqaData:
+        return VqaData.build(records, tokenizer, prep, vision.tokens_per_image, 8, 0, 4, flip=flip)
+
+    plain, flipped, mirrored = data(False), data(True), 0
+    for step in range(6):
+        (tokens, images), targets = plain.batch(step, 0)
+        (tokens_f, images_f), targets_f = flipped.batch(step, 0)
+        assert torch.equal(tokens, tokens_f) and torch.equal(targets, targets_f)
+        assert torch.equal(images_f, flipped.batch(step, 0)[0][1])
+        for row, row_f in zip(images, images_f):
+            assert torch.equal(row, row_f) or torch.equal(row.flip(-1), row_f)
+            mirrored += not torch.equal(row, row_f)
+    assert 12 <= mirrored <= 36  # of 48 images
+    assert torch.equal(plain.val_batches(0).__next__()[0][1], flipped.val_batches(0).__next__()[0][1])

@@ -22,6 +22,12 @@ def step_generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
 
 
+def mirror_at_random(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image (B, C, S, S) mirrored left-right with probability 1/2."""
+    mirrored = torch.rand(len(images), generator=generator) < 0.5
+    return torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+
+
 class ImageData:
     """labels: (N,) class ids for classification (then `choices` is the class count); None for
     masked autoencoding with `mask_ratio` of each image's `patches` hidden. val: held-out
@@ -52,8 +58,7 @@ class ImageData:
         generator = step_generator(self.seed, step, micro, 1)
         images = self.prep.normalize(self.train[rows])
         if self.flip:
-            mirrored = torch.rand(len(rows), generator=generator) < 0.5
-            images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+            images = mirror_at_random(images, generator)
         return images, self.targets(rows, self.labels, generator)
 
     def targets(self, rows: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from plinth.adapt.examples import PAD, ExampleData, read_jsonl
 from plinth.adapt.sft import assistant_spans
 from plinth.loss import IGNORE
+from plinth.vision.data import mirror_at_random, step_generator
 from plinth.vision.image_chat import encode_with_images, split_images
 from plinth.vision.images import EASY_VQA, ImagePrep, easy_vqa_folder
 
@@ -57,15 +58,18 @@ def render(tokenizer, question: str, answer: str, tokens_per_image: int) -> tupl
 
 class VqaData(ExampleData):
     """Rendered examples (ids, targets, image number) over a shared uint8 image tensor (N, C, S, S);
-    validation holds out whole images (every question about them), so it measures new images."""
+    validation holds out whole images (every question about them), so it measures new images.
+    flip: mirror each training image left-right with probability 1/2 (for questions that do not
+    ask about left and right, as easy-VQA's do not)."""
 
-    def __init__(self, train: list, val: list, pixels: torch.Tensor, prep: ImagePrep, batch_size: int, seed: int):
+    def __init__(self, train: list, val: list, pixels: torch.Tensor, prep: ImagePrep, batch_size: int, seed: int,
+                 flip: bool = False):
         super().__init__(train, val, batch_size, seed)
-        self.pixels, self.prep = pixels, prep
+        self.pixels, self.prep, self.flip = pixels, prep, flip
 
     @classmethod
     def build(cls, records, tokenizer, prep: ImagePrep, tokens_per_image: int, batch_size: int, seed: int,
-              val_examples: int, max_examples: int = 0) -> "VqaData":
+              val_examples: int, max_examples: int = 0, flip: bool = False) -> "VqaData":
         paths = sorted({path for path, _, _ in records})
         number = {path: i for i, path in enumerate(paths)}
         pixels = torch.from_numpy(np.stack([prep.pixels(path) for path in paths]))
@@ -80,7 +84,13 @@ class VqaData(ExampleData):
         val = [e for e in examples if e[2] in held][:val_examples]
         train = [e for e in examples if e[2] not in held]
         train = train[:max_examples] if max_examples else train
-        return cls(train, val, pixels, prep, batch_size, seed)
+        return cls(train, val, pixels, prep, batch_size, seed, flip)
+
+    def batch(self, step: int, micro: int):
+        (tokens, images), targets = super().batch(step, micro)
+        if self.flip:
+            images = mirror_at_random(images, step_generator(self.seed, step, micro, 1))
+        return (tokens, images), targets
 
     def collate(self, examples: list) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         width = max(len(ids) for ids, _, _ in examples)
