@@ -277,6 +277,11 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self.waiting)
 
+    @property
+    def threads_in_use(self) -> int:
+        """The model's compute threads now: fewer than `threads` while other processes keep a core busy."""
+        return self.cpu_share.threads if self.cpu_share is not None else self.threads
+
     def start(self):
         self._thread = threading.Thread(target=self._loop, name="plinth-engine", daemon=True)
         self._thread.start()

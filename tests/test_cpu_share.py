@@ -126,5 +126,10 @@ def _greedy():
 
 
 def test_an_engine_adapts_only_when_its_threads_are_not_given(model, tokenizer):
-    assert Engine(model, tokenizer, max_batch=1).cpu_share is not None
-    assert Engine(model, tokenizer, max_batch=1, threads=1).cpu_share is None
+    adapting, fixed = Engine(model, tokenizer, max_batch=1), Engine(model, tokenizer, max_batch=1, threads=1)
+    assert adapting.cpu_share is not None and fixed.cpu_share is None
+    assert adapting.threads_in_use == len(usable_cpus()) and fixed.threads_in_use == 1
+    adapting.cpu_share.threads = 1  # as after a busy neighbour: /metrics reports what runs now
+    from plinth.serve.metrics import EngineCollector
+    gauges = {m.name: m.samples[0].value for m in EngineCollector(adapting).collect()}
+    assert gauges["plinth_threads"] == 1

@@ -27,7 +27,9 @@ class EngineCollector:
             yield CounterMetricFamily(f"plinth_{name}", doc, value=value)
         for name, value, doc in [("batch_size", s.last_batch, "Sequences in the last batched forward pass"),
                                  ("running", len(self.engine.running), "Sequences holding a KV-cache slot"),
-                                 ("queue_depth", self.engine.queue_depth, "Requests waiting for a slot")]:
+                                 ("queue_depth", self.engine.queue_depth, "Requests waiting for a slot"),
+                                 ("threads", self.engine.threads_in_use,
+                                  "Model compute threads (fewer while other processes keep a core busy)")]:
             yield GaugeMetricFamily(f"plinth_{name}", doc, value=value)
 
 
