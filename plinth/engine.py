@@ -29,7 +29,6 @@ is not a language model.
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from concurrent.futures import Future
 import time
@@ -39,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from plinth.cpu_share import CpuShare
+from plinth.cpu_share import CpuShare, usable_cpus
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, Sequence, Step, check_prompt
 from plinth.kv_cache import KEY_BLOCK, KVCache
@@ -594,10 +593,7 @@ def default_threads() -> int:
     """Every core this process may use. The HTTP layer needs little CPU (about 4% of a core while
     streaming 16 clients), and the server keeps its main thread off OpenMP (see app.serve), so the
     model's threads spin-wait between kernels instead of sleeping and waking."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return len(usable_cpus())
 
 
 class QueueFull(PlinthError):
