@@ -3,6 +3,7 @@ same run against llama-cpp-python's OpenAI server when it is installed.
 
     .venv/bin/python benchmarks/serve.py                     # clients 1, 4, 16, 64; max_tokens 128
     .venv/bin/python benchmarks/serve.py --clients 1 16 --max-tokens 64
+    .venv/bin/python benchmarks/serve.py --compile           # plinth serve --compile too
 
 Each client sends one streamed chat completion (fixed prompts, greedy, max_tokens). The
 concurrencies run in rounds (1, 4, 16, 64, then again), so that the machine's slow drifts in speed
@@ -141,13 +142,16 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/serve.json")
     parser.add_argument("--dtype", help="plinth's weights in memory (default: the model's default)")
     parser.add_argument("--skip-anchor", action="store_true", help="measure plinth only")
+    parser.add_argument("--compile", action="store_true", help="also measure `plinth serve --compile` (plinth-comp)")
     args = parser.parse_args()
     model = str(hub.resolve(hub.DEFAULT_MODEL))
     port = free_port()
-    rows = bench_server("plinth", [sys.executable, "-m", "plinth", "serve", model, "--port", str(port),
-                                   "--max-batch", str(max(args.clients)), "--embedding-model", "none",
-                                   *(["--dtype", args.dtype] if args.dtype else [])],
-                        port, "/health", args)
+    plinth = [sys.executable, "-m", "plinth", "serve", model, "--max-batch", str(max(args.clients)),
+              "--embedding-model", "none", *(["--dtype", args.dtype] if args.dtype else [])]
+    rows = bench_server("plinth", [*plinth, "--port", str(port)], port, "/health", args)
+    if args.compile:
+        port = free_port()
+        rows += bench_server("plinth-comp", [*plinth, "--port", str(port), "--compile"], port, "/health", args)
     try:
         if args.skip_anchor:
             raise ImportError("--skip-anchor")
@@ -161,14 +165,16 @@ def main():
         print("llama-cpp-python[server] is not installed: skipping the llama.cpp server")
 
     by = {(r["server"], r["clients"]): r for r in rows}
-    single = by.get(("plinth", 1))
     print("\nratios")
-    for clients in args.clients:
-        ours = by[("plinth", clients)]
-        line = f"  {clients:3d} clients: plinth {ours['tok_s'] / single['tok_s']:.2f}× its single-client rate" if single else ""
-        if ("llama.cpp", clients) in by:
-            line += f", {ours['tok_s'] / by[('llama.cpp', clients)]['tok_s']:.2f}× llama.cpp's server"
-        print(line)
+    for name in ["plinth", "plinth-comp"][:1 + args.compile]:
+        single = by.get((name, 1))
+        for clients in args.clients:
+            ours = by[(name, clients)]
+            line = f"  {name:12} {clients:3d} clients: "
+            line += f"{ours['tok_s'] / single['tok_s']:.2f}× its single-client rate" if single else ""
+            if ("llama.cpp", clients) in by:
+                line += f", {ours['tok_s'] / by[('llama.cpp', clients)]['tok_s']:.2f}× llama.cpp's server"
+            print(line)
     write_atomic(args.out, json.dumps({"max_tokens": args.max_tokens, "results": rows}, indent=1))
     print(f"wrote {args.out}")
 

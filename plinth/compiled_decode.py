@@ -100,13 +100,21 @@ class CompiledDecoder:
         tensor, and the program would be compiled a second time for that case."""
         return KVCache.for_model(self.model, 1, length + KEY_BLOCK, slack=0)
 
-    def __call__(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
-        """Logits (V,) after `token` at `position`."""
+    @staticmethod
+    def positions_needed(cache: KVCache, position: int) -> int:
+        """The positions a cache that grows (`KVCache.reserve`) must hold for a step at `position`:
+        the keys it reads, and every ring whole (a step reads its whole ring)."""
+        return max(whole_key_blocks(position + 1), cache.ring or 0)
+
+    def __call__(self, token: int, position: int, cache: KVCache, row: int = 0) -> torch.Tensor:
+        """Logits (V,) after `token` at `position`, in row `row` of `cache` (a serving engine's
+        grows: see `positions_needed`)."""
         device = cache.device
         length = torch.empty(whole_key_blocks(position + 1), device=device)  # its size is the keys' length
+        keys, values = ([t[row:row + 1] for t in tensors] for tensors in (cache.k, cache.v))
         # Sizes that change from step to step or cache to cache stay symbols in the one program.
         torch._dynamo.mark_dynamic(length, 0)
-        for tensor, ring in zip(cache.k + cache.v, cache.rings * 2):
+        for tensor, ring in zip(keys + values, cache.rings * 2):
             if ring is None:
                 torch._dynamo.mark_dynamic(tensor, 2)
         # Set around the call (which compiles when it must) rather than as torch.compile's options:
@@ -115,7 +123,7 @@ class CompiledDecoder:
         try:
             with torch._inductor.config.patch(OPTIONS):
                 return self._step(torch.tensor([[token]], device=device), torch.tensor([position], device=device),
-                                  length, cache.k, cache.v, cache.windows, cache.rings)
+                                  length, keys, values, cache.windows, cache.rings)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             raise PlinthError(f"compiling the decoding step failed: {str(e).splitlines()[0]}. Inductor compiles C++ "
                               "with the machine's compiler (g++; apt-get install g++); or decode without --compile"

@@ -119,15 +119,22 @@ class Stats:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None, chunk: int = 256,
                  max_queue: int = 256, threads: int | None = None, vision=None, prefix_cache: bool = True,
-                 speculate: bool = True):
+                 speculate: bool = True, compile: bool = False):
         """vision: an image+text model's image encoder (plinth/vision/multimodal.py ImageEncoder).
         model None: an engine that only runs `call`ed tasks (see `tasks_only`). prefix_cache: reuse
         the rows of prompts seen before (see `_admit`). speculate: a request decoding alone checks
-        guessed tokens in its passes (see `_speculate`)."""
+        guessed tokens in its passes (see `_speculate`). compile: a request decoding alone without
+        guesses takes compiled steps (see `_decode_compiled`): faster, but its tokens then depend
+        on whether it ran alone."""
         self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.threads = threads or default_threads()
-        # Threads not given: all cores while nothing else runs, fewer while other processes keep one busy.
-        self.cpu_share = CpuShare(self.threads) if threads is None else None
+        # A compiled program keeps the thread count it was compiled with: compiling fixes it.
+        # Threads not given otherwise: all cores while nothing else runs, fewer while other processes keep one busy.
+        self.cpu_share = CpuShare(self.threads) if threads is None and not compile else None
+        self.decoder = None
+        if compile and model is not None:
+            from plinth.compiled_decode import CompiledDecoder
+            self.decoder = CompiledDecoder(model)
         self.chunk, self.max_queue, self.prefix_cache, self.speculate = chunk, max_queue, prefix_cache, speculate
         # Prompt tokens per forward pass: the int4 kernel's cost is the same per row in any pass,
         # so small passes prefill as fast as large ones and let the prefix cache reuse finer prefixes.
@@ -338,7 +345,7 @@ class Engine:
         self.stats.heartbeat = time.monotonic()
         self._schedule()
         if len(self.running) == 1 and not self.waiting and self.running[0].pending == 1:
-            if self._speculate(self.running[0]):
+            if self._speculate(self.running[0]) or self._decode_compiled(self.running[0]):
                 self.stats.steps += 1
                 return
         groups, budget = [[r for r in self.running if r.pending == 1]], self.chunk
@@ -518,6 +525,36 @@ class Engine:
             if not self._deliver(request, step):
                 break
         return True
+
+    def _decode_compiled(self, request: Request) -> bool:
+        """Feed a lone request's next token through the compiled step, in its own cache row. False
+        without a compiled decoder, or for a request through a LoRA adapter (whose weights the
+        program does not hold)."""
+        if self.decoder is None or request.adapter:
+            return False
+        position = request.computed
+        try:
+            self.cache.reserve(request.slot + 1, self.decoder.positions_needed(self.cache, position))
+            with torch.inference_mode():
+                logits = self.decoder(request.tokens[position], position, self.cache, request.slot)
+        except Exception as e:  # as a failing step: the request's failure is its own
+            self._finish(request, e)
+            return True
+        request.computed = position + 1
+        self.stats.last_batch = 1
+        self._postprocess([request], logits[None].float())
+        return True
+
+    def compile_now(self):
+        """Compile the decoding step before any request waits for it (minutes the first time for a
+        model, seconds from inductor's cache), on the engine thread, whose thread count it keeps:
+        `engine.call(engine.compile_now).result()`. It writes position 0 of row 0, which holds
+        nothing yet."""
+        if self.decoder is not None:
+            self.cache.reserve(1, self.decoder.positions_needed(self.cache, 0))
+            with torch.inference_mode():
+                self.decoder(0, 0, self.cache)
+            self._fit_cache()
 
     def _postprocess(self, group: list[Request], logits: torch.Tensor):
         for request, row in zip(group, logits):

@@ -81,3 +81,30 @@ def test_a_failed_compile_says_what_to_do(monkeypatch):
         model(torch.tensor([[1, 2, 3]]), cache=cache.view())
         with pytest.raises(PlinthError, match="compiling the decoding step failed.*g\\+\\+.*without --compile"):
             decoder(4, 3, cache)
+
+
+@pytest.mark.parametrize("compiled", ["float32"], indirect=True)
+def test_a_compiling_engine_decodes_lone_requests_compiled_and_batches_the_rest(compiled, monkeypatch):
+    """`plinth serve --compile`: a request decoding alone takes compiled steps in its own cache row
+    (row 1 here, once its batch-mate has finished), after eager batched steps wrote its earlier
+    keys; its greedy text is plain decoding's."""
+    from plinth.engine import Engine
+    _, loaded = compiled
+    tok, model = loaded.tokenizer, loaded.model
+    engine = Engine(model, tok, max_batch=2, max_len=256, speculate=False, compile=True)
+    engine.decoder = loaded.decoder  # the fixture's, already compiled for this model
+    calls = []
+    real = engine.decoder.__call__
+    monkeypatch.setattr(type(engine.decoder), "__call__", lambda self, *a: calls.append(a[3:]) or real(*a))
+    engine.compile_now()
+    assert engine.cache.rows == 0  # compiling left nothing held
+    greedy = dict(temperature=0, ignore_eos=True)
+    prompts = [tok.encode("The window slides"), tok.encode("Keys grow past the ring")]
+    short, long = engine.generate_many(prompts, [SamplingParams(max_tokens=5, **greedy),
+                                                 SamplingParams(max_tokens=90, **greedy)])
+    plain = [s.choice.token for s in generate_stream(model, tok, prompts[1], SamplingParams(max_tokens=90, **greedy),
+                                                     speculate=False)]
+    assert [s.choice.token for s in long.steps] == plain
+    assert len(short.steps) == 5
+    # compile_now's step, then the long request's steps once the short one has ended, in row 1
+    assert calls == [()] + [(1,)] * 85

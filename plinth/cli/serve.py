@@ -19,7 +19,7 @@ def cmd_serve(args):
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, strict_models=args.strict_models,
           max_batch=args.max_batch, max_len=args.max_model_len, grace=args.grace, dtype=args.dtype,
           embedding_model=args.embedding_model, seed=args.seed, threads=args.threads, indexes=indexes,
-          adapters=adapters, prefix_cache=args.prefix_cache)
+          adapters=adapters, prefix_cache=args.prefix_cache, compile=args.compile)
 
 
 def register(sub):
@@ -41,6 +41,10 @@ def register(sub):
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--threads", type=int, help="model compute threads, fixed (default: all cores, one fewer while "
                    "another process keeps a core busy)")
+    p.add_argument("--compile", action="store_true", help="a request decoding alone takes compiled steps: faster "
+                   "per token, after compiling at start (a minute or two the first time for a model, cached after); "
+                   "its tokens then depend on whether it ran alone (the default gives a request the same tokens "
+                   "in any batch); fixes the thread count")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "
                    "so that the same request always gets the same answer")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a LoRA adapter "

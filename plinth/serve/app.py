@@ -240,7 +240,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           strict_models: bool = False, max_batch: int = 16, max_len: int | None = None, grace: float = 30.0,
           embedding_model: str = "auto", dtype: str | None = None, seed: int | None = None,
           threads: int | None = None, indexes: dict[str, str] | None = None, adapters: dict[str, str] | None = None,
-          prefix_cache: bool = True):
+          prefix_cache: bool = True, compile: bool = False):
     import torch
 
     import plinth
@@ -258,15 +258,20 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     served_indexes = load_indexes(indexes or {}, embedder)  # before the model: a bad --index fails fast
     loaded = plinth.load(model, dtype=dtype)
     generator = loaded.generator
-    if generator is not None and (adapters or indexes):
-        raise PlinthError(f"{model} generates images: --adapter and --index are for language models (an adapter "
-                          "changes one, an index adds passages to chats); leave them out")
+    if generator is not None and (adapters or indexes or compile):
+        raise PlinthError(f"{model} generates images: --adapter, --index and --compile are for language models (an "
+                          "adapter changes one, an index adds passages to chats, --compile speeds up its decoding); "
+                          "leave them out")
     adapter_ids = serve_adapters(loaded.model, adapters) if adapters else {}
     # an image generator draws as tasks on the engine thread, which has no language model to batch
     engine = Engine.tasks_only(threads) if generator is not None else Engine(
         loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads, vision=loaded.vision,
-        prefix_cache=prefix_cache)
+        prefix_cache=prefix_cache, compile=compile)
     engine.start()
+    if engine.decoder is not None:
+        print("plinth: compiling the decoding step (a minute or two the first time for a model, seconds after)",
+              flush=True)
+        engine.call(engine.compile_now).result()
     state = ServerState(engine, loaded.tokenizer, model, strict_models=strict_models,
                         api_key=api_key or os.environ.get("PLINTH_API_KEY"), embedder=embedder, seed=seed,
                         indexes=served_indexes, adapters=adapter_ids, generator=generator)
