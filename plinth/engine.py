@@ -123,9 +123,9 @@ class Engine:
         """vision: an image+text model's image encoder (plinth/vision/multimodal.py ImageEncoder).
         model None: an engine that only runs `call`ed tasks (see `tasks_only`). prefix_cache: reuse
         the rows of prompts seen before (see `_admit`). speculate: a request decoding alone checks
-        guessed tokens in its passes (see `_speculate`). compile: a request decoding alone without
-        guesses takes compiled steps (see `_decode_compiled`): faster, but its tokens then depend
-        on whether it ran alone."""
+        guessed tokens in its passes (see `_speculate`). compile: a request decoding alone takes
+        compiled steps instead (see `_decode_compiled`): faster, but its tokens then depend on
+        whether it ran alone."""
         self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.threads = threads or default_threads()
         # A compiled program keeps the thread count it was compiled with: compiling fixes it.
@@ -135,7 +135,10 @@ class Engine:
         if compile and model is not None:
             from plinth.compiled_decode import CompiledDecoder
             self.decoder = CompiledDecoder(model)
-        self.chunk, self.max_queue, self.prefix_cache, self.speculate = chunk, max_queue, prefix_cache, speculate
+        # A compiled step decodes open-ended text about as fast as guesses checked eagerly decode
+        # text that repeats its input, and far faster than they decode the rest.
+        self.chunk, self.max_queue, self.prefix_cache = chunk, max_queue, prefix_cache
+        self.speculate = speculate and not compile
         # Prompt tokens per forward pass: the int4 kernel's cost is the same per row in any pass,
         # so small passes prefill as fast as large ones and let the prefix cache reuse finer prefixes.
         self.piece = min(chunk, KEY_BLOCK)
@@ -345,7 +348,7 @@ class Engine:
         self.stats.heartbeat = time.monotonic()
         self._schedule()
         if len(self.running) == 1 and not self.waiting and self.running[0].pending == 1:
-            if self._speculate(self.running[0]) or self._decode_compiled(self.running[0]):
+            if self._decode_compiled(self.running[0]) or self._speculate(self.running[0]):
                 self.stats.steps += 1
                 return
         groups, budget = [[r for r in self.running if r.pending == 1]], self.chunk

@@ -91,7 +91,7 @@ def test_a_compiling_engine_decodes_lone_requests_compiled_and_batches_the_rest(
     from plinth.engine import Engine
     _, loaded = compiled
     tok, model = loaded.tokenizer, loaded.model
-    engine = Engine(model, tok, max_batch=2, max_len=256, speculate=False, compile=True)
+    engine = Engine(model, tok, max_batch=2, max_len=256, compile=True)
     engine.decoder = loaded.decoder  # the fixture's, already compiled for this model
     calls = []
     real = engine.decoder.__call__

@@ -350,6 +350,31 @@ def test_labels_fraction_takes_a_class_balanced_share(tmp_path, images):
     assert not any(bytes(image.numpy()) in held for image in half.train)  # never a held-out image
 
 
+def test_keep_patches_trains_on_a_drawn_share_of_each_image_and_evaluates_on_all(tmp_path, images):
+    from plinth.adapt.finetune import build_model
+    r = finetune_recipe(tmp_path, images, "unused", keep_patches=0.5)
+    data = build_image_data(r, preset("vit-tiny"))  # 16 patches: 8 run per training image
+    x, y = data.batch(step=3, micro=0)
+    kept = y[:, 1:]
+    assert kept.shape == (8, 8) and data.tokens_per_image == 8 + 1
+    assert ((kept >= 0) & (kept < 16)).all() and (kept.diff(dim=1) > 0).all()  # distinct patches, in order
+    assert len({tuple(row) for row in kept.tolist()}) > 1  # drawn per image
+    assert torch.equal(data.batch(step=3, micro=0)[1], y)  # drawn from the step: a resumed run draws the same
+    val_x, val_y = next(data.val_batches())
+    assert val_y.shape[1] == 1  # evaluation sees whole images
+    model = build_model(r, fresh_vit())
+    # The patches that do not run cannot change the loss: overwrite them with noise.
+    patches = patchify(x, 2)
+    dropped = torch.ones(8, 16, dtype=torch.bool).scatter_(1, kept, False)
+    noisy = unpatchify(torch.where(dropped[..., None], torch.randn_like(patches), patches), 2, 1)
+    with torch.no_grad():
+        loss = model(x, targets=y)
+        assert torch.equal(model(noisy, targets=y), loss)
+        assert not torch.equal(model(noisy, targets=y[:, :1]), model(x, targets=y[:, :1]))  # all patches: it does
+    with pytest.raises(PlinthError, match="keep_patches"):
+        finetune_recipe(tmp_path, images, "unused", keep_patches=0)
+
+
 def test_layer_decay_gives_each_block_its_share_of_the_learning_rate(tmp_path, images):
     from plinth.adapt.finetune import build_model
     from plinth.train.loop import build_optimizer

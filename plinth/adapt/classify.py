@@ -134,15 +134,17 @@ class Finetuned(nn.Module):
         self.backbone, self.head = backbone, head
         self.config = backbone.config
 
-    def forward(self, x, targets=None):
+    def forward(self, x, targets=None, keep=None):
         """The outputs above; with `targets` (B, T) token ids, or (B, 1) class ids or numbers for
-        a head: instead, the loss summed over the targets that count (see plinth/loss.py)."""
+        a head: instead, the loss summed over the targets that count (see plinth/loss.py). An image
+        head's targets may carry, after the class id, the patches that run (see `logits_at_targets`).
+        keep: (B, n) for an image model: run only these patches (training on part of each image)."""
         if targets is not None:
             if self.head is not None:
                 return summed_loss(*self.logits_at_targets(x, targets))
             return self.backbone.output_loss(*self._features_at_targets(x, targets))
         if self.config.is_image:
-            return self.head(self.backbone.features(images=x), None)
+            return self.head(self.backbone.features(images=x, keep=keep), None)
         tokens, documents = model_inputs(x)
         mask = tokens >= 0
         tokens = tokens.clamp(min=0)  # padding becomes token 0 at the end of each row: causal, so unseen
@@ -152,9 +154,10 @@ class Finetuned(nn.Module):
 
     def logits_at_targets(self, x, y):
         """Evaluation: scores only where a target counts, (N, V) and (N,). With a head, one target
-        per row: (B, labels) and (B,) class ids, or (B,) and (B,) numbers."""
+        per row: (B, labels) and (B,) class ids, or (B,) and (B,) numbers. For an image model, y's
+        further columns, if any, are the patches that run (plinth/vision/data.py `keep_patches`)."""
         if self.head is not None:
-            return self(x), y[:, 0]
+            return self(x, keep=y[:, 1:] if self.config.is_image and y.shape[1] > 1 else None), y[:, 0]
         hidden, kept = self._features_at_targets(x, y)
         return self.backbone.project(hidden), kept
 

@@ -41,6 +41,7 @@ from plinth.train.recipe import LoopRecipe
 from plinth.weights.load import read_model
 from plinth.model import Transformer
 from plinth.vision.data import ImageData
+from plinth.vision.mae import hidden_count
 from plinth.vision.images import ImagePrep, balanced_subset, labelled_images
 from plinth.weights.native import is_native, write_model
 
@@ -61,6 +62,7 @@ class FinetuneRecipe(LoopRecipe):
     init: str = "pretrained"             # "random": the base's architecture from fresh weights (the control run)
     labels_fraction: float = 1.0         # label, classify: train on a fixed, class-balanced share of the labels
     flip: bool = False                   # images: mirror training images left-right at random
+    keep_patches: float = 1.0            # images: the share of each training image's patches that runs
     labels: list[str] = field(default_factory=lambda: ["negative", "positive"])
     instruction: str = "Is the sentiment of this movie review positive or negative?"
     max_examples: int = 0                # training examples used (0 = all)
@@ -122,6 +124,9 @@ class FinetuneRecipe(LoopRecipe):
                               "set pack: false and another method")
         if not 0 < self.layer_decay <= 1:
             raise PlinthError(f"layer_decay={self.layer_decay}; give a factor in (0, 1], e.g. 0.75 (1 = no decay)")
+        if not 0 < self.keep_patches <= 1:
+            raise PlinthError(f"keep_patches={self.keep_patches}; give a share in (0, 1], e.g. 0.5 to train on half "
+                              "of each image's patches (1 = all)")
         if not 0 < self.labels_fraction <= 1:
             raise PlinthError(f"labels_fraction={self.labels_fraction}; give a share in (0, 1], e.g. 0.01 for 1%")
         if self.labels_fraction < 1 and self.task not in ("label", "classify"):
@@ -218,7 +223,9 @@ def build_image_data(r: FinetuneRecipe, config) -> ImageData:
                           "out: lower val_examples or add images")
     return ImageData(found.pixels[kept], prep, r.batch_size, r.seed, r.grad_accum, labels=found.labels[kept],
                      val=(found.pixels[val], found.labels[val]), classes=len(r.labels), flip=r.flip,
-                     tokens_per_image=config.n_patches + config.class_token)
+                     patches=config.n_patches, keep_patches=r.keep_patches,
+                     tokens_per_image=config.n_patches - hidden_count(config.n_patches, 1 - r.keep_patches)
+                     + config.class_token)
 
 
 # ---- model -----------------------------------------------------------------------------------------
@@ -309,6 +316,8 @@ def prepare(r: FinetuneRecipe, log=print) -> tuple[Finetuned, object, ExampleDat
     net, tokenizer, _ = read_model(hub.resolve(r.base))
     if r.init == "random":
         net = random_base(r, net, tokenizer)
+    if r.keep_patches < 1 and not net.config.is_image:
+        raise PlinthError(f"keep_patches is for image models; {r.base} reads text. Remove it")
     data = build_image_data(r, net.config) if net.config.is_image else build_data(r, tokenizer)
     torch.manual_seed(r.seed)  # adapter and head initialisation, and dropout, repeat run for run
     model = build_model(r, net)

@@ -44,7 +44,7 @@ def register(sub):
     p.add_argument("--compile", action="store_true", help="a request decoding alone takes compiled steps: faster "
                    "per token, after compiling at start (a minute or two the first time for a model, cached after); "
                    "its tokens then depend on whether it ran alone (the default gives a request the same tokens "
-                   "in any batch); fixes the thread count")
+                   "in any batch); fixes the thread count; no speculative decoding")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "
                    "so that the same request always gets the same answer")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a LoRA adapter "

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from plinth.vision.images import ImagePrep
-from plinth.vision.mae import random_masks
+from plinth.vision.mae import random_masks, visible
 
 
 def step_generator(*key: int) -> torch.Generator:
@@ -36,13 +36,14 @@ class ImageData:
 
     def __init__(self, pixels: torch.Tensor, prep: ImagePrep, batch_size: int, seed: int, grad_accum: int = 1,
                  labels: torch.Tensor | None = None, val: tuple | None = None, classes: int | None = None,
-                 patches: int = 0, mask_ratio: float = 0.75, flip: bool = False, tokens_per_image: int = 1):
+                 patches: int = 0, mask_ratio: float = 0.75, flip: bool = False, tokens_per_image: int = 1,
+                 keep_patches: float = 1.0):
         self.train, self.labels, self.prep = pixels, labels, prep
         self.val, self.val_labels = val if val is not None else (pixels[:0], None)
         self.batch_size, self.seed, self.grad_accum = batch_size, seed, grad_accum
         self.choices = classes
         self.patches, self.mask_ratio, self.flip = patches, mask_ratio, flip
-        self.tokens_per_image = tokens_per_image
+        self.tokens_per_image, self.keep_patches = tokens_per_image, keep_patches
         self._epoch, self._order = -1, None
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -59,7 +60,11 @@ class ImageData:
         images = self.prep.normalize(self.train[rows])
         if self.flip:
             images = mirror_at_random(images, generator)
-        return images, self.targets(rows, self.labels, generator)
+        targets = self.targets(rows, self.labels, generator)
+        if self.labels is not None and self.keep_patches < 1:
+            targets = torch.cat([targets, visible(random_masks(len(rows), self.patches, 1 - self.keep_patches,
+                                                               generator))], dim=1)
+        return images, targets
 
     def targets(self, rows: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
         if labels is not None:

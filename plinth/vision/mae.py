@@ -25,10 +25,15 @@ from plinth.model import Block, Positions, RMSNorm, Transformer, make_norm
 from plinth.vision.patches import patchify, sincos_2d, unpatchify
 
 
+def hidden_count(patches: int, ratio: float) -> int:
+    """How many of an image's `patches` a mask of `ratio` hides."""
+    return int(round(patches * ratio))
+
+
 def random_masks(batch: int, patches: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
     """(batch, patches) targets: a random `ratio` of each row's patches hidden (their index), the
     rest IGNORE. Every row hides the same number, so the visible patches stack into one tensor."""
-    hidden = int(round(patches * ratio))
+    hidden = hidden_count(patches, ratio)
     order = torch.rand(batch, patches, generator=generator).argsort(dim=1)
     masks = torch.full((batch, patches), IGNORE, dtype=torch.long)
     rows = torch.arange(batch)[:, None]
