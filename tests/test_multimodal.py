@@ -208,3 +208,26 @@ def test_vqa_flip_mirrors_training_images_at_random_and_repeatably(toy_vlm):
             mirrored += not torch.equal(row, row_f)
     assert 12 <= mirrored <= 36  # of 48 images
     assert torch.equal(plain.val_batches(0).__next__()[0][1], flipped.val_batches(0).__next__()[0][1])
+
+
+def test_balance_answers_draws_rare_answers_as_often_as_common_ones(toy_vlm):
+    """balance_answers=1: a question whose answer is rare is drawn as often as the rest together
+    would be per answer (here 1 in 6 training questions answers "down": half the draws);
+    0: as they come. Validation is never reweighted."""
+    from plinth.vision.images import ImagePrep
+    from plinth.vision.vqa_data import VqaData, vqa_records
+    root, _ = toy_vlm
+    vision = tiny_vision()
+    records = [(path, question, "down" if i % 6 == 0 else "up")
+               for i, (path, question, _) in enumerate(vqa_records(str(root / "toy.jsonl"), "train"))]
+    prep, tokenizer = ImagePrep.from_config(vision.encoder.config), byte_tokenizer()
+    down = tokenizer.encode("d")[0]
+
+    def share_of_down(balance: float) -> float:
+        data = VqaData.build(records, tokenizer, prep, vision.tokens_per_image, 8, 0, 4, balance_answers=balance)
+        first = [row[row != -100][0] for step in range(100) for row in data.batch(step, 0)[1]]
+        assert torch.equal(data.batch(7, 0)[1], data.batch(7, 0)[1])  # drawn from the step: resumable
+        return float((torch.stack(first) == down).float().mean())
+
+    assert 0.1 < share_of_down(0.0) < 0.25
+    assert 0.4 < share_of_down(1.0) < 0.6

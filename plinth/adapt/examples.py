@@ -63,22 +63,24 @@ class ExampleData:
 
     choices: for label tasks, the token id that starts each label's answer (accuracy is the share of
     rows whose highest-scoring choice, at the first target position, is the right one); for
-    classification heads, the label count; None for open-ended text (chat).
+    classification heads, the label count; None for open-ended text (chat). weights: how likely each
+    training example is to be drawn, relative to the others (None: all alike).
     """
 
     def __init__(self, train: list[Example], val: list[Example], batch_size: int, seed: int,
-                 choices: list[int] | int | None = None):
+                 choices: list[int] | int | None = None, weights: np.ndarray | None = None):
         for split, examples in (("train", train), ("validation", val)):
             if not examples:
                 raise PlinthError(f"the {split} split is empty; add examples or lower val_examples/max_examples")
         self.train, self.val, self.batch_size, self.seed, self.choices = train, val, batch_size, seed, choices
+        self.p = None if weights is None else weights / weights.sum()
 
     collate = staticmethod(collate)  # a subclass may batch its own kind of example
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Examples drawn by a generator seeded with (seed, step, micro): resumable, order-free."""
         rng = np.random.default_rng([self.seed, step, micro])
-        picks = rng.choice(len(self.train), size=min(self.batch_size, len(self.train)), replace=False)
+        picks = rng.choice(len(self.train), size=min(self.batch_size, len(self.train)), replace=False, p=self.p)
         return self.collate([self.train[i] for i in picks])
 
     def val_batches(self, count: int):

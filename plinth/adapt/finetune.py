@@ -77,6 +77,7 @@ class FinetuneRecipe(LoopRecipe):
     tune_encoder: bool = True
     encoder_lr: float = 0.0              # task vqa: the image encoder's peak learning rate (0 = lr)
     merge: int = 2
+    balance_answers: float = 0.0         # task vqa: draw questions ∝ (their answer's count)^-this (1: answers alike)
     pack: bool = False                   # chat, label: concatenate short examples up to seq_len (attention stays within each)
     # Activations, not weights, are most of the memory of fine-tuning a small model (30 layers × every
     # token's attention and MLP tensors): without recomputing them LoRA would save little over full.
@@ -124,6 +125,9 @@ class FinetuneRecipe(LoopRecipe):
                               "set pack: false and another method")
         if not 0 < self.layer_decay <= 1:
             raise PlinthError(f"layer_decay={self.layer_decay}; give a factor in (0, 1], e.g. 0.75 (1 = no decay)")
+        if self.balance_answers < 0 or (self.balance_answers and self.task != "vqa"):
+            raise PlinthError(f"balance_answers={self.balance_answers}; it is for task=vqa, a power in [0, 1] "
+                              "(0: questions as they come, 1: every answer equally often)")
         if not 0 < self.keep_patches <= 1:
             raise PlinthError(f"keep_patches={self.keep_patches}; give a share in (0, 1], e.g. 0.5 to train on half "
                               "of each image's patches (1 = all)")

@@ -56,7 +56,7 @@ def prepare(r, log=print) -> tuple[ImageTextModel, object, VqaData]:
     make_trainable(r, language)
     records = vqa_records(r.data, "train")
     data = VqaData.build(records, tokenizer, ImagePrep.from_config(vision.encoder.config), vision.tokens_per_image,
-                         r.batch_size, r.seed, r.val_examples, r.max_examples, r.flip)
+                         r.batch_size, r.seed, r.val_examples, r.max_examples, r.flip, r.balance_answers)
     model = ImageTextModel(vision, language)
     if r.encoder_lr:
         model.lr_scales = {"vision.encoder.": r.encoder_lr / r.lr}  # read by the loop's optimizer

@@ -12,6 +12,7 @@ questions about its shape and colour, 13 answers. Its files are read directly; n
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -63,28 +64,38 @@ class VqaData(ExampleData):
     ask about left and right, as easy-VQA's do not)."""
 
     def __init__(self, train: list, val: list, pixels: torch.Tensor, prep: ImagePrep, batch_size: int, seed: int,
-                 flip: bool = False):
-        super().__init__(train, val, batch_size, seed)
+                 flip: bool = False, weights: np.ndarray | None = None):
+        super().__init__(train, val, batch_size, seed, weights=weights)
         self.pixels, self.prep, self.flip = pixels, prep, flip
 
     @classmethod
     def build(cls, records, tokenizer, prep: ImagePrep, tokens_per_image: int, batch_size: int, seed: int,
-              val_examples: int, max_examples: int = 0, flip: bool = False) -> "VqaData":
+              val_examples: int, max_examples: int = 0, flip: bool = False,
+              balance_answers: float = 0.0) -> "VqaData":
+        """balance_answers: draw each training question with probability proportional to its
+        answer's count to the power −balance_answers (0: as they come; 1: every answer equally
+        often), so that rare answers (easy-VQA's shapes, against its many yes/no) teach as much."""
         paths = sorted({path for path, _, _ in records})
         number = {path: i for i, path in enumerate(paths)}
         pixels = torch.from_numpy(np.stack([prep.pixels(path) for path in paths]))
         rendered = {}  # easy-VQA repeats its questions and answers: render each pair once
         examples = []
+        answers = []
         for path, question, answer in records:
             key = (question, answer)
             if key not in rendered:
                 rendered[key] = render(tokenizer, question, answer, tokens_per_image)
             examples.append((*rendered[key], number[path]))
+            answers.append(answer)
         held = set(np.random.default_rng(seed).permutation(len(paths)).tolist()[:max(1, len(paths) // 10)])
         val = [e for e in examples if e[2] in held][:val_examples]
-        train = [e for e in examples if e[2] not in held]
+        train = [i for i, e in enumerate(examples) if e[2] not in held]
         train = train[:max_examples] if max_examples else train
-        return cls(train, val, pixels, prep, batch_size, seed, flip)
+        weights = None
+        if balance_answers:
+            counts = Counter(answers[i] for i in train)
+            weights = np.array([counts[answers[i]] ** -balance_answers for i in train])
+        return cls([examples[i] for i in train], val, pixels, prep, batch_size, seed, flip, weights)
 
     def batch(self, step: int, micro: int):
         (tokens, images), targets = super().batch(step, micro)
