@@ -231,3 +231,22 @@ def test_balance_answers_draws_rare_answers_as_often_as_common_ones(toy_vlm):
 
     assert 0.1 < share_of_down(0.0) < 0.25
     assert 0.4 < share_of_down(1.0) < 0.6
+
+
+def test_a_second_stage_starts_from_an_image_text_runs_encoder_and_projector(toy_vlm):
+    """image_encoder may name an image+text run: its encoder and projector train on from their
+    trained weights (not a fresh projector); settings that cannot fit them are clear errors."""
+    from safetensors.torch import load_file
+    from plinth.adapt import image_text
+    from plinth.adapt.finetune import FinetuneRecipe
+    root, final = toy_vlm
+    r = dict(base=str(final), task="vqa", method="full", data=str(root / "toy.jsonl"), image_encoder=str(final),
+             val_examples=4, batch_size=8, seq_len=64)
+    model = image_text.prepare(FinetuneRecipe(**r), log=lambda *_: None)[0]
+    trained = load_file(str(final / "vision.safetensors"))
+    for name, tensor in model.vision.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+    assert all(p.requires_grad for p in model.vision.parameters())
+    for wrong in (dict(merge=1), dict(encoder_init="random")):
+        with pytest.raises(PlinthError, match="image\\+text run"):
+            image_text.prepare(FinetuneRecipe(**{**r, **wrong}), log=lambda *_: None)

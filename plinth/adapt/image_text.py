@@ -23,15 +23,32 @@ from plinth.loss import IGNORE, summed_loss
 from plinth.model import Transformer
 from plinth.train.loop import autocast
 from plinth.vision.images import ImagePrep
-from plinth.vision.multimodal import VISION_WEIGHTS, ImageEncoder, ImageTextModel
+from plinth.vision.multimodal import VISION_WEIGHTS, ImageEncoder, ImageTextModel, has_image_encoder
 from plinth.vision.vqa_data import VqaData, vqa_records
 from plinth.weights.load import read_model
 
 
-def image_encoder(r) -> Transformer:
-    """The recipe's ViT: its pretrained weights, or (encoder_init: random) the same config from
-    fresh weights, seeded."""
-    encoder = read_model(hub.resolve(r.image_encoder))[0]
+def image_encoder(r, language_dim: int) -> ImageEncoder:
+    """The recipe's image encoder and projector. From an image+text run: both as trained there (a
+    second stage of training). From an image model: its ViT with its pretrained weights, or
+    (encoder_init: random) the same config from fresh weights, seeded, and a fresh projector."""
+    folder = hub.resolve(r.image_encoder)
+    if has_image_encoder(folder):
+        vision = ImageEncoder.load(folder)
+        if r.encoder_init == "random" or vision.merge != r.merge or vision.projector.fc2.out_features != language_dim:
+            raise PlinthError(f"image_encoder={r.image_encoder!r} is an image+text run, whose encoder and projector "
+                              f"(merge {vision.merge}, width {vision.projector.fc2.out_features}) train on as they are: "
+                              f"it needs encoder_init: pretrained, merge: {vision.merge} and a language model of that "
+                              f"width (this one's is {language_dim}); or give an image model (an MAE run)")
+        return vision.requires_grad_(True)
+    vision = ImageEncoder(vit(r, folder), language_dim, r.merge)
+    vision.init_projector(r.seed)
+    return vision
+
+
+def vit(r, folder) -> Transformer:
+    """The image model in `folder`, or its config with fresh weights (encoder_init: random)."""
+    encoder = read_model(folder)[0]
     if not encoder.config.is_image:
         raise PlinthError(f"image_encoder={r.image_encoder!r} is a text model; give an image model, such as an MAE "
                           "run (plinth pretrain recipes/mae-shapes.yaml)")
@@ -49,8 +66,7 @@ def prepare(r, log=print) -> tuple[ImageTextModel, object, VqaData]:
     language, tokenizer, _ = read_model(hub.resolve(r.base))
     if tokenizer is None or language.config.is_image:
         raise PlinthError(f"base={r.base!r} is an image model; task=vqa needs a language model as its base")
-    vision = ImageEncoder(image_encoder(r), language.config.dim, r.merge)
-    vision.init_projector(r.seed)
+    vision = image_encoder(r, language.config.dim)
     vision.encoder.requires_grad_(r.tune_encoder)
     torch.manual_seed(r.seed)  # adapters, and dropout, repeat run for run
     make_trainable(r, language)
