@@ -125,7 +125,7 @@ class FinetuneRecipe(LoopRecipe):
                               "set pack: false and another method")
         if not 0 < self.layer_decay <= 1:
             raise PlinthError(f"layer_decay={self.layer_decay}; give a factor in (0, 1], e.g. 0.75 (1 = no decay)")
-        if self.balance_answers < 0 or (self.balance_answers and self.task != "vqa"):
+        if not 0 <= self.balance_answers <= 1 or (self.balance_answers and self.task != "vqa"):
             raise PlinthError(f"balance_answers={self.balance_answers}; it is for task=vqa, a power in [0, 1] "
                               "(0: questions as they come, 1: every answer equally often)")
         if not 0 < self.keep_patches <= 1:
