@@ -4,11 +4,12 @@ questions served beside text ones?
     .venv/bin/python benchmarks/vqa.py accuracy --mae runs/mae-shapes/final
     .venv/bin/python benchmarks/vqa.py serve --model runs/bench/vqa/vqa-pretrained/final
 
-`accuracy` fine-tunes recipes/vqa-easy.yaml twice with the same steps — the image encoder from the
-MAE run, and the same encoder from random weights — and evaluates both with `plinth eval --tasks
-easy-vqa` (exact match on the 9,673 test questions); runs already done are reused. Training time
-is reported as the median step time × steps (the run's own measure, robust to other jobs on the
-machine) and as wall time.
+`accuracy` trains the recipe's two stages (recipes/vqa-easy-shapes.yaml, then recipes/vqa-easy.yaml
+from its checkpoint) twice with the same steps — the image encoder from the MAE run, and the same
+encoder from random weights — and evaluates both with `plinth eval --tasks easy-vqa` (exact match
+on the 9,673 test questions, and on the shape answers alone); runs already done are reused, and
+--override applies to both stages. Training time is both stages' median step time × steps (the
+run's own measure, robust to other jobs on the machine) and their wall time.
 
 `serve` starts `plinth serve MODEL` and sends, in rounds, 1 and 8 concurrent streamed image
 questions (a test image as a data: URI with its question) mixed with as many text-only chats:
@@ -33,33 +34,45 @@ from plinth.vision.vqa_data import vqa_records  # noqa: E402
 from serve import free_port, one_client, running  # noqa: E402  (the serving benchmark's helpers)
 from vision import OUT, run, write  # noqa: E402  (the vision benchmark's)
 
+SHAPES = ("circle", "rectangle", "triangle")
+
+
 def accuracy(args):
     plinth = [sys.executable, "-m", "plinth"]
     rows = []
     for init in ("pretrained", "random"):
-        out = OUT / "vqa" / f"vqa-{init}"
-        if not (out / "final").exists():
-            start = time.perf_counter()
-            run([*plinth, "finetune", "recipes/vqa-easy.yaml", f"--image_encoder={args.mae}",
-                 f"--encoder_init={init}", f"--out_dir={out}", *(f"--{o}" for o in args.override)])
-            (out / "seconds").write_text(f"{time.perf_counter() - start:.1f}")
+        first, out = OUT / "vqa" / f"shapes-{init}", OUT / "vqa" / f"vqa-{init}"
+        stages = [(first, ["recipes/vqa-easy-shapes.yaml", f"--image_encoder={args.mae}", f"--encoder_init={init}"]),
+                  (out, ["recipes/vqa-easy.yaml", f"--base={first / 'final'}", f"--image_encoder={first / 'final'}"])]
+        for folder, recipe in stages:
+            if not (folder / "final").exists():
+                start = time.perf_counter()
+                run([*plinth, "finetune", *recipe, f"--out_dir={folder}", *(f"--{o}" for o in args.override)])
+                (folder / "seconds").write_text(f"{time.perf_counter() - start:.1f}")
         evals = sorted((out / "eval").glob("eval-*/results.json"))
         if not evals:
             run([*plinth, "eval", str(out / "final"), "--tasks", "easy-vqa", "--out", str(out / "eval")])
             evals = sorted((out / "eval").glob("eval-*/results.json"))
         result = json.loads(evals[-1].read_text())["tasks"]["easy-vqa"]
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        rows.append({"init": init, "steps": len(metrics), "accuracy": result["value"], "stderr": result["stderr"],
-                     "chance": result["chance"], "eval_seconds": result["seconds"],
-                     "train_minutes_median": step_minutes(metrics),
-                     "train_minutes_wall": float((out / "seconds").read_text()) / 60 if (out / "seconds").is_file() else None,
-                     "val_acc": metrics[-1].get("val_acc"), "per_answer": result.get("per_answer")})
-    print("\n| image encoder | easy-VQA test exact match | steps | training minutes (median step × steps / wall) |")
-    print("|---|---|---|---|")
+        metrics = [[json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+                   for folder, _ in stages]
+        minutes = [step_minutes(m) for m in metrics]
+        walls = [folder / "seconds" for folder, _ in stages]
+        rows.append({"init": init, "steps": [len(m) for m in metrics], "accuracy": result["value"],
+                     "stderr": result["stderr"], "chance": result["chance"], "eval_seconds": result["seconds"],
+                     "shapes": statistics.mean(result["per_answer"][a] for a in SHAPES),
+                     "train_minutes_median": None if None in minutes else sum(minutes),
+                     "train_minutes_wall": sum(float(w.read_text()) for w in walls) / 60
+                     if all(w.is_file() for w in walls) else None,
+                     "val_acc": [m[-1].get("val_acc") for m in metrics], "per_answer": result["per_answer"]})
+    print("\n| image encoder | easy-VQA test exact match | shape answers | stage 1 val (shapes) | steps (stage 1 + 2) "
+          "| training minutes (median step × steps / wall) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         median, wall = (f"{m:.1f}" if m else "–" for m in (r["train_minutes_median"], r["train_minutes_wall"]))
         print(f"| {'MAE-pretrained' if r['init'] == 'pretrained' else 'random init'} | {r['accuracy']:.2%} ± "
-              f"{r['stderr']:.2%} | {r['steps']} | {median} / {wall} |")
+              f"{r['stderr']:.2%} | {r['shapes']:.1%} | {r['val_acc'][0]:.1%} | {' + '.join(map(str, r['steps']))} "
+              f"| {median} / {wall} |")
     gap = rows[0]["accuracy"] - rows[1]["accuracy"]
     print(f"\npretraining pays {gap * 100:+.1f} ± {(rows[0]['stderr'] ** 2 + rows[1]['stderr'] ** 2) ** 0.5 * 100:.1f} "
           f"points; always answering the most common answer scores {rows[0]['chance']:.1%}")
@@ -115,7 +128,7 @@ def main():
     sub = parser.add_subparsers(dest="part", required=True)
     p = sub.add_parser("accuracy", help="MAE-pretrained vs random-init image encoder, easy-VQA test exact match")
     p.add_argument("--mae", required=True, help="the MAE checkpoint (e.g. runs/mae-shapes/final)")
-    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more recipe overrides")
+    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more recipe overrides, for both stages")
     p.set_defaults(func=accuracy)
     p = sub.add_parser("serve", help="TTFT and tokens/s of image questions beside text chats")
     p.add_argument("--model", required=True, help="an image+text model (e.g. runs/bench/vqa/vqa-pretrained/final)")

@@ -145,6 +145,9 @@ def resolve(model: str) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
+    if path.name in ("final", "latest"):  # a run's checkpoint: the run has not been trained (here)
+        raise PlinthError(f"no checkpoint {model!r}: train the run first (the recipe whose out_dir is "
+                          f"{str(path.parent)!r}), or give the path of one that exists")
     raise PlinthError(f"unknown model {model!r}: not a known name and no such file or folder. "
                       f"Known names: {', '.join(KNOWN_MODELS)}; or pass a path to a .gguf file")
 

@@ -12,6 +12,7 @@ def plinth(*args, stdin=None):
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "no-such-model", "hi"], "unknown model 'no-such-model'.*smollm2-135m-instruct"),
+    (["generate", "runs/never-trained/final", "hi"], "no checkpoint 'runs/never-trained/final': train the run first"),
     (["generate", "hi", "--temperature", "-1"], "temperature=-1.0"),
     (["generate", "hi", "--top-p", "1.5"], "top_p=1.5"),
     (["chat", "--max-tokens", "0"], "max_tokens=0"),

@@ -250,3 +250,29 @@ def test_a_second_stage_starts_from_an_image_text_runs_encoder_and_projector(toy
     for wrong in (dict(merge=1), dict(encoder_init="random")):
         with pytest.raises(PlinthError, match="image\\+text run"):
             image_text.prepare(FinetuneRecipe(**{**r, **wrong}), log=lambda *_: None)
+
+
+def test_answers_keeps_only_the_questions_with_those_answers_for_training_and_validation(toy_vlm):
+    """answers: a first stage trains on one kind of question; an answer the data never gives, or
+    the field on another task, is a clear error."""
+    from plinth.adapt import image_text
+    from plinth.adapt.finetune import FinetuneRecipe
+    root, final = toy_vlm
+    r = dict(base=str(final), task="vqa", method="full", data=str(root / "toy.jsonl"), image_encoder=str(final),
+             val_examples=4, batch_size=8, seq_len=64)
+    tokenizer = byte_tokenizer()
+    down = tokenizer.encode("d")[0]
+
+    def first_answer_tokens(data) -> set[int]:
+        rows = [targets for _, targets, _ in data.train + data.val]
+        return {next(t for t in targets if t != -100) for targets in rows}
+
+    every = image_text.prepare(FinetuneRecipe(**r), log=lambda *_: None)[2]
+    only_down = image_text.prepare(FinetuneRecipe(**r, answers=["down"]), log=lambda *_: None)[2]
+    assert first_answer_tokens(every) == {down, tokenizer.encode("u")[0]}
+    assert first_answer_tokens(only_down) == {down}
+    assert len(only_down.train) + len(only_down.val) == 24  # the 24 odd bars of 48
+    with pytest.raises(PlinthError, match="answers \\['left'\\] never answer a question of .*its answers are down, up"):
+        image_text.prepare(FinetuneRecipe(**r, answers=["down", "left"]), log=lambda *_: None)
+    with pytest.raises(PlinthError, match="answers is for task=vqa"):
+        FinetuneRecipe(task="chat", answers=["down"])

@@ -78,6 +78,7 @@ class FinetuneRecipe(LoopRecipe):
     encoder_lr: float = 0.0              # task vqa: the image encoder's peak learning rate (0 = lr)
     merge: int = 2
     balance_answers: float = 0.0         # task vqa: draw questions ∝ (their answer's count)^-this (1: answers alike)
+    answers: list[str] = field(default_factory=list)  # task vqa: train (and validate) only on questions with these answers
     pack: bool = False                   # chat, label: concatenate short examples up to seq_len (attention stays within each)
     # Activations, not weights, are most of the memory of fine-tuning a small model (30 layers × every
     # token's attention and MLP tensors): without recomputing them LoRA would save little over full.
@@ -128,6 +129,9 @@ class FinetuneRecipe(LoopRecipe):
         if not 0 <= self.balance_answers <= 1 or (self.balance_answers and self.task != "vqa"):
             raise PlinthError(f"balance_answers={self.balance_answers}; it is for task=vqa, a power in [0, 1] "
                               "(0: questions as they come, 1: every answer equally often)")
+        if self.answers and self.task != "vqa":
+            raise PlinthError(f"answers is for task=vqa (which questions to train on), not task={self.task}; "
+                              "remove it (labelled tasks name theirs in `labels`)")
         if not 0 < self.keep_patches <= 1:
             raise PlinthError(f"keep_patches={self.keep_patches}; give a share in (0, 1], e.g. 0.5 to train on half "
                               "of each image's patches (1 = all)")

@@ -2,8 +2,9 @@
 through the one loop: LoRA (or full) on the language model, the projector always, the image
 encoder as the recipe says. `r` below is a FinetuneRecipe (plinth/adapt/finetune.py).
 
-    plinth finetune recipes/vqa-easy.yaml                          # encoder from the MAE run
-    plinth finetune recipes/vqa-easy.yaml --encoder_init=random    # the same network, encoder from scratch
+    plinth finetune recipes/vqa-easy-shapes.yaml                   # stage 1: shape questions, encoder from the MAE run
+    plinth finetune recipes/vqa-easy.yaml                          # stage 2: every question, from stage 1, encoder frozen
+    plinth finetune recipes/vqa-easy-shapes.yaml --encoder_init=random --out_dir=runs/vqa-shapes-random   # the control
 
 A checkpoint holds the language model's adapter (or full weights) and finetune.json naming the base,
 as for text, plus the image encoder and projector (vision.json + vision.safetensors), so
@@ -24,7 +25,7 @@ from plinth.model import Transformer
 from plinth.train.loop import autocast
 from plinth.vision.images import ImagePrep
 from plinth.vision.multimodal import VISION_WEIGHTS, ImageEncoder, ImageTextModel, has_image_encoder
-from plinth.vision.vqa_data import VqaData, vqa_records
+from plinth.vision.vqa_data import VqaData, vqa_records, with_answers
 from plinth.weights.load import read_model
 
 
@@ -70,7 +71,7 @@ def prepare(r, log=print) -> tuple[ImageTextModel, object, VqaData]:
     vision.encoder.requires_grad_(r.tune_encoder)
     torch.manual_seed(r.seed)  # adapters, and dropout, repeat run for run
     make_trainable(r, language)
-    records = vqa_records(r.data, "train")
+    records = with_answers(vqa_records(r.data, "train"), r.answers, r.data)
     data = VqaData.build(records, tokenizer, ImagePrep.from_config(vision.encoder.config), vision.tokens_per_image,
                          r.batch_size, r.seed, r.val_examples, r.max_examples, r.flip, r.balance_answers)
     model = ImageTextModel(vision, language)

@@ -3,6 +3,7 @@ JSONL file, rendered through the language model's chat template as one-turn conv
 image, then the question; the answer is what the loss learns), and served as training batches.
 
     records = vqa_records("easy-vqa", "train")              # [(image path, question, answer), ...]
+    shapes = with_answers(records, ["circle", "rectangle", "triangle"], "easy-vqa")  # those questions only
     data = VqaData.build(records, tokenizer, prep, tokens_per_image=16, batch_size=32, seed=0, val_images=200)
     (tokens, images), targets = data.batch(step=3, micro=0)  # the same tensors on every run and after a resume
 
@@ -20,6 +21,7 @@ import torch
 
 from plinth.adapt.examples import PAD, ExampleData, read_jsonl
 from plinth.adapt.sft import assistant_spans
+from plinth.errors import PlinthError
 from plinth.loss import IGNORE
 from plinth.vision.data import mirror_at_random, step_generator
 from plinth.vision.image_chat import encode_with_images, split_images
@@ -36,6 +38,19 @@ def vqa_records(source: str, split: str = "train") -> list[tuple[Path, str, str]
     base = Path(source).parent
     return [(base / r["image"], r["question"], r["answer"])
             for _, r in read_jsonl(source, {"image": str, "question": str, "answer": str})]
+
+
+def with_answers(records: list, answers: list[str], source: str) -> list:
+    """The records whose answer is one of `answers` (all of them when it is empty): a first stage
+    of training on one kind of question (easy-VQA's shapes, which a model otherwise learns last)."""
+    if not answers:
+        return records
+    known = sorted({answer for _, _, answer in records})
+    unknown = [answer for answer in answers if answer not in known]
+    if unknown:
+        raise PlinthError(f"answers {unknown} never answer a question of {source}; its answers are "
+                          f"{', '.join(known)}. Fix the recipe's `answers` (or leave it empty for every question)")
+    return [record for record in records if record[2] in answers]
 
 
 def easy_vqa_answers() -> list[str]:
