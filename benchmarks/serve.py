@@ -87,13 +87,19 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+# One client for every request, as a real one is kept: httpx builds an SSL context (reading the
+# system's certificates) for each new client, a CPU cost that would land on the server's cores as
+# each round of requests starts.
+CLIENT = httpx.Client(timeout=900, limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+
+
 def one_client(base: str, i: int, max_tokens: int, messages: list[dict] | None = None) -> dict:
     """One streamed chat completion (`messages`, else the i-th fixed prompt): its time to first token,
     its token count and the gaps between its tokens."""
     messages = messages or [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
     body = {"model": "m", "messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 0}
     start, stamps = time.perf_counter(), []
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=900) as r:
+    with CLIENT.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
