@@ -82,15 +82,18 @@ def int8_logits(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     largest element is many times the rest, as a language model's hidden states are: one term,
     scaled to that element, loses the small ones."""
     x = x.float()
-    first_scale = x.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    first = torch.round(x / first_scale).clamp_(-127, 127)
-    rest = x - first * first_scale
-    rest_scale = rest.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    second = torch.round(rest / rest_scale).clamp_(-127, 127)
+    first, first_scale = int8_rows(x)
+    second, rest_scale = int8_rows(x - first * first_scale)
     products = torch._int_mm(torch.cat([first, second]).to(torch.int8), q.t())  # (2M, N), int32
     rows = len(x)
     logits = products[:rows].float().mul_(first_scale).add_(products[rows:].float().mul_(rest_scale))
     return logits.mul_(scale.float())
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x (M, K) as int8 values (held in float) and its scale (M, 1), symmetric."""
+    scale = x.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    return torch.round(x / scale).clamp_(-127, 127), scale
 
 
 class Int4Linear(nn.Module):
