@@ -26,8 +26,8 @@ How each figure is measured (all engines get the same token ids, made with plint
               median of --repeats runs. transformers uses its own `generate` (a streamer stamps
               each token); llama.cpp its `Llama.generate` with temp=0. plinth_compiled is plinth
               decoding through its compiled step (`plinth.load(...).compile()`,
-              plinth/compiled_decode.py); compiling is timed on its own, from an empty inductor cache
-              and, in the run whose rates are reported, from what the first run kept.
+              plinth/compiled_decode.py); its first step is timed on its own: compiling the program from
+              empty caches, and, in the run whose rates are reported, loading what the first run kept.
   peak RSS    `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the child at the end (MB = 2**20 bytes).
 llama-cpp-python is used when importable and skipped with the reason otherwise. Run on an otherwise
 idle machine: each result records the 1-minute load average; well above 2 means it was shared.
@@ -249,7 +249,7 @@ def report(results: list[dict], first: dict):
           f"{first.get('first_load_s', float('nan')):.2f} s; the rows below load what it kept")
     compiled = next((r for r in results if r["engine"] == "plinth_compiled" and "compile_s" in r), {})
     print(f"plinth_compiled: compiling the step took {first.get('first_compile_s', float('nan')):.1f} s the first "
-          f"time, {compiled.get('compile_s', float('nan')):.1f} s from inductor's cache (the row below)")
+          f"time; loading the program kept took {compiled.get('compile_s', float('nan')):.2f} s (the row below)")
     print(f"\n{'engine':<16}{'load s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
     for r in results:
         if "load_s" in r:
@@ -291,10 +291,11 @@ def main():
     # RSS into ru_maxrss of the children it spawns, which would put a floor under every figure.
     job = run_child("job", args, {})
     with tempfile.TemporaryDirectory() as cache:  # plinth's packed weights: made by the first load, mapped after
-        env = {"PLINTH_PACKED_CACHE": cache, "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor"}
+        env = {"PLINTH_PACKED_CACHE": cache, "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
+               "PLINTH_PROGRAM_CACHE": f"{cache}/programs"}
         first = run_child("plinth_first_load", args, job, env)
         # The compiled engine runs twice: the first compiles from nothing, the second (whose rates are
-        # reported) starts from what inductor kept, as any later process would.
+        # reported) loads the program the first kept, as any later process would.
         first["first_compile_s"] = run_child("plinth_compiled", args, job, env).get("compile_s", float("nan"))
         results = [run_child(engine, args, job, env) for engine in ENGINES]
     report(results, first)

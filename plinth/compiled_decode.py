@@ -3,35 +3,51 @@ compile=True)`, `plinth generate --compile`.
 
 An eager decoding step of a small model is hundreds of small operations (norms, casts, rotations,
 residual adds, the attention of each layer), each a separate call into PyTorch, and on a CPU they
-cost as much as the weight-reading matrix products. torch.compile (inductor) turns the step into
-one C++ program (`cpp_wrapper`): the small operations are fused into a few loops, and with
-`max_autotune` and the weights frozen in as constants, inductor also generates its own int4 and int8
+cost as much as the weight-reading matrix products. AOTInductor compiles the step ahead of time
+into one shared library: the small operations are fused into a few loops, and with `max_autotune`
+and the weights frozen in as constants, inductor also generates its own int4 and int8
 matrix-vector kernels for the model's shapes where they beat PyTorch's (benchmarks/decode.py
-measures the step; docs/speed.md).
+measures the step; docs/speed.md). A step is then one call into C++, with no Python, dynamo or
+guards between the operations.
 
 The step reads and writes the same `KVCache` as the eager passes (the prompt is prefilled eagerly),
-through `StepView`, a cache view with `CacheView`'s decoding interface whose shapes inductor can
-trace: the position is a tensor and the keys' length a dynamic size, so one compiled program serves
-every position. Its arithmetic is not the eager step's (fused loops sum in another order), so a
+through `StepView`, a cache view with `CacheView`'s decoding interface whose shapes export can
+trace: the position is a tensor and the keys' length a dynamic size, so one program serves every
+position. Its arithmetic is not the eager step's (fused loops sum in another order), so a
 sequence decoded compiled is not bit for bit the one decoded eagerly, and prompt-lookup speculation
 (whose verify passes are eager and must give plain decoding's bits) is off while compiled.
 
-Compiling takes a minute or two the first time for a model; inductor keeps what it built (and the
-kernels it chose) in its cache folder, so a later process starts in seconds. The weights are
-frozen into the program: a model whose weights change afterwards needs a new CompiledDecoder.
+Compiling takes a minute or two for a model. The library is kept in PROGRAM_CACHE
+(~/.cache/plinth/programs, or $PLINTH_PROGRAM_CACHE) under a name that digests everything it was
+built from: the weights, the config, the cache's layout, plinth's and PyTorch's versions, the CPU's
+instruction set and the thread count (the program's loops keep the one it was compiled with). A later
+process maps it in well under a second, and anything changed makes another name, never a stale
+program. The weights are frozen into the program: a model whose weights change afterwards needs a
+new CompiledDecoder.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import types
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
 
 import torch
 
+import plinth
 from plinth.errors import PlinthError
+from plinth.files import atomic_file
 from plinth.kv_cache import KEY_BLOCK, KVCache, ring_positions, whole_key_blocks
 from plinth.model import attention_mask
 
-OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True}
+PROGRAM_CACHE = Path(os.environ.get("PLINTH_PROGRAM_CACHE", Path.home() / ".cache" / "plinth" / "programs"))
+# Weights appended to the library and mapped, not copied into memory.
+OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_inductor.force_mmap_weights": True}
 
 
 class StepView:
@@ -79,25 +95,36 @@ class StepView:
         return self._biases[window, ring]
 
 
+class DecodeStep(torch.nn.Module):
+    """What is compiled: next-token logits (V,) after `token` (1, 1) at `position` (1,), reading and
+    writing one row of a cache (each layer's keys and values, (1, K, L, D)); `length`'s size is the
+    keys' length."""
+
+    def __init__(self, model, windows: list, rings: list):
+        super().__init__()
+        self.model, self.windows, self.rings = model, windows, rings
+
+    def forward(self, token, position, length, keys: list, values: list):
+        model = self.model
+        view = StepView(keys, values, position, length.shape[0], self.windows, self.rings)
+        x = model.scaled_input(model.tok_embeddings(token))  # (1, 1, C)
+        h = model.blocks(x, model.ropes_at(position[None]), None, view)
+        return model.project(h[:, 0])[0]  # one row in, one out: inductor's output-layer kernel takes 2-D rows
+
+
 class CompiledDecoder:
     """Next-token logits for one sequence, one token a call, from a compiled step over `cache` (made
-    by `new_cache`, already holding the positions before)."""
+    by `new_cache`, already holding the positions before). The program is loaded, or built and kept,
+    at the first call."""
 
     def __init__(self, model):
         self.model = model
-        # Guards on the model's modules would be checked before every step, and its weights are frozen
-        # into the program anyway: they are dropped. Then nothing would tell two decoders' models
-        # apart, and dynamo keeps compiled programs per code object: each decoder compiles a copy
-        # of the step function with a code object of its own.
-        step = self._eager_step.__func__
-        own = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__)
-        self._step = torch.compile(types.MethodType(own, self), fullgraph=True,
-                                   options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self._program = None
 
     def new_cache(self, length: int) -> KVCache:
         """A KVCache for a sequence of `length` positions, one KEY_BLOCK longer than it: the keys a
-        step reads are then never the cache's whole length, which would make them a contiguous
-        tensor, and the program would be compiled a second time for that case."""
+        step reads are then never the cache's whole length (which export would not keep apart from a
+        shorter read)."""
         return KVCache.for_model(self.model, 1, length + KEY_BLOCK, slack=0)
 
     @staticmethod
@@ -109,29 +136,68 @@ class CompiledDecoder:
     def __call__(self, token: int, position: int, cache: KVCache, row: int = 0) -> torch.Tensor:
         """Logits (V,) after `token` at `position`, in row `row` of `cache` (a serving engine's
         grows: see `positions_needed`)."""
+        if self._program is None:
+            self._program = self._load(cache)
         device = cache.device
-        length = torch.empty(whole_key_blocks(position + 1), device=device)  # its size is the keys' length
         keys, values = ([t[row:row + 1] for t in tensors] for tensors in (cache.k, cache.v))
-        # Sizes that change from step to step or cache to cache stay symbols in the one program.
-        torch._dynamo.mark_dynamic(length, 0)
-        for tensor, ring in zip(keys + values, cache.rings * 2):
-            if ring is None:
-                torch._dynamo.mark_dynamic(tensor, 2)
-        # Set around the call (which compiles when it must) rather than as torch.compile's options:
-        # there, freezing does not reach inductor's lowering, and without frozen weights it has no
-        # kernels of its own to choose for the int4 and int8 products.
-        try:
-            with torch._inductor.config.patch(OPTIONS):
-                return self._step(torch.tensor([[token]], device=device), torch.tensor([position], device=device),
-                                  length, keys, values, cache.windows, cache.rings)
-        except torch._dynamo.exc.BackendCompilerFailed as e:
-            raise PlinthError(f"compiling the decoding step failed: {str(e).splitlines()[0]}. Inductor compiles C++ "
-                              "with the machine's compiler (g++; apt-get install g++); or decode without --compile"
-                              ) from e
+        length = torch.empty(whole_key_blocks(position + 1), device=device)
+        return self._program.run([torch.tensor([[token]], device=device), torch.tensor([position], device=device),
+                                  length, *keys, *values])[0]
 
-    def _eager_step(self, token, position, length, keys, values, windows, rings):
-        model = self.model
-        view = StepView(keys, values, position, length.shape[0], windows, rings)
-        x = model.scaled_input(model.tok_embeddings(token))  # (1, 1, C)
-        h = model.blocks(x, model.ropes_at(position[None]), None, view)
-        return model.project(h[:, 0])[0]  # one row in, one out: inductor's output-layer kernel takes 2-D rows
+    def _load(self, cache: KVCache):
+        path = PROGRAM_CACHE / f"{program_digest(self.model, cache)}.so"
+        if not path.exists():
+            try:
+                with atomic_file(path) as tmp:
+                    self._build(cache, tmp)
+            except OSError as e:  # a read-only home, a full disk: compile for this process alone
+                print(f"plinth: could not keep the compiled decoding step in {PROGRAM_CACHE} ({e}); the next "
+                      "start will compile it again", file=sys.stderr)
+                path = Path(tempfile.mkdtemp(prefix="plinth-program-")) / "step.so"
+                self._build(cache, path)
+        return torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+
+    def _build(self, cache: KVCache, target: Path):
+        """Export the step for a one-row cache like `cache`, compile it with AOTInductor, and write
+        the library to `target`."""
+        from torch._inductor import aoti_compile_and_package, config, exc  # imported only to build: seconds
+        model, rows = self.model, 2 * KEY_BLOCK
+        longest = model.config.max_seq_len + KEY_BLOCK
+        with torch.inference_mode(False), torch.no_grad():  # export traces ordinary tensors
+            keys, values = ([torch.zeros(1, *t.shape[1:2], rows if ring is None else ring, t.shape[3],
+                                         dtype=t.dtype, device=t.device)
+                             for t, ring in zip(tensors, cache.rings)] for tensors in (cache.k, cache.v))
+            example = (torch.tensor([[0]]), torch.tensor([0]), torch.empty(KEY_BLOCK), keys, values)
+            # The keys' length and the cache's, which change from step to step and cache to cache, stay
+            # sizes of the one program; rings keep theirs.
+            length, held = torch.export.Dim("length", max=longest), torch.export.Dim("held", max=longest)
+            grows = [None if ring else {2: held} for ring in cache.rings]
+            shapes = {"token": None, "position": None, "length": {0: length}, "keys": grows, "values": grows}
+            step = DecodeStep(model, cache.windows, cache.rings).eval()
+            try:
+                program = torch.export.export(step, example, dynamic_shapes=shapes, strict=False)
+                with tempfile.TemporaryDirectory() as folder, config.patch(OPTIONS):
+                    package = aoti_compile_and_package(program, package_path=f"{folder}/step.pt2")
+                    with zipfile.ZipFile(package) as archive, open(target, "wb") as out:
+                        library = next(n for n in archive.namelist() if n.endswith(".so"))
+                        shutil.copyfileobj(archive.open(library), out)
+            except (exc.InductorError, exc.CppCompileError) as e:
+                raise PlinthError(f"compiling the decoding step failed: {str(e).strip().splitlines()[0]}. Inductor "
+                                  "compiles C++ with the machine's compiler (g++; apt-get install g++); or decode "
+                                  "without --compile") from e
+
+
+def program_digest(model, cache: KVCache) -> str:
+    """A name for the program compiled from `model` for caches like `cache`: a digest of the weights,
+    the config, the cache's layout, the options, plinth's sources, PyTorch's version, the CPU's
+    instruction set and the thread count."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+    for source in sorted(Path(plinth.__file__).parent.rglob("*.py")):
+        digest.update(source.read_bytes())
+    about = [model.config.to_json(), str(cache.dtype), cache.windows, cache.rings, repr(OPTIONS), torch.__version__,
+             torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()]
+    digest.update(json.dumps(about).encode())
+    return digest.hexdigest()

@@ -550,7 +550,7 @@ class Engine:
 
     def compile_now(self):
         """Compile the decoding step before any request waits for it (minutes the first time for a
-        model, seconds from inductor's cache), on the engine thread, whose thread count it keeps:
+        model, under a second once its program is kept), on the engine thread, whose thread count it keeps:
         `engine.call(engine.compile_now).result()`. It writes position 0 of row 0, which holds
         nothing yet."""
         if self.decoder is not None:

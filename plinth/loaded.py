@@ -35,7 +35,8 @@ class LoadedModel:
 
     def compile(self) -> "LoadedModel":
         """Decode through a compiled step from now on (plinth/compiled_decode.py): faster one token at
-        a time, after compiling on first use (minutes the first time, then cached by inductor);
+        a time, after compiling on first use (minutes the first time; the program is kept in
+        ~/.cache/plinth/programs and later loads take under a second);
         without prompt-lookup speculation."""
         from plinth.compiled_decode import CompiledDecoder
         self._text_model()

@@ -42,6 +42,17 @@ def tiny_model(seed=0, **overrides) -> Transformer:
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def program_cache(tmp_path_factory):
+    """Compiled decoding programs (plinth/compiled_decode.py) go to the session's own folder, not the
+    user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("programs")
+        patch.setattr("plinth.compiled_decode.PROGRAM_CACHE", folder)
+        patch.setenv("PLINTH_PROGRAM_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def no_grad():
     """For inference tests; per test, because a global autograd switch would leak into training tests."""

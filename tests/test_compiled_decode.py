@@ -58,8 +58,8 @@ def test_a_compiled_model_generates_plain_decodings_greedy_text(compiled):
 
 
 def test_two_decoders_in_one_process_each_run_their_own_model():
-    """dynamo keeps compiled programs per code object, and the decoder drops the guards that would
-    tell two models apart: each decoder must still compute with its own weights."""
+    """Programs are kept under a digest of the weights they froze in: two models of one config never
+    share one."""
     models = [compact_(tiny_model(seed=seed), "float32") for seed in (1, 2)]
     decoders = [CompiledDecoder(model) for model in models]
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
@@ -68,6 +68,22 @@ def test_two_decoders_in_one_process_each_run_their_own_model():
             cache = decoder.new_cache(12)
             model(tokens[:, :11], cache=cache.view())
             torch.testing.assert_close(decoder(int(tokens[0, 11]), 11, cache), model(tokens)[0, 11], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compiled", ["float32"], indirect=True)
+def test_a_later_decoder_loads_the_kept_program_without_compiling(compiled, monkeypatch):
+    _, loaded = compiled
+    model, first = loaded.model, loaded.decoder
+    monkeypatch.setattr(CompiledDecoder, "_build", lambda *args: pytest.fail("compiled again"))
+    later = CompiledDecoder(model)
+    tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        logits = []
+        for decoder in (first, later):
+            cache = decoder.new_cache(20)
+            model(tokens[:, :19], cache=cache.view())
+            logits.append(decoder(int(tokens[0, 19]), 19, cache))
+    assert torch.equal(*logits)
 
 
 def test_a_failed_compile_says_what_to_do(monkeypatch):

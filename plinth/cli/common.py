@@ -49,7 +49,8 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid for the schema in FILE")
     p.add_argument("--compile", action="store_true",
                    help="decode through a compiled step: faster per token, after compiling on first use (a minute "
-                   "or two the first time for a model, cached after); no speculative decoding")
+                   "or two the first time for a model; the program is kept, and later starts load it in under a "
+                   "second); no speculative decoding")
 
 
 def sampling(args) -> dict:

@@ -42,7 +42,8 @@ def register(sub):
     p.add_argument("--threads", type=int, help="model compute threads, fixed (default: all cores, one fewer while "
                    "another process keeps a core busy)")
     p.add_argument("--compile", action="store_true", help="a request decoding alone takes compiled steps: faster "
-                   "per token, after compiling at start (a minute or two the first time for a model, cached after); "
+                   "per token, after compiling at start (a minute or two the first time for a model, "
+                   "then loaded from ~/.cache/plinth/programs in under a second); "
                    "its tokens then depend on whether it ran alone (the default gives a request the same tokens "
                    "in any batch); fixes the thread count; no speculative decoding")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "
