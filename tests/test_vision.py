@@ -375,6 +375,29 @@ def test_keep_patches_trains_on_a_drawn_share_of_each_image_and_evaluates_on_all
         finetune_recipe(tmp_path, images, "unused", keep_patches=0)
 
 
+def test_shift_moves_each_training_image_by_its_own_offset_within_the_limit(tmp_path, images):
+    r = finetune_recipe(tmp_path, images, "unused", shift=2)
+    data = build_image_data(r, preset("vit-tiny"))
+    plain = build_image_data(finetune_recipe(tmp_path, images, "unused"), preset("vit-tiny"))
+    offsets = set()
+    for step in range(40):
+        moved, originals = data.batch(step, 0)[0], plain.batch(step, 0)[0]
+        C, S = originals.shape[1], originals.shape[-1]
+        black = plain.prep.normalize(torch.zeros(1, C, S, S, dtype=torch.uint8))[0, :, :1, :1]
+        for image, original in zip(moved, originals):
+            padded = black.expand(C, S + 4, S + 4).clone()
+            padded[:, 2:S + 2, 2:S + 2] = original
+            found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(image, padded[:, dy:dy + S, dx:dx + S])]
+            assert found, "each image is its original, moved by at most 2 pixels each way"
+            offsets.add(found[0])
+    assert len(offsets) == 25  # every offset occurs: drawn per image
+    assert torch.equal(data.batch(5, 0)[0], data.batch(5, 0)[0])  # drawn from the step: a resumed run draws the same
+    val_x, _ = next(data.val_batches())
+    assert torch.equal(val_x, next(plain.val_batches())[0])  # evaluation sees the images where they are
+    with pytest.raises(PlinthError, match="shift"):
+        finetune_recipe(tmp_path, images, "unused", shift=-1)
+
+
 def test_layer_decay_gives_each_block_its_share_of_the_learning_rate(tmp_path, images):
     from plinth.adapt.finetune import build_model
     from plinth.train.loop import build_optimizer

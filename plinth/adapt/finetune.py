@@ -63,6 +63,7 @@ class FinetuneRecipe(LoopRecipe):
     labels_fraction: float = 1.0         # label, classify: train on a fixed, class-balanced share of the labels
     flip: bool = False                   # images: mirror training images left-right at random
     keep_patches: float = 1.0            # images: the share of each training image's patches that runs
+    shift: int = 0                       # images: move training images up to this many pixels each way at random
     labels: list[str] = field(default_factory=lambda: ["negative", "positive"])
     instruction: str = "Is the sentiment of this movie review positive or negative?"
     max_examples: int = 0                # training examples used (0 = all)
@@ -135,6 +136,8 @@ class FinetuneRecipe(LoopRecipe):
         if not 0 < self.keep_patches <= 1:
             raise PlinthError(f"keep_patches={self.keep_patches}; give a share in (0, 1], e.g. 0.5 to train on half "
                               "of each image's patches (1 = all)")
+        if self.shift < 0:
+            raise PlinthError(f"shift={self.shift}; give the most pixels a training image may move, e.g. 2 (0 = none)")
         if not 0 < self.labels_fraction <= 1:
             raise PlinthError(f"labels_fraction={self.labels_fraction}; give a share in (0, 1], e.g. 0.01 for 1%")
         if self.labels_fraction < 1 and self.task not in ("label", "classify"):
@@ -231,7 +234,7 @@ def build_image_data(r: FinetuneRecipe, config) -> ImageData:
                           "out: lower val_examples or add images")
     return ImageData(found.pixels[kept], prep, r.batch_size, r.seed, r.grad_accum, labels=found.labels[kept],
                      val=(found.pixels[val], found.labels[val]), classes=len(r.labels), flip=r.flip,
-                     patches=config.n_patches, keep_patches=r.keep_patches,
+                     shift=r.shift, patches=config.n_patches, keep_patches=r.keep_patches,
                      tokens_per_image=config.n_patches - hidden_count(config.n_patches, 1 - r.keep_patches)
                      + config.class_token)
 
@@ -324,8 +327,12 @@ def prepare(r: FinetuneRecipe, log=print) -> tuple[Finetuned, object, ExampleDat
     net, tokenizer, _ = read_model(hub.resolve(r.base))
     if r.init == "random":
         net = random_base(r, net, tokenizer)
-    if r.keep_patches < 1 and not net.config.is_image:
-        raise PlinthError(f"keep_patches is for image models; {r.base} reads text. Remove it")
+    for name, default in (("keep_patches", 1.0), ("shift", 0)):
+        if getattr(r, name) != default and not net.config.is_image:
+            raise PlinthError(f"{name} is for image models; {r.base} reads text. Remove it")
+    if net.config.is_image and not r.shift < net.config.image_size // 2:
+        raise PlinthError(f"shift={r.shift} would move {net.config.image_size}-pixel images by half or more; give "
+                          f"at most {net.config.image_size // 2 - 1}")
     data = build_image_data(r, net.config) if net.config.is_image else build_data(r, tokenizer)
     torch.manual_seed(r.seed)  # adapter and head initialisation, and dropout, repeat run for run
     model = build_model(r, net)

@@ -28,21 +28,32 @@ def mirror_at_random(images: torch.Tensor, generator: torch.Generator) -> torch.
     return torch.where(mirrored[:, None, None, None], images.flip(-1), images)
 
 
+def shift_at_random(images: torch.Tensor, most: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image (B, C, S, S) moved by up to `most` pixels up or down and left or right, drawn per
+    image, the uncovered border zero: torchvision's RandomCrop(S, padding=most)."""
+    B, S = len(images), images.shape[-1]
+    padded = torch.nn.functional.pad(images, (most,) * 4)
+    rows = torch.randint(0, 2 * most + 1, (B, 1), generator=generator) + torch.arange(S)
+    cols = torch.randint(0, 2 * most + 1, (B, 1), generator=generator) + torch.arange(S)
+    return padded[torch.arange(B)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
 class ImageData:
     """labels: (N,) class ids for classification (then `choices` is the class count); None for
     masked autoencoding with `mask_ratio` of each image's `patches` hidden. val: held-out
-    (pixels, labels or None). flip: mirror each training image left-right with probability 1/2.
+    (pixels, labels or None). flip: mirror each training image left-right with probability 1/2;
+    shift: move each by up to that many pixels each way (zero-filled).
     tokens_per_image: positions the model computes per image (the loop's speed and MFU figures)."""
 
     def __init__(self, pixels: torch.Tensor, prep: ImagePrep, batch_size: int, seed: int, grad_accum: int = 1,
                  labels: torch.Tensor | None = None, val: tuple | None = None, classes: int | None = None,
                  patches: int = 0, mask_ratio: float = 0.75, flip: bool = False, tokens_per_image: int = 1,
-                 keep_patches: float = 1.0):
+                 keep_patches: float = 1.0, shift: int = 0):
         self.train, self.labels, self.prep = pixels, labels, prep
         self.val, self.val_labels = val if val is not None else (pixels[:0], None)
         self.batch_size, self.seed, self.grad_accum = batch_size, seed, grad_accum
         self.choices = classes
-        self.patches, self.mask_ratio, self.flip = patches, mask_ratio, flip
+        self.patches, self.mask_ratio, self.flip, self.shift = patches, mask_ratio, flip, shift
         self.tokens_per_image, self.keep_patches = tokens_per_image, keep_patches
         self._epoch, self._order = -1, None
 
@@ -57,7 +68,10 @@ class ImageData:
         epochs, places = positions // len(self.train), positions % len(self.train)
         rows = torch.stack([self.order(int(e))[int(p)] for e, p in zip(epochs, places)])
         generator = step_generator(self.seed, step, micro, 1)
-        images = self.prep.normalize(self.train[rows])
+        images = self.train[rows]
+        if self.shift:  # before normalising: the border is black, as in the raw pixels
+            images = shift_at_random(images, self.shift, generator)
+        images = self.prep.normalize(images)
         if self.flip:
             images = mirror_at_random(images, generator)
         targets = self.targets(rows, self.labels, generator)
