@@ -19,10 +19,10 @@ sequence decoded compiled is not bit for bit the one decoded eagerly, and prompt
 
 Compiling takes a minute or two for a model. The library is kept in PROGRAM_CACHE
 (~/.cache/plinth/programs, or $PLINTH_PROGRAM_CACHE) under a name that digests everything it was
-built from: the weights, the config, the cache's layout, plinth's and PyTorch's versions, the CPU's
-instruction set and the thread count (the program's loops keep the one it was compiled with). A later
-process maps it in well under a second, and anything changed makes another name, never a stale
-program. The weights are frozen into the program: a model whose weights change afterwards needs a
+built from (`program_digests`): the weights, the config, the cache's layout, the thread count (the
+program's loops keep the one it was compiled with), plinth's and PyTorch's versions and the CPU's
+instruction set. A later process loads it in well under a second; anything changed makes another
+name, never a stale program, and a new build of the same step replaces the old one. The weights are frozen into the program: a model whose weights change afterwards needs a
 new CompiledDecoder.
 """
 from __future__ import annotations
@@ -145,11 +145,15 @@ class CompiledDecoder:
                                   length, *keys, *values])[0]
 
     def _load(self, cache: KVCache):
-        path = PROGRAM_CACHE / f"{program_digest(self.model, cache)}.so"
+        step, build = program_digests(self.model, cache)
+        path = PROGRAM_CACHE / f"{step}-{build}.so"
         if not path.exists():
             try:
                 with atomic_file(path) as tmp:
                     self._build(cache, tmp)
+                for older in PROGRAM_CACHE.glob(f"{step}-*.so"):  # this step built by an earlier plinth or torch
+                    if older != path:
+                        older.unlink(missing_ok=True)
             except OSError as e:  # a read-only home, a full disk: compile for this process alone
                 print(f"plinth: could not keep the compiled decoding step in {PROGRAM_CACHE} ({e}); the next "
                       "start will compile it again", file=sys.stderr)
@@ -187,17 +191,19 @@ class CompiledDecoder:
                                   "without --compile") from e
 
 
-def program_digest(model, cache: KVCache) -> str:
-    """A name for the program compiled from `model` for caches like `cache`: a digest of the weights,
-    the config, the cache's layout, the options, plinth's sources, PyTorch's version, the CPU's
-    instruction set and the thread count."""
-    digest = hashlib.sha256()
+def program_digests(model, cache: KVCache) -> tuple[str, str]:
+    """Two names for the program compiled from `model` for caches like `cache`: what the step
+    computes and how it runs (the weights, the config, the cache's layout, the thread count), and
+    what built it (plinth's sources, PyTorch's version, the CPU's instruction set, the options). A
+    new build of a step replaces the step's older ones."""
+    step = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        step.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        step.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+    step.update(json.dumps([model.config.to_json(), str(cache.dtype), cache.windows, cache.rings,
+                            torch.get_num_threads()]).encode())
+    build = hashlib.sha256()
     for source in sorted(Path(plinth.__file__).parent.rglob("*.py")):
-        digest.update(source.read_bytes())
-    about = [model.config.to_json(), str(cache.dtype), cache.windows, cache.rings, repr(OPTIONS), torch.__version__,
-             torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()]
-    digest.update(json.dumps(about).encode())
-    return digest.hexdigest()
+        build.update(source.read_bytes())
+    build.update(json.dumps([torch.__version__, torch.backends.cpu.get_cpu_capability(), repr(OPTIONS)]).encode())
+    return step.hexdigest()[:32], build.hexdigest()[:32]

@@ -86,6 +86,26 @@ def test_a_later_decoder_loads_the_kept_program_without_compiling(compiled, monk
     assert torch.equal(*logits)
 
 
+def test_a_new_build_of_a_step_replaces_its_older_builds_and_keeps_other_steps(tmp_path, monkeypatch):
+    from plinth import compiled_decode
+    model = compact_(tiny_model(seed=4), "float32")
+    decoder = CompiledDecoder(model)
+    cache = decoder.new_cache(8)
+    step, build = compiled_decode.program_digests(model, cache)
+    monkeypatch.setattr(compiled_decode, "PROGRAM_CACHE", tmp_path)
+    older, other = tmp_path / f"{step}-{'0' * 32}.so", tmp_path / f"{'1' * 32}-{build}.so"
+    older.write_bytes(b"an earlier build"), other.write_bytes(b"another model's step")
+    monkeypatch.setattr(CompiledDecoder, "_build", lambda self, cache, target: target.write_bytes(b"built"))
+    loaded = []
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelContainerRunnerCpu", lambda path, n: loaded.append(path))
+    decoder._load(cache)
+    assert loaded == [str(tmp_path / f"{step}-{build}.so")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, f"{step}-{build}.so"])
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1  # other weights: another step
+    assert compiled_decode.program_digests(model, cache)[0] != step
+
+
 def test_a_failed_compile_says_what_to_do(monkeypatch):
     # no autotuning: each of its candidate kernels would fail to compile on its own first
     options = {**OPTIONS, "max_autotune": False, "cpp.cxx": ("no-such-c++-compiler",)}
