@@ -27,10 +27,12 @@ new CompiledDecoder.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -45,6 +47,7 @@ from plinth.files import atomic_file
 from plinth.kv_cache import KEY_BLOCK, KVCache, ring_positions, whole_key_blocks
 from plinth.model import attention_mask
 
+MADV_DONTNEED = 4
 PROGRAM_CACHE = Path(os.environ.get("PLINTH_PROGRAM_CACHE", Path.home() / ".cache" / "plinth" / "programs"))
 # Weights appended to the library and mapped, not copied into memory.
 OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_inductor.force_mmap_weights": True}
@@ -96,18 +99,18 @@ class StepView:
 
 
 class DecodeStep(torch.nn.Module):
-    """What is compiled: next-token logits (V,) after `token` (1, 1) at `position` (1,), reading and
-    writing one row of a cache (each layer's keys and values, (1, K, L, D)); `length`'s size is the
-    keys' length."""
+    """What is compiled: next-token logits (V,) after the token whose input vector is `x` (1, 1, C),
+    at `position` (1,), reading and writing one row of a cache (each layer's keys and values,
+    (1, K, L, D)); `length`'s size is the keys' length. The embedding lookup stays outside: frozen in,
+    the table (a large share of a small model) would be one more copy in memory for a single gather."""
 
     def __init__(self, model, windows: list, rings: list):
         super().__init__()
         self.model, self.windows, self.rings = model, windows, rings
 
-    def forward(self, token, position, length, keys: list, values: list):
+    def forward(self, x, position, length, keys: list, values: list):
         model = self.model
         view = StepView(keys, values, position, length.shape[0], self.windows, self.rings)
-        x = model.scaled_input(model.tok_embeddings(token))  # (1, 1, C)
         h = model.blocks(x, model.ropes_at(position[None]), None, view)
         return model.project(h[:, 0])[0]  # one row in, one out: inductor's output-layer kernel takes 2-D rows
 
@@ -141,8 +144,11 @@ class CompiledDecoder:
         device = cache.device
         keys, values = ([t[row:row + 1] for t in tensors] for tensors in (cache.k, cache.v))
         length = torch.empty(whole_key_blocks(position + 1), device=device)
-        return self._program.run([torch.tensor([[token]], device=device), torch.tensor([position], device=device),
-                                  length, *keys, *values])[0]
+        return self._program.run([self._input(torch.tensor([[token]], device=device)),
+                                  torch.tensor([position], device=device), length, *keys, *values])[0]
+
+    def _input(self, token: torch.Tensor) -> torch.Tensor:
+        return self.model.scaled_input(self.model.tok_embeddings(token))  # (1, 1, C)
 
     def _load(self, cache: KVCache):
         step, build = program_digests(self.model, cache)
@@ -159,7 +165,9 @@ class CompiledDecoder:
                       "start will compile it again", file=sys.stderr)
                 path = Path(tempfile.mkdtemp(prefix="plinth-program-")) / "step.so"
                 self._build(cache, path)
-        return torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+        program = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+        release_read_pages(path)
+        return program
 
     def _build(self, cache: KVCache, target: Path):
         """Export the step for a one-row cache like `cache`, compile it with AOTInductor, and write
@@ -171,12 +179,12 @@ class CompiledDecoder:
             keys, values = ([torch.zeros(1, *t.shape[1:2], rows if ring is None else ring, t.shape[3],
                                          dtype=t.dtype, device=t.device)
                              for t, ring in zip(tensors, cache.rings)] for tensors in (cache.k, cache.v))
-            example = (torch.tensor([[0]]), torch.tensor([0]), torch.empty(KEY_BLOCK), keys, values)
+            example = (self._input(torch.tensor([[0]])), torch.tensor([0]), torch.empty(KEY_BLOCK), keys, values)
             # The keys' length and the cache's, which change from step to step and cache to cache, stay
             # sizes of the one program; rings keep theirs.
             length, held = torch.export.Dim("length", max=longest), torch.export.Dim("held", max=longest)
             grows = [None if ring else {2: held} for ring in cache.rings]
-            shapes = {"token": None, "position": None, "length": {0: length}, "keys": grows, "values": grows}
+            shapes = {"x": None, "position": None, "length": {0: length}, "keys": grows, "values": grows}
             step = DecodeStep(model, cache.windows, cache.rings).eval()
             try:
                 program = torch.export.export(step, example, dynamic_shapes=shapes, strict=False)
@@ -189,6 +197,28 @@ class CompiledDecoder:
                 raise PlinthError(f"compiling the decoding step failed: {str(e).strip().splitlines()[0]}. Inductor "
                                   "compiles C++ with the machine's compiler (g++; apt-get install g++); or decode "
                                   "without --compile") from e
+
+
+def release_read_pages(path: Path):
+    """AOTInductor's runtime maps the weights appended to the library, copies them into memory of
+    its own and keeps the mapping: the pages it read would stay counted in the process's memory
+    beside the copy. Mappings of the library never written to (no anonymous pages, so nothing a
+    relocation changed) whose size is most of the file's give them back (MADV_DONTNEED: Linux reads
+    them from the file again if they are ever touched)."""
+    try:
+        maps = Path("/proc/self/smaps").read_text()
+    except OSError:  # not Linux
+        return
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for mapping in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", maps):
+        header, *fields = mapping.splitlines()
+        if not header.endswith(f" {path}"):
+            continue
+        start, end = (int(address, 16) for address in header.split()[0].split("-"))
+        anonymous = next(int(f.split()[1]) for f in fields if f.startswith("Anonymous:"))
+        if anonymous == 0 and end - start > path.stat().st_size // 2:
+            madvise(start, end - start, MADV_DONTNEED)
 
 
 def program_digests(model, cache: KVCache) -> tuple[str, str]:
