@@ -106,6 +106,20 @@ def test_a_new_build_of_a_step_replaces_its_older_builds_and_keeps_other_steps(t
     assert compiled_decode.program_digests(model, cache)[0] != step
 
 
+def test_a_cache_that_cannot_be_written_costs_only_the_next_start(tmp_path, monkeypatch, capsys):
+    from plinth import compiled_decode
+    model = compact_(tiny_model(seed=5), "float32")
+    decoder = CompiledDecoder(model)
+    (tmp_path / "file").write_text("a file where the cache's folder would be")
+    monkeypatch.setattr(compiled_decode, "PROGRAM_CACHE", tmp_path / "file" / "programs")
+    monkeypatch.setattr(CompiledDecoder, "_build", lambda self, cache, target: target.write_bytes(b"built"))
+    loaded = []
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelContainerRunnerCpu", lambda path, n: loaded.append(path))
+    decoder._load(decoder.new_cache(8))
+    assert "could not keep the compiled decoding step" in capsys.readouterr().err
+    assert len(loaded) == 1 and open(loaded[0], "rb").read() == b"built"  # built for this process alone
+
+
 def test_a_failed_compile_says_what_to_do(monkeypatch):
     # no autotuning: each of its candidate kernels would fail to compile on its own first
     options = {**OPTIONS, "max_autotune": False, "cpp.cxx": ("no-such-c++-compiler",)}
