@@ -1,5 +1,5 @@
-"""Decoding one sequence one token a step through a compiled step: `generate_stream(...,
-compile=True)`, `plinth generate --compile`.
+"""Decoding one sequence one token a step through a compiled step: `plinth.load(MODEL).compile()`,
+`plinth generate --compile`, `plinth serve --compile` (for a request decoding alone).
 
 An eager decoding step of a small model is hundreds of small operations (norms, casts, rotations,
 residual adds, the attention of each layer), each a separate call into PyTorch, and on a CPU they
@@ -22,8 +22,8 @@ Compiling takes a minute or two for a model. The library is kept in PROGRAM_CACH
 built from (`program_digests`): the weights, the config, the cache's layout, the thread count (the
 program's loops keep the one it was compiled with), plinth's and PyTorch's versions and the CPU's
 instruction set. A later process loads it in well under a second; anything changed makes another
-name, never a stale program, and a new build of the same step replaces the old one. The weights are frozen into the program: a model whose weights change afterwards needs a
-new CompiledDecoder.
+name, never a stale program, and a new build of the same step replaces the old one. The weights are
+frozen into the program: a model whose weights change afterwards needs a new CompiledDecoder.
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ class CompiledDecoder:
 
     def _load(self, cache: KVCache):
         step, build = program_digests(self.model, cache)
-        path = PROGRAM_CACHE / f"{step}-{build}.so"
+        path, alone = PROGRAM_CACHE / f"{step}-{build}.so", None
         if not path.exists():
             try:
                 with atomic_file(path) as tmp:
@@ -163,10 +163,13 @@ class CompiledDecoder:
             except OSError as e:  # a read-only home, a full disk: compile for this process alone
                 print(f"plinth: could not keep the compiled decoding step in {PROGRAM_CACHE} ({e}); the next "
                       "start will compile it again", file=sys.stderr)
-                path = Path(tempfile.mkdtemp(prefix="plinth-program-")) / "step.so"
+                alone = Path(tempfile.mkdtemp(prefix="plinth-program-"))
+                path = alone / "step.so"
                 self._build(cache, path)
         program = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
         release_read_pages(path)
+        if alone is not None:  # the loaded library stays mapped after its file is removed
+            shutil.rmtree(alone, ignore_errors=True)
         return program
 
     def _build(self, cache: KVCache, target: Path):

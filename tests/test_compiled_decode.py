@@ -2,6 +2,8 @@
 sequence computed eagerly without a cache (the independent reference), through a sliding-window
 layer whose ring of keys wraps around and a global layer whose keys grow, in float32 and with int4
 weights; and `plinth.load(...).compile()` generates through it plain decoding's greedy text."""
+import os
+
 import pytest
 import torch
 
@@ -114,10 +116,13 @@ def test_a_cache_that_cannot_be_written_costs_only_the_next_start(tmp_path, monk
     monkeypatch.setattr(compiled_decode, "PROGRAM_CACHE", tmp_path / "file" / "programs")
     monkeypatch.setattr(CompiledDecoder, "_build", lambda self, cache, target: target.write_bytes(b"built"))
     loaded = []
-    monkeypatch.setattr(torch._C._aoti, "AOTIModelContainerRunnerCpu", lambda path, n: loaded.append(path))
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelContainerRunnerCpu",
+                        lambda path, n: loaded.append((path, open(path, "rb").read())))
     decoder._load(decoder.new_cache(8))
     assert "could not keep the compiled decoding step" in capsys.readouterr().err
-    assert len(loaded) == 1 and open(loaded[0], "rb").read() == b"built"  # built for this process alone
+    [(path, built)] = loaded
+    assert built == b"built"  # built for this process alone, and its file removed once loaded
+    assert not os.path.exists(path)
 
 
 def test_a_failed_compile_says_what_to_do(monkeypatch):
