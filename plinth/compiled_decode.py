@@ -179,7 +179,7 @@ class CompiledDecoder:
         model, rows = self.model, 2 * KEY_BLOCK
         longest = model.config.max_seq_len + KEY_BLOCK
         with torch.inference_mode(False), torch.no_grad():  # export traces ordinary tensors
-            keys, values = ([torch.zeros(1, *t.shape[1:2], rows if ring is None else ring, t.shape[3],
+            keys, values = ([torch.zeros(1, t.shape[1], rows if ring is None else ring, t.shape[3],
                                          dtype=t.dtype, device=t.device)
                              for t, ring in zip(tensors, cache.rings)] for tensors in (cache.k, cache.v))
             example = (self._input(torch.tensor([[0]])), torch.tensor([0]), torch.empty(KEY_BLOCK), keys, values)
@@ -214,13 +214,14 @@ def release_read_pages(path: Path):
         return
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    size = path.stat().st_size
     for mapping in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", maps):
         header, *fields = mapping.splitlines()
         if not header.endswith(f" {path}"):
             continue
         start, end = (int(address, 16) for address in header.split()[0].split("-"))
         anonymous = next(int(f.split()[1]) for f in fields if f.startswith("Anonymous:"))
-        if anonymous == 0 and end - start > path.stat().st_size // 2:
+        if anonymous == 0 and end - start > size // 2:
             madvise(start, end - start, MADV_DONTNEED)
 
 

@@ -3,6 +3,7 @@ sequence computed eagerly without a cache (the independent reference), through a
 layer whose ring of keys wraps around and a global layer whose keys grow, in float32 and with int4
 weights; and `plinth.load(...).compile()` generates through it plain decoding's greedy text."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,7 +89,19 @@ def test_a_later_decoder_loads_the_kept_program_without_compiling(compiled, monk
     assert torch.equal(*logits)
 
 
-def test_a_new_build_of_a_step_replaces_its_older_builds_and_keeps_other_steps(tmp_path, monkeypatch):
+@pytest.fixture
+def loaded_without_compiling(monkeypatch) -> list:
+    """`_build` writes a stand-in library and loading records (path, contents): the program cache's
+    bookkeeping, without compiling."""
+    monkeypatch.setattr(CompiledDecoder, "_build", lambda self, cache, target: target.write_bytes(b"built"))
+    loaded = []
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelContainerRunnerCpu",
+                        lambda path, n: loaded.append((path, Path(path).read_bytes())))
+    return loaded
+
+
+def test_a_new_build_of_a_step_replaces_its_older_builds_and_keeps_other_steps(tmp_path, monkeypatch,
+                                                                              loaded_without_compiling):
     from plinth import compiled_decode
     model = compact_(tiny_model(seed=4), "float32")
     decoder = CompiledDecoder(model)
@@ -97,30 +110,24 @@ def test_a_new_build_of_a_step_replaces_its_older_builds_and_keeps_other_steps(t
     monkeypatch.setattr(compiled_decode, "PROGRAM_CACHE", tmp_path)
     older, other = tmp_path / f"{step}-{'0' * 32}.so", tmp_path / f"{'1' * 32}-{build}.so"
     older.write_bytes(b"an earlier build"), other.write_bytes(b"another model's step")
-    monkeypatch.setattr(CompiledDecoder, "_build", lambda self, cache, target: target.write_bytes(b"built"))
-    loaded = []
-    monkeypatch.setattr(torch._C._aoti, "AOTIModelContainerRunnerCpu", lambda path, n: loaded.append(path))
     decoder._load(cache)
-    assert loaded == [str(tmp_path / f"{step}-{build}.so")]
+    assert loaded_without_compiling == [(str(tmp_path / f"{step}-{build}.so"), b"built")]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, f"{step}-{build}.so"])
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] += 1  # other weights: another step
     assert compiled_decode.program_digests(model, cache)[0] != step
 
 
-def test_a_cache_that_cannot_be_written_costs_only_the_next_start(tmp_path, monkeypatch, capsys):
+def test_a_cache_that_cannot_be_written_costs_only_the_next_start(tmp_path, monkeypatch, capsys,
+                                                                  loaded_without_compiling):
     from plinth import compiled_decode
     model = compact_(tiny_model(seed=5), "float32")
     decoder = CompiledDecoder(model)
     (tmp_path / "file").write_text("a file where the cache's folder would be")
     monkeypatch.setattr(compiled_decode, "PROGRAM_CACHE", tmp_path / "file" / "programs")
-    monkeypatch.setattr(CompiledDecoder, "_build", lambda self, cache, target: target.write_bytes(b"built"))
-    loaded = []
-    monkeypatch.setattr(torch._C._aoti, "AOTIModelContainerRunnerCpu",
-                        lambda path, n: loaded.append((path, open(path, "rb").read())))
     decoder._load(decoder.new_cache(8))
     assert "could not keep the compiled decoding step" in capsys.readouterr().err
-    [(path, built)] = loaded
+    [(path, built)] = loaded_without_compiling
     assert built == b"built"  # built for this process alone, and its file removed once loaded
     assert not os.path.exists(path)
 
