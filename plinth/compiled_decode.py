@@ -1,5 +1,5 @@
-"""Decoding one sequence one token a step through a compiled step: `plinth.load(MODEL).compile()`,
-`plinth generate --compile`, `plinth serve --compile` (for a request decoding alone).
+"""Decoding through a compiled step: `plinth.load(MODEL).compile()`, `plinth generate --compile`,
+`plinth serve --compile` (every decoding step of the batch).
 
 An eager decoding step of a small model is hundreds of small operations (norms, casts, rotations,
 residual adds, the attention of each layer), each a separate call into PyTorch, and on a CPU they
@@ -12,10 +12,12 @@ guards between the operations.
 
 The step reads and writes the same `KVCache` as the eager passes (the prompt is prefilled eagerly),
 through `StepView`, a cache view with `CacheView`'s decoding interface whose shapes export can
-trace: the position is a tensor and the keys' length a dynamic size, so one program serves every
-position. Its arithmetic is not the eager step's (fused loops sum in another order), so a
-sequence decoded compiled is not bit for bit the one decoded eagerly, and prompt-lookup speculation
-(whose verify passes are eager and must give plain decoding's bits) is off while compiled.
+trace: the rows, their positions and the keys' length are tensors or dynamic sizes, so one program
+serves every batch at every position. Its kernels loop over rows the same way at every batch size,
+so a row gets the same bits alone or beside any others, as in eager decoding (the tests check it).
+Its arithmetic is not the eager step's (fused loops sum in another order), so a sequence decoded
+compiled is not bit for bit the one decoded eagerly, and prompt-lookup speculation (whose verify
+passes are eager and must give plain decoding's bits) is off while compiled.
 
 Compiling takes a minute or two for a model. The library is kept in PROGRAM_CACHE
 (~/.cache/plinth/programs, or $PLINTH_PROGRAM_CACHE) under a name that digests everything it was
@@ -48,81 +50,88 @@ from plinth.kv_cache import KEY_BLOCK, KVCache, ring_positions, whole_key_blocks
 from plinth.model import attention_mask
 
 MADV_DONTNEED = 4
+MAX_ROWS = 1024  # the most cache rows one step spans
 PROGRAM_CACHE = Path(os.environ.get("PLINTH_PROGRAM_CACHE", Path.home() / ".cache" / "plinth" / "programs"))
 # Weights appended to the library and mapped, not copied into memory.
 OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_inductor.force_mmap_weights": True}
 
 
 class StepView:
-    """One compiled step's view of a one-row KVCache: `CacheView`'s decoding interface (write,
-    decode_keys, spread, gather, decode_bias), with the new token's position a (1,) tensor and
-    `length` the keys read by layers that keep every position (whole KEY_BLOCKs, a dynamic size).
-    A ring layer (a sliding window's) reads its whole ring, each index masked by the position it
-    holds, as the eager view does once the ring has filled."""
+    """A compiled step's view of a KVCache: `CacheView`'s decoding interface (write, decode_keys,
+    spread, gather, decode_bias) over a span of S consecutive cache rows, B of which (`rows`, indices
+    into the span) feed one token each at `positions` (B,); `length`, the keys read by layers that
+    keep every position (whole KEY_BLOCKs), is a dynamic size, as B and S are. Rows of the span
+    outside the pass attend to their key 0 and their results are dropped, as in `CacheView`. A ring
+    layer (a sliding window's) reads its whole ring, each index masked by the position it holds, as
+    the eager view does once the ring has filled."""
 
-    def __init__(self, keys: list, values: list, position: torch.Tensor, length: int, windows: list, rings: list):
-        self.keys, self.values, self.position, self.length = keys, values, position, length
+    def __init__(self, keys: list, values: list, rows: torch.Tensor, positions: torch.Tensor, length: int,
+                 windows: list, rings: list):
+        self.keys, self.values, self.rows, self.positions, self.length = keys, values, rows, positions, length
         self.windows, self.rings = windows, rings
         self.dtype = keys[0].dtype
+        self.span = keys[0].shape[0]
+        self.ends = torch.ones(self.span, dtype=positions.dtype, device=positions.device).index_copy(0, rows, positions + 1)
         self._biases = {}
 
     def write(self, layer: int, k, v):
         ring = self.rings[layer]
-        index = self.position if ring is None else self.position % ring
-        self.keys[layer].index_copy_(2, index, k.to(self.dtype))
-        self.values[layer].index_copy_(2, index, v.to(self.dtype))
+        index = self.positions if ring is None else self.positions % ring
+        self.keys[layer][self.rows, :, index] = k[:, :, 0].to(self.dtype)  # (B, K, D) at each row's position
+        self.values[layer][self.rows, :, index] = v[:, :, 0].to(self.dtype)
 
     def decode_keys(self, layer: int, B: int, T: int = 1):
-        # The one row's (K, L, D) by narrowing, always a view: a slice or a flatten that copies or not
+        # The span's (S·K, L, D) by narrowing, always a view: a slice or a flatten that copies or not
         # depending on whether L is the cache's whole length would compile a program for each case.
         length = self.length if self.rings[layer] is None else self.rings[layer]
-        return tuple(t[layer][0].narrow(1, 0, length) for t in (self.keys, self.values))
+        return tuple(t[layer].narrow(2, 0, length).flatten(0, 1) for t in (self.keys, self.values))
 
     def spread(self, x):
-        return x
+        return x.new_zeros(self.span, *x.shape[1:]).index_copy(0, self.rows, x)
 
     def gather(self, x):
-        return x
+        return x.index_select(0, self.rows)
 
     def decode_bias(self, layer: int, heads: int, t: int = 0) -> torch.Tensor:
         window, ring = self.windows[layer], self.rings[layer]
         if (window, ring) not in self._biases:
-            query = self.position[:, None]  # (1, 1)
+            query = self.ends[:, None] - 1  # (S, 1)
             if ring is None:
                 keys = torch.arange(self.length, device=query.device)[None]
             else:
                 keys = ring_positions(query, ring, ring)
-            allowed = attention_mask(query, keys, True, window)[0, 0]  # (1, L)
+            allowed = attention_mask(query, keys, True, window)[:, 0]  # (S, 1, L)
             bias = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
-            self._biases[window, ring] = bias.expand(heads, -1)[:, None]  # (heads, 1, L)
+            self._biases[window, ring] = bias[:, None].expand(-1, heads, -1, -1).flatten(0, 1)  # (S·heads, 1, L)
         return self._biases[window, ring]
 
 
 class DecodeStep(torch.nn.Module):
-    """What is compiled: next-token logits (V,) after the token whose input vector is `x` (1, 1, C),
-    at `position` (1,), reading and writing one row of a cache (each layer's keys and values,
-    (1, K, L, D)); `length`'s size is the keys' length. The embedding lookup stays outside: frozen in,
-    the table (a large share of a small model) would be one more copy in memory for a single gather."""
+    """What is compiled: next-token logits (B, V) after the tokens whose input vectors are `x` (B, 1, C),
+    at `positions` (B,), in the span's rows `rows` (B,), reading and writing a span of S cache rows
+    (each layer's keys and values, (S, K, L, D)); `length`'s size is the keys' length. The embedding
+    lookup stays outside: frozen in, the table (a large share of a small model) would be one more
+    copy in memory for a single gather."""
 
     def __init__(self, model, windows: list, rings: list):
         super().__init__()
         self.model, self.windows, self.rings = model, windows, rings
 
-    def forward(self, x, position, length, keys: list, values: list):
+    def forward(self, x, rows, positions, length, keys: list, values: list):
         model = self.model
-        view = StepView(keys, values, position, length.shape[0], self.windows, self.rings)
-        h = model.blocks(x, model.ropes_at(position[None]), None, view)
-        return model.project(h[:, 0])[0]  # one row in, one out: inductor's output-layer kernel takes 2-D rows
+        view = StepView(keys, values, rows, positions, length.shape[0], self.windows, self.rings)
+        h = model.blocks(x, model.ropes_at(positions[:, None]), None, view)
+        return model.project(h[:, 0])  # (B, C) rows: inductor's output-layer kernel takes 2-D rows
 
 
 class CompiledDecoder:
-    """Next-token logits for one sequence, one token a call, from a compiled step over `cache` (made
-    by `new_cache`, already holding the positions before). The program is loaded, or built and kept,
-    at the first call."""
+    """Next-token logits for a batch of sequences, one token each a call, from a compiled step over
+    `cache` (made by `new_cache`, or a serving engine's, already holding the positions before). A
+    program for the cache's layout is loaded, or built and kept, at the first call with it."""
 
     def __init__(self, model):
         self.model = model
-        self._program = None
+        self._programs = {}  # one per layout of cache: its dtype and rings
 
     def new_cache(self, length: int) -> KVCache:
         """A KVCache for a sequence of `length` positions, one KEY_BLOCK longer than it: the keys a
@@ -136,16 +145,19 @@ class CompiledDecoder:
         the keys it reads, and every ring whole (a step reads its whole ring)."""
         return max(whole_key_blocks(position + 1), cache.ring or 0)
 
-    def __call__(self, token: int, position: int, cache: KVCache, row: int = 0) -> torch.Tensor:
-        """Logits (V,) after `token` at `position`, in row `row` of `cache` (a serving engine's
-        grows: see `positions_needed`)."""
-        if self._program is None:
-            self._program = self._load(cache)
-        device = cache.device
-        keys, values = ([t[row:row + 1] for t in tensors] for tensors in (cache.k, cache.v))
-        length = torch.empty(whole_key_blocks(position + 1), device=device)
-        return self._program.run([self._input(torch.tensor([[token]], device=device)),
-                                  torch.tensor([position], device=device), length, *keys, *values])[0]
+    def __call__(self, tokens: list[int], positions: list[int], cache: KVCache, slots: list[int] | None = None) -> torch.Tensor:
+        """Logits (B, V) after `tokens` at `positions`, in cache rows `slots` (default 0..B-1; a
+        serving engine's cache grows: see `positions_needed`)."""
+        layout = str(cache.dtype), tuple(cache.rings)
+        if layout not in self._programs:
+            self._programs[layout] = self._load(cache)
+        device, slots = cache.device, slots or list(range(len(tokens)))
+        first = min(slots)
+        keys, values = ([t[first:max(slots) + 1] for t in tensors] for tensors in (cache.k, cache.v))
+        length = torch.empty(whole_key_blocks(max(positions) + 1), device=device)
+        return self._programs[layout].run([self._input(torch.tensor(tokens, device=device)[:, None]),
+                                  torch.tensor(slots, device=device) - first, torch.tensor(positions, device=device),
+                                  length, *keys, *values])[0]
 
     def _input(self, token: torch.Tensor) -> torch.Tensor:
         return self.model.scaled_input(self.model.tok_embeddings(token))  # (1, 1, C)
@@ -173,21 +185,25 @@ class CompiledDecoder:
         return program
 
     def _build(self, cache: KVCache, target: Path):
-        """Export the step for a one-row cache like `cache`, compile it with AOTInductor, and write
+        """Export the step for caches like `cache`, compile it with AOTInductor, and write
         the library to `target`."""
         from torch._inductor import aoti_compile_and_package, config, exc  # imported only to build: seconds
-        model, rows = self.model, 2 * KEY_BLOCK
+        model, held = self.model, 2 * KEY_BLOCK
         longest = model.config.max_seq_len + KEY_BLOCK
         with torch.inference_mode(False), torch.no_grad():  # export traces ordinary tensors
-            keys, values = ([torch.zeros(1, t.shape[1], rows if ring is None else ring, t.shape[3],
+            # Two of a span's three rows feed a token: the example has every size a step varies in.
+            keys, values = ([torch.zeros(3, t.shape[1], held if ring is None else ring, t.shape[3],
                                          dtype=t.dtype, device=t.device)
                              for t, ring in zip(tensors, cache.rings)] for tensors in (cache.k, cache.v))
-            example = (self._input(torch.tensor([[0]])), torch.tensor([0]), torch.empty(KEY_BLOCK), keys, values)
-            # The keys' length and the cache's, which change from step to step and cache to cache, stay
-            # sizes of the one program; rings keep theirs.
-            length, held = torch.export.Dim("length", max=longest), torch.export.Dim("held", max=longest)
-            grows = [None if ring else {2: held} for ring in cache.rings]
-            shapes = {"x": None, "position": None, "length": {0: length}, "keys": grows, "values": grows}
+            example = (self._input(torch.tensor([[0], [0]])), torch.tensor([0, 2]), torch.tensor([0, 5]),
+                       torch.empty(KEY_BLOCK), keys, values)
+            # The batch, the span of cache rows, the keys' length and the cache's, which change from step
+            # to step and cache to cache, stay sizes of the one program; rings keep theirs.
+            batch, span = torch.export.Dim("batch", min=1, max=MAX_ROWS), torch.export.Dim("span", min=1, max=MAX_ROWS)
+            length, positions = torch.export.Dim("length", max=longest), torch.export.Dim("held", max=longest)
+            grows = [{0: span} if ring else {0: span, 2: positions} for ring in cache.rings]
+            shapes = {"x": {0: batch}, "rows": {0: batch}, "positions": {0: batch}, "length": {0: length},
+                      "keys": grows, "values": grows}
             step = DecodeStep(model, cache.windows, cache.rings).eval()
             try:
                 program = torch.export.export(step, example, dynamic_shapes=shapes, strict=False)

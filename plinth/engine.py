@@ -123,9 +123,10 @@ class Engine:
         """vision: an image+text model's image encoder (plinth/vision/multimodal.py ImageEncoder).
         model None: an engine that only runs `call`ed tasks (see `tasks_only`). prefix_cache: reuse
         the rows of prompts seen before (see `_admit`). speculate: a request decoding alone checks
-        guessed tokens in its passes (see `_speculate`). compile: a request decoding alone takes
-        compiled steps instead (see `_decode_compiled`): faster, but its tokens then depend on
-        whether it ran alone."""
+        guessed tokens in its passes (see `_speculate`). compile: decoding steps go through a compiled
+        program (see `_decode_compiled`; a request through a LoRA adapter decodes eagerly): faster,
+        and a row's tokens are the same in any batch, but they are not eager decoding's tokens, and
+        nothing is speculated."""
         self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.threads = threads or default_threads()
         # A compiled program keeps the thread count it was compiled with: compiling fixes it.
@@ -348,17 +349,20 @@ class Engine:
         self.stats.heartbeat = time.monotonic()
         self._schedule()
         if len(self.running) == 1 and not self.waiting and self.running[0].pending == 1:
-            if self._decode_compiled(self.running[0]) or self._speculate(self.running[0]):
+            if self._speculate(self.running[0]):
                 self.stats.steps += 1
                 return
-        groups, budget = [[r for r in self.running if r.pending == 1]], self.chunk
+        decoding = [r for r in self.running if r.pending == 1]
+        compiled = [r for r in decoding if not r.adapter] if self.decoder is not None else []
+        groups, budget = [compiled, [r for r in decoding if r not in compiled]], self.chunk
         for r in self.running:
             if r.pending > 1 and (budget > 0 or len(groups) == 1):
                 groups.append([r])
                 budget -= min(r.pending, self.chunk)
         for group in filter(None, groups):
             try:
-                logits = self._run(group) if group[0].pending == 1 else self._prefill(group)
+                logits = self._decode_compiled(group) if group is compiled else \
+                    self._run(group) if group[0].pending == 1 else self._prefill(group)
             except Exception as e:  # a failure must not kill the engine: fail this group, go on
                 for request in group:
                     self._finish(request, e)
@@ -529,24 +533,18 @@ class Engine:
                 break
         return True
 
-    def _decode_compiled(self, request: Request) -> bool:
-        """Feed a lone request's next token through the compiled step, in its own cache row. False
-        without a compiled decoder, or for a request through a LoRA adapter (whose weights the
-        program does not hold)."""
-        if self.decoder is None or request.adapter:
-            return False
-        position = request.computed
-        try:
-            self.cache.reserve(request.slot + 1, self.decoder.positions_needed(self.cache, position))
-            with torch.inference_mode():
-                logits = self.decoder(request.tokens[position], position, self.cache, request.slot)
-        except Exception as e:  # as a failing step: the request's failure is its own
-            self._finish(request, e)
-            return True
-        request.computed = position + 1
-        self.stats.last_batch = 1
-        self._postprocess([request], logits[None].float())
-        return True
+    @torch.inference_mode()
+    def _decode_compiled(self, group: list[Request]) -> torch.Tensor:
+        """Feed each request's next token through the compiled step, all in one call; the logits of
+        each. A row's logits are the same bits alone or in any batch (plinth/compiled_decode.py)."""
+        group.sort(key=lambda r: r.slot)
+        positions = [r.computed for r in group]
+        self.cache.reserve(group[-1].slot + 1, self.decoder.positions_needed(self.cache, max(positions)))
+        logits = self.decoder([r.tokens[r.computed] for r in group], positions, self.cache, [r.slot for r in group])
+        for r in group:
+            r.computed += 1
+        self.stats.last_batch = len(group)
+        return logits.float()
 
     def compile_now(self):
         """Compile the decoding step before any request waits for it (minutes the first time for a
@@ -556,7 +554,7 @@ class Engine:
         if self.decoder is not None:
             self.cache.reserve(1, self.decoder.positions_needed(self.cache, 0))
             with torch.inference_mode():
-                self.decoder(0, 0, self.cache)
+                self.decoder([0], [0], self.cache)
             self._fit_cache()
 
     def _postprocess(self, group: list[Request], logits: torch.Tensor):

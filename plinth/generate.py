@@ -292,7 +292,7 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
             cpu_share.adjust()
         position = len(prompt) + len(seq.output) - 1  # where the last chosen token goes; drafts follow it
         if decoder is not None:
-            rows = decoder(steps[-1].choice.token, position, cache)[None]  # (1, V)
+            rows = decoder([steps[-1].choice.token], [position], cache)  # (1, V)
         else:
             tokens = torch.tensor([[steps[-1].choice.token, *drafts]], device=device)
             rows = model(tokens, cache=cache.view(position))[0]  # (1 + len(drafts), V)

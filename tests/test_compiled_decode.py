@@ -11,6 +11,7 @@ import torch
 from plinth.compiled_decode import OPTIONS, CompiledDecoder
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
+from plinth.kv_cache import KEY_BLOCK, KVCache
 from plinth.loaded import LoadedModel
 from plinth.quant import compact_
 from tests.conftest import byte_tokenizer, tiny_model
@@ -39,7 +40,7 @@ def test_each_compiled_step_gives_the_whole_sequences_logits(compiled):
     with torch.inference_mode():
         whole = model(tokens)[0].float()  # (LENGTH, V), every position at once, no cache
         model(tokens[:, :PROMPT], cache=cache.view())
-        steps = torch.stack([decoder(int(tokens[0, p]), p, cache) for p in range(PROMPT, LENGTH)]).float()
+        steps = torch.cat([decoder([int(tokens[0, p])], [p], cache) for p in range(PROMPT, LENGTH)]).float()
     expected = whole[PROMPT:]
     if dtype == "float32":
         torch.testing.assert_close(steps, expected, rtol=1e-4, atol=1e-4)
@@ -70,7 +71,7 @@ def test_two_decoders_in_one_process_each_run_their_own_model():
         for model, decoder in zip(models, decoders):
             cache = decoder.new_cache(12)
             model(tokens[:, :11], cache=cache.view())
-            torch.testing.assert_close(decoder(int(tokens[0, 11]), 11, cache), model(tokens)[0, 11], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(decoder([int(tokens[0, 11])], [11], cache)[0], model(tokens)[0, 11], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("compiled", ["float32"], indirect=True)
@@ -85,7 +86,7 @@ def test_a_later_decoder_loads_the_kept_program_without_compiling(compiled, monk
         for decoder in (first, later):
             cache = decoder.new_cache(20)
             model(tokens[:, :19], cache=cache.view())
-            logits.append(decoder(int(tokens[0, 19]), 19, cache))
+            logits.append(decoder([int(tokens[0, 19])], [19], cache))
     assert torch.equal(*logits)
 
 
@@ -142,19 +143,46 @@ def test_a_failed_compile_says_what_to_do(monkeypatch):
     with torch.inference_mode():
         model(torch.tensor([[1, 2, 3]]), cache=cache.view())
         with pytest.raises(PlinthError, match="compiling the decoding step failed.*g\\+\\+.*without --compile"):
-            decoder(4, 3, cache)
+            decoder([4], [3], cache)
+
+
+def test_a_rows_compiled_logits_are_the_same_bits_alone_or_in_any_batch(compiled):
+    """The batch invariance eager decoding has: a row's logits, and the keys it writes, do not depend
+    on which rows decode beside it, nor on gaps between their cache rows; rows at other positions,
+    one past its sliding window's ring, a span of rows the program was not built for."""
+    _, loaded = compiled
+    model, decoder = loaded.model, loaded.decoder
+    lengths = [10, 30, 70, 12, 100, 5]
+    cache = KVCache.for_model(model, len(lengths), LENGTH + KEY_BLOCK, slack=0)  # new_cache's layout, 6 rows
+    generator = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for row, n in enumerate(lengths):
+            model(torch.randint(0, 256, (1, n), generator=generator), cache=cache.view(0, torch.tensor([row])))
+        tokens = [40 + row for row in range(len(lengths))]
+
+        def step(rows):  # row 2's logits and the keys it wrote, decoding beside `rows`
+            logits = decoder([tokens[r] for r in rows], [lengths[r] for r in rows], cache, rows)
+            return logits[rows.index(2)], [k[2, :, lengths[2] % k.shape[2]].clone() for k in cache.k]
+
+        alone, keys = step([2])
+        for rows in ([0, 1, 2], [2, 5], [1, 2, 4], list(range(6))):
+            logits, written = step(rows)
+            assert torch.equal(logits, alone), rows
+            assert all(torch.equal(*pair) for pair in zip(written, keys)), rows
+    assert alone.argmax() == step([2])[0].argmax()
 
 
 @pytest.mark.parametrize("compiled", ["float32"], indirect=True)
-def test_a_compiling_engine_decodes_lone_requests_compiled_and_batches_the_rest(compiled, monkeypatch):
-    """`plinth serve --compile`: a request decoding alone takes compiled steps in its own cache row
-    (row 1 here, once its batch-mate has finished), after eager batched steps wrote its earlier
-    keys; its greedy text is plain decoding's."""
+def test_a_compiling_engine_decodes_every_step_compiled_and_a_rows_text_does_not_depend_on_its_batch(compiled, monkeypatch):
+    """`plinth serve --compile`: the decoding steps of every request go through the compiled step,
+    batched; a request decoded beside another, then alone in row 1, gets the greedy text it gets
+    generated alone through the same program, and (float32) plain decoding's."""
     from plinth.engine import Engine
     _, loaded = compiled
     tok, model = loaded.tokenizer, loaded.model
-    engine = Engine(model, tok, max_batch=2, max_len=256, compile=True)
-    engine.decoder = loaded.decoder  # the fixture's, already compiled for this model
+    # chunk=64: the engine's rings are then new_cache's, and the fixture's program serves it as well
+    engine = Engine(model, tok, max_batch=2, max_len=256, chunk=64, compile=True)
+    engine.decoder = loaded.decoder
     calls = []
     real = engine.decoder.__call__
     monkeypatch.setattr(type(engine.decoder), "__call__", lambda self, *a: calls.append(a[3:]) or real(*a))
@@ -164,9 +192,11 @@ def test_a_compiling_engine_decodes_lone_requests_compiled_and_batches_the_rest(
     prompts = [tok.encode("The window slides"), tok.encode("Keys grow past the ring")]
     short, long = engine.generate_many(prompts, [SamplingParams(max_tokens=5, **greedy),
                                                  SamplingParams(max_tokens=90, **greedy)])
+    assert len(short.steps) == 5
+    # compile_now's step, the two requests' next 4 tokens together, then the long one's in row 1
+    assert calls == [()] + [([0, 1],)] * 4 + [([1],)] * 85
+    text = tok.decode([s.choice.token for s in long.steps])
+    assert text == loaded.generate(prompts[1], max_tokens=90, **greedy)
     plain = [s.choice.token for s in generate_stream(model, tok, prompts[1], SamplingParams(max_tokens=90, **greedy),
                                                      speculate=False)]
-    assert [s.choice.token for s in long.steps] == plain
-    assert len(short.steps) == 5
-    # compile_now's step, then the long request's steps once the short one has ended, in row 1
-    assert calls == [()] + [(1,)] * 85
+    assert text == tok.decode(plain)
