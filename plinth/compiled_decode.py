@@ -50,7 +50,6 @@ from plinth.kv_cache import KEY_BLOCK, KVCache, ring_positions, whole_key_blocks
 from plinth.model import attention_mask
 
 MADV_DONTNEED = 4
-MAX_ROWS = 1024  # the most cache rows one step spans
 PROGRAM_CACHE = Path(os.environ.get("PLINTH_PROGRAM_CACHE", Path.home() / ".cache" / "plinth" / "programs"))
 # Weights appended to the library and mapped, not copied into memory.
 OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_inductor.force_mmap_weights": True}
@@ -71,7 +70,9 @@ class StepView:
         self.windows, self.rings = windows, rings
         self.dtype = keys[0].dtype
         self.span = keys[0].shape[0]
-        self.ends = torch.ones(self.span, dtype=positions.dtype, device=positions.device).index_copy(0, rows, positions + 1)
+        # each span row's keys end after its new token; a row feeding nothing sees its key 0
+        self.ends = torch.ones(self.span, dtype=positions.dtype, device=positions.device).index_copy(
+            0, rows, positions + 1)
         self._biases = {}
 
     def write(self, layer: int, k, v):
@@ -145,7 +146,8 @@ class CompiledDecoder:
         the keys it reads, and every ring whole (a step reads its whole ring)."""
         return max(whole_key_blocks(position + 1), cache.ring or 0)
 
-    def __call__(self, tokens: list[int], positions: list[int], cache: KVCache, slots: list[int] | None = None) -> torch.Tensor:
+    def __call__(self, tokens: list[int], positions: list[int], cache: KVCache,
+                 slots: list[int] | None = None) -> torch.Tensor:
         """Logits (B, V) after `tokens` at `positions`, in cache rows `slots` (default 0..B-1; a
         serving engine's cache grows: see `positions_needed`)."""
         layout = str(cache.dtype), tuple(cache.rings)
@@ -155,12 +157,12 @@ class CompiledDecoder:
         first = min(slots)
         keys, values = ([t[first:max(slots) + 1] for t in tensors] for tensors in (cache.k, cache.v))
         length = torch.empty(whole_key_blocks(max(positions) + 1), device=device)
-        return self._programs[layout].run([self._input(torch.tensor(tokens, device=device)[:, None]),
-                                  torch.tensor(slots, device=device) - first, torch.tensor(positions, device=device),
-                                  length, *keys, *values])[0]
+        inputs = [self._input(torch.tensor(tokens, device=device)[:, None]), torch.tensor(slots, device=device) - first,
+                  torch.tensor(positions, device=device), length, *keys, *values]
+        return self._programs[layout].run(inputs)[0]
 
     def _input(self, token: torch.Tensor) -> torch.Tensor:
-        return self.model.scaled_input(self.model.tok_embeddings(token))  # (1, 1, C)
+        return self.model.scaled_input(self.model.tok_embeddings(token))  # (B, 1, C)
 
     def _load(self, cache: KVCache):
         step, build = program_digests(self.model, cache)
@@ -188,20 +190,20 @@ class CompiledDecoder:
         """Export the step for caches like `cache`, compile it with AOTInductor, and write
         the library to `target`."""
         from torch._inductor import aoti_compile_and_package, config, exc  # imported only to build: seconds
-        model, held = self.model, 2 * KEY_BLOCK
+        model = self.model
         longest = model.config.max_seq_len + KEY_BLOCK
         with torch.inference_mode(False), torch.no_grad():  # export traces ordinary tensors
             # Two of a span's three rows feed a token: the example has every size a step varies in.
-            keys, values = ([torch.zeros(3, t.shape[1], held if ring is None else ring, t.shape[3],
+            keys, values = ([torch.zeros(3, t.shape[1], 2 * KEY_BLOCK if ring is None else ring, t.shape[3],
                                          dtype=t.dtype, device=t.device)
                              for t, ring in zip(tensors, cache.rings)] for tensors in (cache.k, cache.v))
             example = (self._input(torch.tensor([[0], [0]])), torch.tensor([0, 2]), torch.tensor([0, 5]),
                        torch.empty(KEY_BLOCK), keys, values)
             # The batch, the span of cache rows, the keys' length and the cache's, which change from step
             # to step and cache to cache, stay sizes of the one program; rings keep theirs.
-            batch, span = torch.export.Dim("batch", min=1, max=MAX_ROWS), torch.export.Dim("span", min=1, max=MAX_ROWS)
-            length, positions = torch.export.Dim("length", max=longest), torch.export.Dim("held", max=longest)
-            grows = [{0: span} if ring else {0: span, 2: positions} for ring in cache.rings]
+            batch, span = torch.export.Dim("batch", min=1), torch.export.Dim("span", min=1)
+            length, held = torch.export.Dim("length", max=longest), torch.export.Dim("held", max=longest)
+            grows = [{0: span} if ring else {0: span, 2: held} for ring in cache.rings]
             shapes = {"x": {0: batch}, "rows": {0: batch}, "positions": {0: batch}, "length": {0: length},
                       "keys": grows, "values": grows}
             step = DecodeStep(model, cache.windows, cache.rings).eval()

@@ -71,7 +71,8 @@ def test_two_decoders_in_one_process_each_run_their_own_model():
         for model, decoder in zip(models, decoders):
             cache = decoder.new_cache(12)
             model(tokens[:, :11], cache=cache.view())
-            torch.testing.assert_close(decoder([int(tokens[0, 11])], [11], cache)[0], model(tokens)[0, 11], rtol=1e-4, atol=1e-4)
+            logits = decoder([int(tokens[0, 11])], [11], cache)[0]
+            torch.testing.assert_close(logits, model(tokens)[0, 11], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("compiled", ["float32"], indirect=True)
@@ -169,11 +170,10 @@ def test_a_rows_compiled_logits_are_the_same_bits_alone_or_in_any_batch(compiled
             logits, written = step(rows)
             assert torch.equal(logits, alone), rows
             assert all(torch.equal(*pair) for pair in zip(written, keys)), rows
-    assert alone.argmax() == step([2])[0].argmax()
 
 
 @pytest.mark.parametrize("compiled", ["float32"], indirect=True)
-def test_a_compiling_engine_decodes_every_step_compiled_and_a_rows_text_does_not_depend_on_its_batch(compiled, monkeypatch):
+def test_a_compiling_engine_decodes_every_step_compiled_and_a_rows_text_is_the_same_alone_or_batched(compiled, monkeypatch):
     """`plinth serve --compile`: the decoding steps of every request go through the compiled step,
     batched; a request decoded beside another, then alone in row 1, gets the greedy text it gets
     generated alone through the same program, and (float32) plain decoding's."""
