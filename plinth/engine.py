@@ -354,12 +354,12 @@ class Engine:
                 return
         decoding = [r for r in self.running if r.pending == 1]
         compiled = [r for r in decoding if not r.adapter] if self.decoder is not None else []
-        groups, budget = [compiled, [r for r in decoding if r not in compiled]], self.chunk
+        prefills, budget = [], self.chunk
         for r in self.running:
-            if r.pending > 1 and (budget > 0 or len(groups) == 1):
-                groups.append([r])
+            if r.pending > 1 and (budget > 0 or not prefills):
+                prefills.append([r])
                 budget -= min(r.pending, self.chunk)
-        for group in filter(None, groups):
+        for group in filter(None, [compiled, [r for r in decoding if r not in compiled], *prefills]):
             try:
                 logits = self._decode_compiled(group) if group is compiled else \
                     self._run(group) if group[0].pending == 1 else self._prefill(group)
