@@ -133,6 +133,7 @@ class CompiledDecoder:
     def __init__(self, model):
         self.model = model
         self._programs = {}  # one per layout of cache: its dtype and rings
+        self._constants = {}  # per program, the tensors it reads and does not own (`share_model_tensors`)
 
     def new_cache(self, length: int) -> KVCache:
         """A KVCache for a sequence of `length` positions, one KEY_BLOCK longer than it: the keys a
@@ -152,7 +153,9 @@ class CompiledDecoder:
         serving engine's cache grows: see `positions_needed`)."""
         layout = str(cache.dtype), tuple(cache.rings)
         if layout not in self._programs:
-            self._programs[layout] = self._load(cache)
+            program = self._load(cache)
+            self._constants[layout] = share_model_tensors(program, self.model)
+            self._programs[layout] = program
         device, slots = cache.device, slots or list(range(len(tokens)))
         first = min(slots)
         keys, values = ([t[first:max(slots) + 1] for t in tensors] for tensors in (cache.k, cache.v))
@@ -218,6 +221,28 @@ class CompiledDecoder:
                 raise PlinthError(f"compiling the decoding step failed: {str(e).strip().splitlines()[0]}. Inductor "
                                   "compiles C++ with the machine's compiler (g++; apt-get install g++); or decode "
                                   "without --compile") from e
+
+
+def share_model_tensors(program, model) -> dict:
+    """Make the program read the model's own tensors where its constants are copies of them (the
+    same name, layout and values: the int4 layers' codes, scales and zeros, the output layer's int8
+    rows), and free its copies: a process then holds those weights once, for prefill and decoding
+    alike. Constants of the program's own (weights in a kernel's layout, tables) are copied out of
+    the buffer that is freed. The program owns none of the tensors it is handed (`user_managed`):
+    the returned dict holds them, and must live as long as the program."""
+    own = dict(model.named_buffers()) | dict(model.named_parameters())
+    name_of = {fqn: name for name, fqn in program.get_constant_names_to_original_fqns().items()}
+    constants = {}
+    for fqn, tensor in program.extract_constants_map(False).items():
+        mine = own.get(fqn.removeprefix("model."))  # DecodeStep holds the model as `model`
+        same = mine is not None and mine.dtype == tensor.dtype and mine.shape == tensor.shape \
+            and mine.stride() == tensor.stride() and torch.equal(mine, tensor)
+        constants[name_of.get(fqn, fqn)] = mine if same else tensor.clone()
+    # every constant into the unused buffer, which then serves, and the old one is freed
+    program.update_constant_buffer(constants, True, True, True)
+    program.swap_constant_buffer()
+    program.free_inactive_constant_buffer()
+    return constants
 
 
 def release_read_pages(path: Path):

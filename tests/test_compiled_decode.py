@@ -61,6 +61,20 @@ def test_a_compiled_model_generates_plain_decodings_greedy_text(compiled):
     assert loaded.generate(prompt, max_tokens=80, temperature=0, ignore_eos=True) == tok.decode(plain)
 
 
+@pytest.mark.parametrize("compiled", ["int4"], indirect=True)
+def test_the_program_reads_the_models_own_int4_weights_not_a_copy(compiled):
+    _, loaded = compiled
+    decoder = loaded.decoder
+    with torch.inference_mode():
+        decoder([1], [0], decoder.new_cache(4))
+    own = {f"model.{name}": t for name, t in loaded.model.named_buffers()}
+    for program in decoder._programs.values():
+        constants = program.extract_constants_map(False)
+        codes = [name for name in constants if name.endswith((".packed", ".scales_zeros"))]
+        assert len(codes) == 2 * 4 * len(loaded.model.layers)  # wqkv, wo, w_gate_up, w_down
+        assert all(constants[name].data_ptr() == own[name].data_ptr() for name in codes)
+
+
 def test_two_decoders_in_one_process_each_run_their_own_model():
     """Programs are kept under a digest of the weights they froze in: two models of one config never
     share one."""
