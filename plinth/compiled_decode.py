@@ -25,7 +25,9 @@ built from (`program_digests`): the weights, the config, the cache's layout, the
 program's loops keep the one it was compiled with), plinth's and PyTorch's versions and the CPU's
 instruction set. A later process loads it in well under a second; anything changed makes another
 name, never a stale program, and a new build of the same step replaces the old one. The weights are
-frozen into the program: a model whose weights change afterwards needs a new CompiledDecoder.
+frozen into the program when it is built; once loaded, it reads the model's own tensors where its
+constants are copies of them (`share_model_tensors`). A model whose weights change afterwards needs
+a new CompiledDecoder.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from plinth.model import attention_mask
 
 MADV_DONTNEED = 4
 PROGRAM_CACHE = Path(os.environ.get("PLINTH_PROGRAM_CACHE", Path.home() / ".cache" / "plinth" / "programs"))
-# Weights appended to the library and mapped, not copied into memory.
+# The weights appended to the library, which the runtime maps at load (see `release_read_pages`).
 OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_inductor.force_mmap_weights": True}
 
 
@@ -132,8 +134,9 @@ class CompiledDecoder:
 
     def __init__(self, model):
         self.model = model
-        self._programs = {}  # one per layout of cache: its dtype and rings
-        self._constants = {}  # per program, the tensors it reads and does not own (`share_model_tensors`)
+        # per layout of cache (its dtype and rings): the program, and the tensors it reads and does not
+        # own (`share_model_tensors`), which must live as long as it
+        self._programs = {}
 
     def new_cache(self, length: int) -> KVCache:
         """A KVCache for a sequence of `length` positions, one KEY_BLOCK longer than it: the keys a
@@ -154,15 +157,15 @@ class CompiledDecoder:
         layout = str(cache.dtype), tuple(cache.rings)
         if layout not in self._programs:
             program = self._load(cache)
-            self._constants[layout] = share_model_tensors(program, self.model)
-            self._programs[layout] = program
+            self._programs[layout] = program, share_model_tensors(program, self.model)
         device, slots = cache.device, slots or list(range(len(tokens)))
         first = min(slots)
         keys, values = ([t[first:max(slots) + 1] for t in tensors] for tensors in (cache.k, cache.v))
         length = torch.empty(whole_key_blocks(max(positions) + 1), device=device)
         inputs = [self._input(torch.tensor(tokens, device=device)[:, None]), torch.tensor(slots, device=device) - first,
                   torch.tensor(positions, device=device), length, *keys, *values]
-        return self._programs[layout].run(inputs)[0]
+        program, _ = self._programs[layout]
+        return program.run(inputs)[0]
 
     def _input(self, token: torch.Tensor) -> torch.Tensor:
         return self.model.scaled_input(self.model.tok_embeddings(token))  # (B, 1, C)

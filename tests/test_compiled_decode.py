@@ -68,7 +68,7 @@ def test_the_program_reads_the_models_own_int4_weights_not_a_copy(compiled):
     with torch.inference_mode():
         decoder([1], [0], decoder.new_cache(4))
     own = {f"model.{name}": t for name, t in loaded.model.named_buffers()}
-    for program in decoder._programs.values():
+    for program, _ in decoder._programs.values():
         constants = program.extract_constants_map(False)
         codes = [name for name in constants if name.endswith((".packed", ".scales_zeros"))]
         assert len(codes) == 2 * 4 * len(loaded.model.layers)  # wqkv, wo, w_gate_up, w_down
