@@ -19,24 +19,25 @@ Its arithmetic is not the eager step's (fused loops sum in another order), so a 
 compiled is not bit for bit the one decoded eagerly, and prompt-lookup speculation (whose verify
 passes are eager and must give plain decoding's bits) is off while compiled.
 
-Compiling takes a minute or two for a model. The library is kept in PROGRAM_CACHE
-(~/.cache/plinth/programs, or $PLINTH_PROGRAM_CACHE) under a name that digests everything it was
-built from (`program_digests`): the weights, the config, the cache's layout, the thread count (the
-program's loops keep the one it was compiled with), plinth's and PyTorch's versions and the CPU's
-instruction set. A later process loads it in well under a second; anything changed makes another
-name, never a stale program, and a new build of the same step replaces the old one. The weights are
-frozen into the program when it is built; once loaded, it reads the model's own tensors where its
-constants are copies of them (`share_model_tensors`). A model whose weights change afterwards needs
+Compiling takes a minute or two for a model. The program is kept in PROGRAM_CACHE
+(~/.cache/plinth/programs, or $PLINTH_PROGRAM_CACHE), a folder per program named by a digest of
+everything it was built from (`program_digests`): the weights, the config, the cache's layout, the
+thread count (the program's loops keep the one it was compiled with), plinth's and PyTorch's
+versions and the CPU's instruction set. A later process loads it in well under a second; anything
+changed makes another name, never a stale program, and a new build of the same step replaces the
+old one. The weights are frozen in when it is built (kernels are chosen for them, some rearranged
+into a kernel's layout), but the library holds none: the program reads the model's own tensors,
+and the few constants of its own are kept beside it (`keep_program`), so a process holds the
+weights once. A model whose weights change afterwards needs a new CompiledDecoder.
 a new CompiledDecoder.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
+import io
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -47,14 +48,15 @@ import torch
 
 import plinth
 from plinth.errors import PlinthError
-from plinth.files import atomic_file
+from plinth.files import atomic_folder
 from plinth.kv_cache import KEY_BLOCK, KVCache, ring_positions, whole_key_blocks
 from plinth.model import attention_mask
 
-MADV_DONTNEED = 4
 PROGRAM_CACHE = Path(os.environ.get("PLINTH_PROGRAM_CACHE", Path.home() / ".cache" / "plinth" / "programs"))
-# The weights appended to the library, which the runtime maps at load (see `release_read_pages`).
-OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_inductor.force_mmap_weights": True}
+# The constants stay out of the library, each stored whole beside it in the package (`keep_program`).
+OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_inductor.package_constants_in_so": False,
+           "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
+LIBRARY, CONSTANTS = "step.so", "constants.pt"
 
 
 class StepView:
@@ -156,8 +158,7 @@ class CompiledDecoder:
         serving engine's cache grows: see `positions_needed`)."""
         layout = str(cache.dtype), tuple(cache.rings)
         if layout not in self._programs:
-            program = self._load(cache)
-            self._programs[layout] = program, share_model_tensors(program, self.model)
+            self._programs[layout] = self._load(cache)
         device, slots = cache.device, slots or list(range(len(tokens)))
         first = min(slots)
         keys, values = ([t[first:max(slots) + 1] for t in tensors] for tensors in (cache.k, cache.v))
@@ -172,29 +173,30 @@ class CompiledDecoder:
 
     def _load(self, cache: KVCache):
         step, build = program_digests(self.model, cache)
-        path, alone = PROGRAM_CACHE / f"{step}-{build}.so", None
-        if not path.exists():
+        folder, alone = PROGRAM_CACHE / f"{step}-{build}", None
+        if not (folder / LIBRARY).exists():
             try:
-                with atomic_file(path) as tmp:
+                with atomic_folder(folder) as tmp:
                     self._build(cache, tmp)
-                for older in PROGRAM_CACHE.glob(f"{step}-*.so"):  # this step built by an earlier plinth or torch
-                    if older != path:
-                        older.unlink(missing_ok=True)
+                for older in PROGRAM_CACHE.glob(f"{step}-*"):  # this step built by an earlier plinth or torch
+                    if older != folder:
+                        shutil.rmtree(older, ignore_errors=True)
+                for library in PROGRAM_CACHE.glob("*.so"):  # a program of plinth's earlier one-file layout
+                    library.unlink(missing_ok=True)
             except OSError as e:  # a read-only home, a full disk: compile for this process alone
                 print(f"plinth: could not keep the compiled decoding step in {PROGRAM_CACHE} ({e}); the next "
                       "start will compile it again", file=sys.stderr)
-                alone = Path(tempfile.mkdtemp(prefix="plinth-program-"))
-                path = alone / "step.so"
-                self._build(cache, path)
-        program = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
-        release_read_pages(path)
-        if alone is not None:  # the loaded library stays mapped after its file is removed
-            shutil.rmtree(alone, ignore_errors=True)
-        return program
+                folder = alone = Path(tempfile.mkdtemp(prefix="plinth-program-"))
+                self._build(cache, folder)
+        try:
+            return open_program(folder, self.model)
+        finally:
+            if alone is not None:  # the loaded library stays mapped after its file is removed
+                shutil.rmtree(alone, ignore_errors=True)
 
-    def _build(self, cache: KVCache, target: Path):
-        """Export the step for caches like `cache`, compile it with AOTInductor, and write
-        the library to `target`."""
+    def _build(self, cache: KVCache, folder: Path):
+        """Export the step for caches like `cache`, compile it with AOTInductor, and keep the
+        library and the constants the model does not hold in `folder` (`keep_program`)."""
         from torch._inductor import aoti_compile_and_package, config, exc  # imported only to build: seconds
         model = self.model
         longest = model.config.max_seq_len + KEY_BLOCK
@@ -215,60 +217,56 @@ class CompiledDecoder:
             step = DecodeStep(model, cache.windows, cache.rings).eval()
             try:
                 program = torch.export.export(step, example, dynamic_shapes=shapes, strict=False)
-                with tempfile.TemporaryDirectory() as folder, config.patch(OPTIONS):
-                    package = aoti_compile_and_package(program, package_path=f"{folder}/step.pt2")
-                    with zipfile.ZipFile(package) as archive, open(target, "wb") as out:
-                        library = next(n for n in archive.namelist() if n.endswith(".so"))
-                        shutil.copyfileobj(archive.open(library), out)
+                with tempfile.TemporaryDirectory() as work, config.patch(OPTIONS):
+                    package = aoti_compile_and_package(program, package_path=f"{work}/step.pt2")
+                    keep_program(package, model, folder)
             except (exc.InductorError, exc.CppCompileError) as e:
                 raise PlinthError(f"compiling the decoding step failed: {str(e).strip().splitlines()[0]}. Inductor "
                                   "compiles C++ with the machine's compiler (g++; apt-get install g++); or decode "
                                   "without --compile") from e
 
 
-def share_model_tensors(program, model) -> dict:
-    """Make the program read the model's own tensors where its constants are copies of them (the
-    same name, layout and values: the int4 layers' codes, scales and zeros, the output layer's int8
-    rows), and free its copies: a process then holds those weights once, for prefill and decoding
-    alike. Constants of the program's own (weights in a kernel's layout, tables) are copied out of
-    the buffer that is freed. The program owns none of the tensors it is handed (`user_managed`):
-    the returned dict holds them, and must live as long as the program."""
-    own = dict(model.named_buffers()) | dict(model.named_parameters())
-    name_of = {fqn: name for name, fqn in program.get_constant_names_to_original_fqns().items()}
-    constants = {}
-    for fqn, tensor in program.extract_constants_map(False).items():
-        mine = own.get(fqn.removeprefix("model."))  # DecodeStep holds the model as `model`
-        same = mine is not None and mine.dtype == tensor.dtype and mine.shape == tensor.shape \
-            and mine.stride() == tensor.stride() and torch.equal(mine, tensor)
-        constants[name_of.get(fqn, fqn)] = mine if same else tensor.clone()
-    # every constant into the unused buffer, which then serves, and the old one is freed
-    program.update_constant_buffer(constants, True, True, True)
-    program.swap_constant_buffer()
-    program.free_inactive_constant_buffer()
-    return constants
+def model_tensors(model) -> dict:
+    """The model's parameters and buffers by the names a program gives them (`DecodeStep` holds the
+    model as `model`)."""
+    return {f"model.{name}": t for name, t in (*model.named_parameters(), *model.named_buffers())}
 
 
-def release_read_pages(path: Path):
-    """AOTInductor's runtime maps the weights appended to the library, copies them into memory of
-    its own and keeps the mapping: the pages it read would stay counted in the process's memory
-    beside the copy. Mappings of the library never written to (no anonymous pages, so nothing a
-    relocation changed) whose size is most of the file's give them back (MADV_DONTNEED: Linux reads
-    them from the file again if they are ever touched)."""
-    try:
-        maps = Path("/proc/self/smaps").read_text()
-    except OSError:  # not Linux
-        return
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    size = path.stat().st_size
-    for mapping in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", maps):
-        header, *fields = mapping.splitlines()
-        if not header.endswith(f" {path}"):
-            continue
-        start, end = (int(address, 16) for address in header.split()[0].split("-"))
-        anonymous = next(int(f.split()[1]) for f in fields if f.startswith("Anonymous:"))
-        if anonymous == 0 and end - start > size // 2:
-            madvise(start, end - start, MADV_DONTNEED)
+def keep_program(package: str, model, folder: Path):
+    """From an AOTInductor package built without its constants in the library (they are listed
+    beside it, each stored whole), keep the library and, of the constants, those the model does not
+    hold: weights in a kernel's layout, tables. The program reads the model's own tensors for the
+    rest (the int4 layers' codes, scales and zeros, the output layer's int8 rows), which the model
+    holds anyway for prefill: a process holds those weights once, and loading copies nothing."""
+    own = model_tensors(model)
+    with zipfile.ZipFile(package) as archive:
+        names = archive.namelist()
+        with archive.open(next(n for n in names if n.endswith(".so"))) as library, open(folder / LIBRARY, "wb") as out:
+            shutil.copyfileobj(library, out)
+        listing = next(n for n in names if n.endswith("/weights_config.json"))
+        stored, constants = {}, {}
+        for fqn, (file, shape, stride, offset) in json.loads(archive.read(listing)).items():
+            if file not in stored:
+                data = archive.read(next(n for n in names if n.endswith(f"/data/weights/{file}")))
+                stored[file] = torch.load(io.BytesIO(data), weights_only=True)
+            value = stored[file].as_strided(shape, stride, offset)
+            mine = own.get(fqn)
+            if mine is None or mine.dtype != value.dtype or mine.shape != value.shape or mine.stride() != value.stride() \
+                    or not torch.equal(mine, value):
+                constants[fqn] = torch.empty_strided(shape, stride, dtype=value.dtype).copy_(value)
+    torch.save(constants, folder / CONSTANTS)
+
+
+def open_program(folder: Path, model):
+    """The program kept in `folder`, reading the model's own tensors and the constants kept beside
+    it; and those tensors by the program's names for them, which it does not own (`user_managed`):
+    the dict must live as long as the program."""
+    program = torch._C._aoti.AOTIModelContainerRunnerCpu(str(folder / LIBRARY), 1)
+    own, kept = model_tensors(model), torch.load(folder / CONSTANTS, weights_only=True)
+    constants = {name: kept[fqn] if fqn in kept else own[fqn]
+                 for name, fqn in program.get_constant_names_to_original_fqns().items()}
+    program.update_constant_buffer(constants, False, True, True)
+    return program, constants
 
 
 def program_digests(model, cache: KVCache) -> tuple[str, str]:
@@ -278,7 +276,7 @@ def program_digests(model, cache: KVCache) -> tuple[str, str]:
     new build of a step replaces the step's older ones."""
     step = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        step.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        step.update(f"{name} {tensor.dtype} {tuple(tensor.shape)} {tensor.stride()}".encode())
         step.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
     step.update(json.dumps([model.config.to_json(), str(cache.dtype), cache.windows, cache.rings,
                             torch.get_num_threads()]).encode())

@@ -3,12 +3,11 @@ sequence computed eagerly without a cache (the independent reference), through a
 layer whose ring of keys wraps around and a global layer whose keys grow, in float32 and with int4
 weights; and `plinth.load(...).compile()` generates through it plain decoding's greedy text."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from plinth.compiled_decode import OPTIONS, CompiledDecoder
+from plinth.compiled_decode import CONSTANTS, LIBRARY, OPTIONS, CompiledDecoder
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
 from plinth.kv_cache import KEY_BLOCK, KVCache
@@ -63,16 +62,23 @@ def test_a_compiled_model_generates_plain_decodings_greedy_text(compiled):
 
 @pytest.mark.parametrize("compiled", ["int4"], indirect=True)
 def test_the_program_reads_the_models_own_int4_weights_not_a_copy(compiled):
+    from plinth import compiled_decode
     _, loaded = compiled
-    decoder = loaded.decoder
+    decoder, cache = loaded.decoder, loaded.decoder.new_cache(4)
     with torch.inference_mode():
-        decoder([1], [0], decoder.new_cache(4))
+        decoder([1], [0], cache)
     own = {f"model.{name}": t for name, t in loaded.model.named_buffers()}
     for program, _ in decoder._programs.values():
         constants = program.extract_constants_map(False)
         codes = [name for name in constants if name.endswith((".packed", ".scales_zeros"))]
         assert len(codes) == 2 * 4 * len(loaded.model.layers)  # wqkv, wo, w_gate_up, w_down
         assert all(constants[name].data_ptr() == own[name].data_ptr() for name in codes)
+    # and neither the library nor the constants kept beside it hold a copy of them
+    folder = compiled_decode.PROGRAM_CACHE / "-".join(compiled_decode.program_digests(loaded.model, cache))
+    kept = torch.load(folder / CONSTANTS, weights_only=True)
+    assert kept and not any(name.endswith((".packed", ".scales_zeros", "output.q")) for name in kept)
+    library = (folder / LIBRARY).read_bytes()
+    assert all(own[name].view(-1).view(torch.uint8).numpy().tobytes() not in library for name in codes if own[name].nbytes >= 1024)
 
 
 def test_two_decoders_in_one_process_each_run_their_own_model():
@@ -107,12 +113,12 @@ def test_a_later_decoder_loads_the_kept_program_without_compiling(compiled, monk
 
 @pytest.fixture
 def loaded_without_compiling(monkeypatch) -> list:
-    """`_build` writes a stand-in library and loading records (path, contents): the program cache's
-    bookkeeping, without compiling."""
-    monkeypatch.setattr(CompiledDecoder, "_build", lambda self, cache, target: target.write_bytes(b"built"))
+    """`_build` writes a stand-in library and opening records (folder, library's contents): the
+    program cache's bookkeeping, without compiling."""
+    monkeypatch.setattr(CompiledDecoder, "_build", lambda self, cache, folder: (folder / LIBRARY).write_bytes(b"built"))
     loaded = []
-    monkeypatch.setattr(torch._C._aoti, "AOTIModelContainerRunnerCpu",
-                        lambda path, n: loaded.append((path, Path(path).read_bytes())))
+    monkeypatch.setattr("plinth.compiled_decode.open_program",
+                        lambda folder, model: loaded.append((folder, (folder / LIBRARY).read_bytes())))
     return loaded
 
 
@@ -124,11 +130,15 @@ def test_a_new_build_of_a_step_replaces_its_older_builds_and_keeps_other_steps(t
     cache = decoder.new_cache(8)
     step, build = compiled_decode.program_digests(model, cache)
     monkeypatch.setattr(compiled_decode, "PROGRAM_CACHE", tmp_path)
-    older, other = tmp_path / f"{step}-{'0' * 32}.so", tmp_path / f"{'1' * 32}-{build}.so"
-    older.write_bytes(b"an earlier build"), other.write_bytes(b"another model's step")
+    older, other = tmp_path / f"{step}-{'0' * 32}", tmp_path / f"{'1' * 32}-{build}"
+    for folder, library in ((older, b"an earlier build"), (other, b"another model's step")):
+        folder.mkdir()
+        (folder / LIBRARY).write_bytes(library)
+    (tmp_path / f"{step}-{'2' * 32}.so").write_bytes(b"a library of plinth's earlier one-file layout")
     decoder._load(cache)
-    assert loaded_without_compiling == [(str(tmp_path / f"{step}-{build}.so"), b"built")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, f"{step}-{build}.so"])
+    assert loaded_without_compiling == [(tmp_path / f"{step}-{build}", b"built")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, f"{step}-{build}"])
+    assert (other / LIBRARY).read_bytes() == b"another model's step"
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] += 1  # other weights: another step
     assert compiled_decode.program_digests(model, cache)[0] != step
