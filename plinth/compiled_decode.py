@@ -276,6 +276,10 @@ def program_digests(model, cache: KVCache) -> tuple[str, str]:
     new build of a step replaces the step's older ones."""
     step = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        # The step never reads the input embedding (looked up outside it; a tied output layer's
+        # tensors are listed under its own names too), whose pages would be read in only to hash them.
+        if name == "tok_embeddings.weight":
+            continue
         step.update(f"{name} {tensor.dtype} {tuple(tensor.shape)} {tensor.stride()}".encode())
         step.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
     step.update(json.dumps([model.config.to_json(), str(cache.dtype), cache.windows, cache.rings,
