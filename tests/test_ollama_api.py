@@ -273,7 +273,11 @@ def test_an_unknown_model_is_a_404_with_strict_models(strict):
             call()
         assert caught.value.status_code == 404
     assert client.chat(model="tiny", messages=ASK, options={"num_predict": 2}).done
+    # the embedder is listed, but in memory (`ps`) only once it has embedded something
+    assert [m.model for m in client.list().models] == ["tiny", "tiny-embed"]
+    assert [m.model for m in client.ps().models] == ["tiny"]
     assert client.embed(model="tiny-embed", input="w1 w2").embeddings
+    assert [m.model for m in client.ps().models] == ["tiny", "tiny-embed"]
 
 
 def test_a_fault_after_streaming_began_is_a_last_error_line(strict, monkeypatch):

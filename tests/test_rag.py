@@ -209,7 +209,7 @@ def test_index_round_trips_through_disk_atomically(index, embedder, tmp_path):
 
 def test_bad_indexes_and_queries_are_clear_errors(index, embedder, tmp_path):
     from plinth.retrieval.embedder import Embedder
-    other = Embedder(embedder.model, embedder.tokenizer, "some-other-encoder", embedder.max_tokens)
+    other = Embedder(embedder.config, embedder.tokenizer, "some-other-encoder", embedder.max_tokens, lambda: embedder.model)
     with pytest.raises(PlinthError, match="built with the embedder 'all-minilm-l6-v2', not 'some-other-encoder'"):
         index.search(other, "roses")
     (tmp_path / "empty").mkdir()
@@ -288,3 +288,15 @@ def test_html_section_offsets_point_at_their_headings(tmp_path):
     for start, heading in doc.sections:  # Sphinx's ¶ marks go before offsets are counted, so none drifts
         assert doc.text[start:].startswith(heading)
     assert doc.section_at(doc.text.index("Text 29")) == "Part 29"
+
+
+def test_the_encoders_weights_are_read_at_its_first_embedding_not_at_load():
+    """A server loads its embedder at start; one never asked for embeddings never holds the weights."""
+    from plinth.retrieval.embedder import Embedder
+    embedder = Embedder.load()
+    assert not embedder.read and embedder.dimensions == 384 and embedder.vocab_size == 30522
+    outline = embedder.outline()  # what /api/tags counts, without reading
+    assert not embedder.read and next(outline.parameters()).device.type == "meta"
+    assert embedder.embed("A cat sits.").shape == (1, 384) and embedder.read
+    assert [(n, p.shape, p.dtype) for n, p in outline.named_parameters()] == \
+        [(n, p.shape, p.dtype) for n, p in embedder.outline().named_parameters()]

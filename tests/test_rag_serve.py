@@ -84,7 +84,7 @@ async def test_bad_retrieval_requests_are_400(served, retrieval, message):
 
 def test_an_index_from_another_embedder_or_without_one_is_refused(embedder, index_folder):
     from plinth.retrieval.embedder import Embedder
-    other = Embedder(embedder.model, embedder.tokenizer, "other-encoder", embedder.max_tokens)
+    other = Embedder(embedder.config, embedder.tokenizer, "other-encoder", embedder.max_tokens, lambda: embedder.model)
     with pytest.raises(PlinthError, match="built with the embedder 'all-minilm-l6-v2', but the server embeds with "
                                           "'other-encoder': start it with --embedding-model all-minilm-l6-v2"):
         load_indexes({"docs": str(index_folder)}, other)

@@ -38,7 +38,7 @@ def tiny_embedder(seconds_per_text: float = 0.0) -> tuple[Embedder, list[int]]:
         time.sleep(seconds_per_text)
         return features(*args, **kwargs)
     model.features = counted
-    return Embedder(model, tokenizer, "tiny-embed", 64), calls
+    return Embedder(model.config, tokenizer, "tiny-embed", 64, lambda: model), calls
 
 
 def serve(tokenizer, embedder=None):

@@ -65,8 +65,8 @@ class Served:
 def served(state: ServerState, name: str) -> Served:
     """The served model that `name` names: the embedder's name, an adapter's, or (resolved as the
     generation routes resolve names) the served model's."""
-    if state.embedder is not None and name == state.embedder.name:
-        return Served(name, [state.embedder.model], ["embedding"], state.embedder.max_tokens)
+    if state.embedder is not None and name == state.embedder.name:  # listed without reading its weights
+        return Served(name, [state.embedder.outline()], ["embedding"], state.embedder.max_tokens)
     name = state.resolve_model(name)
     if state.generator is not None:
         return Served(name, [state.generator.denoiser], ["image"], None)
@@ -90,6 +90,8 @@ async def ps(request: Request):
     state = server_state(request)
     models = []
     for name in state.model_names():
+        if state.embedder is not None and name == state.embedder.name and not state.embedder.read:
+            continue  # as Ollama's: models in memory, and the embedder's weights are read at its first use
         model = served(state, name)
         on_device = next(model.modules[0].parameters()).device.type != "cpu"
         models.append({**model.listing(state), "expires_at": NEVER,

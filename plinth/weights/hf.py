@@ -185,8 +185,25 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and config.is_file() and "model_type" in json.loads(config.read_text())
 
 
+def read_hf_config(folder) -> ModelConfig:
+    """The config of the Hugging Face model folder `folder`, after checking that it has weights plinth
+    reads (without reading them)."""
+    return _architecture(Path(folder))[1]
+
+
 def read_hf_folder(folder) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     folder = Path(folder)
+    arch, config, files = _architecture(folder)
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    tensors = arch.prepare(tensors)
+    state = {map_key(name, arch.table): value.float() for name, value in tensors.items()
+             if not any(part in name for part in arch.ignored)}
+    return config, state
+
+
+def _architecture(folder: Path) -> tuple["HFArchitecture", ModelConfig, list[Path]]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise PlinthError(f"{folder} has no config.json; a Hugging Face model folder needs one")
@@ -198,13 +215,7 @@ def read_hf_folder(folder) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     files = sorted(folder.glob("model*.safetensors"))  # model.safetensors or model-00001-of-00002.safetensors
     if not files:
         raise PlinthError(f"{folder} has no .safetensors weights (plinth never unpickles .bin files)")
-    tensors = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    tensors = arch.prepare(tensors)
-    state = {map_key(name, arch.table): value.float() for name, value in tensors.items()
-             if not any(part in name for part in arch.ignored)}
-    return arch.config(raw), state
+    return arch, arch.config(raw), files
 
 
 def export_architecture(config: ModelConfig, candidates: dict[str, dict], target: str) -> str:
