@@ -353,7 +353,7 @@ class Engine:
                 self.stats.steps += 1
                 return
         decoding = [r for r in self.running if r.pending == 1]
-        compiled = [r for r in decoding if not r.adapter] if self.decoder is not None else []
+        compiled = [r for r in decoding if self._compiled(r, r.computed)]
         prefills, budget = [], self.chunk
         for r in self.running:
             if r.pending > 1 and (budget > 0 or not prefills):
@@ -459,20 +459,30 @@ class Engine:
         held = [(r.slot, len(r.tokens)) for r in self.running] + [(s, len(t)) for s, (_, t) in self.kept.items()]
         self.cache.fit(max((s + 1 for s, _ in held), default=0), max((n for _, n in held), default=0))
 
-    def _prefill(self, group: list[Request]) -> torch.Tensor:
+    def _prefill(self, group: list[Request]) -> torch.Tensor | None:
         """Up to `chunk` more prompt tokens of one request, `piece` tokens per forward pass; the
-        logits of the last one fed."""
+        logits of the last one fed, if it ended the prompt. A prompt whose last token the compiled
+        step will feed is prefilled up to it."""
         (request,), fed = group, 0
+        held = 1 if self._compiled(request, request.prompt_len - 1) else 0
         while True:
-            fed += min(request.pending, self.piece)
-            logits = self._run(group, self.piece)
-            if request.pending == 0 or fed >= self.chunk:
+            most = min(request.pending - held, self.piece)
+            fed += most
+            logits = self._run(group, most)
+            if request.pending == held or fed >= self.chunk:
                 return logits
 
+    def _compiled(self, request: Request, position: int) -> bool:
+        """Whether the token at `position` goes through the compiled step: not through an adapter
+        (the program has none), nor an image's vector (the step looks tokens up)."""
+        return self.decoder is not None and not request.adapter and \
+            (request.images is None or position not in request.images.positions)
+
     @torch.inference_mode()
-    def _run(self, group: list[Request], most: int = 1) -> torch.Tensor:
+    def _run(self, group: list[Request], most: int = 1) -> torch.Tensor | None:
         """One forward pass for a group of requests, each fed at most `most` tokens; returns the
-        logits of each one's last fed token."""
+        logits of each one's last fed token, or None when no request's prompt ends in this pass (a
+        prefill piece samples nothing, and the output layer is the largest matrix)."""
         group.sort(key=lambda r: r.slot)
         counts = [min(r.pending, most) for r in group]
         width = max(counts)
@@ -487,13 +497,15 @@ class Engine:
         start = group[0].computed if len(group) == 1 else torch.tensor([r.computed for r in group])
         adapters = torch.tensor([r.adapter for r in group]) if any(r.adapter for r in group) else None
         embeds = self._with_images(group, tokens, counts) if any(r.images is not None for r in group) else None
-        logits = self.model(None if embeds is not None else tokens, embeds=embeds,
-                            cache=self.cache.view(start, None if in_order else torch.tensor(slots)),
-                            last=torch.tensor(counts) - 1, adapters=adapters)
+        inputs = dict(embeds=embeds, cache=self.cache.view(start, None if in_order else torch.tensor(slots)),
+                      adapters=adapters)
+        sampled = any(r.pending == n for r, n in zip(group, counts))
+        logits = self.model(None if embeds is not None else tokens, last=torch.tensor(counts) - 1, **inputs) \
+            if sampled else self.model.features(None if embeds is not None else tokens, **inputs)
         for r, n in zip(group, counts):
             r.computed += n
         self.stats.last_batch = len(group)
-        return logits.float()
+        return logits.float() if sampled else None
 
     def _with_images(self, group: list[Request], tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The token embeddings of this step's inputs (B, W, C), with image vectors where the fed
@@ -557,7 +569,9 @@ class Engine:
                 self.decoder([0], [0], self.cache)
             self._fit_cache()
 
-    def _postprocess(self, group: list[Request], logits: torch.Tensor):
+    def _postprocess(self, group: list[Request], logits: torch.Tensor | None):
+        if logits is None:  # every request of the group is still prefilling
+            return
         for request, row in zip(group, logits):
             if request.pending or request.cancelled:  # still prefilling, or gone
                 continue

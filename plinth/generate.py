@@ -266,7 +266,7 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
     it repeats its input (rewriting or quoting a given text). False: one token per pass; a
     `PromptLookup`: guess with that one (to tune it, or read how many guesses it got right).
     decoder: a `CompiledDecoder` of this model (plinth/compiled_decode.py) to decode with, one token
-    a step; speculation is then off.
+    a step, from the prompt's last token on; speculation is then off.
     cpu_share: a `CpuShare` (plinth/cpu_share.py) that sets this thread's thread count between
     steps, leaving room for other processes."""
     params.validate(model.config.vocab_size)
@@ -279,8 +279,13 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
     length = len(prompt) + seq.max_new  # passes only go forward: rings suffice (slack=0)
     cache = decoder.new_cache(length) if decoder is not None else KVCache.for_model(model, 1, length, slack=0)
     device = model.tok_embeddings.weight.device
-    rows = model(None if embeds is not None else torch.tensor([prompt], device=device), embeds=embeds,
-                 cache=cache.view(), last=torch.tensor([len(prompt) - 1], device=device))  # (1, V)
+    if decoder is not None and embeds is None:  # the prompt's last token through the compiled step too
+        if len(prompt) > 1:
+            model.features(torch.tensor([prompt[:-1]], device=device), cache=cache.view())
+        rows = decoder([prompt[-1]], [len(prompt) - 1], cache)  # (1, V)
+    else:
+        rows = model(None if embeds is not None else torch.tensor([prompt], device=device), embeds=embeds,
+                     cache=cache.view(), last=torch.tensor([len(prompt) - 1], device=device))  # (1, V)
     drafts: list[int] = []
     while True:
         steps = speculator.accept(drafts, rows.cpu())

@@ -214,11 +214,15 @@ def test_a_compiling_engine_decodes_every_step_compiled_and_a_rows_text_is_the_s
     assert engine.cache.rows == 0  # compiling left nothing held
     greedy = dict(temperature=0, ignore_eos=True)
     prompts = [tok.encode("The window slides"), tok.encode("Keys grow past the ring")]
+    heads, head = [], model.output.forward
+    monkeypatch.setattr(model.output, "forward", lambda h: heads.append(h.shape) or head(h))
     short, long = engine.generate_many(prompts, [SamplingParams(max_tokens=5, **greedy),
                                                  SamplingParams(max_tokens=90, **greedy)])
     assert len(short.steps) == 5
-    # compile_now's step, the two requests' next 4 tokens together, then the long one's in row 1
-    assert calls == [()] + [([0, 1],)] * 4 + [([1],)] * 85
+    assert heads == []  # the model's own output layer never ran: the program gave every token
+    # compile_now's step; each prompt prefilled up to its last token, which the program feeds: the two
+    # requests' first 5 tokens together, then the long one's in row 1
+    assert calls == [()] + [([0, 1],)] * 5 + [([1],)] * 85
     text = tok.decode([s.choice.token for s in long.steps])
     assert text == loaded.generate(prompts[1], max_tokens=90, **greedy)
     plain = [s.choice.token for s in generate_stream(model, tok, prompts[1], SamplingParams(max_tokens=90, **greedy),

@@ -34,11 +34,17 @@ PARAMS = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
           SamplingParams(max_tokens=15, top_k=3, seed=11, ignore_eos=True)]
 
 
-def test_batched_results_equal_running_each_alone(model, tokenizer):
+def test_batched_results_equal_running_each_alone(model, tokenizer, monkeypatch):
     engine = Engine(model, tokenizer, max_batch=4, max_len=128, chunk=16)  # the long prompt prefills in chunks
-    for (prompt, params), record in zip(zip(PROMPTS, PARAMS), engine.generate_many(PROMPTS, PARAMS, timeout=60)):
+    head_rows, head = [], model.output.forward
+    monkeypatch.setattr(model.output, "forward", lambda h: head_rows.append(h.shape[0]) or head(h))
+    records = engine.generate_many(PROMPTS, PARAMS, timeout=60)
+    monkeypatch.undo()
+    for (prompt, params), record in zip(zip(PROMPTS, PARAMS), records):
         assert record.tokens == alone(model, tokenizer, prompt, params)
         assert record.finish_reason in ("stop", "length")
+    # the output layer ran for the sampled tokens only, not for prefill pieces before a prompt's end
+    assert sum(head_rows) == sum(len(record.steps) for record in records)
 
 
 def test_generate_many_on_the_engine_thread_gives_the_same_tokens_and_raises_a_request_error(model, tokenizer):
