@@ -33,6 +33,7 @@ a new CompiledDecoder.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -57,6 +58,7 @@ PROGRAM_CACHE = Path(os.environ.get("PLINTH_PROGRAM_CACHE", Path.home() / ".cach
 OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_inductor.package_constants_in_so": False,
            "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
 LIBRARY, CONSTANTS = "step.so", "constants.pt"
+PAGE, MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096, 4
 
 
 class StepView:
@@ -282,6 +284,7 @@ def program_digests(model, cache: KVCache) -> tuple[str, str]:
             continue
         step.update(f"{name} {tensor.dtype} {tuple(tensor.shape)} {tensor.stride()}".encode())
         step.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        release_file_pages(tensor)
     step.update(json.dumps([model.config.to_json(), str(cache.dtype), cache.windows, cache.rings,
                             torch.get_num_threads()]).encode())
     build = hashlib.sha256()
@@ -289,3 +292,29 @@ def program_digests(model, cache: KVCache) -> tuple[str, str]:
         build.update(source.read_bytes())
     build.update(json.dumps([torch.__version__, torch.backends.cpu.get_cpu_capability(), repr(OPTIONS)]).encode())
     return step.hexdigest()[:32], build.hexdigest()[:32]
+
+
+def release_file_pages(tensor: torch.Tensor):
+    """Give back the pages of `tensor`'s memory that are still its file's: a model loaded from its
+    packed cache is mapped from the file (plinth/weights/packed.py), and every page hashing reads
+    would stay counted in the process's memory, where the program never reads some of them (the
+    output layer's rows, when every token is sampled through it). Linux reads a page given back from
+    the file again if it is touched. Memory that is not a file's (a tensor of its own, or a mapped
+    page written to, which then became a private copy) is left alone: then nothing is given back."""
+    storage = tensor.untyped_storage()
+    first = -(-storage.data_ptr() // PAGE)  # whole pages only: the ends may hold other tensors
+    end = (storage.data_ptr() + storage.nbytes()) // PAGE
+    if end <= first:
+        return
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:  # 8 bytes per page: bit 63 present, 61 a file's
+            pagemap.seek(first * 8)
+            flags = torch.frombuffer(bytearray(pagemap.read((end - first) * 8)), dtype=torch.int64)
+    except OSError:  # not Linux
+        return
+    present, files = flags < 0, (flags >> 61) & 1 == 1
+    if (present & ~files).any():
+        return
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise(first * PAGE, (end - first) * PAGE, MADV_DONTNEED)

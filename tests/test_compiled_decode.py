@@ -3,6 +3,7 @@ sequence computed eagerly without a cache (the independent reference), through a
 layer whose ring of keys wraps around and a global layer whose keys grow, in float32 and with int4
 weights; and `plinth.load(...).compile()` generates through it plain decoding's greedy text."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,31 @@ def test_a_compiling_engine_decodes_every_step_compiled_and_a_rows_text_is_the_s
     plain = [s.choice.token for s in generate_stream(model, tok, prompts[1], SamplingParams(max_tokens=90, **greedy),
                                                      speculate=False)]
     assert text == tok.decode(plain)
+
+
+def mapped_kib(path) -> int:
+    """This process's resident memory mapped from `path`, in KiB."""
+    import re
+    mappings = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text())
+    return sum(int(re.search(r"\nRss:\s+(\d+)", m)[1]) for m in mappings if m.split("\n")[0].endswith(str(path)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads Linux's page map")
+def test_hashing_a_mapped_model_gives_back_the_pages_it_read_and_keeps_what_was_written(tmp_path):
+    """Hashing the weights for the program's name reads every page of a model mapped from its packed
+    cache; those pages are given back (the file still holds them), never a page written to."""
+    from plinth.compiled_decode import release_file_pages
+    torch.save({"read": torch.randn(2**20), "written": torch.randn(2**20)}, tmp_path / "model.pt")
+    mapped = torch.load(tmp_path / "model.pt", mmap=True, weights_only=True)
+    read, written = mapped["read"], mapped["written"]
+    total = float(read.sum())
+    written[-1] = 7.0  # a private copy of that page: the mapping no longer matches the file there
+    assert mapped_kib(tmp_path / "model.pt") >= 4096  # read's 4 MiB are in
+    release_file_pages(read)
+    assert mapped_kib(tmp_path / "model.pt") < 256  # the page written to and the file's first pages
+    assert float(read.sum()) == total  # read from the file again
+    release_file_pages(written)
+    assert written[-1] == 7.0
+    own = torch.arange(2**20, dtype=torch.float32)  # not a file's: left alone
+    release_file_pages(own)
+    assert torch.equal(own, torch.arange(2**20, dtype=torch.float32))
