@@ -196,8 +196,9 @@ def main():
     args = parser.parse_args()
     model = str(hub.resolve(hub.DEFAULT_MODEL))
     port = free_port()
+    # its defaults otherwise: the embedding model it serves is read at its first use, which never comes
     plinth = [sys.executable, "-m", "plinth", "serve", model, "--max-batch", str(max(args.clients)),
-              "--embedding-model", "none", *(["--dtype", args.dtype] if args.dtype else [])]
+              *(["--dtype", args.dtype] if args.dtype else [])]
     rows = bench_server("plinth", [*plinth, "--port", str(port)], port, "/health", args)
     if args.compile:
         port = free_port()
