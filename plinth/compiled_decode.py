@@ -52,19 +52,22 @@ from plinth.errors import PlinthError
 from plinth.files import atomic_folder
 from plinth.kv_cache import KEY_BLOCK, KVCache, ring_positions, whole_key_blocks
 from plinth.model import attention_mask
+from plinth.speculative import ROWS
 
 PROGRAM_CACHE = Path(os.environ.get("PLINTH_PROGRAM_CACHE", Path.home() / ".cache" / "plinth" / "programs"))
 # The constants stay out of the library, each stored whole beside it in the package (`keep_program`).
 OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_inductor.package_constants_in_so": False,
            "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
 LIBRARY, CONSTANTS = "step.so", "constants.pt"
+VERIFY_TOKENS = ROWS  # a verify pass: the last chosen token and ROWS - 1 guesses (plinth/speculative.py)
 PAGE, MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096, 4
 
 
 class StepView:
     """A compiled step's view of a KVCache: `CacheView`'s decoding interface (write, decode_keys,
     spread, gather, decode_bias) over a span of S consecutive cache rows, B of which (`rows`, indices
-    into the span) feed one token each at `positions` (B,); `length`, the keys read by layers that
+    into the span) feed T tokens each from `positions` (B,); T (1, or a verify pass's) is fixed in a
+    program, attended token by token as the eager view does; `length`, the keys read by layers that
     keep every position (whole KEY_BLOCKs), is a dynamic size, as B and S are. Rows of the span
     outside the pass attend to their key 0 and their results are dropped, as in `CacheView`. A ring
     layer (a sliding window's) reads its whole ring, each index masked by the position it holds, as
@@ -79,13 +82,20 @@ class StepView:
         # each span row's keys end after its new token; a row feeding nothing sees its key 0
         self.ends = torch.ones(self.span, dtype=positions.dtype, device=positions.device).index_copy(
             0, rows, positions + 1)
-        self._biases = {}
+        self._biases, self.T = {}, 1
 
     def write(self, layer: int, k, v):
-        ring = self.rings[layer]
-        index = self.positions if ring is None else self.positions % ring
-        self.keys[layer][self.rows, :, index] = k[:, :, 0].to(self.dtype)  # (B, K, D) at each row's position
-        self.values[layer][self.rows, :, index] = v[:, :, 0].to(self.dtype)
+        ring, T = self.rings[layer], k.shape[2]
+        if T == 1:
+            index = self.positions if ring is None else self.positions % ring
+            self.keys[layer][self.rows, :, index] = k[:, :, 0].to(self.dtype)  # (B, K, D) at each row's position
+            self.values[layer][self.rows, :, index] = v[:, :, 0].to(self.dtype)
+            return
+        index = self.positions[:, None] + torch.arange(T, device=k.device)  # (B, T)
+        index = index if ring is None else index % ring
+        self.keys[layer][self.rows[:, None], :, index] = k.transpose(1, 2).to(self.dtype)  # (B, T, K, D)
+        self.values[layer][self.rows[:, None], :, index] = v.transpose(1, 2).to(self.dtype)
+        self.T = T
 
     def decode_keys(self, layer: int, B: int, T: int = 1):
         # The span's (S·K, L, D) by narrowing, always a view: a slice or a flatten that copies or not
@@ -101,21 +111,21 @@ class StepView:
 
     def decode_bias(self, layer: int, heads: int, t: int = 0) -> torch.Tensor:
         window, ring = self.windows[layer], self.rings[layer]
-        if (window, ring) not in self._biases:
-            query = self.ends[:, None] - 1  # (S, 1)
+        if (window, ring, t) not in self._biases:
+            query = self.ends[:, None] - 1 + t  # (S, 1)
             if ring is None:
                 keys = torch.arange(self.length, device=query.device)[None]
             else:
-                keys = ring_positions(query, ring, ring)
+                keys = ring_positions(self.ends[:, None] - 2 + self.T, ring, ring)
             allowed = attention_mask(query, keys, True, window)[:, 0]  # (S, 1, L)
             bias = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
-            self._biases[window, ring] = bias[:, None].expand(-1, heads, -1, -1).flatten(0, 1)  # (S·heads, 1, L)
-        return self._biases[window, ring]
+            self._biases[window, ring, t] = bias[:, None].expand(-1, heads, -1, -1).flatten(0, 1)  # (S·heads, 1, L)
+        return self._biases[window, ring, t]
 
 
 class DecodeStep(torch.nn.Module):
-    """What is compiled: next-token logits (B, V) after the tokens whose input vectors are `x` (B, 1, C),
-    at `positions` (B,), in the span's rows `rows` (B,), reading and writing a span of S cache rows
+    """What is compiled: next-token logits (B·T, V) after each of the tokens whose input vectors are
+    `x` (B, T, C), from `positions` (B,), in the span's rows `rows` (B,), reading and writing a span of S cache rows
     (each layer's keys and values, (S, K, L, D)); `length`'s size is the keys' length. The embedding
     lookup stays outside: frozen in, the table (a large share of a small model) would be one more
     copy in memory for a single gather."""
@@ -127,59 +137,77 @@ class DecodeStep(torch.nn.Module):
     def forward(self, x, rows, positions, length, keys: list, values: list):
         model = self.model
         view = StepView(keys, values, rows, positions, length.shape[0], self.windows, self.rings)
-        h = model.blocks(x, model.ropes_at(positions[:, None]), None, view)
-        return model.project(h[:, 0])  # (B, C) rows: inductor's output-layer kernel takes 2-D rows
+        T = x.shape[1]
+        at = positions[:, None] if T == 1 else positions[:, None] + torch.arange(T, device=x.device)
+        h = model.blocks(x, model.ropes_at(at), None, view)
+        return model.project(h[:, 0] if T == 1 else h.flatten(0, 1))  # (B·T, C) rows: inductor's output-layer kernel takes 2-D rows
 
 
 class CompiledDecoder:
     """Next-token logits for a batch of sequences, one token each a call, from a compiled step over
-    `cache` (made by `new_cache`, or a serving engine's, already holding the positions before). A
-    program for the cache's layout is loaded, or built and kept, at the first call with it."""
+    `cache` (made by `new_cache`, or a serving engine's, already holding the positions before); and
+    for one sequence, the logits after each token of a verify pass of VERIFY_TOKENS (its last chosen
+    token and guesses: plinth/speculative.py), from a second program. A row's logits are the same bits
+    whichever program computed them, so speculation keeps plain decoding's output. A program for the
+    cache's layout is loaded, or built and kept, at the first call that needs it."""
+
+    verify_tokens = VERIFY_TOKENS
 
     def __init__(self, model):
         self.model = model
-        # per layout of cache (its dtype and rings): the program, and the tensors it reads and does not
-        # own (`share_model_tensors`), which must live as long as it
+        # per layout of cache (its dtype and rings) and tokens a row: the program, and the tensors it
+        # reads and does not own (`open_program`), which must live as long as it
         self._programs = {}
 
     def new_cache(self, length: int) -> KVCache:
         """A KVCache for a sequence of `length` positions, one KEY_BLOCK longer than it: the keys a
         step reads are then never the cache's whole length (which export would not keep apart from a
-        shorter read)."""
+        shorter read), and a verify pass's guesses past the last position still have room."""
         return KVCache.for_model(self.model, 1, length + KEY_BLOCK, slack=0)
 
     @staticmethod
-    def positions_needed(cache: KVCache, position: int) -> int:
-        """The positions a cache that grows (`KVCache.reserve`) must hold for a step at `position`:
-        the keys it reads, and every ring whole (a step reads its whole ring)."""
-        return max(whole_key_blocks(position + 1), cache.ring or 0)
+    def positions_needed(cache: KVCache, position: int, tokens: int = 1) -> int:
+        """The positions a cache that grows (`KVCache.reserve`) must hold for a pass of `tokens` from
+        `position`: the keys it reads, and every ring whole (a step reads its whole ring)."""
+        return max(whole_key_blocks(position + tokens), cache.ring or 0)
 
     def __call__(self, tokens: list[int], positions: list[int], cache: KVCache,
                  slots: list[int] | None = None) -> torch.Tensor:
         """Logits (B, V) after `tokens` at `positions`, in cache rows `slots` (default 0..B-1; a
         serving engine's cache grows: see `positions_needed`)."""
-        layout = str(cache.dtype), tuple(cache.rings)
-        if layout not in self._programs:
-            self._programs[layout] = self._load(cache)
+        return self._run([[token] for token in tokens], positions, cache, slots)
+
+    def verify(self, tokens: list[int], position: int, cache: KVCache, slot: int = 0) -> torch.Tensor:
+        """Logits (VERIFY_TOKENS, V) after each of `tokens` (VERIFY_TOKENS of them) fed from `position`
+        in cache row `slot`: bit for bit those of feeding them one a call."""
+        if len(tokens) != VERIFY_TOKENS:
+            raise ValueError(f"a verify pass feeds {VERIFY_TOKENS} tokens, got {len(tokens)}")
+        return self._run([tokens], [position], cache, [slot])
+
+    def _run(self, tokens: list[list[int]], positions: list[int], cache: KVCache, slots: list[int] | None):
+        """Logits (B·T, V) after each of the B rows' T tokens, fed from `positions`."""
+        key = str(cache.dtype), tuple(cache.rings), len(tokens[0])
+        if key not in self._programs:
+            self._programs[key] = self._load(cache, len(tokens[0]))
         device, slots = cache.device, slots or list(range(len(tokens)))
         first = min(slots)
         keys, values = ([t[first:max(slots) + 1] for t in tensors] for tensors in (cache.k, cache.v))
-        length = torch.empty(whole_key_blocks(max(positions) + 1), device=device)
-        inputs = [self._input(torch.tensor(tokens, device=device)[:, None]), torch.tensor(slots, device=device) - first,
+        length = torch.empty(whole_key_blocks(max(positions) + len(tokens[0])), device=device)
+        inputs = [self._input(torch.tensor(tokens, device=device)), torch.tensor(slots, device=device) - first,
                   torch.tensor(positions, device=device), length, *keys, *values]
-        program, _ = self._programs[layout]
+        program, _ = self._programs[key]
         return program.run(inputs)[0]
 
-    def _input(self, token: torch.Tensor) -> torch.Tensor:
-        return self.model.scaled_input(self.model.tok_embeddings(token))  # (B, 1, C)
+    def _input(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.scaled_input(self.model.tok_embeddings(tokens))  # (B, T, C)
 
-    def _load(self, cache: KVCache):
-        step, build = program_digests(self.model, cache)
+    def _load(self, cache: KVCache, tokens: int):
+        step, build = program_digests(self.model, cache, tokens)
         folder, alone = PROGRAM_CACHE / f"{step}-{build}", None
         if not (folder / LIBRARY).exists():
             try:
                 with atomic_folder(folder) as tmp:
-                    self._build(cache, tmp)
+                    self._build(cache, tokens, tmp)
                 for older in PROGRAM_CACHE.glob(f"{step}-*"):  # this step built by an earlier plinth or torch
                     if older != folder:
                         shutil.rmtree(older, ignore_errors=True)
@@ -189,16 +217,18 @@ class CompiledDecoder:
                 print(f"plinth: could not keep the compiled decoding step in {PROGRAM_CACHE} ({e}); the next "
                       "start will compile it again", file=sys.stderr)
                 folder = alone = Path(tempfile.mkdtemp(prefix="plinth-program-"))
-                self._build(cache, folder)
+                self._build(cache, tokens, folder)
         try:
-            return open_program(folder, self.model)
+            # the programs of one model hold the same tables and rearranged weights: each is held once
+            return open_program(folder, self.model, [t for _, held in self._programs.values() for t in held.values()])
         finally:
             if alone is not None:  # the loaded library stays mapped after its file is removed
                 shutil.rmtree(alone, ignore_errors=True)
 
-    def _build(self, cache: KVCache, folder: Path):
-        """Export the step for caches like `cache`, compile it with AOTInductor, and keep the
-        library and the constants the model does not hold in `folder` (`keep_program`)."""
+    def _build(self, cache: KVCache, tokens: int, folder: Path):
+        """Export the step of `tokens` tokens a row for caches like `cache`, compile it with
+        AOTInductor, and keep the library and the constants the model does not hold in `folder`
+        (`keep_program`)."""
         from torch._inductor import aoti_compile_and_package, config, exc  # imported only to build: seconds
         model = self.model
         longest = model.config.max_seq_len + KEY_BLOCK
@@ -207,7 +237,7 @@ class CompiledDecoder:
             keys, values = ([torch.zeros(3, t.shape[1], 2 * KEY_BLOCK if ring is None else ring, t.shape[3],
                                          dtype=t.dtype, device=t.device)
                              for t, ring in zip(tensors, cache.rings)] for tensors in (cache.k, cache.v))
-            example = (self._input(torch.tensor([[0], [0]])), torch.tensor([0, 2]), torch.tensor([0, 5]),
+            example = (self._input(torch.zeros(2, tokens, dtype=torch.long)), torch.tensor([0, 2]), torch.tensor([0, 5]),
                        torch.empty(KEY_BLOCK), keys, values)
             # The batch, the span of cache rows, the keys' length and the cache's, which change from step
             # to step and cache to cache, stay sizes of the one program; rings keep theirs.
@@ -259,21 +289,26 @@ def keep_program(package: str, model, folder: Path):
     torch.save(constants, folder / CONSTANTS)
 
 
-def open_program(folder: Path, model):
+def open_program(folder: Path, model, held: list[torch.Tensor]):
     """The program kept in `folder`, reading the model's own tensors and the constants kept beside
-    it; and those tensors by the program's names for them, which it does not own (`user_managed`):
-    the dict must live as long as the program."""
+    it, or an equal tensor of `held` (another program's) instead of one; and those tensors by the
+    program's names for them, which it does not own (`user_managed`): the dict must live as long as
+    the program."""
     program = torch._C._aoti.AOTIModelContainerRunnerCpu(str(folder / LIBRARY), 1)
     own, kept = model_tensors(model), torch.load(folder / CONSTANTS, weights_only=True)
+    for fqn, tensor in kept.items():
+        kept[fqn] = next((t for t in held if t.dtype == tensor.dtype and t.shape == tensor.shape
+                          and t.stride() == tensor.stride() and torch.equal(t, tensor)), tensor)
     constants = {name: kept[fqn] if fqn in kept else own[fqn]
                  for name, fqn in program.get_constant_names_to_original_fqns().items()}
     program.update_constant_buffer(constants, False, True, True)
     return program, constants
 
 
-def program_digests(model, cache: KVCache) -> tuple[str, str]:
-    """Two names for the program compiled from `model` for caches like `cache`: what the step
-    computes and how it runs (the weights, the config, the cache's layout, the thread count), and
+def program_digests(model, cache: KVCache, tokens: int = 1) -> tuple[str, str]:
+    """Two names for the program compiled from `model` for caches like `cache`, feeding `tokens` a
+    row: what the step computes and how it runs (the weights, the config, the cache's layout, the
+    tokens, the thread count), and
     what built it (plinth's sources, PyTorch's version, the CPU's instruction set, the options). A
     new build of a step replaces the step's older ones."""
     step = hashlib.sha256()
@@ -286,7 +321,7 @@ def program_digests(model, cache: KVCache) -> tuple[str, str]:
         step.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
         release_file_pages(tensor)
     step.update(json.dumps([model.config.to_json(), str(cache.dtype), cache.windows, cache.rings,
-                            torch.get_num_threads()]).encode())
+                            torch.get_num_threads()] + ([tokens] if tokens > 1 else [])).encode())
     build = hashlib.sha256()
     for source in sorted(Path(plinth.__file__).parent.rglob("*.py")):
         build.update(source.read_bytes())

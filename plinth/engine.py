@@ -41,8 +41,8 @@ import torch
 from plinth.cpu_share import CpuShare, usable_cpus
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, Sequence, Step, check_prompt
-from plinth.kv_cache import KEY_BLOCK, KVCache
-from plinth.speculative import PASS_LIMIT, PromptLookup, Speculator
+from plinth.kv_cache import KEY_BLOCK, KVCache, whole_key_blocks
+from plinth.speculative import MAX_DRAFT, PASS_LIMIT, PromptLookup, Speculator
 
 
 @dataclass
@@ -124,9 +124,9 @@ class Engine:
         model None: an engine that only runs `call`ed tasks (see `tasks_only`). prefix_cache: reuse
         the rows of prompts seen before (see `_admit`). speculate: a request decoding alone checks
         guessed tokens in its passes (see `_speculate`). compile: decoding steps go through a compiled
-        program (see `_decode_compiled`; a request through a LoRA adapter decodes eagerly): faster,
-        and a row's tokens are the same in any batch, but they are not eager decoding's tokens, and
-        nothing is speculated."""
+        programs (see `_decode_compiled` and `_speculate`; a request through a LoRA adapter decodes
+        eagerly): faster, and a row's tokens are the same in any batch, but they are not eager
+        decoding's tokens."""
         self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.threads = threads or default_threads()
         # A compiled program keeps the thread count it was compiled with: compiling fixes it.
@@ -136,10 +136,8 @@ class Engine:
         if compile and model is not None:
             from plinth.compiled_decode import CompiledDecoder
             self.decoder = CompiledDecoder(model)
-        # A compiled step decodes open-ended text about as fast as guesses checked eagerly decode
-        # text that repeats its input, and far faster than they decode the rest.
         self.chunk, self.max_queue, self.prefix_cache = chunk, max_queue, prefix_cache
-        self.speculate = speculate and not compile
+        self.speculate = speculate
         # Prompt tokens per forward pass: the int4 kernel's cost is the same per row in any pass,
         # so small passes prefill as fast as large ones and let the prefix cache reuse finer prefixes.
         self.piece = min(chunk, KEY_BLOCK)
@@ -149,7 +147,9 @@ class Engine:
             self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
             # Sliding-window layers keep rings (plinth/kv_cache.py) with room for a request to run a
             # prefill chunk past a prefix that another one waits to reuse (see `_prefix_coming`).
-            self.cache = KVCache.for_model(model, max_batch, self.max_len, grow=True, slack=self.chunk - self.piece)
+            # A compiled step reads whole KEY_BLOCKs of keys, up to the last one's end.
+            capacity = whole_key_blocks(self.max_len) if compile else self.max_len
+            self.cache = KVCache.for_model(model, max_batch, capacity, grow=True, slack=self.chunk - self.piece)
         self.free_slots = list(range(max_batch))
         # The prefix cache: free slots whose cache rows still hold a finished request's keys and values,
         # slot → (adapter, the tokens they are of), least recently freed first, and how far each
@@ -206,8 +206,10 @@ class Engine:
             slots = set(images.positions.tolist())
             seen = [t for p, t in enumerate(prompt) if p not in slots]
         seq = Sequence(seen, params, self.tokenizer, vocab, max_new=self.max_len - len(prompt))
+        # a compiled verify pass has room for a fixed number of guesses
+        guesses = self.decoder.verify_tokens - 1 if self.decoder is not None and not adapter else MAX_DRAFT
         return Request(next(self._ids), seq, emit, list(prompt), adapter=adapter, images=images, prompt_len=len(prompt),
-                       speculator=Speculator(seq, PromptLookup() if self.speculate else None))
+                       speculator=Speculator(seq, PromptLookup(max_draft=guesses) if self.speculate else None))
 
     def _check_images(self, images: ImageInput, prompt_len: int):
         if self.vision is None:
@@ -523,18 +525,28 @@ class Engine:
 
     def _speculate(self, request: Request) -> bool:
         """Decode a lone request's next tokens with guesses checked in the same pass (plinth/
-        speculative.py): its output is plain decoding's, bit for bit. False when it has no guess."""
+        speculative.py), compiled where its decoding is: its output is plain decoding's, bit for
+        bit. False when it has no guess."""
         drafts = request.speculator.propose()
+        compiled = self._compiled(request, request.computed)
+        if compiled:  # a compiled verify pass checks a fixed number of guesses
+            guesses = self.decoder.verify_tokens - 1
+            drafts = drafts[:guesses] if len(drafts) >= guesses else []
         if not drafts:
             return False
         start = request.computed
         try:
-            self.cache.reserve(request.slot + 1, start + 1 + len(drafts))
             with torch.inference_mode():
-                logits = self.model(torch.tensor([request.tokens[start:] + drafts]),
-                                    cache=self.cache.view(start, None if request.slot == 0 else torch.tensor([request.slot])),
-                                    adapters=torch.tensor([request.adapter]) if request.adapter else None)
-            steps = request.speculator.accept(drafts, logits[0].float())
+                if compiled:
+                    tokens = request.tokens[start:] + drafts
+                    self.cache.reserve(request.slot + 1, self.decoder.positions_needed(self.cache, start, len(tokens)))
+                    logits = self.decoder.verify(tokens, start, self.cache, request.slot)
+                else:
+                    self.cache.reserve(request.slot + 1, start + 1 + len(drafts))
+                    slots = None if request.slot == 0 else torch.tensor([request.slot])
+                    logits = self.model(torch.tensor([request.tokens[start:] + drafts]), cache=self.cache.view(start, slots),
+                                        adapters=torch.tensor([request.adapter]) if request.adapter else None)[0]
+            steps = request.speculator.accept(drafts, logits.float())
         except Exception as e:  # as a failing step: the request's failure is its own
             self._finish(request, e)
             return True
@@ -559,14 +571,17 @@ class Engine:
         return logits.float()
 
     def compile_now(self):
-        """Compile the decoding step before any request waits for it (minutes the first time for a
-        model, under a second once its program is kept), on the engine thread, whose thread count it keeps:
-        `engine.call(engine.compile_now).result()`. It writes position 0 of row 0, which holds
-        nothing yet."""
+        """Compile the decoding step, and the verify pass when speculating, before any request waits
+        for them (minutes the first time for a model, under a second once its programs are kept), on
+        the engine thread, whose thread count they keep: `engine.call(engine.compile_now).result()`.
+        It writes the first positions of row 0, which holds nothing yet."""
         if self.decoder is not None:
-            self.cache.reserve(1, self.decoder.positions_needed(self.cache, 0))
+            tokens = self.decoder.verify_tokens if self.speculate else 1
+            self.cache.reserve(1, self.decoder.positions_needed(self.cache, 0, tokens))
             with torch.inference_mode():
                 self.decoder([0], [0], self.cache)
+                if self.speculate:
+                    self.decoder.verify([0] * tokens, 0, self.cache)
             self._fit_cache()
 
     def _postprocess(self, group: list[Request], logits: torch.Tensor | None):

@@ -21,7 +21,7 @@ import torch
 from plinth.constrain import Constraint
 from plinth.errors import PlinthError
 from plinth.kv_cache import KVCache
-from plinth.speculative import PromptLookup, Speculator
+from plinth.speculative import MAX_DRAFT, PromptLookup, Speculator
 
 
 @dataclass
@@ -265,16 +265,17 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
     same forward pass (plinth/speculative.py); the output is the same either way, only faster where
     it repeats its input (rewriting or quoting a given text). False: one token per pass; a
     `PromptLookup`: guess with that one (to tune it, or read how many guesses it got right).
-    decoder: a `CompiledDecoder` of this model (plinth/compiled_decode.py) to decode with, one token
-    a step, from the prompt's last token on; speculation is then off.
+    decoder: a `CompiledDecoder` of this model (plinth/compiled_decode.py) to decode with, from the
+    prompt's last token on; its verify passes check a fixed number of guesses.
     cpu_share: a `CpuShare` (plinth/cpu_share.py) that sets this thread's thread count between
     steps, leaving room for other processes."""
     params.validate(model.config.vocab_size)
     context = model.config.max_seq_len
     check_prompt(len(prompt), context)
     seq = Sequence(prompt, params, tokenizer, model.config.vocab_size, max_new=context - len(prompt))
-    drafter = None if decoder is not None or not speculate else \
-        speculate if isinstance(speculate, PromptLookup) else PromptLookup()
+    # a compiled verify pass has room for a fixed number of guesses
+    guesses = decoder.verify_tokens - 1 if decoder is not None else MAX_DRAFT
+    drafter = None if not speculate else speculate if isinstance(speculate, PromptLookup) else PromptLookup(max_draft=guesses)
     speculator = Speculator(seq, drafter)
     length = len(prompt) + seq.max_new  # passes only go forward: rings suffice (slack=0)
     cache = decoder.new_cache(length) if decoder is not None else KVCache.for_model(model, 1, length, slack=0)
@@ -297,7 +298,9 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
             cpu_share.adjust()
         position = len(prompt) + len(seq.output) - 1  # where the last chosen token goes; drafts follow it
         if decoder is not None:
-            rows = decoder([steps[-1].choice.token], [position], cache)  # (1, V)
+            drafts = drafts[:guesses] if len(drafts) >= guesses else []  # a verify pass, or one token
+            rows = decoder.verify([steps[-1].choice.token, *drafts], position, cache) if drafts else \
+                decoder([steps[-1].choice.token], [position], cache)  # (1 + len(drafts), V)
         else:
             tokens = torch.tensor([[steps[-1].choice.token, *drafts]], device=device)
             rows = model(tokens, cache=cache.view(position))[0]  # (1 + len(drafts), V)

@@ -34,10 +34,10 @@ class LoadedModel:
         self._cpu_share = None  # made at the first eager generation, from the thread count then in force
 
     def compile(self) -> "LoadedModel":
-        """Decode through a compiled step from now on (plinth/compiled_decode.py): faster one token at
-        a time, after compiling on first use (minutes the first time; the program is kept in
-        ~/.cache/plinth/programs and later loads take under a second);
-        without prompt-lookup speculation."""
+        """Decode through compiled steps from now on (plinth/compiled_decode.py): faster one token at
+        a time, after compiling on first use (minutes the first time; the programs are kept in
+        ~/.cache/plinth/programs and later loads take under a second); prompt-lookup speculation
+        checks its guesses in compiled passes too."""
         from plinth.compiled_decode import CompiledDecoder
         self._text_model()
         self.decoder = CompiledDecoder(self.model)

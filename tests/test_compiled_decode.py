@@ -116,10 +116,11 @@ def test_a_later_decoder_loads_the_kept_program_without_compiling(compiled, monk
 def loaded_without_compiling(monkeypatch) -> list:
     """`_build` writes a stand-in library and opening records (folder, library's contents): the
     program cache's bookkeeping, without compiling."""
-    monkeypatch.setattr(CompiledDecoder, "_build", lambda self, cache, folder: (folder / LIBRARY).write_bytes(b"built"))
+    monkeypatch.setattr(CompiledDecoder, "_build",
+                        lambda self, cache, tokens, folder: (folder / LIBRARY).write_bytes(b"built"))
     loaded = []
     monkeypatch.setattr("plinth.compiled_decode.open_program",
-                        lambda folder, model: loaded.append((folder, (folder / LIBRARY).read_bytes())))
+                        lambda folder, model, held: loaded.append((folder, (folder / LIBRARY).read_bytes())))
     return loaded
 
 
@@ -136,7 +137,7 @@ def test_a_new_build_of_a_step_replaces_its_older_builds_and_keeps_other_steps(t
         folder.mkdir()
         (folder / LIBRARY).write_bytes(library)
     (tmp_path / f"{step}-{'2' * 32}.so").write_bytes(b"a library of plinth's earlier one-file layout")
-    decoder._load(cache)
+    decoder._load(cache, 1)
     assert loaded_without_compiling == [(tmp_path / f"{step}-{build}", b"built")]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, f"{step}-{build}"])
     assert (other / LIBRARY).read_bytes() == b"another model's step"
@@ -152,7 +153,7 @@ def test_a_cache_that_cannot_be_written_costs_only_the_next_start(tmp_path, monk
     decoder = CompiledDecoder(model)
     (tmp_path / "file").write_text("a file where the cache's folder would be")
     monkeypatch.setattr(compiled_decode, "PROGRAM_CACHE", tmp_path / "file" / "programs")
-    decoder._load(decoder.new_cache(8))
+    decoder._load(decoder.new_cache(8), 1)
     assert "could not keep the compiled decoding step" in capsys.readouterr().err
     [(path, built)] = loaded_without_compiling
     assert built == b"built"  # built for this process alone, and its file removed once loaded
@@ -205,8 +206,9 @@ def test_a_compiling_engine_decodes_every_step_compiled_and_a_rows_text_is_the_s
     from plinth.engine import Engine
     _, loaded = compiled
     tok, model = loaded.tokenizer, loaded.model
-    # chunk=64: the engine's rings are then new_cache's, and the fixture's program serves it as well
-    engine = Engine(model, tok, max_batch=2, max_len=256, chunk=64, compile=True)
+    # chunk=64: the engine's rings are then new_cache's, and the fixture's program serves it as well;
+    # no speculation: the request decoding alone would check guesses (the test below)
+    engine = Engine(model, tok, max_batch=2, max_len=256, chunk=64, compile=True, speculate=False)
     engine.decoder = loaded.decoder
     calls = []
     real = engine.decoder.__call__
@@ -225,7 +227,7 @@ def test_a_compiling_engine_decodes_every_step_compiled_and_a_rows_text_is_the_s
     # requests' first 5 tokens together, then the long one's in row 1
     assert calls == [()] + [([0, 1],)] * 5 + [([1],)] * 85
     text = tok.decode([s.choice.token for s in long.steps])
-    assert text == loaded.generate(prompts[1], max_tokens=90, **greedy)
+    assert text == compiled_text(loaded, prompts[1], 90)
     plain = [s.choice.token for s in generate_stream(model, tok, prompts[1], SamplingParams(max_tokens=90, **greedy),
                                                      speculate=False)]
     assert text == tok.decode(plain)
@@ -257,3 +259,54 @@ def test_hashing_a_mapped_model_gives_back_the_pages_it_read_and_keeps_what_was_
     own = torch.arange(2**20, dtype=torch.float32)  # not a file's: left alone
     release_file_pages(own)
     assert torch.equal(own, torch.arange(2**20, dtype=torch.float32))
+
+
+def compiled_text(loaded, prompt: list[int], n: int, speculate=False) -> str:
+    """`n` greedy tokens after `prompt` through the loaded model's compiled programs."""
+    steps = generate_stream(loaded.model, loaded.tokenizer, prompt, SamplingParams(max_tokens=n, temperature=0,
+                            ignore_eos=True), speculate=speculate, decoder=loaded.decoder)
+    return loaded.tokenizer.decode([s.choice.token for s in steps])
+
+
+def test_a_verify_pass_gives_each_token_the_bits_of_feeding_it_alone(compiled):
+    """The compiled verify pass (a second program, of VERIFY_TOKENS a row) against the decoding step
+    fed the same tokens one at a time: the same logits and keys, bit for bit, past the ring's wrap."""
+    _, loaded = compiled
+    model, decoder = loaded.model, loaded.decoder
+    T = decoder.verify_tokens
+    tokens = torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        caches = [decoder.new_cache(80) for _ in range(2)]
+        for cache in caches:
+            model(tokens[:, :62], cache=cache.view())  # the pass writes positions 62..65: the 64-position ring wraps
+        fed = tokens[0, 62:62 + T].tolist()
+        alone = torch.cat([decoder([token], [62 + i], caches[0]) for i, token in enumerate(fed)])
+        verified = decoder.verify(fed, 62, caches[1])
+    assert torch.equal(alone, verified)
+    assert all(torch.equal(a, b) for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v))
+
+
+def test_compiled_speculation_keeps_compiled_decodings_tokens(compiled):
+    """Prompt lookup's guesses checked in compiled verify passes: the greedy text of decoding one
+    token a step through the compiled step, with guesses kept."""
+    from plinth.speculative import PromptLookup
+    _, loaded = compiled
+    tok = loaded.tokenizer
+    prompt = tok.encode("one two three four five six seven " * 6)
+    lookup = PromptLookup(max_draft=loaded.decoder.verify_tokens - 1)
+    assert compiled_text(loaded, prompt, 60, speculate=lookup) == compiled_text(loaded, prompt, 60)
+    assert lookup.accepted > 0
+
+
+def test_a_compiling_engine_speculates_compiled_for_a_lone_request(compiled, monkeypatch):
+    from plinth.engine import Engine
+    _, loaded = compiled
+    tok = loaded.tokenizer
+    engine = Engine(loaded.model, tok, max_batch=2, max_len=256, chunk=64, compile=True)
+    engine.decoder = loaded.decoder
+    passes = []
+    real = engine.decoder.verify
+    monkeypatch.setattr(engine.decoder, "verify", lambda *a: passes.append(a[1]) or real(*a))
+    prompt = tok.encode("one two three four five six seven " * 6)
+    [completion] = engine.generate_many([prompt], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    assert passes and tok.decode(completion.tokens) == compiled_text(loaded, prompt, 60)

@@ -48,9 +48,9 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--json", action="store_true", help="answer with a JSON object (constrained decoding)")
     g.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid for the schema in FILE")
     p.add_argument("--compile", action="store_true",
-                   help="decode through a compiled step: faster per token, after compiling on first use (a minute "
-                   "or two the first time for a model; the program is kept, and later starts load it in under a "
-                   "second); no speculative decoding")
+                   help="decode through compiled programs (steps, and speculative decoding's verify passes): faster "
+                   "per token, after compiling on first use (minutes the first time for a model; the programs are "
+                   "kept, and later starts load them in under a second)")
 
 
 def sampling(args) -> dict:

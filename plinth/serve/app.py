@@ -269,7 +269,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         prefix_cache=prefix_cache, compile=compile)
     engine.start()
     if engine.decoder is not None:
-        print("plinth: compiling the decoding step (a minute or two the first time for a model, seconds after)",
+        print("plinth: compiling the decoding step and the verify pass (a few minutes the first time for a model, "
+              "seconds after)",
               flush=True)
         engine.call(engine.compile_now).result()
     state = ServerState(engine, loaded.tokenizer, model, strict_models=strict_models,
