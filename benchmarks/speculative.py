@@ -2,6 +2,7 @@
 
     nice -n 19 .venv/bin/python benchmarks/speculative.py              # prints a table
     .venv/bin/python benchmarks/speculative.py --rounds 5 --max-tokens 256
+    .venv/bin/python benchmarks/speculative.py --compile    # both through the compiled programs
 
 Model: the default (SmolLM2-135M-Instruct, int4), 2 threads, greedy, the model's chat template.
 Tasks (the first two are input-grounded: the answer copies long runs of the prompt):
@@ -71,10 +72,12 @@ def tasks() -> dict[str, str]:
 
 
 def run(m, prompt: list[int], max_tokens: int, speculate: bool) -> dict:
-    drafter = PromptLookup() if speculate else False
+    # compiled, a verify pass has room for a fixed number of guesses
+    drafter = (PromptLookup() if m.decoder is None else PromptLookup(max_draft=m.decoder.verify_tokens - 1)) \
+        if speculate else False
     stamps, tokens = [], []
     for step in generate_stream(m.model, m.tokenizer, prompt, SamplingParams(max_tokens=max_tokens, temperature=0),
-                                speculate=drafter):
+                                speculate=drafter, decoder=m.decoder):
         stamps.append(time.perf_counter())
         tokens.append(step.choice.token)
     result = {"tokens": tokens, "decode_tok_s": (len(tokens) - 1) / (stamps[-1] - stamps[0])}
@@ -130,9 +133,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per task (median taken)")
     parser.add_argument("--max-tokens", type=int, default=256, help="token limit per reply (greedy; EOS ends it)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speculative.json")
+    parser.add_argument("--compile", action="store_true", help="plain and speculative decoding both through the "
+                        "compiled programs (plinth/compiled_decode.py), built first if not kept")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    m = plinth.load()
+    m = plinth.load().compile() if args.compile else plinth.load()
     results = measure(m, args)
     report(results)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
