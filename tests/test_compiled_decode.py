@@ -82,9 +82,10 @@ def test_the_program_reads_the_models_own_int4_weights_not_a_copy(compiled):
     assert all(own[name].view(-1).view(torch.uint8).numpy().tobytes() not in library for name in codes if own[name].nbytes >= 1024)
 
 
-def test_two_decoders_in_one_process_each_run_their_own_model():
+def test_two_decoders_in_one_process_each_run_their_own_model(monkeypatch):
     """Programs are kept under a digest of the weights they froze in: two models of one config never
     share one."""
+    monkeypatch.setattr("plinth.compiled_decode.OPTIONS", {**OPTIONS, "max_autotune": False})  # builds in seconds
     models = [compact_(tiny_model(seed=seed), "float32") for seed in (1, 2)]
     decoders = [CompiledDecoder(model) for model in models]
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
