@@ -22,7 +22,7 @@ passes are eager and must give plain decoding's bits) is off while compiled.
 Compiling takes a minute or two for a model. The program is kept in PROGRAM_CACHE
 (~/.cache/plinth/programs, or $PLINTH_PROGRAM_CACHE), a folder per program named by a digest of
 everything it was built from (`program_digests`): the weights, the config, the cache's layout, the
-thread count (the program's loops keep the one it was compiled with), plinth's and PyTorch's
+thread count it was tuned on, plinth's and PyTorch's
 versions and the CPU's instruction set. A later process loads it in well under a second; anything
 changed makes another name, never a stale program, and a new build of the same step replaces the
 old one. The weights are frozen in when it is built (kernels are chosen for them, some rearranged
@@ -33,6 +33,7 @@ a new CompiledDecoder.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import io
@@ -55,9 +56,12 @@ from plinth.model import attention_mask
 from plinth.speculative import ROWS
 
 PROGRAM_CACHE = Path(os.environ.get("PLINTH_PROGRAM_CACHE", Path.home() / ".cache" / "plinth" / "programs"))
-# The constants stay out of the library, each stored whole beside it in the package (`keep_program`).
+# The constants stay out of the library, each stored whole beside it in the package (`keep_program`),
+# which cannot store oneDNN's opaque prepacked weights: floating-point layers keep their own layout.
+# The loops run on the thread count in force at each call (`CpuShare` lowers it beside a busy process).
 OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_inductor.package_constants_in_so": False,
-           "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
+           "aot_inductor.package_constants_on_disk_format": "pickle_weights", "cpp.weight_prepack": True,
+           "cpp.dynamic_threads": True}
 LIBRARY, CONSTANTS = "step.so", "constants.pt"
 VERIFY_TOKENS = ROWS  # a verify pass: the last chosen token and ROWS - 1 guesses (plinth/speculative.py)
 PAGE, MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096, 4
@@ -147,9 +151,8 @@ class CompiledDecoder:
     """Next-token logits for a batch of sequences, one token each a call, from a compiled step over
     `cache` (made by `new_cache`, or a serving engine's, already holding the positions before); and
     for one sequence, the logits after each token of a verify pass of VERIFY_TOKENS (its last chosen
-    token and guesses: plinth/speculative.py), from a second program. A row's logits are the same bits
-    whichever program computed them, so speculation keeps plain decoding's output. A program for the
-    cache's layout is loaded, or built and kept, at the first call that needs it."""
+    token and guesses: plinth/speculative.py), from a second program, where `verifies`. A program
+    for the cache's layout is loaded, or built and kept, at the first call that needs it."""
 
     verify_tokens = VERIFY_TOKENS
 
@@ -158,6 +161,7 @@ class CompiledDecoder:
         # per layout of cache (its dtype and rings) and tokens a row: the program, and the tensors it
         # reads and does not own (`open_program`), which must live as long as it
         self._programs = {}
+        self._verifies = {}  # per layout of cache: whether its verify pass gives the step's bits
 
     def new_cache(self, length: int) -> KVCache:
         """A KVCache for a sequence of `length` positions, one KEY_BLOCK longer than it: the keys a
@@ -183,6 +187,24 @@ class CompiledDecoder:
         if len(tokens) != VERIFY_TOKENS:
             raise ValueError(f"a verify pass feeds {VERIFY_TOKENS} tokens, got {len(tokens)}")
         return self._run([tokens], [position], cache, [slot])
+
+    def verifies(self, cache: KVCache) -> bool:
+        """Whether verify passes over caches like `cache` give each token the decoding step's bits,
+        so that checking guesses in them keeps plain decoding's output. Kernels are chosen per program
+        by timing them, so the two programs could choose differently: the first call for a layout
+        loads (or builds) the verify program and compares the two on a few tokens of scratch caches.
+        False: guesses are not checked, compiled."""
+        layout = str(cache.dtype), tuple(cache.rings)
+        if layout not in self._verifies:
+            scratch = [copy.copy(cache) for _ in range(2)]
+            for each in scratch:  # the layout's, one row of two KEY_BLOCKs (a step never reads the whole row)
+                each.k, each.v = ([torch.zeros(1, t.shape[1], 2 * KEY_BLOCK if ring is None else ring, t.shape[3],
+                                               dtype=t.dtype, device=t.device) for t, ring in zip(tensors, cache.rings)]
+                                  for tensors in (cache.k, cache.v))
+            tokens = list(range(1, VERIFY_TOKENS + 1))
+            alone = torch.cat([self([token], [position], scratch[0]) for position, token in enumerate(tokens)])
+            self._verifies[layout] = torch.equal(alone, self.verify(tokens, 0, scratch[1]))
+        return self._verifies[layout]
 
     def _run(self, tokens: list[list[int]], positions: list[int], cache: KVCache, slots: list[int] | None):
         """Logits (B·T, V) after each of the B rows' T tokens, fed from `positions`."""
@@ -308,7 +330,7 @@ def open_program(folder: Path, model, held: list[torch.Tensor]):
 def program_digests(model, cache: KVCache, tokens: int = 1) -> tuple[str, str]:
     """Two names for the program compiled from `model` for caches like `cache`, feeding `tokens` a
     row: what the step computes and how it runs (the weights, the config, the cache's layout, the
-    tokens, the thread count), and
+    tokens, the thread count its kernels were tuned on), and
     what built it (plinth's sources, PyTorch's version, the CPU's instruction set, the options). A
     new build of a step replaces the step's older ones."""
     step = hashlib.sha256()

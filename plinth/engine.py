@@ -29,6 +29,7 @@ is not a language model.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 from concurrent.futures import Future
 import time
@@ -129,9 +130,8 @@ class Engine:
         decoding's tokens."""
         self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.threads = threads or default_threads()
-        # A compiled program keeps the thread count it was compiled with: compiling fixes it.
         # Threads not given otherwise: all cores while nothing else runs, fewer while other processes keep one busy.
-        self.cpu_share = CpuShare(self.threads) if threads is None and not compile else None
+        self.cpu_share = CpuShare(self.threads) if threads is None else None
         self.decoder = None
         if compile and model is not None:
             from plinth.compiled_decode import CompiledDecoder
@@ -529,9 +529,9 @@ class Engine:
         bit. False when it has no guess."""
         drafts = request.speculator.propose()
         compiled = self._compiled(request, request.computed)
-        if compiled:  # a compiled verify pass checks a fixed number of guesses
+        if compiled:  # a compiled verify pass checks a fixed number of guesses, where it keeps the step's bits
             guesses = self.decoder.verify_tokens - 1
-            drafts = drafts[:guesses] if len(drafts) >= guesses else []
+            drafts = drafts[:guesses] if len(drafts) >= guesses and self.decoder.verifies(self.cache) else []
         if not drafts:
             return False
         start = request.computed
@@ -573,15 +573,15 @@ class Engine:
     def compile_now(self):
         """Compile the decoding step, and the verify pass when speculating, before any request waits
         for them (minutes the first time for a model, under a second once its programs are kept), on
-        the engine thread, whose thread count they keep: `engine.call(engine.compile_now).result()`.
-        It writes the first positions of row 0, which holds nothing yet."""
+        the engine thread: `engine.call(engine.compile_now).result()`. It writes position 0 of row 0,
+        which holds nothing yet."""
         if self.decoder is not None:
-            tokens = self.decoder.verify_tokens if self.speculate else 1
-            self.cache.reserve(1, self.decoder.positions_needed(self.cache, 0, tokens))
+            self.cache.reserve(1, self.decoder.positions_needed(self.cache, 0))
             with torch.inference_mode():
                 self.decoder([0], [0], self.cache)
-                if self.speculate:
-                    self.decoder.verify([0] * tokens, 0, self.cache)
+                if self.speculate and not self.decoder.verifies(self.cache):
+                    print("plinth: the compiled verify pass does not give the decoding step's bits on this "
+                          "machine; a lone request decodes without guesses", file=sys.stderr)
             self._fit_cache()
 
     def _postprocess(self, group: list[Request], logits: torch.Tensor | None):

@@ -273,12 +273,13 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
     context = model.config.max_seq_len
     check_prompt(len(prompt), context)
     seq = Sequence(prompt, params, tokenizer, model.config.vocab_size, max_new=context - len(prompt))
-    # a compiled verify pass has room for a fixed number of guesses
-    guesses = decoder.verify_tokens - 1 if decoder is not None else MAX_DRAFT
-    drafter = None if not speculate else speculate if isinstance(speculate, PromptLookup) else PromptLookup(max_draft=guesses)
-    speculator = Speculator(seq, drafter)
     length = len(prompt) + seq.max_new  # passes only go forward: rings suffice (slack=0)
     cache = decoder.new_cache(length) if decoder is not None else KVCache.for_model(model, 1, length, slack=0)
+    # a compiled verify pass has room for a fixed number of guesses
+    guesses = MAX_DRAFT if decoder is None else decoder.verify_tokens - 1 if speculate and decoder.verifies(cache) else 0
+    drafter = None if not speculate or not guesses else \
+        speculate if isinstance(speculate, PromptLookup) else PromptLookup(max_draft=guesses)
+    speculator = Speculator(seq, drafter)
     device = model.tok_embeddings.weight.device
     if decoder is not None and embeds is None:  # the prompt's last token through the compiled step too
         if len(prompt) > 1:

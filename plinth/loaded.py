@@ -31,7 +31,7 @@ class LoadedModel:
         self.vision = vision  # an image+text model's image encoder (plinth/vision/multimodal.py), else None
         self.generator = generator  # an image generator (plinth/vision/imagine.py): no tokenizer, no text
         self.decoder = None  # set by `compile()`: generate and chat decode through it
-        self._cpu_share = None  # made at the first eager generation, from the thread count then in force
+        self._cpu_share = None  # made at the first generation, from the thread count then in force
 
     def compile(self) -> "LoadedModel":
         """Decode through compiled steps from now on (plinth/compiled_decode.py): faster one token at
@@ -74,9 +74,7 @@ class LoadedModel:
         return self._reply(ids, None, stream, options)
 
     def _reply(self, ids: list[int], embeds, stream: bool, options: dict):
-        share = None
-        if self.decoder is None:  # a compiled step keeps the thread count it was compiled with
-            share = self._cpu_share = self._cpu_share or CpuShare(torch.get_num_threads())
+        share = self._cpu_share = self._cpu_share or CpuShare(torch.get_num_threads())
         steps = generate_stream(self.model, self.tokenizer, ids, self._params(**options), embeds=embeds,
                                 decoder=self.decoder, cpu_share=share)
         pieces = (step.text for step in steps if step.text)

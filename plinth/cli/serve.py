@@ -44,8 +44,7 @@ def register(sub):
     p.add_argument("--compile", action="store_true", help="decoding steps and speculative decoding's verify "
                    "passes go through compiled programs: faster per token, after compiling at start (a few "
                    "minutes the first time for a model, then loaded from ~/.cache/plinth/programs in under a "
-                   "second); a request's tokens are the same in any batch, as by default, but not the default's; "
-                   "fixes the thread count")
+                   "second); a request's tokens are the same in any batch, as by default, but not the default's")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "
                    "so that the same request always gets the same answer")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a LoRA adapter "
