@@ -10,26 +10,26 @@ matrix-vector kernels for the model's shapes where they beat PyTorch's (benchmar
 measures the step; docs/speed.md). A step is then one call into C++, with no Python, dynamo or
 guards between the operations.
 
-The step reads and writes the same `KVCache` as the eager passes (the prompt is prefilled eagerly),
-through `StepView`, a cache view with `CacheView`'s decoding interface whose shapes export can
+The step reads and writes the same `KVCache` as the eager passes (the prompt is prefilled eagerly up
+to its last token, which the step feeds), through `StepView`, a cache view with `CacheView`'s decoding interface whose shapes export can
 trace: the rows, their positions and the keys' length are tensors or dynamic sizes, so one program
 serves every batch at every position. Its kernels loop over rows the same way at every batch size,
 so a row gets the same bits alone or beside any others, as in eager decoding (the tests check it).
 Its arithmetic is not the eager step's (fused loops sum in another order), so a sequence decoded
-compiled is not bit for bit the one decoded eagerly, and prompt-lookup speculation (whose verify
-passes are eager and must give plain decoding's bits) is off while compiled.
+compiled is not bit for bit the one decoded eagerly. Prompt-lookup speculation checks its guesses
+in a second program, of VERIFY_TOKENS tokens a row, whose logits are the step's bits (`verifies`
+checks it), so that it keeps compiled decoding's output.
 
-Compiling takes a minute or two for a model. The program is kept in PROGRAM_CACHE
+Compiling takes a minute or two for a program. A program is kept in PROGRAM_CACHE
 (~/.cache/plinth/programs, or $PLINTH_PROGRAM_CACHE), a folder per program named by a digest of
 everything it was built from (`program_digests`): the weights, the config, the cache's layout, the
-thread count it was tuned on, plinth's and PyTorch's
-versions and the CPU's instruction set. A later process loads it in well under a second; anything
+tokens a row, the thread count it was tuned on (its loops take the count of each call), plinth's
+and PyTorch's versions and the CPU's instruction set. A later process loads it in well under a second; anything
 changed makes another name, never a stale program, and a new build of the same step replaces the
 old one. The weights are frozen in when it is built (kernels are chosen for them, some rearranged
 into a kernel's layout), but the library holds none: the program reads the model's own tensors,
 and the few constants of its own are kept beside it (`keep_program`), so a process holds the
 weights once. A model whose weights change afterwards needs a new CompiledDecoder.
-a new CompiledDecoder.
 """
 from __future__ import annotations
 
@@ -56,12 +56,10 @@ from plinth.model import attention_mask
 from plinth.speculative import ROWS
 
 PROGRAM_CACHE = Path(os.environ.get("PLINTH_PROGRAM_CACHE", Path.home() / ".cache" / "plinth" / "programs"))
-# The constants stay out of the library, each stored whole beside it in the package (`keep_program`),
-# which cannot store oneDNN's opaque prepacked weights: floating-point layers keep their own layout.
-# The loops run on the thread count in force at each call (`CpuShare` lowers it beside a busy process).
+# The constants stay out of the library, each stored whole beside it in the package (`keep_program`);
+# the loops run on the thread count in force at each call (`CpuShare` lowers it beside a busy process).
 OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_inductor.package_constants_in_so": False,
-           "aot_inductor.package_constants_on_disk_format": "pickle_weights", "cpp.weight_prepack": True,
-           "cpp.dynamic_threads": True}
+           "aot_inductor.package_constants_on_disk_format": "pickle_weights", "cpp.dynamic_threads": True}
 LIBRARY, CONSTANTS = "step.so", "constants.pt"
 VERIFY_TOKENS = ROWS  # a verify pass: the last chosen token and ROWS - 1 guesses (plinth/speculative.py)
 PAGE, MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096, 4
