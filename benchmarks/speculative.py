@@ -73,7 +73,7 @@ def tasks() -> dict[str, str]:
 
 def run(m, prompt: list[int], max_tokens: int, speculate: bool) -> dict:
     # compiled, a verify pass has room for a fixed number of guesses
-    drafter = (PromptLookup() if m.decoder is None else PromptLookup(max_draft=m.decoder.verify_tokens - 1)) \
+    drafter = (PromptLookup() if m.decoder is None else PromptLookup(max_draft=m.decoder.guesses)) \
         if speculate else False
     stamps, tokens = [], []
     for step in generate_stream(m.model, m.tokenizer, prompt, SamplingParams(max_tokens=max_tokens, temperature=0),

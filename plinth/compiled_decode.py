@@ -153,6 +153,7 @@ class CompiledDecoder:
     for the cache's layout is loaded, or built and kept, at the first call that needs it."""
 
     verify_tokens = VERIFY_TOKENS
+    guesses = VERIFY_TOKENS - 1  # a verify pass feeds the last chosen token and this many guesses
 
     def __init__(self, model):
         self.model = model
@@ -160,6 +161,7 @@ class CompiledDecoder:
         # reads and does not own (`open_program`), which must live as long as it
         self._programs = {}
         self._verifies = {}  # per layout of cache: whether its verify pass gives the step's bits
+        self._weights = None  # `weights_digest`, once: every program of the model names its weights
 
     def new_cache(self, length: int) -> KVCache:
         """A KVCache for a sequence of `length` positions, one KEY_BLOCK longer than it: the keys a
@@ -179,6 +181,11 @@ class CompiledDecoder:
         serving engine's cache grows: see `positions_needed`)."""
         return self._run([[token] for token in tokens], positions, cache, slots)
 
+    def checked(self, drafts: list[int]) -> list[int]:
+        """The guesses of `drafts` a verify pass checks: the first `guesses` when there are as many,
+        else none (the next pass is a plain step)."""
+        return drafts[:self.guesses] if len(drafts) >= self.guesses else []
+
     def verify(self, tokens: list[int], position: int, cache: KVCache, slot: int = 0) -> torch.Tensor:
         """Logits (VERIFY_TOKENS, V) after each of `tokens` (VERIFY_TOKENS of them) fed from `position`
         in cache row `slot`: bit for bit those of feeding them one a call."""
@@ -195,10 +202,8 @@ class CompiledDecoder:
         layout = str(cache.dtype), tuple(cache.rings)
         if layout not in self._verifies:
             scratch = [copy.copy(cache) for _ in range(2)]
-            for each in scratch:  # the layout's, one row of two KEY_BLOCKs (a step never reads the whole row)
-                each.k, each.v = ([torch.zeros(1, t.shape[1], 2 * KEY_BLOCK if ring is None else ring, t.shape[3],
-                                               dtype=t.dtype, device=t.device) for t, ring in zip(tensors, cache.rings)]
-                                  for tensors in (cache.k, cache.v))
+            for each in scratch:
+                each.k, each.v = empty_rows(cache, 1)
             tokens = list(range(1, VERIFY_TOKENS + 1))
             alone = torch.cat([self([token], [position], scratch[0]) for position, token in enumerate(tokens)])
             self._verifies[layout] = torch.equal(alone, self.verify(tokens, 0, scratch[1]))
@@ -222,7 +227,8 @@ class CompiledDecoder:
         return self.model.scaled_input(self.model.tok_embeddings(tokens))  # (B, T, C)
 
     def _load(self, cache: KVCache, tokens: int):
-        step, build = program_digests(self.model, cache, tokens)
+        self._weights = self._weights or weights_digest(self.model)
+        step, build = program_digests(self.model, cache, tokens, self._weights)
         folder, alone = PROGRAM_CACHE / f"{step}-{build}", None
         if not (folder / LIBRARY).exists():
             try:
@@ -254,9 +260,7 @@ class CompiledDecoder:
         longest = model.config.max_seq_len + KEY_BLOCK
         with torch.inference_mode(False), torch.no_grad():  # export traces ordinary tensors
             # Two of a span's three rows feed a token: the example has every size a step varies in.
-            keys, values = ([torch.zeros(3, t.shape[1], 2 * KEY_BLOCK if ring is None else ring, t.shape[3],
-                                         dtype=t.dtype, device=t.device)
-                             for t, ring in zip(tensors, cache.rings)] for tensors in (cache.k, cache.v))
+            keys, values = empty_rows(cache, 3)
             example = (self._input(torch.zeros(2, tokens, dtype=torch.long)), torch.tensor([0, 2]), torch.tensor([0, 5]),
                        torch.empty(KEY_BLOCK), keys, values)
             # The batch, the span of cache rows, the keys' length and the cache's, which change from step
@@ -276,6 +280,13 @@ class CompiledDecoder:
                 raise PlinthError(f"compiling the decoding step failed: {str(e).strip().splitlines()[0]}. Inductor "
                                   "compiles C++ with the machine's compiler (g++; apt-get install g++); or decode "
                                   "without --compile") from e
+
+
+def empty_rows(cache: KVCache, rows: int) -> tuple[list, list]:
+    """Keys and values laid out as `cache`'s, per layer: `rows` rows of zeros, two KEY_BLOCKs of
+    positions (the keys a step reads are then never a row's whole length), a ring's whole length."""
+    return tuple([torch.zeros(rows, t.shape[1], 2 * KEY_BLOCK if ring is None else ring, t.shape[3], dtype=t.dtype,
+                              device=t.device) for t, ring in zip(tensors, cache.rings)] for tensors in (cache.k, cache.v))
 
 
 def model_tensors(model) -> dict:
@@ -302,11 +313,15 @@ def keep_program(package: str, model, folder: Path):
                 data = archive.read(next(n for n in names if n.endswith(f"/data/weights/{file}")))
                 stored[file] = torch.load(io.BytesIO(data), weights_only=True)
             value = stored[file].as_strided(shape, stride, offset)
-            mine = own.get(fqn)
-            if mine is None or mine.dtype != value.dtype or mine.shape != value.shape or mine.stride() != value.stride() \
-                    or not torch.equal(mine, value):
+            if not same_tensor(own.get(fqn), value):
                 constants[fqn] = torch.empty_strided(shape, stride, dtype=value.dtype).copy_(value)
     torch.save(constants, folder / CONSTANTS)
+
+
+def same_tensor(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    """Whether a program may read `a` for `b`: the same dtype, layout and values."""
+    return a is not None and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() \
+        and torch.equal(a, b)
 
 
 def open_program(folder: Path, model, held: list[torch.Tensor]):
@@ -317,29 +332,20 @@ def open_program(folder: Path, model, held: list[torch.Tensor]):
     program = torch._C._aoti.AOTIModelContainerRunnerCpu(str(folder / LIBRARY), 1)
     own, kept = model_tensors(model), torch.load(folder / CONSTANTS, weights_only=True)
     for fqn, tensor in kept.items():
-        kept[fqn] = next((t for t in held if t.dtype == tensor.dtype and t.shape == tensor.shape
-                          and t.stride() == tensor.stride() and torch.equal(t, tensor)), tensor)
+        kept[fqn] = next((t for t in held if same_tensor(t, tensor)), tensor)
     constants = {name: kept[fqn] if fqn in kept else own[fqn]
                  for name, fqn in program.get_constant_names_to_original_fqns().items()}
     program.update_constant_buffer(constants, False, True, True)
     return program, constants
 
 
-def program_digests(model, cache: KVCache, tokens: int = 1) -> tuple[str, str]:
+def program_digests(model, cache: KVCache, tokens: int = 1, weights: bytes | None = None) -> tuple[str, str]:
     """Two names for the program compiled from `model` for caches like `cache`, feeding `tokens` a
-    row: what the step computes and how it runs (the weights, the config, the cache's layout, the
-    tokens, the thread count its kernels were tuned on), and
+    row: what the step computes and how it runs (the weights, by `weights_digest` unless given, the
+    config, the cache's layout, the tokens, the thread count its kernels were tuned on), and
     what built it (plinth's sources, PyTorch's version, the CPU's instruction set, the options). A
     new build of a step replaces the step's older ones."""
-    step = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        # The step never reads the input embedding (looked up outside it; a tied output layer's
-        # tensors are listed under its own names too), whose pages would be read in only to hash them.
-        if name == "tok_embeddings.weight":
-            continue
-        step.update(f"{name} {tensor.dtype} {tuple(tensor.shape)} {tensor.stride()}".encode())
-        step.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
-        release_file_pages(tensor)
+    step = hashlib.sha256(weights or weights_digest(model))
     step.update(json.dumps([model.config.to_json(), str(cache.dtype), cache.windows, cache.rings,
                             torch.get_num_threads()] + ([tokens] if tokens > 1 else [])).encode())
     build = hashlib.sha256()
@@ -347,6 +353,20 @@ def program_digests(model, cache: KVCache, tokens: int = 1) -> tuple[str, str]:
         build.update(source.read_bytes())
     build.update(json.dumps([torch.__version__, torch.backends.cpu.get_cpu_capability(), repr(OPTIONS)]).encode())
     return step.hexdigest()[:32], build.hexdigest()[:32]
+
+
+def weights_digest(model) -> bytes:
+    """A digest of the model's tensors: their names, layouts and values."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        # The step never reads the input embedding (looked up outside it; a tied output layer's
+        # tensors are listed under its own names too), whose pages would be read in only to hash them.
+        if name == "tok_embeddings.weight":
+            continue
+        weights.update(f"{name} {tensor.dtype} {tuple(tensor.shape)} {tensor.stride()}".encode())
+        weights.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        release_file_pages(tensor)
+    return weights.digest()
 
 
 def release_file_pages(tensor: torch.Tensor):

@@ -207,7 +207,7 @@ class Engine:
             seen = [t for p, t in enumerate(prompt) if p not in slots]
         seq = Sequence(seen, params, self.tokenizer, vocab, max_new=self.max_len - len(prompt))
         # a compiled verify pass has room for a fixed number of guesses
-        guesses = self.decoder.verify_tokens - 1 if self.decoder is not None and not adapter else MAX_DRAFT
+        guesses = self.decoder.guesses if self.decoder is not None and not adapter else MAX_DRAFT
         return Request(next(self._ids), seq, emit, list(prompt), adapter=adapter, images=images, prompt_len=len(prompt),
                        speculator=Speculator(seq, PromptLookup(max_draft=guesses) if self.speculate else None))
 
@@ -501,9 +501,10 @@ class Engine:
         embeds = self._with_images(group, tokens, counts) if any(r.images is not None for r in group) else None
         inputs = dict(embeds=embeds, cache=self.cache.view(start, None if in_order else torch.tensor(slots)),
                       adapters=adapters)
+        tokens = None if embeds is not None else tokens
         sampled = any(r.pending == n for r, n in zip(group, counts))
-        logits = self.model(None if embeds is not None else tokens, last=torch.tensor(counts) - 1, **inputs) \
-            if sampled else self.model.features(None if embeds is not None else tokens, **inputs)
+        logits = self.model(tokens, last=torch.tensor(counts) - 1, **inputs) if sampled else \
+            self.model.features(tokens, **inputs)
         for r, n in zip(group, counts):
             r.computed += n
         self.stats.last_batch = len(group)
@@ -529,9 +530,8 @@ class Engine:
         bit. False when it has no guess."""
         drafts = request.speculator.propose()
         compiled = self._compiled(request, request.computed)
-        if compiled:  # a compiled verify pass checks a fixed number of guesses, where it keeps the step's bits
-            guesses = self.decoder.verify_tokens - 1
-            drafts = drafts[:guesses] if len(drafts) >= guesses and self.decoder.verifies(self.cache) else []
+        if compiled:  # where a compiled verify pass keeps the step's bits
+            drafts = self.decoder.checked(drafts) if self.decoder.verifies(self.cache) else []
         if not drafts:
             return False
         start = request.computed

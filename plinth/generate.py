@@ -276,7 +276,7 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
     length = len(prompt) + seq.max_new  # passes only go forward: rings suffice (slack=0)
     cache = decoder.new_cache(length) if decoder is not None else KVCache.for_model(model, 1, length, slack=0)
     # a compiled verify pass has room for a fixed number of guesses
-    guesses = MAX_DRAFT if decoder is None else decoder.verify_tokens - 1 if speculate and decoder.verifies(cache) else 0
+    guesses = MAX_DRAFT if decoder is None else decoder.guesses if speculate and decoder.verifies(cache) else 0
     drafter = None if not speculate or not guesses else \
         speculate if isinstance(speculate, PromptLookup) else PromptLookup(max_draft=guesses)
     speculator = Speculator(seq, drafter)
@@ -299,7 +299,7 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
             cpu_share.adjust()
         position = len(prompt) + len(seq.output) - 1  # where the last chosen token goes; drafts follow it
         if decoder is not None:
-            drafts = drafts[:guesses] if len(drafts) >= guesses else []  # a verify pass, or one token
+            drafts = decoder.checked(drafts)  # a verify pass, or one token
             rows = decoder.verify([steps[-1].choice.token, *drafts], position, cache) if drafts else \
                 decoder([steps[-1].choice.token], [position], cache)  # (1 + len(drafts), V)
         else:

@@ -298,7 +298,7 @@ def test_compiled_speculation_keeps_compiled_decodings_tokens(compiled):
     _, loaded = compiled
     tok = loaded.tokenizer
     prompt = tok.encode("one two three four five six seven " * 6)
-    lookup = PromptLookup(max_draft=loaded.decoder.verify_tokens - 1)
+    lookup = PromptLookup(max_draft=loaded.decoder.guesses)
     assert compiled_text(loaded, prompt, 60, speculate=lookup) == compiled_text(loaded, prompt, 60)
     assert lookup.accepted > 0
 
@@ -328,7 +328,7 @@ def test_a_verify_pass_that_would_change_the_bits_checks_no_guesses(compiled, mo
     monkeypatch.setattr(decoder, "verify", lambda *a: real(*a) + 1e-3)  # as another kernel's rounding would
     monkeypatch.setattr(decoder, "_verifies", {})
     prompt = tok.encode("one two three four five six seven " * 6)
-    lookup = PromptLookup(max_draft=decoder.verify_tokens - 1)
+    lookup = PromptLookup(max_draft=decoder.guesses)
     assert compiled_text(loaded, prompt, 30, speculate=lookup) == compiled_text(loaded, prompt, 30)
     assert lookup.proposed == 0 and decoder._verifies == {(str(torch.float32), (64, None)): False}
 
