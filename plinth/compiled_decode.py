@@ -33,6 +33,7 @@ weights once. A model whose weights change afterwards needs a new CompiledDecode
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import hashlib
@@ -145,6 +146,13 @@ class DecodeStep(torch.nn.Module):
         return model.project(h[:, 0] if T == 1 else h.flatten(0, 1))  # (B·T, C) rows: inductor's output-layer kernel takes 2-D rows
 
 
+def compile_by_default() -> bool:
+    """Whether `plinth serve` and `plinth generate` decode compiled when not told (--compile,
+    --no-compile): unless $PLINTH_COMPILE is 0, as in the test suite, whose many short-lived models
+    would otherwise each start a build."""
+    return os.environ.get("PLINTH_COMPILE", "1") != "0"
+
+
 class CompiledDecoder:
     """Next-token logits for a batch of sequences, one token each a call, from a compiled step over
     `cache` (made by `new_cache`, or a serving engine's, already holding the positions before); and
@@ -155,8 +163,11 @@ class CompiledDecoder:
     verify_tokens = VERIFY_TOKENS
     guesses = VERIFY_TOKENS - 1  # a verify pass feeds the last chosen token and this many guesses
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, threads: int | None = None, build: bool = True):
+        """threads: the thread count its programs are tuned on, a part of their names (default: the
+        count in force when one is loaded). build: compile a program not kept yet at the first call
+        that needs it (minutes); False: only kept programs run (`ready`: `plinth compile` keeps them)."""
+        self.model, self.threads, self.build = model, threads, build
         # per layout of cache (its dtype and rings) and tokens a row: the program, and the tensors it
         # reads and does not own (`open_program`), which must live as long as it
         self._programs = {}
@@ -169,11 +180,21 @@ class CompiledDecoder:
         shorter read), and a verify pass's guesses past the last position still have room."""
         return KVCache.for_model(self.model, 1, length + KEY_BLOCK, slack=0)
 
+    def runs(self, length: int) -> bool:
+        """Whether a sequence of `length` positions decodes compiled: this decoder builds what is not
+        kept, or the step for `new_cache(length)`'s layout is kept (checked on an empty cache of it)."""
+        return self.build or self.ready(KVCache.for_model(self.model, 1, length + KEY_BLOCK, grow=True, slack=0))
+
     @staticmethod
     def positions_needed(cache: KVCache, position: int, tokens: int = 1) -> int:
         """The positions a cache that grows (`KVCache.reserve`) must hold for a pass of `tokens` from
         `position`: the keys it reads, and every ring whole (a step reads its whole ring)."""
         return max(whole_key_blocks(position + tokens), cache.ring or 0)
+
+    def ready(self, cache: KVCache, tokens: int = 1) -> bool:
+        """Whether the program of `tokens` tokens a row for caches like `cache` runs without
+        compiling: loaded, or kept in PROGRAM_CACHE."""
+        return self._key(cache, tokens) in self._programs or (self._folder(cache, tokens) / LIBRARY).exists()
 
     def __call__(self, tokens: list[int], positions: list[int], cache: KVCache,
                  slots: list[int] | None = None) -> torch.Tensor:
@@ -200,6 +221,8 @@ class CompiledDecoder:
         loads (or builds) the verify program and compares the two on a few tokens of scratch caches.
         False: guesses are not checked, compiled."""
         layout = str(cache.dtype), tuple(cache.rings)
+        if layout not in self._verifies and not self.build and not self.ready(cache, VERIFY_TOKENS):
+            self._verifies[layout] = False
         if layout not in self._verifies:
             scratch = [copy.copy(cache) for _ in range(2)]
             for each in scratch:
@@ -211,28 +234,43 @@ class CompiledDecoder:
 
     def _run(self, tokens: list[list[int]], positions: list[int], cache: KVCache, slots: list[int] | None):
         """Logits (B·T, V) after each of the B rows' T tokens, fed from `positions`."""
-        key = str(cache.dtype), tuple(cache.rings), len(tokens[0])
-        if key not in self._programs:
-            self._programs[key] = self._load(cache, len(tokens[0]))
+        program, _ = self.program(cache, len(tokens[0]))
         device, slots = cache.device, slots or list(range(len(tokens)))
         first = min(slots)
         keys, values = ([t[first:max(slots) + 1] for t in tensors] for tensors in (cache.k, cache.v))
         length = torch.empty(whole_key_blocks(max(positions) + len(tokens[0])), device=device)
         inputs = [self._input(torch.tensor(tokens, device=device)), torch.tensor(slots, device=device) - first,
                   torch.tensor(positions, device=device), length, *keys, *values]
-        program, _ = self._programs[key]
         return program.run(inputs)[0]
 
     def _input(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.scaled_input(self.model.tok_embeddings(tokens))  # (B, T, C)
 
-    def _load(self, cache: KVCache, tokens: int):
+    def program(self, cache: KVCache, tokens: int = 1):
+        """The program of `tokens` tokens a row for caches like `cache`, and the tensors it reads
+        (`open_program`): loaded at the first call for them, from PROGRAM_CACHE, or built and kept."""
+        key = self._key(cache, tokens)
+        if key not in self._programs:
+            self._programs[key] = self._load(cache, tokens)
+        return self._programs[key]
+
+    @staticmethod
+    def _key(cache: KVCache, tokens: int) -> tuple:
+        return str(cache.dtype), tuple(cache.rings), tokens
+
+    def _folder(self, cache: KVCache, tokens: int) -> Path:
         self._weights = self._weights or weights_digest(self.model)
-        step, build = program_digests(self.model, cache, tokens, self._weights)
-        folder, alone = PROGRAM_CACHE / f"{step}-{build}", None
+        return PROGRAM_CACHE / "-".join(program_digests(self.model, cache, tokens, self._weights, self.threads))
+
+    def _load(self, cache: KVCache, tokens: int):
+        folder, alone = self._folder(cache, tokens), None
+        step = folder.name.split("-")[0]
         if not (folder / LIBRARY).exists():
+            if not self.build:
+                raise PlinthError(f"no compiled decoding program of {tokens} tokens a row is kept for this model in "
+                                  f"{PROGRAM_CACHE}; `plinth compile MODEL` builds them")
             try:
-                with atomic_folder(folder) as tmp:
+                with atomic_folder(folder) as tmp, tuned_on(self.threads):
                     self._build(cache, tokens, tmp)
                 for older in PROGRAM_CACHE.glob(f"{step}-*"):  # this step built by an earlier plinth or torch
                     if older != folder:
@@ -243,7 +281,8 @@ class CompiledDecoder:
                 print(f"plinth: could not keep the compiled decoding step in {PROGRAM_CACHE} ({e}); the next "
                       "start will compile it again", file=sys.stderr)
                 folder = alone = Path(tempfile.mkdtemp(prefix="plinth-program-"))
-                self._build(cache, tokens, folder)
+                with tuned_on(self.threads):
+                    self._build(cache, tokens, folder)
         try:
             # the programs of one model hold the same tables and rearranged weights: each is held once
             return open_program(folder, self.model, [t for _, held in self._programs.values() for t in held.values()])
@@ -280,6 +319,18 @@ class CompiledDecoder:
                 raise PlinthError(f"compiling the decoding step failed: {str(e).strip().splitlines()[0]}. Inductor "
                                   "compiles C++ with the machine's compiler (g++; apt-get install g++); or decode "
                                   "without --compile") from e
+
+
+@contextlib.contextmanager
+def tuned_on(threads: int | None):
+    """Kernels are chosen by timing them on the threads in force: `threads` (None: as they are),
+    the count a program's name says it was tuned on."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def empty_rows(cache: KVCache, rows: int) -> tuple[list, list]:
@@ -339,15 +390,17 @@ def open_program(folder: Path, model, held: list[torch.Tensor]):
     return program, constants
 
 
-def program_digests(model, cache: KVCache, tokens: int = 1, weights: bytes | None = None) -> tuple[str, str]:
+def program_digests(model, cache: KVCache, tokens: int = 1, weights: bytes | None = None,
+                    threads: int | None = None) -> tuple[str, str]:
     """Two names for the program compiled from `model` for caches like `cache`, feeding `tokens` a
     row: what the step computes and how it runs (the weights, by `weights_digest` unless given, the
-    config, the cache's layout, the tokens, the thread count its kernels were tuned on), and
+    config, the cache's layout, the tokens, the thread count its kernels were tuned on, by default
+    the count in force), and
     what built it (plinth's sources, PyTorch's version, the CPU's instruction set, the options). A
     new build of a step replaces the step's older ones."""
     step = hashlib.sha256(weights or weights_digest(model))
     step.update(json.dumps([model.config.to_json(), str(cache.dtype), cache.windows, cache.rings,
-                            torch.get_num_threads()] + ([tokens] if tokens > 1 else [])).encode())
+                            threads or torch.get_num_threads()] + ([tokens] if tokens > 1 else [])).encode())
     build = hashlib.sha256()
     for source in sorted(Path(plinth.__file__).parent.rglob("*.py")):
         build.update(source.read_bytes())

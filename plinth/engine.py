@@ -132,10 +132,10 @@ class Engine:
         self.threads = threads or default_threads()
         # Threads not given otherwise: all cores while nothing else runs, fewer while other processes keep one busy.
         self.cpu_share = CpuShare(self.threads) if threads is None else None
-        self.decoder = None
+        self.decoder = None  # a CompiledDecoder while decoding compiled (`use_compiled`)
         if compile and model is not None:
             from plinth.compiled_decode import CompiledDecoder
-            self.decoder = CompiledDecoder(model)
+            self.decoder = CompiledDecoder(model, self.threads)
         self.chunk, self.max_queue, self.prefix_cache = chunk, max_queue, prefix_cache
         self.speculate = speculate
         # Prompt tokens per forward pass: the int4 kernel's cost is the same per row in any pass,
@@ -148,8 +148,8 @@ class Engine:
             # Sliding-window layers keep rings (plinth/kv_cache.py) with room for a request to run a
             # prefill chunk past a prefix that another one waits to reuse (see `_prefix_coming`).
             # A compiled step reads whole KEY_BLOCKs of keys, up to the last one's end.
-            capacity = whole_key_blocks(self.max_len) if compile else self.max_len
-            self.cache = KVCache.for_model(model, max_batch, capacity, grow=True, slack=self.chunk - self.piece)
+            self.cache = KVCache.for_model(model, max_batch, whole_key_blocks(self.max_len), grow=True,
+                                           slack=self.chunk - self.piece)
         self.free_slots = list(range(max_batch))
         # The prefix cache: free slots whose cache rows still hold a finished request's keys and values,
         # slot → (adapter, the tokens they are of), least recently freed first, and how far each
@@ -570,19 +570,24 @@ class Engine:
         self.stats.last_batch = len(group)
         return logits.float()
 
-    def compile_now(self):
-        """Compile the decoding step, and the verify pass when speculating, before any request waits
-        for them (minutes the first time for a model, under a second once its programs are kept), on
-        the engine thread: `engine.call(engine.compile_now).result()`. It writes position 0 of row 0,
-        which holds nothing yet."""
-        if self.decoder is not None:
-            self.cache.reserve(1, self.decoder.positions_needed(self.cache, 0))
-            with torch.inference_mode():
-                self.decoder([0], [0], self.cache)
-                if self.speculate and not self.decoder.verifies(self.cache):
-                    print("plinth: the compiled verify pass does not give the decoding step's bits on this "
-                          "machine; a lone request decodes without guesses", file=sys.stderr)
-            self._fit_cache()
+    def use_compiled(self, build: bool = True) -> bool:
+        """Decode through compiled programs from now on (and check a lone request's guesses in them,
+        where the verify pass gives the step's bits), on the engine thread:
+        `engine.call(engine.use_compiled).result()`. build: compile the programs not kept yet (minutes
+        the first time for a model, under a second once kept); False: only if `plinth compile`, or an
+        earlier build, kept them. Returns whether decoding is compiled. Requests decoding already go
+        on through the programs from their next token. Writes nothing into the cache."""
+        from plinth.compiled_decode import CompiledDecoder
+        decoder = self.decoder or CompiledDecoder(self.model, self.threads, build)
+        if not (decoder.build or decoder.ready(self.cache)):
+            return False
+        with torch.inference_mode():
+            decoder.program(self.cache)
+            if self.speculate and not decoder.verifies(self.cache):
+                print("plinth: the compiled verify pass does not give the decoding step's bits on this machine (or "
+                      "is not kept); a lone request decodes without guesses", file=sys.stderr)
+        self.decoder = decoder
+        return True
 
     def _postprocess(self, group: list[Request], logits: torch.Tensor | None):
         if logits is None:  # every request of the group is still prefilling

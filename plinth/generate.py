@@ -266,7 +266,7 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
     it repeats its input (rewriting or quoting a given text). False: one token per pass; a
     `PromptLookup`: guess with that one (to tune it, or read how many guesses it got right).
     decoder: a `CompiledDecoder` of this model (plinth/compiled_decode.py) to decode with, from the
-    prompt's last token on; its verify passes check a fixed number of guesses.
+    prompt's last token on, where it runs (`runs`); its verify passes check a fixed number of guesses.
     cpu_share: a `CpuShare` (plinth/cpu_share.py) that sets this thread's thread count between
     steps, leaving room for other processes."""
     params.validate(model.config.vocab_size)
@@ -274,6 +274,8 @@ def generate_stream(model, tokenizer, prompt: list[int], params: SamplingParams,
     check_prompt(len(prompt), context)
     seq = Sequence(prompt, params, tokenizer, model.config.vocab_size, max_new=context - len(prompt))
     length = len(prompt) + seq.max_new  # passes only go forward: rings suffice (slack=0)
+    if decoder is not None and not decoder.runs(length):  # a decoder of kept programs, none kept for this length
+        decoder = None
     cache = decoder.new_cache(length) if decoder is not None else KVCache.for_model(model, 1, length, slack=0)
     # a compiled verify pass has room for a fixed number of guesses
     guesses = MAX_DRAFT if decoder is None else decoder.guesses if speculate and decoder.verifies(cache) else 0

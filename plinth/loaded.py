@@ -33,14 +33,16 @@ class LoadedModel:
         self.decoder = None  # set by `compile()`: generate and chat decode through it
         self._cpu_share = None  # made at the first generation, from the thread count then in force
 
-    def compile(self) -> "LoadedModel":
+    def compile(self, build: bool = True) -> "LoadedModel":
         """Decode through compiled steps from now on (plinth/compiled_decode.py): faster one token at
         a time, after compiling on first use (minutes the first time; the programs are kept in
         ~/.cache/plinth/programs and later loads take under a second); prompt-lookup speculation
-        checks its guesses in compiled passes too."""
+        checks its guesses in compiled passes too. build=False: only through programs already kept
+        (`plinth compile`), decoding eagerly where none is; what `plinth generate` does by default.
+        The programs are those tuned on the thread count in force now."""
         from plinth.compiled_decode import CompiledDecoder
         self._text_model()
-        self.decoder = CompiledDecoder(self.model)
+        self.decoder = CompiledDecoder(self.model, torch.get_num_threads(), build)
         return self
 
     def imagine(self, prompt: str, n: int = 1, seed: int = 0, steps: int | None = None,

@@ -2,6 +2,7 @@
 SmolLM2-135M GGUF with Hugging Face transformers as the independent reference (seconds)."""
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -16,6 +17,10 @@ from plinth.config import preset
 from plinth.model import Transformer
 from plinth.vision.multimodal import ImageEncoder
 from plinth.tokenizer import BYTE_CHARS, Tokenizer
+
+# Servers and `plinth generate` decode eagerly unless a test says otherwise: by default they would
+# build compiled programs for each of the suite's models (plinth/compiled_decode.py).
+os.environ["PLINTH_COMPILE"] = "0"
 
 # A pretraining recipe small enough for unit tests: 40 stdlib files, a 320-token BPE, a 2-layer model.
 TINY = dict(sources=["python-stdlib"], max_docs_per_source=40, val_fraction=0.1, vocab_size=320, seq_len=32, batch_size=4,

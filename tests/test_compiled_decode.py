@@ -218,8 +218,8 @@ def test_a_compiling_engine_decodes_every_step_compiled_and_a_rows_text_is_the_s
     calls = []
     real = engine.decoder.__call__
     monkeypatch.setattr(type(engine.decoder), "__call__", lambda self, *a: calls.append(a[3:]) or real(*a))
-    engine.compile_now()
-    assert engine.cache.rows == 0  # compiling left nothing held
+    assert engine.use_compiled()
+    assert engine.cache.rows == 0  # loading the programs wrote nothing into the cache
     greedy = dict(temperature=0, ignore_eos=True)
     prompts = [tok.encode("The window slides"), tok.encode("Keys grow past the ring")]
     heads, head = [], model.output.forward
@@ -228,9 +228,9 @@ def test_a_compiling_engine_decodes_every_step_compiled_and_a_rows_text_is_the_s
                                                  SamplingParams(max_tokens=90, **greedy)])
     assert len(short.steps) == 5
     assert heads == []  # the model's own output layer never ran: the program gave every token
-    # compile_now's step; each prompt prefilled up to its last token, which the program feeds: the two
-    # requests' first 5 tokens together, then the long one's in row 1
-    assert calls == [()] + [([0, 1],)] * 5 + [([1],)] * 85
+    # each prompt prefilled up to its last token, which the program feeds: the two requests' first 5
+    # tokens together, then the long one's in row 1
+    assert calls == [([0, 1],)] * 5 + [([1],)] * 85
     text = tok.decode([s.choice.token for s in long.steps])
     assert text == compiled_text(loaded, prompts[1], 90)
     plain = [s.choice.token for s in generate_stream(model, tok, prompts[1], SamplingParams(max_tokens=90, **greedy),

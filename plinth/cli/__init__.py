@@ -1,7 +1,7 @@
 """The `plinth` command. Each subcommand parses its arguments and calls the library. One module per
 command group registers its subcommands with `register(sub)`: models (list, pull, generate, chat),
 train (data, tokenizer, pretrain), adapt (finetune, prompt, export), measure (plot, eval, report),
-serve, retrieval (index, rag); common.py holds the options and helpers they share.
+serve (serve, compile), retrieval (index, rag); common.py holds the options and helpers they share.
 
     plinth list
     plinth generate smollm2-135m-instruct "The capital of France is" --max-tokens 20

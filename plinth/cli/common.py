@@ -47,10 +47,11 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="answer with a JSON object (constrained decoding)")
     g.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid for the schema in FILE")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="decode through compiled programs (steps, and speculative decoding's verify passes): faster "
-                   "per token, after compiling on first use (minutes the first time for a model; the programs are "
-                   "kept, and later starts load them in under a second)")
+                   "per token. Default: through the programs `plinth compile` or `plinth serve` kept for the model, "
+                   "else eagerly. --compile: compile them first if not kept (minutes, once for a model); "
+                   "--no-compile: eagerly")
 
 
 def sampling(args) -> dict:
@@ -75,8 +76,12 @@ def load_model(args):
     from plinth.generate import SamplingParams
     params = sampling(args) if hasattr(args, "max_tokens") else {}
     SamplingParams(**params).validate()  # reject bad values before spending seconds on loading
+    from plinth.compiled_decode import compile_by_default
     model = plinth.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None))
-    return model.compile() if getattr(args, "compile", False) else model
+    compile = getattr(args, "compile", False)  # None: not said, and the command has the option
+    if compile or (compile is None and compile_by_default() and model.generator is None):
+        model.compile(build=bool(compile))
+    return model
 
 
 def add_recipe_arg(p: argparse.ArgumentParser):

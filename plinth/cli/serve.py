@@ -1,13 +1,18 @@
-"""`plinth serve`: a model over an OpenAI-compatible HTTP API with continuous batching, and a chat page at /.
+"""`plinth serve`: a model over an OpenAI-compatible HTTP API with continuous batching, and a chat page at /;
+`plinth compile`: its compiled decoding programs, built ahead.
 
     plinth serve smollm2-135m-instruct --port 8000 --api-key secret
     plinth serve --adapter sentiment=runs/lora-sentiment/final --index docs=idx/
     plinth serve runs/dit-fashion/final     # an image generator: /v1/images/generations
+    plinth compile smollm2-135m-instruct    # minutes, once: the first `plinth serve` is then compiled at once
 """
 from __future__ import annotations
 
+import argparse
+
 from plinth import hub
 from plinth.cli.common import add_model_args, name_values
+from plinth.errors import PlinthError
 
 
 def cmd_serve(args):
@@ -20,6 +25,24 @@ def cmd_serve(args):
           max_batch=args.max_batch, max_len=args.max_model_len, grace=args.grace, dtype=args.dtype,
           embedding_model=args.embedding_model, seed=args.seed, threads=args.threads, indexes=indexes,
           adapters=adapters, prefix_cache=args.prefix_cache, compile=args.compile)
+
+
+def cmd_compile(args):
+    import time
+
+    import plinth
+    from plinth.compiled_decode import PROGRAM_CACHE
+    from plinth.engine import Engine
+    loaded = plinth.load(args.model, dtype=args.dtype)
+    if loaded.generator is not None:
+        raise PlinthError(f"{args.model} generates images; compiled decoding is for language models")
+    # the programs of a serving engine's cache with these options: plinth serve then finds them
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=1, max_len=args.max_model_len, threads=args.threads,
+                    compile=True)
+    start = time.perf_counter()
+    engine.use_compiled()
+    print(f"plinth: the compiled decoding programs of {args.model} on {engine.threads} threads are kept in "
+          f"{PROGRAM_CACHE} ({time.perf_counter() - start:.0f} s)")
 
 
 def register(sub):
@@ -41,10 +64,12 @@ def register(sub):
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--threads", type=int, help="model compute threads, fixed (default: all cores, one fewer while "
                    "another process keeps a core busy)")
-    p.add_argument("--compile", action="store_true", help="decoding steps and speculative decoding's verify "
-                   "passes go through compiled programs: faster per token, after compiling at start (a few "
-                   "minutes the first time for a model, then loaded from ~/.cache/plinth/programs in under a "
-                   "second); a request's tokens are the same in any batch, as by default, but not the default's")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="decoding steps and speculative "
+                   "decoding's verify passes go through compiled programs: faster per token; a request's tokens "
+                   "are the same in any batch, either way, but not eager decoding's. Default: through the programs "
+                   "kept in ~/.cache/plinth/programs (loaded in under a second), else eagerly while they are built "
+                   "in the background (a few minutes, once for a model). --compile: build them before serving; "
+                   "--no-compile: eagerly")
     p.add_argument("--seed", type=int, help="seed requests that give none from this and their prompt, "
                    "so that the same request always gets the same answer")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a LoRA adapter "
@@ -54,3 +79,14 @@ def register(sub):
     p.add_argument("--index", action="append", default=[], metavar="NAME=FOLDER", help="serve a retrieval index "
                    "that chat requests may name (see README, Retrieval); repeatable")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("compile", help="build a model's compiled decoding programs ahead",
+                       description="Build and keep the compiled decoding programs `plinth serve` uses with the same "
+                       "options (and `plinth generate`, for a model without sliding-window layers), so that the "
+                       "first start decodes compiled at once: a few minutes, once for a model, a machine and a "
+                       "plinth version. Example: plinth compile smollm2-135m-instruct")
+    add_model_args(p)
+    p.add_argument("--threads", type=int, help="the thread count to tune the programs on (default: all cores)")
+    p.add_argument("--max-model-len", type=int, help="as given to plinth serve (a sliding-window layer's cache "
+                   "depends on it)")
+    p.set_defaults(func=cmd_compile)

@@ -25,10 +25,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from plinth import hub
+from plinth import compiled_decode, hub
 from plinth.errors import PlinthError
 from plinth.engine import Engine
 from plinth.heap import freed_memory_returned
+from plinth.serve.background_build import BackgroundBuild
 from plinth.serve.images_api import router as images_router
 from plinth.serve.ollama_api import OllamaErrors
 from plinth.serve.ollama_api import router as ollama_router
@@ -240,7 +241,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           strict_models: bool = False, max_batch: int = 16, max_len: int | None = None, grace: float = 30.0,
           embedding_model: str = "auto", dtype: str | None = None, seed: int | None = None,
           threads: int | None = None, indexes: dict[str, str] | None = None, adapters: dict[str, str] | None = None,
-          prefix_cache: bool = True, compile: bool = False):
+          prefix_cache: bool = True, compile: bool | None = None):
+    """compile: True, decode through compiled programs, compiled first where not kept (minutes);
+    False, eagerly; None, through kept programs, or eagerly while they are built in the background
+    (plinth/serve/background_build.py), unless $PLINTH_COMPILE is 0."""
     import torch
 
     import plinth
@@ -268,11 +272,19 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len, threads=threads, vision=loaded.vision,
         prefix_cache=prefix_cache, compile=compile)
     engine.start()
-    if engine.decoder is not None:
-        print("plinth: compiling the decoding step and the verify pass (a few minutes the first time for a model, "
-              "seconds after)",
-              flush=True)
-        engine.call(engine.compile_now).result()
+    build = None
+    if generator is None and (compile or (compile is None and compiled_decode.compile_by_default())):
+        if compile:
+            print("plinth: compiling the decoding step and the verify pass (a few minutes the first time for a "
+                  "model, a second after)", flush=True)
+        if engine.call(lambda: engine.use_compiled(build=bool(compile))).result():
+            print(f"plinth: decoding through compiled programs ({compiled_decode.PROGRAM_CACHE}; --no-compile: "
+                  "eagerly)", flush=True)
+        else:
+            print("plinth: decoding eagerly while the compiled decoding programs are built in the background (a few "
+                  "minutes, once for a model; `plinth compile` builds them ahead, --no-compile leaves them out)",
+                  flush=True)
+            build = BackgroundBuild(engine, model, dtype).start()
     state = ServerState(engine, loaded.tokenizer, model, strict_models=strict_models,
                         api_key=api_key or os.environ.get("PLINTH_API_KEY"), embedder=embedder, seed=seed,
                         indexes=served_indexes, adapters=adapter_ids, generator=generator)
@@ -292,4 +304,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     try:
         server.run()
     finally:
+        if build is not None:
+            build.stop()
         engine.stop()
