@@ -24,10 +24,12 @@ How each figure is measured (all engines get the same token ids, made with plint
               time from the first token (which only needs the prefill) to the last, so the figure
               covers exactly 128 single-token forwards plus sampling. One short warm-up, then the
               median of --repeats runs. transformers uses its own `generate` (a streamer stamps
-              each token); llama.cpp its `Llama.generate` with temp=0. plinth_compiled is plinth
-              decoding through its compiled step (`plinth.load(...).compile()`,
-              plinth/compiled_decode.py); its first step is timed on its own: compiling the program from
-              empty caches, and, in the run whose rates are reported, loading what the first run kept.
+              each token); llama.cpp its `Llama.generate` with temp=0. plinth decodes as `plinth
+              generate` does by default, through the compiled programs kept for the model
+              (`plinth.load(...).compile(build=False)`, plinth/compiled_decode.py), which a first
+              child builds from nothing (timed, as `plinth compile` or a first `plinth serve` would);
+              its first step is timed on its own: loading what was kept. plinth_eager is
+              `plinth generate --no-compile`.
   peak RSS    `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the child at the end (MB = 2**20 bytes).
 llama-cpp-python is used when importable and skipped with the reason otherwise. Run on an otherwise
 idle machine: each result records the 1-minute load average; well above 2 means it was shared.
@@ -49,7 +51,7 @@ from pathlib import Path
 
 from plinth.files import write_atomic
 
-ENGINES = ("plinth", "plinth_compiled", "transformers", "llama_cpp")
+ENGINES = ("plinth", "plinth_eager", "transformers", "llama_cpp")
 THREADS = 2
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -94,9 +96,9 @@ def run_plinth(args, job):
     m = plinth.load(args.model, dtype=args.dtype)
     load = time.perf_counter() - start
     last = torch.tensor([len(job["long"]) - 1])
-    compiled = args.engine == "plinth_compiled"
-    if compiled:
-        m.compile()
+    compiled = args.engine != "plinth_eager"
+    if compiled:  # the first child builds the programs; the others find them kept
+        m.compile(build=args.engine == "plinth_build")
 
     def prefill():
         with torch.inference_mode():
@@ -115,6 +117,7 @@ def run_plinth(args, job):
     info = {"dtype": args.dtype or "default", "weight_dtypes": sorted({str(t.dtype) for t in tensors})}
     if compiled:  # compiling happens at the first step: timed here, before the warm-up the child does
         info["compile_s"] = timed(lambda: decode(2))
+        info["compiled"] = m.decoder.runs(len(job["short"]) + args.new_tokens + 1)  # else it decoded eagerly
     return load, prefill, decode, info
 
 
@@ -205,7 +208,7 @@ def child(args) -> dict:
         except ImportError as error:
             return {"engine": args.engine, "skipped": f"llama_cpp is not importable ({error})"}
     job = json.loads(sys.stdin.read())  # from the parent: the same token ids and file for every engine
-    runner = {"plinth": run_plinth, "plinth_compiled": run_plinth, "transformers": run_transformers,
+    runner = {"plinth": run_plinth, "plinth_eager": run_plinth, "plinth_build": run_plinth, "transformers": run_transformers,
               "llama_cpp": run_llama_cpp}[args.engine]
     load, prefill, decode, info = runner(args, job)
 
@@ -247,9 +250,10 @@ def same_prefix(a: list[int], b: list[int]) -> int:
 def report(results: list[dict], first: dict):
     print(f"\nplinth's first load of the file (reads the GGUF, packs the weights it keeps): "
           f"{first.get('first_load_s', float('nan')):.2f} s; the rows below load what it kept")
-    compiled = next((r for r in results if r["engine"] == "plinth_compiled" and "compile_s" in r), {})
-    print(f"plinth_compiled: compiling the step took {first.get('first_compile_s', float('nan')):.1f} s the first "
-          f"time; loading the program kept took {compiled.get('compile_s', float('nan')):.2f} s (the row below)")
+    compiled = next((r for r in results if r["engine"] == "plinth" and "compile_s" in r), {})
+    print(f"plinth: building its compiled programs took {first.get('first_compile_s', float('nan')):.1f} s the first "
+          f"time; loading the programs kept took {compiled.get('compile_s', float('nan')):.2f} s; decoded compiled: "
+          f"{compiled.get('compiled')}")
     print(f"\n{'engine':<16}{'load s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
     for r in results:
         if "load_s" in r:
@@ -278,7 +282,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128, help="decode steps timed")
     parser.add_argument("--decode-prompt", type=int, default=16, help="prompt length for the decode rate")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median taken)")
-    parser.add_argument("--engine", choices=ENGINES + ("job", "plinth_first_load"), help=argparse.SUPPRESS)  # internal: a child
+    parser.add_argument("--engine", choices=ENGINES + ("job", "plinth_first_load", "plinth_build"),
+                        help=argparse.SUPPRESS)  # internal: a child
     parser.add_argument("--out", type=Path, help="results file (default: benchmarks/results/decode[-MODEL].json)")
     args = parser.parse_args()
     args.out = args.out or ROOT / "benchmarks" / "results" / ("decode.json" if args.model == MODEL
@@ -294,9 +299,9 @@ def main():
         env = {"PLINTH_PACKED_CACHE": cache, "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
                "PLINTH_PROGRAM_CACHE": f"{cache}/programs"}
         first = run_child("plinth_first_load", args, job, env)
-        # The compiled engine runs twice: the first compiles from nothing, the second (whose rates are
-        # reported) loads the program the first kept, as any later process would.
-        first["first_compile_s"] = run_child("plinth_compiled", args, job, env).get("compile_s", float("nan"))
+        # The programs are built from nothing first; the reported rows load what was kept, as any
+        # later process would.
+        first["first_compile_s"] = run_child("plinth_build", args, job, env).get("compile_s", float("nan"))
         results = [run_child(engine, args, job, env) for engine in ENGINES]
     report(results, first)
     write(args, [first] + results)

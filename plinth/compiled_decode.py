@@ -1,5 +1,7 @@
-"""Decoding through a compiled step: `plinth.load(MODEL).compile()`, `plinth generate --compile`,
-`plinth serve --compile` (every decoding step of the batch).
+"""Decoding through a compiled step: what `plinth serve` (every decoding step of the batch) and
+`plinth generate` do by default once the programs are kept (`plinth compile`, or a first `plinth
+serve`, which builds them in the background: plinth/serve/background_build.py), and
+`plinth.load(MODEL).compile()`.
 
 An eager decoding step of a small model is hundreds of small operations (norms, casts, rotations,
 residual adds, the attention of each layer), each a separate call into PyTorch, and on a CPU they
@@ -20,7 +22,8 @@ compiled is not bit for bit the one decoded eagerly. Prompt-lookup speculation c
 in a second program, of VERIFY_TOKENS tokens a row, whose logits are the step's bits (`verifies`
 checks it), so that it keeps compiled decoding's output.
 
-Compiling takes a minute or two for a program. A program is kept in PROGRAM_CACHE
+Compiling takes a minute or two for a program (a decoder made with build=False runs only kept
+ones: `ready`, `runs`). A program is kept in PROGRAM_CACHE
 (~/.cache/plinth/programs, or $PLINTH_PROGRAM_CACHE), a folder per program named by a digest of
 everything it was built from (`program_digests`): the weights, the config, the cache's layout, the
 tokens a row, the thread count it was tuned on (its loops take the count of each call), plinth's
@@ -54,6 +57,7 @@ from plinth.errors import PlinthError
 from plinth.files import atomic_folder
 from plinth.kv_cache import KEY_BLOCK, KVCache, ring_positions, whole_key_blocks
 from plinth.model import attention_mask
+from plinth.quant import Int8Head
 from plinth.speculative import ROWS
 
 PROGRAM_CACHE = Path(os.environ.get("PLINTH_PROGRAM_CACHE", Path.home() / ".cache" / "plinth" / "programs"))
@@ -63,6 +67,8 @@ OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_ind
            "aot_inductor.package_constants_on_disk_format": "pickle_weights", "cpp.dynamic_threads": True}
 LIBRARY, CONSTANTS = "step.so", "constants.pt"
 VERIFY_TOKENS = ROWS  # a verify pass: the last chosen token and ROWS - 1 guesses (plinth/speculative.py)
+# Passes between giving back the file pages of the tables a pass reads a few rows of (`row_tables`).
+RELEASE_EVERY = 4
 PAGE, MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096, 4
 
 
@@ -173,6 +179,7 @@ class CompiledDecoder:
         self._programs = {}
         self._verifies = {}  # per layout of cache: whether its verify pass gives the step's bits
         self._weights = None  # `weights_digest`, once: every program of the model names its weights
+        self._passes, self._tables = 0, None  # passes run, and `row_tables` once a program is loaded
 
     def new_cache(self, length: int) -> KVCache:
         """A KVCache for a sequence of `length` positions, one KEY_BLOCK longer than it: the keys a
@@ -241,7 +248,14 @@ class CompiledDecoder:
         length = torch.empty(whole_key_blocks(max(positions) + len(tokens[0])), device=device)
         inputs = [self._input(torch.tensor(tokens, device=device)), torch.tensor(slots, device=device) - first,
                   torch.tensor(positions, device=device), length, *keys, *values]
-        return program.run(inputs)[0]
+        logits = program.run(inputs)[0]
+        self._passes += 1
+        if self._passes % RELEASE_EVERY == 0:
+            self._tables = self._tables or row_tables(self.model, [t for _, held in self._programs.values()
+                                                                   for t in held.values()])
+            for table in self._tables:
+                release_file_pages(table)
+        return logits
 
     def _input(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.scaled_input(self.model.tok_embeddings(tokens))  # (B, T, C)
@@ -420,6 +434,26 @@ def weights_digest(model) -> bytes:
         weights.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
         release_file_pages(tensor)
     return weights.digest()
+
+
+def row_tables(model, held: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The model's tensors that a decoding pass reads a few rows of, other rows each pass: the input
+    embedding (looked up before the program), and the output layer's rows that `refine_top` reads
+    for each row's top candidates, where the program multiplies by a rearranged copy of its own
+    (in `held`) rather than by them. Mapped from the model's file, the pages read would pile up in
+    the process's memory, pass after pass, up to the whole tables; `release_file_pages` gives them
+    back now and then, and the next pass that needs a row reads it from the page cache again."""
+    head, tables = model.output, [model.tok_embeddings.weight]
+    rows = getattr(head, "rows", None)  # an Int4Head's: the embedding's own rows
+    if rows is None and isinstance(head, Int8Head) and any(same_layout_size(t, head.q) for t in held):
+        rows = head.q
+    if rows is not None and rows.data_ptr() != tables[0].data_ptr():
+        tables.append(rows)
+    return tables
+
+
+def same_layout_size(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.numel() == b.numel()
 
 
 def release_file_pages(tensor: torch.Tensor):

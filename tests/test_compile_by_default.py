@@ -49,6 +49,11 @@ def complete(base: str) -> str:
     return response.json()["choices"][0]["text"]
 
 
+def compiled(base: str) -> int:
+    """The server's own word, in /metrics, on whether it decodes through compiled programs."""
+    return int(float(re.search(r"^plinth_compiled (\S+)$", httpx.get(f"{base}/metrics").text, re.M)[1]))
+
+
 def wait_for_line(proc, pattern: str, seconds: float, seen: list[str]) -> str:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -108,8 +113,9 @@ def test_a_server_decodes_eagerly_while_it_builds_then_compiled_and_generate_use
         base = f"http://127.0.0.1:{port}"
         wait_until_up(base)
         eager = complete(base)  # answered at once, while the build runs
-        assert len(eager) > 0
+        assert len(eager) > 0 and compiled(base) == 0
         wait_for_line(proc, "decoding through the compiled programs from now on", 600, seen)
+        assert compiled(base) == 1
         assert complete(base) == eager  # float32: the same greedy text, now from the program
     finally:
         stop(proc)

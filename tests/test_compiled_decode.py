@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plinth.compiled_decode import CONSTANTS, LIBRARY, OPTIONS, CompiledDecoder
+from plinth.compiled_decode import CONSTANTS, LIBRARY, OPTIONS, RELEASE_EVERY, CompiledDecoder, row_tables
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
 from plinth.kv_cache import KEY_BLOCK, KVCache
@@ -264,6 +264,33 @@ def test_hashing_a_mapped_model_gives_back_the_pages_it_read_and_keeps_what_was_
     own = torch.arange(2**20, dtype=torch.float32)  # not a file's: left alone
     release_file_pages(own)
     assert torch.equal(own, torch.arange(2**20, dtype=torch.float32))
+
+
+def test_the_tables_a_pass_reads_a_few_rows_of_are_given_back_every_few_passes(compiled, monkeypatch):
+    """The input embedding's pages, and the int8 output layer's rows where the program multiplies
+    by a rearranged copy of its own (`refine_top` still reads the model's rows for the top
+    candidates), would pile up pass after pass: they are given back every RELEASE_EVERY passes."""
+    from plinth import compiled_decode
+    from plinth.quant import Int8Head
+    int8 = compact_(tiny_model(), "int8")
+    assert isinstance(int8.output, Int8Head)
+    embedding, rows = int8.tok_embeddings.weight, int8.output.q
+    assert [t is embedding for t in row_tables(int8, [])] == [True]  # the program reads these rows whole
+    assert [t is u for t, u in zip(row_tables(int8, [torch.empty_like(rows)]), [embedding, rows])] == [True, True]
+
+    _, loaded = compiled
+    released = []
+    monkeypatch.setattr(compiled_decode, "release_file_pages", released.append)
+    decoder = CompiledDecoder(loaded.model)  # loads the kept program; counts its own passes
+    cache = decoder.new_cache(2 * RELEASE_EVERY)
+    decoder.program(cache)
+    released.clear()  # what hashing the weights for the program's name gave back
+    with torch.inference_mode():
+        for position in range(2 * RELEASE_EVERY):
+            decoder([position + 1], [position], cache)
+    tables = row_tables(loaded.model, [t for _, held in decoder._programs.values() for t in held.values()])
+    assert loaded.model.tok_embeddings.weight is tables[0]
+    assert [id(t) for t in released] == [id(t) for t in tables] * 2
 
 
 def compiled_text(loaded, prompt: list[int], n: int, speculate=False) -> str:

@@ -29,7 +29,9 @@ class EngineCollector:
                                  ("running", len(self.engine.running), "Sequences holding a KV-cache slot"),
                                  ("queue_depth", self.engine.queue_depth, "Requests waiting for a slot"),
                                  ("threads", self.engine.threads_in_use,
-                                  "Model compute threads (fewer while other processes keep a core busy)")]:
+                                  "Model compute threads (fewer while other processes keep a core busy)"),
+                                 ("compiled", int(self.engine.decoder is not None),
+                                  "1 while decoding goes through compiled programs, 0 while eager")]:
             yield GaugeMetricFamily(f"plinth_{name}", doc, value=value)
 
 
