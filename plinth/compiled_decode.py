@@ -54,7 +54,6 @@ import torch
 
 import plinth
 from plinth.errors import PlinthError
-from plinth.files import atomic_folder
 from plinth.kv_cache import KEY_BLOCK, KVCache, ring_positions, whole_key_blocks
 from plinth.model import attention_mask
 from plinth.quant import Int8Head
@@ -67,8 +66,9 @@ OPTIONS = {"max_autotune": True, "cpp_wrapper": True, "freezing": True, "aot_ind
            "aot_inductor.package_constants_on_disk_format": "pickle_weights", "cpp.dynamic_threads": True}
 LIBRARY, CONSTANTS = "step.so", "constants.pt"
 VERIFY_TOKENS = ROWS  # a verify pass: the last chosen token and ROWS - 1 guesses (plinth/speculative.py)
-# Passes between giving back the file pages of the tables a pass reads a few rows of (`row_tables`).
-RELEASE_EVERY = 4
+# Rows fed (tokens of all passes) between giving back the file pages of the tables a pass reads a
+# few rows of (`row_tables`): a pass of many rows reads many, a lone sequence's step few.
+RELEASE_EVERY = 64
 PAGE, MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096, 4
 
 
@@ -179,7 +179,7 @@ class CompiledDecoder:
         self._programs = {}
         self._verifies = {}  # per layout of cache: whether its verify pass gives the step's bits
         self._weights = None  # `weights_digest`, once: every program of the model names its weights
-        self._passes, self._tables = 0, None  # passes run, and `row_tables` once a program is loaded
+        self._fed, self._tables = 0, None  # rows fed since pages were last given back; `row_tables`
 
     def new_cache(self, length: int) -> KVCache:
         """A KVCache for a sequence of `length` positions, one KEY_BLOCK longer than it: the keys a
@@ -189,8 +189,20 @@ class CompiledDecoder:
 
     def runs(self, length: int) -> bool:
         """Whether a sequence of `length` positions decodes compiled: this decoder builds what is not
-        kept, or the step for `new_cache(length)`'s layout is kept (checked on an empty cache of it)."""
-        return self.build or self.ready(KVCache.for_model(self.model, 1, length + KEY_BLOCK, grow=True, slack=0))
+        kept, or the step for `new_cache(length)`'s layout is kept and loads (checked on an empty
+        cache of it; a kept program that does not load is reported, and decoding is eager)."""
+        if self.build:
+            return True
+        layout = KVCache.for_model(self.model, 1, length + KEY_BLOCK, grow=True, slack=0)
+        if not self.ready(layout):
+            return False
+        try:
+            self.program(layout)
+        except Exception as e:  # a damaged or foreign file: decoding goes on without it
+            print(f"plinth: the compiled decoding program kept in {self._folder(layout, 1)} does not load ({e}); "
+                  "decoding eagerly (remove the folder, and `plinth compile` builds it again)", file=sys.stderr)
+            return False
+        return True
 
     @staticmethod
     def positions_needed(cache: KVCache, position: int, tokens: int = 1) -> int:
@@ -249,8 +261,9 @@ class CompiledDecoder:
         inputs = [self._input(torch.tensor(tokens, device=device)), torch.tensor(slots, device=device) - first,
                   torch.tensor(positions, device=device), length, *keys, *values]
         logits = program.run(inputs)[0]
-        self._passes += 1
-        if self._passes % RELEASE_EVERY == 0:
+        self._fed += len(tokens) * len(tokens[0])
+        if self._fed >= RELEASE_EVERY:
+            self._fed = 0
             self._tables = self._tables or row_tables(self.model, [t for _, held in self._programs.values()
                                                                    for t in held.values()])
             for table in self._tables:
@@ -284,8 +297,21 @@ class CompiledDecoder:
                 raise PlinthError(f"no compiled decoding program of {tokens} tokens a row is kept for this model in "
                                   f"{PROGRAM_CACHE}; `plinth compile MODEL` builds them")
             try:
-                with atomic_folder(folder) as tmp, tuned_on(self.threads):
-                    self._build(cache, tokens, tmp)
+                PROGRAM_CACHE.mkdir(parents=True, exist_ok=True)
+                # a folder of this process's own: another may be building the same program meanwhile
+                tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=PROGRAM_CACHE))
+                try:
+                    with tuned_on(self.threads):
+                        self._build(cache, tokens, tmp)
+                    if not (folder / LIBRARY).exists():  # else another process kept it first
+                        shutil.rmtree(folder, ignore_errors=True)  # a folder without its library
+                        try:
+                            tmp.rename(folder)
+                        except OSError:
+                            if not (folder / LIBRARY).exists():
+                                raise
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
                 for older in PROGRAM_CACHE.glob(f"{step}-*"):  # this step built by an earlier plinth or torch
                     if older != folder:
                         shutil.rmtree(older, ignore_errors=True)
@@ -474,8 +500,8 @@ def release_file_pages(tensor: torch.Tensor):
             flags = torch.frombuffer(bytearray(pagemap.read((end - first) * 8)), dtype=torch.int64)
     except OSError:  # not Linux
         return
-    present, files = flags < 0, (flags >> 61) & 1 == 1
-    if (present & ~files).any():
+    present, swapped, files = flags < 0, (flags >> 62) & 1 == 1, (flags >> 61) & 1 == 1
+    if (present & ~files).any() or swapped.any():  # a private copy, in memory or swapped out
         return
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

@@ -133,6 +133,7 @@ class Engine:
         # Threads not given otherwise: all cores while nothing else runs, fewer while other processes keep one busy.
         self.cpu_share = CpuShare(self.threads) if threads is None else None
         self.decoder = None  # a CompiledDecoder while decoding compiled (`use_compiled`)
+        self._unready = None  # one whose programs were not all kept: its weights are hashed already
         if compile and model is not None:
             from plinth.compiled_decode import CompiledDecoder
             self.decoder = CompiledDecoder(model, self.threads)
@@ -304,6 +305,11 @@ class Engine:
             self._wake.notify()
         if self._thread:
             self._thread.join(timeout)
+        with self._wake:  # tasks the stopped thread will never run: their callers must not wait forever
+            tasks, self.tasks = list(self.tasks), deque()
+        for _, future in tasks:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the engine stopped"))
 
     def thread_alive(self) -> bool:
         return bool(self._thread and self._thread.is_alive())
@@ -575,18 +581,22 @@ class Engine:
         where the verify pass gives the step's bits), on the engine thread:
         `engine.call(engine.use_compiled).result()`. build: compile the programs not kept yet (minutes
         the first time for a model, under a second once kept); False: only if `plinth compile`, or an
-        earlier build, kept them. Returns whether decoding is compiled. Requests decoding already go
-        on through the programs from their next token. Writes nothing into the cache."""
-        from plinth.compiled_decode import CompiledDecoder
-        decoder = self.decoder or CompiledDecoder(self.model, self.threads, build)
-        if not (decoder.build or decoder.ready(self.cache)):
+        earlier build, kept them (the verify pass's too, when speculating). Returns whether decoding
+        is compiled. Requests decoding already go on through the programs from their next token.
+        Writes nothing into the cache."""
+        from plinth.compiled_decode import VERIFY_TOKENS, CompiledDecoder
+        decoder = self.decoder or self._unready or CompiledDecoder(self.model, self.threads, build)
+        decoder.build = decoder.build or build
+        if not decoder.build and not (decoder.ready(self.cache) and
+                                      (not self.speculate or decoder.ready(self.cache, VERIFY_TOKENS))):
+            self._unready = decoder
             return False
         with torch.inference_mode():
             decoder.program(self.cache)
             if self.speculate and not decoder.verifies(self.cache):
                 print("plinth: the compiled verify pass does not give the decoding step's bits on this machine (or "
                       "is not kept); a lone request decodes without guesses", file=sys.stderr)
-        self.decoder = decoder
+        self.decoder, self._unready = decoder, None
         return True
 
     def _postprocess(self, group: list[Request], logits: torch.Tensor | None):

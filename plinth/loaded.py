@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from plinth.constrain import response_format_grammar
-from plinth.cpu_share import CpuShare
+from plinth.cpu_share import CpuShare, usable_cpus
 from plinth.errors import PlinthError
 from plinth.generate import SamplingParams, generate_stream
 from plinth.model import Transformer
@@ -39,10 +39,11 @@ class LoadedModel:
         ~/.cache/plinth/programs and later loads take under a second); prompt-lookup speculation
         checks its guesses in compiled passes too. build=False: only through programs already kept
         (`plinth compile`), decoding eagerly where none is; what `plinth generate` does by default.
-        The programs are those tuned on the thread count in force now."""
+        The programs are those tuned on every core this process may use, as `plinth serve`'s; they
+        run on any thread count."""
         from plinth.compiled_decode import CompiledDecoder
         self._text_model()
-        self.decoder = CompiledDecoder(self.model, torch.get_num_threads(), build)
+        self.decoder = CompiledDecoder(self.model, len(usable_cpus()), build)
         return self
 
     def imagine(self, prompt: str, n: int = 1, seed: int = 0, steps: int | None = None,

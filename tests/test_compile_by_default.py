@@ -2,14 +2,16 @@
 server whose model has no kept programs answers at once, eagerly, while a `plinth compile` process
 builds them, then decodes through them; `plinth generate` then decodes through the kept programs
 without compiling, and eagerly where none is kept or with --no-compile."""
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from plinth import compiled_decode
 from plinth.cli import main
@@ -54,16 +56,25 @@ def compiled(base: str) -> int:
     return int(float(re.search(r"^plinth_compiled (\S+)$", httpx.get(f"{base}/metrics").text, re.M)[1]))
 
 
-def wait_for_line(proc, pattern: str, seconds: float, seen: list[str]) -> str:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return line
-    raise AssertionError(f"no line matching {pattern!r} in {seconds} s: {''.join(seen)}")
+class Lines:
+    """A server's output, read on a thread of its own, so that waiting for a line can time out."""
+
+    def __init__(self, proc):
+        self.lines, self.seen = queue.Queue(), []
+        threading.Thread(target=lambda: [self.lines.put(line) for line in proc.stdout], daemon=True).start()
+
+    def wait_for(self, pattern: str, seconds: float, unless: str = "building the compiled decoding programs failed"):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            assert unless not in line, "".join(self.seen)
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r} in {seconds} s: {''.join(self.seen)}")
 
 
 def wait_until_up(base: str, seconds: float = 60):
@@ -78,19 +89,15 @@ def wait_until_up(base: str, seconds: float = 60):
 
 
 def generate(run, *options) -> tuple[str, int]:
-    """`plinth generate RUN PROMPT` greedy, in this process, on the server's thread count; its text
-    and how many passes went through a compiled program."""
+    """`plinth generate RUN PROMPT` greedy, in this process (on whatever thread count earlier tests
+    left: the programs are named by the cores they were tuned on); its text and how many passes
+    went through a compiled program."""
     calls, real = [], CompiledDecoder._run
-    before = torch.get_num_threads()
-    torch.set_num_threads(default_threads())  # the programs are named by the threads they were tuned on
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(CompiledDecoder, "_run", lambda self, *a: calls.append(1) or real(self, *a))
-            patch.setattr(CompiledDecoder, "_build", lambda *a: pytest.fail("compiled without being asked"))
-            text = capture(main, ["generate", str(run), PROMPT, "--max-tokens", "12", "--temperature", "0",
-                                  "--top-k", "0", "--top-p", "1", "--min-p", "0", *options])
-    finally:
-        torch.set_num_threads(before)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CompiledDecoder, "_run", lambda self, *a: calls.append(1) or real(self, *a))
+        patch.setattr(CompiledDecoder, "_build", lambda *a: pytest.fail("compiled without being asked"))
+        text = capture(main, ["generate", str(run), PROMPT, "--max-tokens", "12", "--temperature", "0",
+                              "--top-k", "0", "--top-p", "1", "--min-p", "0", *options])
     return text, len(calls)
 
 
@@ -107,14 +114,14 @@ def test_a_server_decodes_eagerly_while_it_builds_then_compiled_and_generate_use
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "plinth", "serve", str(run), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen: list[str] = []
+    lines = Lines(proc)
     try:
-        wait_for_line(proc, "decoding eagerly while the compiled decoding programs are built", 60, seen)
+        lines.wait_for("decoding eagerly while the compiled decoding programs are built", 60)
         base = f"http://127.0.0.1:{port}"
         wait_until_up(base)
         eager = complete(base)  # answered at once, while the build runs
         assert len(eager) > 0 and compiled(base) == 0
-        wait_for_line(proc, "decoding through the compiled programs from now on", 600, seen)
+        lines.wait_for("decoding through the compiled programs from now on", 600)
         assert compiled(base) == 1
         assert complete(base) == eager  # float32: the same greedy text, now from the program
     finally:
@@ -128,6 +135,48 @@ def test_a_server_decodes_eagerly_while_it_builds_then_compiled_and_generate_use
     with pytest.MonkeyPatch.context() as patch:  # `plinth compile` finds them kept
         patch.setattr(CompiledDecoder, "_build", lambda *a: pytest.fail("compiled again"))
         assert "are kept in" in capture(main, ["compile", str(run), "--threads", str(default_threads())])
+
+
+def session_members(session: int) -> list[int]:
+    """Processes of `session` (a build started by a server runs in a session of its own)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def poll(check, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"{what} in {seconds} s")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's process table")
+def test_a_server_stopped_while_it_builds_ends_the_build_and_keeps_nothing_half_built(run, programs):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "plinth", "serve", str(run), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        Lines(proc).wait_for("decoding eagerly while the compiled decoding programs are built", 60)
+        # the build has begun: its own folder, named after the program
+        poll(lambda: programs.exists() and [f for f in programs.iterdir() if f.name.startswith(".")], 120,
+             "no program being built")
+        [builder] = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+                     if b"compile" in (stat.parent / "cmdline").read_bytes() and
+                     str(run).encode() in (stat.parent / "cmdline").read_bytes()]
+    finally:
+        stop(proc)
+    poll(lambda: not session_members(builder), 30, "the build and its compilers still run")
+    assert list(programs.iterdir()) == []  # neither a program nor its folder in the making
 
 
 def test_generate_decodes_eagerly_where_no_program_is_kept(run, programs):

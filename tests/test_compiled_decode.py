@@ -266,10 +266,10 @@ def test_hashing_a_mapped_model_gives_back_the_pages_it_read_and_keeps_what_was_
     assert torch.equal(own, torch.arange(2**20, dtype=torch.float32))
 
 
-def test_the_tables_a_pass_reads_a_few_rows_of_are_given_back_every_few_passes(compiled, monkeypatch):
+def test_the_tables_a_pass_reads_a_few_rows_of_are_given_back_every_so_many_rows(compiled, monkeypatch):
     """The input embedding's pages, and the int8 output layer's rows where the program multiplies
     by a rearranged copy of its own (`refine_top` still reads the model's rows for the top
-    candidates), would pile up pass after pass: they are given back every RELEASE_EVERY passes."""
+    candidates), would pile up pass after pass: they are given back every RELEASE_EVERY rows fed."""
     from plinth import compiled_decode
     from plinth.quant import Int8Head
     int8 = compact_(tiny_model(), "int8")
@@ -281,7 +281,7 @@ def test_the_tables_a_pass_reads_a_few_rows_of_are_given_back_every_few_passes(c
     _, loaded = compiled
     released = []
     monkeypatch.setattr(compiled_decode, "release_file_pages", released.append)
-    decoder = CompiledDecoder(loaded.model)  # loads the kept program; counts its own passes
+    decoder = CompiledDecoder(loaded.model)  # loads the kept program; counts its own rows
     cache = decoder.new_cache(2 * RELEASE_EVERY)
     decoder.program(cache)
     released.clear()  # what hashing the weights for the program's name gave back

@@ -28,11 +28,15 @@ def cmd_serve(args):
 
 
 def cmd_compile(args):
+    import signal
+    import sys
     import time
 
     import plinth
     from plinth.compiled_decode import PROGRAM_CACHE
     from plinth.engine import Engine
+    # Stopped (a server that started this build shuts down): what is half-built is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     loaded = plinth.load(args.model, dtype=args.dtype)
     if loaded.generator is not None:
         raise PlinthError(f"{args.model} generates images; compiled decoding is for language models")

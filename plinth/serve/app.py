@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hmac
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -213,12 +214,15 @@ class GracefulServer(uvicorn.Server):
     uvicorn alone would wait for open connections without limit, so a stream of thousands of tokens
     would outlive any grace an orchestrator gives before its SIGKILL."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState, grace: float):
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace: float, on_exit=lambda: None):
         # After the abort, responses only have their last event to write; a client that does not
         # read it must not hold the exit, so uvicorn stops waiting for connections after this.
         config.timeout_graceful_shutdown = LAST_WRITE_SECONDS
         super().__init__(config)
         self.state, self.grace = state, grace
+        # Called once the requests are ended: uvicorn then raises the signal again to exit by it,
+        # so code after `run()` never runs after a signal.
+        self.on_exit = on_exit
 
     def handle_exit(self, sig, frame):
         if self.state.draining:  # the second signal: _drain stops waiting, and nothing else waits
@@ -234,6 +238,7 @@ class GracefulServer(uvicorn.Server):
         while self.state.in_flight and time.monotonic() < deadline and not self.force_exit:
             time.sleep(0.05)
         self.state.abort_in_flight()  # before uvicorn's shutdown, so streams still write their last event
+        self.on_exit()
         super().handle_exit(sig, frame)
 
 
@@ -273,14 +278,28 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         prefix_cache=prefix_cache, compile=compile)
     engine.start()
     build = None
-    if generator is None and (compile or (compile is None and compiled_decode.compile_by_default())):
+    if compile is None and adapters:
+        print("plinth: decoding eagerly: with --adapter the model's layers change, and `plinth compile` builds "
+              "programs for the model alone (--compile builds them for this one at start)", flush=True)
+    elif generator is None and (compile or (compile is None and compiled_decode.compile_by_default())):
         if compile:
             print("plinth: compiling the decoding step and the verify pass (a few minutes the first time for a "
                   "model, a second after)", flush=True)
-        if engine.call(lambda: engine.use_compiled(build=bool(compile))).result():
+        try:
+            compiled = engine.call(lambda: engine.use_compiled(build=bool(compile))).result()
+        except PlinthError:
+            raise
+        except Exception as e:  # a kept program that does not load: serving goes on eagerly
+            if compile:
+                raise PlinthError(f"the compiled decoding programs do not load ({e}); remove "
+                                  f"{compiled_decode.PROGRAM_CACHE} to build them again") from e
+            print(f"plinth: the compiled decoding programs kept in {compiled_decode.PROGRAM_CACHE} do not load ({e}); "
+                  "decoding eagerly (remove the folder to build them again)", file=sys.stderr, flush=True)
+            compiled = True  # nothing to build
+        if compiled and engine.decoder is not None:
             print(f"plinth: decoding through compiled programs ({compiled_decode.PROGRAM_CACHE}; --no-compile: "
                   "eagerly)", flush=True)
-        else:
+        elif not compiled:
             print("plinth: decoding eagerly while the compiled decoding programs are built in the background (a few "
                   "minutes, once for a model; `plinth compile` builds them ahead, --no-compile leaves them out)",
                   flush=True)
@@ -300,10 +319,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         print(f"plinth: the KV cache grows with the tokens held, {cache.bytes_per_token / 2**10:.0f} KiB each: up to "
               f"{cache.bytes_per_row(engine.max_len) * max_batch / 2**30:.1f} GiB for {max_batch} sequences × "
               f"{engine.max_len} tokens (--max-batch, --max-model-len)", flush=True)
-    server = GracefulServer(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"), state, grace)
+    stop_build = build.stop if build is not None else lambda: None
+    server = GracefulServer(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"), state, grace,
+                            on_exit=stop_build)
     try:
         server.run()
     finally:
-        if build is not None:
-            build.stop()
+        stop_build()
         engine.stop()
