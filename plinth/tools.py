@@ -136,11 +136,17 @@ def loads_or_text(text):
 
 
 # ---- forcing calls ------------------------------------------------------------------------------------
+class UnknownTool(PlinthError):
+    """tool_choice names a function the request's tools do not define: a rule between two fields,
+    which the server's 400 marks with `code` (no JSON Schema of the request can state it)."""
+    code = "unknown_tool"
+
+
 def call_grammar(tools: dict[str, dict], only: str | None = None, parallel: bool = True) -> str:
     """A grammar for `<tool_call>[calls]</tool_call>`: one call of `only`, or one or more (one unless
     `parallel`) calls of any tool, each with arguments valid for that tool."""
     if only is not None and only not in tools:
-        raise PlinthError(f"tool_choice names the function {only!r}, but tools define only {sorted(tools)}")
+        raise UnknownTool(f"tool_choice names the function {only!r}, but tools define only {sorted(tools)}")
     names = [only] if only else list(tools)
     calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": declared_only(tools[n])},
               "required": ["name", "arguments"], "additionalProperties": False} for n in names]

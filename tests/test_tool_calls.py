@@ -149,16 +149,18 @@ async def test_response_format_through_the_official_client(client):
     assert isinstance(r.choices[0].message.parsed, Reading)
 
 
-@pytest.mark.parametrize("body, param, words", [
-    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name", "required"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice", "'fly'"),
-    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice", "sometimes"),
+@pytest.mark.parametrize("body, param, words, code", [
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name", "required",
+     None),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice", "'fly'",
+     "unknown_tool"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice", "sometimes", None),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "object", "properties": {"a": {"type": "strnig"}}}}}}, "response_format", "properties/a/type"),
+        "type": "object", "properties": {"a": {"type": "strnig"}}}}}}, "response_format", "properties/a/type", None),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "object", "if": {}, "then": {}}}}}, "response_format", "unsupported"),
+        "type": "object", "if": {}, "then": {}}}}}, "response_format", "unsupported", None),
 ])
-async def test_bad_tool_and_format_fields_are_400(model, tokenizer, body, param, words):
+async def test_bad_tool_and_format_fields_are_400(model, tokenizer, body, param, words, code):
     engine = Engine(model, tokenizer, max_batch=1, max_len=256)
     engine.start()
     try:
@@ -167,7 +169,8 @@ async def test_bad_tool_and_format_fields_are_400(model, tokenizer, body, param,
             r = await http.post("/v1/chat/completions", json={"model": "t", "messages": ASK, **body})
     finally:
         engine.stop()
-    assert r.status_code == 400 and r.json()["error"]["param"] == param and words in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == param and words in error["message"] and error["code"] == code
 
 
 @pytest.mark.slow

@@ -30,11 +30,12 @@ class ChatPlan:
 
 
 class PlanError(PlinthError):
-    """A request's tool or format fields are wrong; `param` names the field (HTTP 400)."""
+    """A request's tool or format fields are wrong; `param` names the field and `code`, if any, the
+    rule broken (HTTP 400)."""
 
-    def __init__(self, message: str, param: str):
+    def __init__(self, message: str, param: str, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 def plan(tokenizer, messages: list[dict], tools: list[dict] | None = None, tool_choice: str | dict | None = None,
@@ -57,7 +58,7 @@ def plan(tokenizer, messages: list[dict], tools: list[dict] | None = None, tool_
     try:
         grammar = toolkit.forced_grammar(schemas, choice, parallel) or grammar
     except PlinthError as e:
-        raise PlanError(str(e), "tool_choice") from e
+        raise PlanError(str(e), "tool_choice", getattr(e, "code", None)) from e
     return ChatPlan(toolkit.render(tokenizer, messages, tools), grammar, schemas, parallel)
 
 

@@ -106,7 +106,8 @@ async def chat_prompt(state: ServerState, messages: list[dict], images: list, pa
         chat_plan = plan(state.tokenizer, messages, **options)
     except PlinthError as e:
         field = getattr(e, "param", param)
-        raise APIError(400, str(e), param=format_param if field == "response_format" else field) from e
+        raise APIError(400, str(e), param=format_param if field == "response_format" else field,
+                       code=getattr(e, "code", None)) from e
     try:  # an image may be fetched over the network: off the event loop
         prompt, pictures = await asyncio.to_thread(image_prompt, state.tokenizer, state.engine.vision,
                                                    chat_plan.prompt, images, state.image_limits)
