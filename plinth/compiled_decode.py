@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import functools
 import hashlib
 import io
 import json
@@ -264,8 +265,7 @@ class CompiledDecoder:
         self._fed += len(tokens) * len(tokens[0])
         if self._fed >= RELEASE_EVERY:
             self._fed = 0
-            self._tables = self._tables or row_tables(self.model, [t for _, held in self._programs.values()
-                                                                   for t in held.values()])
+            self._tables = self._tables or row_tables(self.model, self.held())
             for table in self._tables:
                 release_file_pages(table)
         return logits
@@ -280,6 +280,10 @@ class CompiledDecoder:
         if key not in self._programs:
             self._programs[key] = self._load(cache, tokens)
         return self._programs[key]
+
+    def held(self) -> list[torch.Tensor]:
+        """The tensors the loaded programs read and do not own (`open_program`)."""
+        return [tensor for _, held in self._programs.values() for tensor in held.values()]
 
     @staticmethod
     def _key(cache: KVCache, tokens: int) -> tuple:
@@ -325,7 +329,7 @@ class CompiledDecoder:
                     self._build(cache, tokens, folder)
         try:
             # the programs of one model hold the same tables and rearranged weights: each is held once
-            return open_program(folder, self.model, [t for _, held in self._programs.values() for t in held.values()])
+            return open_program(folder, self.model, self.held())
         finally:
             if alone is not None:  # the loaded library stays mapped after its file is removed
                 shutil.rmtree(alone, ignore_errors=True)
@@ -441,11 +445,18 @@ def program_digests(model, cache: KVCache, tokens: int = 1, weights: bytes | Non
     step = hashlib.sha256(weights or weights_digest(model))
     step.update(json.dumps([model.config.to_json(), str(cache.dtype), cache.windows, cache.rings,
                             threads or torch.get_num_threads()] + ([tokens] if tokens > 1 else [])).encode())
-    build = hashlib.sha256()
-    for source in sorted(Path(plinth.__file__).parent.rglob("*.py")):
-        build.update(source.read_bytes())
+    build = hashlib.sha256(sources_digest())
     build.update(json.dumps([torch.__version__, torch.backends.cpu.get_cpu_capability(), repr(OPTIONS)]).encode())
     return step.hexdigest()[:32], build.hexdigest()[:32]
+
+
+@functools.cache
+def sources_digest() -> bytes:
+    """A digest of plinth's sources, read once a process."""
+    sources = hashlib.sha256()
+    for source in sorted(Path(plinth.__file__).parent.rglob("*.py")):
+        sources.update(source.read_bytes())
+    return sources.digest()
 
 
 def weights_digest(model) -> bytes:

@@ -4,8 +4,6 @@ builds them, then decodes through them; `plinth generate` then decodes through t
 without compiling, and eagerly where none is kept or with --no-compile."""
 import queue
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ from plinth.compiled_decode import CompiledDecoder
 from plinth.engine import default_threads
 from plinth.train import checkpoint
 from tests.conftest import byte_tokenizer, tiny_model
-from tests.test_serve import free_port, stop
+from tests.test_serve import start_server, stop
 
 pytestmark = pytest.mark.slow
 PROMPT = "Compiled by default"
@@ -77,17 +75,6 @@ class Lines:
         raise AssertionError(f"no line matching {pattern!r} in {seconds} s: {''.join(self.seen)}")
 
 
-def wait_until_up(base: str, seconds: float = 60):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError(f"{base} did not answer in {seconds} s")
-
-
 def generate(run, *options) -> tuple[str, int]:
     """`plinth generate RUN PROMPT` greedy, in this process (on whatever thread count earlier tests
     left: the programs are named by the cores they were tuned on); its text and how many passes
@@ -111,14 +98,10 @@ def capture(fn, argv) -> str:
 
 
 def test_a_server_decodes_eagerly_while_it_builds_then_compiled_and_generate_uses_what_it_kept(run, programs):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "plinth", "serve", str(run), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, base = start_server(str(run))
     lines = Lines(proc)
     try:
         lines.wait_for("decoding eagerly while the compiled decoding programs are built", 60)
-        base = f"http://127.0.0.1:{port}"
-        wait_until_up(base)
         eager = complete(base)  # answered at once, while the build runs
         assert len(eager) > 0 and compiled(base) == 0
         lines.wait_for("decoding through the compiled programs from now on", 600)
@@ -162,9 +145,7 @@ def poll(check, seconds: float, what: str):
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's process table")
 def test_a_server_stopped_while_it_builds_ends_the_build_and_keeps_nothing_half_built(run, programs):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "plinth", "serve", str(run), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, _ = start_server(str(run))
     try:
         Lines(proc).wait_for("decoding eagerly while the compiled decoding programs are built", 60)
         # the build has begun: its own folder, named after the program

@@ -288,7 +288,7 @@ def test_the_tables_a_pass_reads_a_few_rows_of_are_given_back_every_so_many_rows
     with torch.inference_mode():
         for position in range(2 * RELEASE_EVERY):
             decoder([position + 1], [position], cache)
-    tables = row_tables(loaded.model, [t for _, held in decoder._programs.values() for t in held.values()])
+    tables = row_tables(loaded.model, decoder.held())
     assert loaded.model.tok_embeddings.weight is tables[0]
     assert [id(t) for t in released] == [id(t) for t in tables] * 2
 
