@@ -3,8 +3,10 @@ beside it, against llama.cpp in the same situation.
 
     .venv/bin/python benchmarks/sharing.py          # prints a table, writes benchmarks/results/sharing.json
 
-Workloads, each in its own subprocess for --seconds:
-  decode     plinth: greedy one-token-a-pass decoding of the default model (`generate_stream`);
+Workloads (--workloads picks some), each in its own subprocess for --seconds:
+  decode     plinth: greedy one-token-a-pass decoding of the default model (`generate_stream`),
+             through the compiled programs (plinth's default: built first by `plinth compile`)
+             and eagerly (--no-compile);
              llama.cpp: the same GGUF, `Llama.generate` greedy, 2 threads
   train      plinth: training steps (AdamW, forward and backward) of the `tiny` preset on random tokens
 Situations: alone; beside a busy loop (one Python process spinning on one core); beside a second
@@ -12,11 +14,13 @@ copy of the same workload. Thread settings for plinth: adaptive (plinth's defaul
 `generate` and training loop: all cores, one thread fewer while other processes keep a core busy;
 plinth/cpu_share.py), a fixed 2 threads (PyTorch's default: OpenMP threads spin-waiting between
 kernels), OMP_WAIT_POLICY=PASSIVE (they sleep instead), and a fixed 1 thread.
+Compiled decoding is measured at the adaptive setting only, the default's.
 Reported: tokens/s and the share of the same setting's idle speed (the issue's target: ≥ 40%).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -43,16 +47,21 @@ def thread_setting(threads: int):
     return CpuShare(most) if threads == 0 else None
 
 
-def run_decode(threads: int, seconds: float) -> float:
+def run_decode(threads: int, seconds: float, compiled: bool = False) -> float:
     share = thread_setting(threads)
     import plinth
     from plinth.generate import SamplingParams, generate_stream
     m = plinth.load()
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     prompt = m.tokenizer.encode("Once upon a time")
+    if compiled:
+        m.compile(build=False)
+        if not m.decoder.runs(m.model.config.max_seq_len):
+            sys.exit("no compiled programs are kept for the default model: run `plinth compile` first")
 
     def decode():
-        return len(list(generate_stream(m.model, m.tokenizer, prompt, params, speculate=False, cpu_share=share)))
+        return len(list(generate_stream(m.model, m.tokenizer, prompt, params, speculate=False, decoder=m.decoder,
+                                        cpu_share=share)))
 
     decode()  # warm-up
     tokens, start = 0, time.perf_counter()
@@ -111,7 +120,8 @@ def run_train(threads: int, seconds: float) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-WORKLOADS = {"plinth decode": run_decode, "llama.cpp decode": run_llama, "plinth train": run_train}
+WORKLOADS = {"plinth decode compiled": functools.partial(run_decode, compiled=True), "plinth decode eager": run_decode,
+             "llama.cpp decode": run_llama, "plinth train": run_train}
 
 
 def child_command(workload: str, threads: int, seconds: float) -> list[str]:
@@ -144,19 +154,23 @@ def main():
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--child", choices=list(WORKLOADS), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sharing.json"))
     args = parser.parse_args()
     if args.child:
         print(WORKLOADS[args.child](args.threads, args.seconds))
         return
+    if "plinth decode compiled" in args.workloads:  # kept programs, as plinth serve would have built them
+        subprocess.run([sys.executable, "-m", "plinth", "compile"], check=True)
     rows = []
-    for workload in WORKLOADS:
-        settings = {"2 threads": {"threads": 2, "env": {}}} if workload.startswith("llama") else SETTINGS
+    for workload in args.workloads:
+        settings = ({"2 threads": {"threads": 2, "env": {}}} if workload.startswith("llama") else
+                    {"adaptive (default)": SETTINGS["adaptive (default)"]} if workload.endswith("compiled") else SETTINGS)
         for name, setting in settings.items():
             rates = {beside: measure(workload, setting, beside, args.seconds) for beside in ("alone", "busy loop", "itself")}
             row = {"workload": workload, "setting": name, **rates}
             rows.append(row)
-            print(f"{workload:17} {name:19} alone {rates['alone']:8.1f} tok/s   beside a busy loop "
+            print(f"{workload:22} {name:19} alone {rates['alone']:8.1f} tok/s   beside a busy loop "
                   f"{rates['busy loop']:8.1f} ({rates['busy loop'] / rates['alone']:4.0%})   beside itself "
                   f"{rates['itself']:8.1f} ({rates['itself'] / rates['alone']:4.0%})", flush=True)
     write_atomic(args.out, json.dumps({"seconds": args.seconds, "results": rows}, indent=1))

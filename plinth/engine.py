@@ -470,14 +470,18 @@ class Engine:
     def _prefill(self, group: list[Request]) -> torch.Tensor | None:
         """Up to `chunk` more prompt tokens of one request, `piece` tokens per forward pass; the
         logits of the last one fed, if it ended the prompt. A prompt whose last token the compiled
-        step will feed is prefilled up to it."""
+        step feeds is prefilled up to it, and that token fed at once, alone: its first token then
+        comes as soon as its prompt is in, not after the rest of this step's prefills (a row's
+        logits are the same bits alone as in the next step's batch)."""
         (request,), fed = group, 0
         held = 1 if self._compiled(request, request.prompt_len - 1) else 0
         while True:
             most = min(request.pending - held, self.piece)
             fed += most
             logits = self._run(group, most)
-            if request.pending == held or fed >= self.chunk:
+            if request.pending == held:
+                return self._decode_compiled(group) if held else logits
+            if fed >= self.chunk:
                 return logits
 
     def _compiled(self, request: Request, position: int) -> bool:
@@ -536,7 +540,7 @@ class Engine:
         bit. False when it has no guess."""
         drafts = request.speculator.propose()
         compiled = self._compiled(request, request.computed)
-        if compiled:  # where a compiled verify pass keeps the step's bits
+        if drafts and compiled:  # where a compiled verify pass keeps the step's bits
             drafts = self.decoder.checked(drafts) if self.decoder.verifies(self.cache) else []
         if not drafts:
             return False

@@ -228,9 +228,9 @@ def test_a_compiling_engine_decodes_every_step_compiled_and_a_rows_text_is_the_s
                                                  SamplingParams(max_tokens=90, **greedy)])
     assert len(short.steps) == 5
     assert heads == []  # the model's own output layer never ran: the program gave every token
-    # each prompt prefilled up to its last token, which the program feeds: the two requests' first 5
-    # tokens together, then the long one's in row 1
-    assert calls == [([0, 1],)] * 5 + [([1],)] * 85
+    # each prompt prefilled up to its last token, which the program feeds at once, alone (its first
+    # token); the two requests' next 4 tokens together, then the long one's in row 1
+    assert calls == [([0],), ([1],)] + [([0, 1],)] * 4 + [([1],)] * 85
     text = tok.decode([s.choice.token for s in long.steps])
     assert text == compiled_text(loaded, prompts[1], 90)
     plain = [s.choice.token for s in generate_stream(model, tok, prompts[1], SamplingParams(max_tokens=90, **greedy),
