@@ -75,7 +75,9 @@ def test_the_program_reads_the_models_own_int4_weights_not_a_copy(compiled):
         assert len(codes) == 2 * 4 * len(loaded.model.layers)  # wqkv, wo, w_gate_up, w_down
         assert all(constants[name].data_ptr() == own[name].data_ptr() for name in codes)
     # and neither the library nor the constants kept beside it hold a copy of them
-    folder = compiled_decode.PROGRAM_CACHE / "-".join(compiled_decode.program_digests(loaded.model, cache))
+    # named by the fixture's thread count, not whatever count earlier tests left in force
+    folder = compiled_decode.PROGRAM_CACHE / "-".join(compiled_decode.program_digests(loaded.model, cache,
+                                                                                    threads=decoder.threads))
     kept = torch.load(folder / CONSTANTS, weights_only=True)
     assert kept and not any(name.endswith((".packed", ".scales_zeros", "output.q")) for name in kept)
     library = (folder / LIBRARY).read_bytes()
@@ -106,7 +108,7 @@ def test_a_later_decoder_loads_the_kept_program_without_compiling(compiled, monk
     _, loaded = compiled
     model, first = loaded.model, loaded.decoder
     monkeypatch.setattr(CompiledDecoder, "_build", lambda *args: pytest.fail("compiled again"))
-    later = CompiledDecoder(model)
+    later = CompiledDecoder(model, first.threads)
     tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         logits = []
@@ -281,7 +283,7 @@ def test_the_tables_a_pass_reads_a_few_rows_of_are_given_back_every_so_many_rows
     _, loaded = compiled
     released = []
     monkeypatch.setattr(compiled_decode, "release_file_pages", released.append)
-    decoder = CompiledDecoder(loaded.model)  # loads the kept program; counts its own rows
+    decoder = CompiledDecoder(loaded.model, loaded.decoder.threads)  # loads the kept program; counts its own rows
     cache = decoder.new_cache(2 * RELEASE_EVERY)
     decoder.program(cache)
     released.clear()  # what hashing the weights for the program's name gave back
